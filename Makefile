@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` runs the whole job, `make test` runs every test.
+SHELL := /bin/bash
+ROVER_CACHE ?= $(HOME)/.cache/rover
+export ROVER_CACHE
+VENV := $(ROVER_CACHE)/venv
+PY := $(VENV)/bin/python
+# lerobot / datasets / torch caches stay inside the project cache: runs are self-contained and offline.
+export HF_HOME := $(ROVER_CACHE)/huggingface
+export TORCH_HOME := $(ROVER_CACHE)/torch
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PATH := $(VENV)/bin:$(PATH)
+OUT ?= out
+
+.PHONY: setup demo test lint unit
+setup:
+	@scripts/bootstrap.sh
+
+demo: setup
+	$(PY) -m quantization demo --out $(OUT)
+
+lint: setup
+	ruff check .
+	ruff format --check .
+	mypy
+
+unit: setup
+	pytest -m "not fleet and not arm64"
+
+test: setup
+	scripts/run-tests.sh

@@ -1,0 +1,373 @@
+"""The model bundle: the one contract between the controller (`quantization`) and the car (`rover_runtime`).
+
+A bundle is a directory holding `manifest.json` and the files it lists (the model file, and nothing else
+unless the manifest names it). Every file's sha256 and size are recorded in the manifest; `open_bundle`
+verifies all of them and the schema before anything is loaded, and refuses a bundle that does not match,
+with a message naming the offending file or key. The format is described in `docs/bundle-format.md`.
+
+Model calling convention (the same for TorchScript and ONNX):
+- inputs, positional and in this order: `observation.state` float32 [B, state_dim] in real units, then one
+  float32 image tensor [B, 3, H, W] per camera, RGB, values in [0, 1], in the order of `inputs.images`;
+- output: `action` float32 [B, chunk_size, action_dim] in real units (normalization is baked in).
+
+This module uses only the standard library so that both sides, and the car, can import it anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_FORMATS = ("torchscript", "onnx")
+MODES = ("fp32", "dynamic", "static")
+BACKENDS = ("torch", "onnxruntime")
+_HASH_CHUNK = 1 << 20
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed, or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One camera input: its lerobot feature key and the (channels, height, width) the model expects."""
+
+    key: str
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    state_key: str
+    state_dim: int
+    state_names: tuple[str, ...]
+    images: tuple[ImageInput, ...]
+    image_layout: str = "NCHW"
+    image_channel_order: str = "RGB"
+    image_value_range: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    action_key: str
+    action_names: tuple[str, ...]
+    action_dim: int
+    chunk_size: int
+    n_action_steps: int
+    temporal_ensemble_coeff: float | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a static bundle was calibrated; `requested == succeeded == 0` for modes that need none."""
+
+    requested: int = 0
+    succeeded: int = 0
+    failures: tuple[str, ...] = ()
+    dataset: str | None = None
+    episodes: tuple[int, ...] = ()
+    float_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    path: str
+    weights_sha256: str
+    policy_type: str
+    lerobot_version: str
+    torch_version: str
+    parameters_total: int = 0
+    parameters_inference: int = 0
+    checkpoint_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    model_file: str
+    model_format: str
+    mode: str
+    backend: str
+    engine: str | None
+    source: SourcePolicy
+    inputs: InputSpec
+    outputs: OutputSpec
+    normalization: str
+    calibration: Calibration
+    files: tuple[FileEntry, ...]
+    created_at: str
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def model_bytes(self) -> int:
+        return next(f.size for f in self.files if f.path == self.model_file)
+
+    @property
+    def content_hash(self) -> str:
+        """A stable identity for the bundle: the sha256 of its manifest's file list (used for release names)."""
+        listing = "\n".join(f"{f.path} {f.sha256}" for f in sorted(self.files, key=lambda f: f.path))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    root: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.manifest.model_file
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(root: Path) -> tuple[FileEntry, ...]:
+    """Hash every regular file under `root` except the manifest, in a stable order."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        rel = path.relative_to(root).as_posix()
+        entries.append(FileEntry(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
+    return tuple(entries)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write `manifest.json` into `root` (the caller publishes the directory atomically)."""
+    validate_manifest_dict(json.loads(manifest.to_json()))
+    target = root / MANIFEST_NAME
+    target.write_text(manifest.to_json(), encoding="utf-8")
+    return target
+
+
+def open_bundle(root: Path | str, *, verify_hashes: bool = True) -> Bundle:
+    """Open a bundle directory, verify its schema and every file against the manifest, and return it.
+
+    Raises BundleError naming the problem: a missing manifest, a schema error (naming the key), a listed
+    file that is missing or whose size or sha256 differs, or a file present but not listed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle {root}: not a directory")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is missing")
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    manifest = validate_manifest_dict(raw, where=str(manifest_path))
+    listed = {entry.path for entry in manifest.files}
+    for entry in manifest.files:
+        path = root / entry.path
+        if not path.is_file():
+            raise BundleError(f"bundle {root}: {entry.path} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(
+                f"bundle {root}: {entry.path} has {size} bytes, the manifest says {entry.size}"
+            )
+        if verify_hashes and sha256_file(path) != entry.sha256:
+            raise BundleError(f"bundle {root}: {entry.path} does not match its sha256 in the manifest")
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel != MANIFEST_NAME and rel not in listed:
+            raise BundleError(f"bundle {root}: {rel} is not listed in the manifest")
+    return Bundle(root=root, manifest=manifest)
+
+
+# --- schema validation -------------------------------------------------------------------------------
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise BundleError(f"{where}: missing key '{key}'")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise BundleError(f"{where}: key '{key}' must be {_kind_name(kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise BundleError(f"{where}: key '{key}' must be {_kind_name(kinds)}, got {value!r}")
+    return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _positive(value: int, key: str, where: str) -> int:
+    if value <= 0:
+        raise BundleError(f"{where}: key '{key}' must be positive, got {value}")
+    return value
+
+
+def _str_tuple(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    values = _get(obj, key, list, where)
+    if not all(isinstance(v, str) for v in values):
+        raise BundleError(f"{where}: key '{key}' must be a list of strings")
+    return tuple(values)
+
+
+def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:
+    value: str = _get(obj, key, str, where)
+    if value not in choices:
+        raise BundleError(f"{where}: key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _safe_relpath(value: str, key: str, where: str) -> str:
+    path = Path(value)
+    if not value or path.is_absolute() or ".." in path.parts or value == MANIFEST_NAME:
+        raise BundleError(f"{where}: key '{key}' has an unsafe file path {value!r}")
+    return value
+
+
+def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a parsed manifest and build a Manifest, or raise BundleError naming the key."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: the manifest must be a JSON object")
+    version = _get(raw, "schema_version", int, where)
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{where}: schema_version {version} is not supported (this reader knows {SCHEMA_VERSION})"
+        )
+    model_format = _choice(raw, "model_format", MODEL_FORMATS, where)
+    mode = _choice(raw, "mode", MODES, where)
+    backend = _choice(raw, "backend", BACKENDS, where)
+    engine = _get(raw, "engine", (str, type(None)), where)
+
+    src = _get(raw, "source", dict, where)
+    source = SourcePolicy(
+        path=_get(src, "path", str, f"{where} source"),
+        weights_sha256=_get(src, "weights_sha256", str, f"{where} source"),
+        policy_type=_get(src, "policy_type", str, f"{where} source"),
+        lerobot_version=_get(src, "lerobot_version", str, f"{where} source"),
+        torch_version=_get(src, "torch_version", str, f"{where} source"),
+        parameters_total=_get(src, "parameters_total", int, f"{where} source"),
+        parameters_inference=_get(src, "parameters_inference", int, f"{where} source"),
+        checkpoint_bytes=_get(src, "checkpoint_bytes", int, f"{where} source"),
+    )
+
+    ins = _get(raw, "inputs", dict, where)
+    w_in = f"{where} inputs"
+    images = []
+    for i, img in enumerate(_get(ins, "images", list, w_in)):
+        w_img = f"{w_in} images[{i}]"
+        if not isinstance(img, dict):
+            raise BundleError(f"{w_img}: must be an object")
+        shape = _get(img, "shape", list, w_img)
+        if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+            raise BundleError(f"{w_img}: key 'shape' must be three positive integers [C, H, W], got {shape}")
+        if shape[0] != 3:
+            raise BundleError(f"{w_img}: key 'shape' must have 3 channels first, got {shape}")
+        images.append(ImageInput(key=_get(img, "key", str, w_img), shape=(shape[0], shape[1], shape[2])))
+    state_names = _str_tuple(ins, "state_names", w_in)
+    state_dim = _positive(_get(ins, "state_dim", int, w_in), "state_dim", w_in)
+    if len(state_names) != state_dim:
+        raise BundleError(f"{w_in}: 'state_names' has {len(state_names)} names for state_dim {state_dim}")
+    value_range = _get(ins, "image_value_range", list, w_in)
+    if len(value_range) != 2 or not all(isinstance(v, int | float) for v in value_range):
+        raise BundleError(f"{w_in}: key 'image_value_range' must be two numbers")
+    inputs = InputSpec(
+        state_key=_get(ins, "state_key", str, w_in),
+        state_dim=state_dim,
+        state_names=state_names,
+        images=tuple(images),
+        image_layout=_choice(ins, "image_layout", ("NCHW",), w_in),
+        image_channel_order=_choice(ins, "image_channel_order", ("RGB",), w_in),
+        image_value_range=(float(value_range[0]), float(value_range[1])),
+    )
+
+    outs = _get(raw, "outputs", dict, where)
+    w_out = f"{where} outputs"
+    action_names = _str_tuple(outs, "action_names", w_out)
+    action_dim = _positive(_get(outs, "action_dim", int, w_out), "action_dim", w_out)
+    if len(action_names) != action_dim:
+        raise BundleError(f"{w_out}: 'action_names' has {len(action_names)} names for action_dim {action_dim}")
+    chunk_size = _positive(_get(outs, "chunk_size", int, w_out), "chunk_size", w_out)
+    n_action_steps = _positive(_get(outs, "n_action_steps", int, w_out), "n_action_steps", w_out)
+    if n_action_steps > chunk_size:
+        raise BundleError(f"{w_out}: n_action_steps {n_action_steps} exceeds chunk_size {chunk_size}")
+    coeff = _get(outs, "temporal_ensemble_coeff", (int, float, type(None)), w_out)
+    if coeff is not None and not math.isfinite(coeff):
+        raise BundleError(f"{w_out}: key 'temporal_ensemble_coeff' must be finite")
+    outputs = OutputSpec(
+        action_key=_get(outs, "action_key", str, w_out),
+        action_names=action_names,
+        action_dim=action_dim,
+        chunk_size=chunk_size,
+        n_action_steps=n_action_steps,
+        temporal_ensemble_coeff=None if coeff is None else float(coeff),
+    )
+
+    cal = _get(raw, "calibration", dict, where)
+    w_cal = f"{where} calibration"
+    episodes = _get(cal, "episodes", list, w_cal)
+    if not all(isinstance(e, int) for e in episodes):
+        raise BundleError(f"{w_cal}: key 'episodes' must be a list of integers")
+    calibration = Calibration(
+        requested=_get(cal, "requested", int, w_cal),
+        succeeded=_get(cal, "succeeded", int, w_cal),
+        failures=_str_tuple(cal, "failures", w_cal),
+        dataset=_get(cal, "dataset", (str, type(None)), w_cal),
+        episodes=tuple(episodes),
+        float_layers=_str_tuple(cal, "float_layers", w_cal),
+    )
+
+    files = []
+    for i, entry in enumerate(_get(raw, "files", list, where)):
+        w_f = f"{where} files[{i}]"
+        if not isinstance(entry, dict):
+            raise BundleError(f"{w_f}: must be an object")
+        digest = _get(entry, "sha256", str, w_f)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BundleError(f"{w_f}: key 'sha256' is not a lowercase hex sha256")
+        size = _get(entry, "size", int, w_f)
+        if size < 0:
+            raise BundleError(f"{w_f}: key 'size' must not be negative")
+        files.append(FileEntry(path=_safe_relpath(_get(entry, "path", str, w_f), "path", w_f), sha256=digest, size=size))
+    model_file = _safe_relpath(_get(raw, "model_file", str, where), "model_file", where)
+    if model_file not in {f.path for f in files}:
+        raise BundleError(f"{where}: model_file {model_file!r} is not listed in 'files'")
+    tool_versions = _get(raw, "tool_versions", dict, where)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tool_versions.items()):
+        raise BundleError(f"{where}: key 'tool_versions' must map strings to strings")
+
+    return Manifest(
+        schema_version=version,
+        model_file=model_file,
+        model_format=model_format,
+        mode=mode,
+        backend=backend,
+        engine=engine,
+        source=source,
+        inputs=inputs,
+        outputs=outputs,
+        normalization=_choice(raw, "normalization", ("baked",), where),
+        calibration=calibration,
+        files=tuple(files),
+        created_at=_get(raw, "created_at", str, where),
+        tool_versions=dict(tool_versions),
+    )
