@@ -1,0 +1,154 @@
+"""PyTorch eager-mode INT8 quantization of the re-expressed ACT.
+
+- dynamic: INT8 weights, float activations, on every `nn.Linear` (the attention q/k/v/out projections,
+  the feed-forward layers, the state projection and the action head).
+- static: the image encoder (ResNet trunk with batch norm folded, conv+ReLU fused, and ACT's 1x1 input
+  projection) gets INT8 weights and activations between a QuantStub and a DeQuantStub, calibrated on
+  dataset samples; the transformer's linears get dynamic INT8; the position embeddings get
+  `float_qparams_weight_only_qconfig` (INT8 weights with float per-row parameters). Whatever stays float
+  (LayerNorms, the attention core, normalization constants) is listed by `float_layers`.
+
+The qconfig and the quantized engine must match the machine that runs the model: `qnnpack` for the
+Raspberry Pi (the default); `x86`/`fbgemm` are faster on an x86 host.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.ao import quantization as tq
+
+from quantization.act_inference import InferenceACT
+from quantization.errors import QuantizationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENGINE = "qnnpack"
+
+
+@dataclass(frozen=True)
+class StaticOptions:
+    """Knobs of static quantization (defaults: the engine's own default qconfig)."""
+
+    per_channel: bool = False
+    observer: str = "histogram"  # or "minmax"
+
+
+def set_engine(engine: str) -> None:
+    """Select the quantized engine; refuse one this torch build does not have."""
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise QuantizationError(
+            f"quantized engine {engine!r} is not available in this torch build (has: {', '.join(supported)})"
+        )
+    torch.backends.quantized.engine = engine
+
+
+def static_qconfig(engine: str, options: StaticOptions) -> tq.QConfig:
+    reduce_range = engine in ("x86", "fbgemm")
+    observers = {
+        "histogram": tq.HistogramObserver,
+        "minmax": tq.MinMaxObserver,
+    }
+    if options.observer not in observers:
+        raise QuantizationError(f"unknown observer {options.observer!r} (histogram or minmax)")
+    activation = observers[options.observer].with_args(reduce_range=reduce_range)
+    if options.per_channel:
+        weight = tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    else:
+        weight = tq.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return tq.QConfig(activation=activation, weight=weight)
+
+
+def quantize_dynamic(model: InferenceACT, engine: str = DEFAULT_ENGINE) -> nn.Module:
+    """INT8 weights / float activations on every nn.Linear."""
+    set_engine(engine)
+    float_model = copy.deepcopy(model).eval()
+    quantized = tq.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
+    log.info("dynamic INT8: %d linear layers quantized", _count(quantized, "DynamicQuantizedLinear"))
+    return quantized
+
+
+def quantize_static(
+    model: InferenceACT,
+    calibration_inputs: Sequence[tuple[Tensor, ...]],
+    engine: str = DEFAULT_ENGINE,
+    options: StaticOptions | None = None,
+) -> nn.Module:
+    """Static INT8 image encoder + dynamic INT8 linears + weight-only INT8 embeddings."""
+    if not calibration_inputs:
+        raise QuantizationError("static quantization needs at least one calibration sample")
+    options = options or StaticOptions()
+    set_engine(engine)
+    qmodel = copy.deepcopy(model).eval()
+    encoder = qmodel.image_encoder
+    tq.fuse_modules(encoder, encoder.fusion_groups(), inplace=True)
+    encoder.qconfig = static_qconfig(engine, options)  # type: ignore[assignment]
+    for emb in (qmodel.pos_1d, qmodel.decoder_pos):
+        emb.qconfig = tq.float_qparams_weight_only_qconfig  # type: ignore[assignment]
+    tq.prepare(qmodel, inplace=True)
+    log.info("calibrating on %d samples", len(calibration_inputs))
+    with torch.no_grad():
+        for i, inputs in enumerate(calibration_inputs):
+            qmodel(*inputs)
+            if (i + 1) % 50 == 0:
+                log.info("calibration %d/%d", i + 1, len(calibration_inputs))
+    tq.convert(qmodel, inplace=True)
+    qmodel = tq.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)
+    log.info(
+        "static INT8: %d convolutions static, %d linears dynamic, %d embeddings weight-only",
+        _count(qmodel, "Conv"),
+        _count(qmodel, "DynamicQuantizedLinear"),
+        _count(qmodel, "QuantizedEmbedding"),
+    )
+    return qmodel
+
+
+def _count(model: nn.Module, kind: str) -> int:
+    return sum(1 for m in model.modules() if kind in _kind(m))
+
+
+def _kind(module: nn.Module) -> str:
+    """A readable type name: quantized classes share names with float ones, so add the package."""
+    cls = type(module)
+    if ".quantized.dynamic" in cls.__module__:
+        return f"DynamicQuantized{cls.__name__}"
+    if ".quantized" in cls.__module__ and "intrinsic" in cls.__module__:
+        return f"Quantized{cls.__name__}(Conv)" if "Conv" in cls.__name__ else f"Quantized{cls.__name__}"
+    if ".quantized" in cls.__module__:
+        return f"Quantized{cls.__name__}"
+    return cls.__name__
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    """Every leaf layer of a (partly) quantized model that still computes in float, with why.
+
+    Weight-holding float modules (e.g. LayerNorm) are named as they are; dynamic INT8 linears are named with
+    a note (their activations are float); the functional parts that always run in float are listed last.
+    """
+    names = []
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind.startswith("DynamicQuantized"):
+            names.append(f"{name} ({kind}: INT8 weights, float activations)")
+        elif kind in ("LayerNorm", "Linear", "Conv2d", "Embedding"):
+            names.append(f"{name} ({kind}: float)")
+    names.append("attention scores, softmax and weighted sums (functional: float)")
+    names.append("state/image normalization and action un-normalization (float constants)")
+    return names
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Leaf layers with INT8 weights (static or weight-only), for the report."""
+    return [
+        f"{name} ({_kind(m)})"
+        for name, m in model.named_modules()
+        if _kind(m).startswith(("Quantized", "DynamicQuantized")) and "PackedParams" not in _kind(m)
+        and "Stub" not in _kind(m) and "FloatFunctional" not in _kind(m) and "DeQuantize" not in _kind(m)
+        and "Quantize" != _kind(m).removeprefix("Quantized")
+    ]
