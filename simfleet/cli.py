@@ -1,0 +1,113 @@
+"""python -m simfleet up|down|status|set-thermal|ssh: a fleet of simulated cars on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from simfleet.errors import SimFleetError
+from simfleet.fleet import FleetConfig, down, require_state, set_thermal, status, target_for, up
+from simfleet.pi_tools import ThermalReading
+from simfleet.ssh import ssh_run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simfleet", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_up = sub.add_parser("up", help="build the image (once), boot the hosts, write the inventory")
+    p_up.add_argument("--name", default="sim", help="fleet name (several fleets can run side by side)")
+    p_up.add_argument("--hosts", type=int, default=2, help="number of cars (default 2)")
+    p_up.add_argument(
+        "--arch", default="amd64", choices=["amd64", "arm64"], help="arm64 runs under qemu-user"
+    )
+    p_up.add_argument("--base-port", type=int, default=2221, help="sshd port of car1; car N gets base+N-1")
+    p_up.add_argument("--inventory", type=Path, default=Path("inventory/sim/hosts.yml"))
+
+    p_down = sub.add_parser("down", help="stop every process of the fleet and remove its hosts")
+    p_down.add_argument("--name", default="sim")
+
+    p_status = sub.add_parser("status", help="per host: running, ssh, serial, firmware simulator")
+    p_status.add_argument("--name", default="sim")
+    p_status.add_argument("--json", action="store_true", help="print JSON")
+
+    p_thermal = sub.add_parser("set-thermal", help="choose what a host's vcgencmd reports")
+    p_thermal.add_argument("--name", default="sim")
+    p_thermal.add_argument("host", help="car1, car2, ...")
+    p_thermal.add_argument("--temp", type=float, required=True, help="°C, e.g. 85")
+    p_thermal.add_argument("--throttled", default="0x0", help="get_throttled bits, e.g. 0x50005")
+
+    p_ssh = sub.add_parser("ssh", help="run a command on a host as pi")
+    p_ssh.add_argument("--name", default="sim")
+    p_ssh.add_argument("host")
+    p_ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command (after --)")
+    return parser
+
+
+def _print_status(report: dict[str, object]) -> None:
+    if not report["hosts"]:
+        print(f"fleet {report['name']}: not up")
+        return
+    print(f"fleet {report['name']} ({report['arch']}), inventory {report['inventory']}")
+    for h in report["hosts"]:  # type: ignore[attr-defined]
+        fw = h["firmware_status"]
+        fw_text = json.dumps(fw) if isinstance(fw, dict) else str(fw)
+        print(
+            f"  {h['host']:<6} port {h['port']}  running={h['running']} ssh={h['ssh']} serial={h['serial']} "
+            f"firmware_sim={h['firmware_sim']} status={fw_text[:120]}"
+        )
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="simfleet: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "up":
+        config = FleetConfig(
+            name=args.name,
+            hosts=args.hosts,
+            arch=args.arch,
+            base_port=args.base_port,
+            inventory=args.inventory,
+        )
+        state = up(config)
+        boots = ", ".join(f"{h.name} {h.boot_seconds} s" for h in state.hosts)
+        summary = f"{len(state.hosts)} {state.arch} hosts ({boots}); inventory {state.inventory}"
+        print(f"fleet {state.name} up: {summary}")
+    elif args.command == "down":
+        killed = down(args.name)
+        print(f"fleet {args.name} down" + (f" (had to kill: {', '.join(killed)})" if killed else ""))
+    elif args.command == "status":
+        report = status(args.name)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_status(report)
+        return 0 if report["hosts"] and report["up"] else 1
+    elif args.command == "set-thermal":
+        set_thermal(args.name, args.host, ThermalReading(temp_c=args.temp, throttled=args.throttled))
+    elif args.command == "ssh":
+        state = require_state(args.name)
+        remote = args.remote[1:] if args.remote[:1] == ["--"] else args.remote
+        result = ssh_run(target_for(state, state.host(args.host)), remote or ["true"], timeout=600)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        return result.returncode
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except SimFleetError as err:
+        print(f"simfleet: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

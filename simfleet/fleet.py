@@ -1,0 +1,237 @@
+"""up / down / status / set-thermal for a named fleet of simulated cars."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simfleet.binfmt import ensure_emulation
+from simfleet.errors import SimFleetError
+from simfleet.host import boot, generate_key, prepare_root, wait_for_ssh
+from simfleet.image import ensure_image
+from simfleet.inventory import remove_inventory, write_inventory
+from simfleet.paths import fleet_dir
+from simfleet.pi_tools import ThermalReading, write_thermal
+from simfleet.processes import is_alive, stop
+from simfleet.serial_link import start_firmware_sim, start_pty_pair
+from simfleet.ssh import SshTarget, ssh_run
+from simfleet.state import FleetState, HostState, load_state, save_state, state_path
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MAX_HOSTS = 16
+# Seconds until sshd must answer: emulated arm64 boots slower.
+BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
+POWEROFF_GRACE = {"amd64": 30.0, "arm64": 90.0}
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    name: str = "sim"
+    hosts: int = 2
+    arch: str = "amd64"
+    base_port: int = 2221
+    inventory: Path = Path("inventory/sim/hosts.yml")
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise SimFleetError(f"--name {self.name!r}: use lowercase letters, digits and '-' (max 31)")
+        if not 1 <= self.hosts <= MAX_HOSTS:
+            raise SimFleetError(f"--hosts {self.hosts}: must be 1..{MAX_HOSTS}")
+        if self.arch not in BOOT_TIMEOUT:
+            raise SimFleetError(f"--arch {self.arch!r}: choose amd64 or arm64")
+        if not 1024 <= self.base_port <= 65535 - self.hosts:
+            raise SimFleetError(f"--base-port {self.base_port}: must be 1024..{65535 - self.hosts}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def target_for(state: FleetState, host: HostState) -> SshTarget:
+    return SshTarget(f"{state.name}/{host.name}", host.port, Path(state.key), Path(state.known_hosts))
+
+
+def up(config: FleetConfig) -> FleetState:
+    """Boots the fleet and writes its inventory; on any failure stops whatever it had started."""
+    existing = load_state(config.name)
+    if existing is not None:
+        raise SimFleetError(
+            f"fleet {config.name!r} is already up ({state_path(config.name)}); run down first"
+        )
+    ports = [config.base_port + i for i in range(config.hosts)]
+    busy = [p for p in ports if not _port_free(p)]
+    if busy:
+        raise SimFleetError(f"127.0.0.1 port(s) {busy} in use (another fleet?): choose another --base-port")
+    if config.arch == "arm64":
+        ensure_emulation()
+    image, build_seconds = ensure_image(config.arch)
+    base = fleet_dir(config.name)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    key = base / "id_ed25519"
+    state = FleetState(
+        name=config.name,
+        arch=config.arch,
+        base_port=config.base_port,
+        image=str(image),
+        image_build_seconds=round(build_seconds, 1),
+        key=str(key),
+        known_hosts=str(base / "known_hosts"),
+        inventory=str(config.inventory.resolve()),
+    )
+    save_state(state)
+    try:
+        _start_hosts(state, config, key, ports)
+    except BaseException:
+        log.error("fleet %s did not come up; stopping what was started", config.name)
+        down(config.name)
+        raise
+    return state
+
+
+def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[int]) -> None:
+    base = fleet_dir(config.name)
+    controller_key = generate_key(key, f"simfleet-{config.name}")
+    known = []
+    for i, port in enumerate(ports, start=1):
+        name = f"car{i}"
+        hdir = base / "hosts" / name
+        host = HostState(
+            name=name,
+            machine=f"{config.name}-{name}",
+            port=port,
+            root=str(hdir / "root"),
+            host_key_pub="",
+            serial_controller=str(hdir / "serial-controller"),
+            serial_host=str(hdir / "serial-host"),
+            firmware_status=str(hdir / "firmware-status.json"),
+            firmware_log=str(hdir / "firmware.log"),
+            nspawn_log=str(hdir / "boot.log"),
+            socat_log=str(hdir / "socat.log"),
+        )
+        state.hosts.append(host)
+        started = time.monotonic()
+        host.host_key_pub = prepare_root(Path(state.image), Path(host.root), name, port, controller_key)
+        known.append(f"[127.0.0.1]:{port} {' '.join(host.host_key_pub.split()[:2])}")
+        host.socat, host.serial_pty = start_pty_pair(
+            Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
+        )
+        save_state(state)
+        host.firmware = start_firmware_sim(
+            Path(host.serial_controller), Path(host.firmware_status), Path(host.firmware_log)
+        )
+        save_state(state)
+        host.nspawn = boot(Path(host.root), host.machine, name, host.serial_pty, Path(host.nspawn_log))
+        save_state(state)
+        log.info("%s: root ready and booting (%.1f s)", host.machine, time.monotonic() - started)
+    Path(state.known_hosts).write_text("\n".join(known) + "\n")
+    boot_started = time.monotonic()
+    for host in state.hosts:
+        assert host.nspawn is not None
+        wait_for_ssh(target_for(state, host), host.nspawn, Path(host.nspawn_log), BOOT_TIMEOUT[config.arch])
+        host.boot_seconds = round(time.monotonic() - boot_started, 1)
+        log.info("%s: sshd answers on 127.0.0.1:%d after %.1f s", host.machine, host.port, host.boot_seconds)
+    write_inventory(state)
+    save_state(state)
+
+
+def down(name: str) -> list[str]:
+    """Stops every process of the fleet, removes the host roots, the state and its inventory.
+    Returns what had to be killed (empty when all stopped cleanly)."""
+    state = load_state(name)
+    killed: list[str] = []
+    if state is None:
+        shutil.rmtree(fleet_dir(name), ignore_errors=True)
+        return killed
+    grace = POWEROFF_GRACE.get(state.arch, 30.0)
+    hosts_up = [h for h in state.hosts if h.nspawn is not None and is_alive(h.nspawn)]
+    for host in hosts_up:
+        assert host.nspawn is not None
+        if stop(host.nspawn, grace):
+            killed.append(host.nspawn.what)
+    for host in state.hosts:
+        for proc in (host.firmware, host.socat):
+            if proc is not None and stop(proc, 5.0):
+                killed.append(proc.what)
+    left = [
+        p.what for h in state.hosts for p in (h.nspawn, h.firmware, h.socat) if p is not None and is_alive(p)
+    ]
+    if left:
+        raise SimFleetError(
+            f"fleet {name!r}: could not stop {', '.join(left)}; state kept in {state_path(name)}"
+        )
+    remove_inventory(state)
+    shutil.rmtree(fleet_dir(name))
+    return killed
+
+
+def _read_firmware_status(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.strip()
+
+
+def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
+    """Per host: container up, ssh answers, serial wired, firmware simulator status."""
+    state = load_state(name)
+    if state is None:
+        return {"name": name, "up": False, "hosts": []}
+    hosts = []
+    for host in state.hosts:
+        running = host.nspawn is not None and is_alive(host.nspawn)
+        ssh_ok = (
+            running and check_ssh and ssh_run(target_for(state, host), ["true"], timeout=15).returncode == 0
+        )
+        serial = host.socat is not None and is_alive(host.socat) and Path(host.serial_host).exists()
+        hosts.append(
+            {
+                "host": host.name,
+                "machine": host.machine,
+                "port": host.port,
+                "running": running,
+                "ssh": ssh_ok,
+                "serial": serial,
+                "firmware_sim": host.firmware is not None and is_alive(host.firmware),
+                "firmware_status": _read_firmware_status(Path(host.firmware_status)),
+                "boot_seconds": host.boot_seconds,
+            }
+        )
+    return {
+        "name": name,
+        "up": all(h["running"] for h in hosts),
+        "arch": state.arch,
+        "inventory": state.inventory,
+        "image_build_seconds": state.image_build_seconds,
+        "hosts": hosts,
+    }
+
+
+def require_state(name: str) -> FleetState:
+    state = load_state(name)
+    if state is None:
+        raise SimFleetError(f"fleet {name!r} is not up (no {state_path(name)})")
+    return state
+
+
+def set_thermal(name: str, host_name: str, reading: ThermalReading) -> None:
+    state = require_state(name)
+    write_thermal(Path(state.host(host_name).root), reading)

@@ -1,0 +1,133 @@
+"""One simulated car: a writable copy of the image, its identity and sshd, booted with systemd-nspawn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from simfleet.errors import SimFleetError
+from simfleet.image import PI_USER
+from simfleet.pi_tools import ThermalReading, write_cpufreq, write_thermal
+from simfleet.processes import Proc, is_alive, spawn
+from simfleet.ssh import SshTarget, ssh_run
+
+log = logging.getLogger(__name__)
+
+SERIAL_DEVICE = "/dev/ttyUSB0"
+DEFAULT_THERMAL = ThermalReading(temp_c=48.3, throttled="0x0")
+
+
+def generate_key(path: Path, comment: str) -> str:
+    """Creates an ed25519 key pair at `path` (no passphrase); returns the public key line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for p in (path, path.with_name(path.name + ".pub")):
+        p.unlink(missing_ok=True)
+    result = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SimFleetError(f"ssh-keygen failed for {path}: {result.stderr.strip()}")
+    return path.with_name(path.name + ".pub").read_text().strip()
+
+
+def _uid_gid(root: Path, user: str) -> tuple[int, int]:
+    for line in (root / "etc" / "passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise SimFleetError(f"{root}/etc/passwd has no user {user!r}")
+
+
+def prepare_root(image: Path, root: Path, hostname: str, port: int, authorized_key: str) -> str:
+    """Copies the image to `root` and gives it its identity; returns the host's public host key."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["cp", "--reflink=auto", "-a", str(image), str(root)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SimFleetError(f"copying {image} to {root} failed: {result.stderr.strip()}")
+    etc = root / "etc"
+    (etc / "hostname").write_text(hostname + "\n")
+    hosts = (etc / "hosts").read_text() if (etc / "hosts").exists() else ""
+    (etc / "hosts").write_text(f"127.0.1.1\t{hostname}\n" + hosts)
+    (etc / "machine-id").write_text(secrets.token_hex(16) + "\n")
+    host_key_pub = generate_key(etc / "ssh" / "ssh_host_ed25519_key", f"root@{hostname}")
+    (etc / "ssh" / "sshd_config.d" / "simfleet.conf").write_text(
+        "# simfleet: hosts share the controller's network; each sshd has its own loopback port.\n"
+        f"Port {port}\n"
+        "ListenAddress 127.0.0.1\n"
+        "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "PermitRootLogin no\n"
+        "UseDNS no\n"
+    )
+    uid, gid = _uid_gid(root, PI_USER)
+    ssh_dir = root / "home" / PI_USER / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    keys = ssh_dir / "authorized_keys"
+    keys.write_text(authorized_key + "\n")
+    keys.chmod(0o600)
+    for p in (ssh_dir, keys):
+        os.chown(p, uid, gid)
+    write_thermal(root, DEFAULT_THERMAL)
+    write_cpufreq(root)
+    return host_key_pub
+
+
+def boot(root: Path, machine: str, hostname: str, serial_pty: str, log_file: Path) -> Proc:
+    """Starts `systemd-nspawn --boot` in the background (the controller does not run systemd, hence
+    --register=no --keep-unit); the serial stand-in appears in the host at /dev/ttyUSB0."""
+    if shutil.which("systemd-nspawn") is None:
+        raise SimFleetError("systemd-nspawn not found: apt-get install systemd-container")
+    cmd = [
+        "systemd-nspawn",
+        "--register=no",
+        "--keep-unit",
+        "--boot",
+        f"--directory={root}",
+        f"--machine={machine}",
+        f"--hostname={hostname}",
+        "--console=read-only",
+        "--link-journal=no",
+        f"--bind={serial_pty}:{SERIAL_DEVICE}",
+        f"--property=DeviceAllow={serial_pty} rw",
+    ]
+    return spawn(cmd, log_file, what=f"systemd-nspawn {machine}")
+
+
+def log_tail(log_file: Path, lines: int = 25) -> str:
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for_ssh(target: SshTarget, nspawn: Proc, log_file: Path, timeout: float) -> float:
+    """Polls until `ssh pi@host true` succeeds; returns seconds waited. A clear error with the boot
+    log tail if the container exits or the timeout passes."""
+    started = time.monotonic()
+    while True:
+        if not is_alive(nspawn):
+            raise SimFleetError(
+                f"{target.label} exited while booting; {log_file} ends with:\n{log_tail(log_file)}"
+            )
+        if ssh_run(target, ["true"], timeout=10).returncode == 0:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise SimFleetError(
+                f"{target.label}: sshd on 127.0.0.1:{target.port} did not answer within {timeout:.0f} s; "
+                f"{log_file} ends with:\n{log_tail(log_file)}"
+            )
+        time.sleep(0.5)

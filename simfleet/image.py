@@ -1,0 +1,125 @@
+"""Builds (once) and caches the Debian bookworm root every simulated host is copied from.
+
+The cache key is the architecture, the package list and IMAGE_VERSION (bump it when the customization
+below changes). A build goes to a temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from simfleet.binfmt import ensure_emulation
+from simfleet.errors import SimFleetError
+from simfleet.paths import images_dir
+from simfleet.pi_tools import install_pi_tools
+
+log = logging.getLogger(__name__)
+
+IMAGE_VERSION = 1
+SUITE = "bookworm"
+ARCHES = ("amd64", "arm64")
+# What a Raspberry Pi OS Lite car has that provisioning relies on, plus python3-apt for ansible.builtin.apt.
+PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "udev",
+    "openssh-server",
+    "sudo",
+    "python3",
+    "python3-venv",
+    "python3-apt",
+    "ca-certificates",
+    "iproute2",
+    "procps",
+    "kmod",
+    "less",
+)
+# apt's daily timers would start right after the first boot (they never ran) and hold the dpkg lock
+# while Ansible provisions; a real car has run them long before.
+MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_reap.service")
+PI_USER = "pi"
+PI_GROUPS = ("adm", "dialout", "cdrom", "sudo", "audio", "video", "plugdev", "users", "input", "netdev")
+
+
+def image_key(arch: str) -> str:
+    text = f"{IMAGE_VERSION}|{SUITE}|{arch}|{','.join(PACKAGES)}|{','.join(MASKED_UNITS)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def image_path(arch: str) -> Path:
+    return images_dir() / f"{SUITE}-{arch}-{image_key(arch)}"
+
+
+def ensure_image(arch: str) -> tuple[Path, float]:
+    """Returns the cached root for `arch` (building it when missing) and the seconds spent building."""
+    if arch not in ARCHES:
+        raise SimFleetError(f"unsupported --arch {arch!r}: choose one of {', '.join(ARCHES)}")
+    root = image_path(arch)
+    if (root / "etc" / "os-release").is_file():
+        return root, 0.0
+    if arch == "arm64":
+        ensure_emulation()
+    for tool in ("mmdebstrap", "chroot"):
+        if shutil.which(tool) is None:
+            raise SimFleetError(f"{tool} not found: apt-get install mmdebstrap (see docs/simulation.md)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(root.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.monotonic()
+    log.info("building the %s %s image in %s (once; cached)", SUITE, arch, root)
+    cmd = [
+        "mmdebstrap",
+        "--quiet",
+        f"--arch={arch}",
+        "--variant=apt",
+        "--mode=root",
+        "--format=directory",
+        f"--include={','.join(PACKAGES)}",
+        SUITE,
+        str(tmp),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((result.stderr or result.stdout).splitlines()[-20:])
+        raise SimFleetError(f"mmdebstrap failed for {arch} (exit {result.returncode}):\n{tail}")
+    _customize(tmp)
+    tmp.rename(root)
+    seconds = time.monotonic() - started
+    log.info("image %s built in %.1f s", root.name, seconds)
+    return root, seconds
+
+
+def _chroot(root: Path, *args: str) -> None:
+    result = subprocess.run(["chroot", str(root), *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SimFleetError(f"chroot {root} {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def _customize(root: Path) -> None:
+    """What every host shares: the `pi` user with passwordless sudo (as on Raspberry Pi OS), no host keys
+    (each host gets its own), an empty machine-id, masked timers, the Pi tool stand-ins."""
+    groups = [g for g in PI_GROUPS if _has_group(root, g)]
+    _chroot(root, "useradd", "--create-home", "--shell", "/bin/bash", "--groups", ",".join(groups), PI_USER)
+    sudoers = root / "etc" / "sudoers.d" / "010_pi-nopasswd"
+    sudoers.write_text(f"{PI_USER} ALL=(ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
+    for key in (root / "etc" / "ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc" / "machine-id").write_text("")
+    for unit in MASKED_UNITS:
+        link = root / "etc" / "systemd" / "system" / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+    install_pi_tools(root)
+
+
+def _has_group(root: Path, group: str) -> bool:
+    lines = (root / "etc" / "group").read_text().splitlines()
+    return any(line.split(":", 1)[0] == group for line in lines)

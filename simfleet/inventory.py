@@ -1,0 +1,76 @@
+"""Writes the Ansible inventory for a simulated fleet: the groups of a real fleet plus sim-only vars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simfleet.host import SERIAL_DEVICE
+from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_FILE
+from simfleet.ssh import SshTarget
+from simfleet.state import FleetState
+
+MARKER = "# Written by `python -m simfleet up`"
+
+
+def host_vars(state: FleetState, index: int) -> dict[str, Any]:
+    host = state.hosts[index]
+    target = SshTarget(host.name, host.port, Path(state.key), Path(state.known_hosts))
+    return {
+        "ansible_host": "127.0.0.1",
+        "ansible_port": host.port,
+        "ansible_user": "pi",
+        "ansible_ssh_private_key_file": state.key,
+        "ansible_ssh_common_args": " ".join(target.options()),
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "simfleet_name": state.name,
+        "simfleet_machine": host.machine,
+        "simfleet_arch": state.arch,
+        "simfleet_root": host.root,
+        "simfleet_serial_device": SERIAL_DEVICE,
+        "simfleet_serial_controller": host.serial_controller,
+        "simfleet_firmware_status": host.firmware_status,
+        "simfleet_firmware_log": host.firmware_log,
+        "simfleet_thermal_file": THERMAL_FILE,
+        "simfleet_cpufreq_root": CPUFREQ_ROOT,
+    }
+
+
+def render(state: FleetState) -> str:
+    hosts = {h.name: host_vars(state, i) for i, h in enumerate(state.hosts)}
+    doc = {
+        "all": {
+            "children": {
+                "rovers": {"hosts": hosts},
+                # Sim-only group: group_vars/simulated can point role variables at the stand-ins.
+                "simulated": {"hosts": dict.fromkeys(hosts)},
+            }
+        }
+    }
+    header = (
+        f"{MARKER} --name {state.name}; removed by `down`. Do not edit.\n"
+        f"# {len(hosts)} simulated {state.arch} hosts (systemd-nspawn); see docs/simulation.md.\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+def write_inventory(state: FleetState) -> Path:
+    path = Path(state.inventory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(state))
+    tmp.replace(path)
+    return path
+
+
+def remove_inventory(state: FleetState) -> None:
+    """Removes the inventory only if it is still the one this fleet wrote."""
+    path = Path(state.inventory)
+    try:
+        first = path.read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return
+    if first.startswith(MARKER) and first.endswith(f"--name {state.name}; removed by `down`. Do not edit."):
+        path.unlink()

@@ -1,0 +1,93 @@
+"""Background processes the fleet starts (nspawn, socat, firmware simulator) and how they are stopped.
+
+Each runs in its own session (so its whole process group can be signalled) with output to a log file.
+A process is identified by pid plus its start time, so a recycled pid is never signalled by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A started process: pid and the kernel's start time for it (field 22 of /proc/PID/stat)."""
+
+    pid: int
+    start_time: int
+    what: str
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
+
+
+def spawn(cmd: list[str], log_file: Path, what: str, cwd: Path | None = None) -> Proc:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:
+        child = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
+        )
+    stat = _stat(child.pid)
+    start_time = stat[1] if stat else 0
+    log.debug("started %s (pid %d): %s", what, child.pid, " ".join(cmd))
+    return Proc(pid=child.pid, start_time=start_time, what=what)
+
+
+def _reap(pid: int) -> None:
+    # Only our own children can be reaped; the CLI's children are re-parented when it exits.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def is_alive(proc: Proc) -> bool:
+    _reap(proc.pid)
+    stat = _stat(proc.pid)
+    return stat is not None and stat[1] == proc.start_time and stat[0] not in ("Z", "X")
+
+
+def stop(proc: Proc, grace_seconds: float) -> bool:
+    """SIGTERM to the process (nspawn powers its container off on it), then SIGKILL to its whole group
+    after `grace_seconds`. Returns True if it had to be killed."""
+    if not is_alive(proc):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if not is_alive(proc):
+            _kill_group(proc.pid)
+            return False
+        time.sleep(0.2)
+    log.warning("%s (pid %d) did not stop within %.0f s: SIGKILL", proc.what, proc.pid, grace_seconds)
+    _kill_group(proc.pid)
+    deadline = time.monotonic() + 10
+    while is_alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
+def _kill_group(pgid: int) -> None:
+    # Whatever is left in the process group (the leader's helpers) goes too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    _reap(pgid)
