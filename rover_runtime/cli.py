@@ -1,0 +1,307 @@
+"""`rover-runtime`: run (drive the car), benchmark (time the policy), check (a self-test a deploy gates on).
+
+Exit status: 0 success, 1 a check failed or the runtime failed, 2 bad input (config, bundle, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rover_runtime.bundle import BundleError
+from rover_runtime.config import ConfigError, RuntimeConfig, load_config, make_serial_link
+
+log = logging.getLogger("rover_runtime")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd (JOURNAL_STREAM set) journald adds the time; elsewhere we do.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stdout, force=True)
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="TOML config file (defaults: rover_runtime/default_config.toml)"
+    )
+    parser.add_argument("--bundle", help="model bundle directory (policy.bundle)")
+    parser.add_argument("--policy-stub", action="store_true", help="drive a stub policy instead of a bundle")
+    parser.add_argument(
+        "--camera",
+        "--camera_id",
+        dest="camera",
+        help="camera index or device path, or 'synthetic' (camera.*)",
+    )
+    parser.add_argument("--video", help="use a video file as the camera (camera.source = file)")
+    parser.add_argument(
+        "--serial-port", "--arduino_port", dest="serial_port", help="Arduino serial device (serial.port)"
+    )
+    parser.add_argument(
+        "--rate", "--control_freq", dest="rate", type=float, help="control rate Hz (control.rate_hz)"
+    )
+    parser.add_argument("--mode", choices=("chunk", "ensemble"), help="control.mode")
+    parser.add_argument("--threads", type=int, help="inference threads, 0 = all cores (policy.threads)")
+    parser.add_argument(
+        "--engine", help="quantized engine: auto, qnnpack, x86, fbgemm, onednn (policy.engine)"
+    )
+    parser.add_argument("--metrics-path", help="status JSON file, '' for none (metrics.path)")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging.level")
+    parser.add_argument("--max-cycles", type=int, help="stop after this many control cycles (tests)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.bundle is not None:
+        out["policy.bundle"] = args.bundle
+    if args.policy_stub:
+        out["policy.stub"] = True
+    if args.camera is not None:
+        if args.camera == "synthetic":
+            out["camera.source"] = "synthetic"
+        else:
+            out["camera.source"], out["camera.device"] = "device", args.camera
+    if args.video is not None:
+        out["camera.source"], out["camera.file"] = "file", args.video
+    if args.serial_port is not None:
+        out["serial.port"] = args.serial_port
+    if args.rate is not None:
+        out["control.rate_hz"] = args.rate
+    if args.mode is not None:
+        out["control.mode"] = args.mode
+    if args.threads is not None:
+        out["policy.threads"] = args.threads
+    if args.engine is not None:
+        out["policy.engine"] = args.engine
+    if args.metrics_path is not None:
+        out["metrics.path"] = args.metrics_path
+    if args.log_level is not None:
+        out["logging.level"] = args.log_level
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rover-runtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="drive the car: camera -> policy -> serial, at a fixed rate")
+    _add_run_args(run)
+
+    bench = sub.add_parser("benchmark", help="time the policy on this host; prints JSON")
+    bench.add_argument("--bundle", help="model bundle directory")
+    bench.add_argument("--policy-stub", action="store_true", help="time the stub policy (no bundle)")
+    bench.add_argument("--iterations", type=int, default=1000)
+    bench.add_argument("--warmup", type=int, default=50)
+    bench.add_argument("--threads", type=int, default=0, help="inference threads, 0 = all cores")
+    bench.add_argument("--engine", default="auto")
+    bench.add_argument("--frame-size", default="640x480", help="camera frame WxH fed to preprocessing")
+    bench.add_argument("--output", type=Path, help="also write the JSON here (atomically)")
+
+    check = sub.add_parser(
+        "check", help="self-test: bundle, one inference, serial, thermal; JSON + exit status"
+    )
+    check.add_argument("--config", type=Path, help="TOML config file for defaults")
+    check.add_argument("--bundle", help="model bundle directory (default: policy.bundle)")
+    check.add_argument("--serial-port", "--arduino_port", dest="serial_port", help="(default: serial.port)")
+    check.add_argument(
+        "--deadline-ms", type=float, default=500.0, help="one inference must finish within this"
+    )
+    check.add_argument("--max-temp-c", type=float, default=80.0, help="fail above this SoC temperature")
+    check.add_argument("--skip-serial", action="store_true", help="do not test the serial device")
+    check.add_argument("--threads", type=int, help="inference threads")
+    check.add_argument("--engine", help="quantized engine")
+    check.add_argument("--output", type=Path, help="also write the JSON here (atomically)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "benchmark":
+        return _cmd_benchmark(args)
+    return _cmd_check(args)
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"rover-runtime: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.max_cycles is not None and args.max_cycles <= 0:
+        print(f"rover-runtime: --max-cycles must be > 0, got {args.max_cycles}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _setup_logging(config.logging.level)
+    return run_runtime(config, max_cycles=args.max_cycles)
+
+
+def run_runtime(config: RuntimeConfig, max_cycles: int | None = None) -> int:
+    """Load the policy (a bad bundle is refused before the serial line is touched), then drive."""
+    from rover_runtime.camera import Camera, make_source  # noqa: PLC0415 - keep `--help` fast
+    from rover_runtime.control_loop import ControlLoop  # noqa: PLC0415
+    from rover_runtime.metrics import MetricsWriter  # noqa: PLC0415
+    from rover_runtime.policy import Policy, PolicyError, StubPolicy, load_policy  # noqa: PLC0415
+    from rover_runtime.sd_notify import Notifier  # noqa: PLC0415
+
+    stop = threading.Event()
+    loop_holder: list[ControlLoop] = []
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: stopping (neutral, close, exit 0)", signal.Signals(signum).name)
+        stop.set()
+        for loop in loop_holder:
+            loop.request_stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    notifier = Notifier()
+    notifier.status("loading policy")
+    policy: Policy
+    if config.policy.stub:
+        policy = StubPolicy(
+            chunk_size=config.policy.stub_chunk_size, latency_s=config.policy.stub_latency_ms / 1000
+        )
+        log.info(
+            "stub policy: chunk %d, %.1f ms per inference",
+            config.policy.stub_chunk_size,
+            config.policy.stub_latency_ms,
+        )
+    else:
+        try:
+            policy = load_policy(config.policy.bundle, config.policy.engine, config.policy.threads)
+        except (BundleError, PolicyError) as exc:
+            log.error("refusing the bundle, the car stays untouched: %s", exc)
+            print(f"rover-runtime: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        log.info(
+            "policy loaded: %s %s engine=%s threads=%d",
+            policy.info.backend,
+            policy.info.mode,
+            policy.info.engine,
+            policy.info.threads,
+        )
+    if stop.is_set():
+        return EXIT_OK
+
+    link = make_serial_link(config.serial)
+    camera = Camera(make_source(config.camera), retry_interval_s=config.camera.retry_interval_s)
+    loop = ControlLoop(config, policy, camera, link, notifier=notifier)
+    loop_holder.append(loop)
+    metrics = (
+        MetricsWriter(Path(config.metrics.path), loop.snapshot, config.metrics.interval_s)
+        if config.metrics.path
+        else None
+    )
+    try:
+        if not link.open():
+            log.warning("serial port %s not available yet; the loop keeps retrying", config.serial.port)
+        camera.start()
+        if metrics is not None:
+            metrics.start()
+        if stop.is_set():
+            loop.request_stop()
+        log.info("control loop at %g Hz, mode %s", config.control.rate_hz, config.control.mode)
+        loop.run(max_cycles=max_cycles)
+    finally:
+        link.close()
+        camera.close()
+        if metrics is not None:
+            metrics.close()
+        notifier.close()
+        log.info(
+            "stopped after %d cycles: %d deadline misses, %d failsafes, %d inference errors",
+            loop.cycles,
+            loop.deadline_misses,
+            loop.failsafe_count,
+            loop.inference_errors,
+        )
+    return EXIT_OK
+
+
+# --- benchmark / check -------------------------------------------------------------------------------
+
+
+def _emit(report: dict[str, Any], output: Path | None) -> None:
+    from rover_runtime.metrics import write_json_atomic  # noqa: PLC0415
+
+    print(json.dumps(report, indent=2, sort_keys=True))
+    if output is not None:
+        write_json_atomic(output, report)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from rover_runtime.benchmark import run_benchmark  # noqa: PLC0415
+    from rover_runtime.policy import PolicyError  # noqa: PLC0415
+
+    _setup_logging("WARNING")
+    if (args.bundle is None) == (not args.policy_stub):
+        print("rover-runtime benchmark: give exactly one of --bundle DIR or --policy-stub", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        width, height = (int(v) for v in args.frame_size.lower().split("x"))
+    except ValueError:
+        print(f"rover-runtime benchmark: --frame-size must be WxH, got {args.frame_size!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name in ("iterations", "warmup", "threads"):
+        minimum = 1 if name == "iterations" else 0
+        if getattr(args, name) < minimum:
+            print(f"rover-runtime benchmark: --{name} must be >= {minimum}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        report = run_benchmark(
+            args.bundle,
+            iterations=args.iterations,
+            warmup=args.warmup,
+            threads=args.threads,
+            engine=args.engine,
+            frame_size=(width, height),
+        )
+    except (BundleError, PolicyError) as exc:
+        print(f"rover-runtime benchmark: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _emit(report, args.output)
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from rover_runtime.check import run_check  # noqa: PLC0415
+
+    _setup_logging("WARNING")
+    overrides: dict[str, Any] = {}
+    if args.bundle is not None:
+        overrides["policy.bundle"] = args.bundle
+    if args.serial_port is not None:
+        overrides["serial.port"] = args.serial_port
+    if args.threads is not None:
+        overrides["policy.threads"] = args.threads
+    if args.engine is not None:
+        overrides["policy.engine"] = args.engine
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"rover-runtime check: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    report = run_check(
+        config, deadline_ms=args.deadline_ms, max_temp_c=args.max_temp_c, test_serial=not args.skip_serial
+    )
+    _emit(report, args.output)
+    return EXIT_OK if report["ok"] else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

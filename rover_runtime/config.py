@@ -1,0 +1,271 @@
+"""The runtime's configuration: one TOML file over documented defaults, CLI overrides, frozen dataclasses.
+
+The defaults live in `default_config.toml` (package data, each key documented there). A user file may set
+any subset of its keys; an unknown section or key is refused by name. Every value is validated with an
+error naming its key, e.g. ``config control.rate_hz: must be > 0, got -5``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+CONTROL_MODES = ("chunk", "ensemble")
+CAMERA_SOURCES = ("device", "file", "synthetic")
+ENGINES = ("auto", "qnnpack", "x86", "fbgemm", "onednn")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    rate_hz: float
+    mode: str
+    n_action_steps: int
+    temporal_ensemble_coeff: float
+    request_margin_steps: int
+    spin_s: float
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.rate_hz
+
+
+@dataclass(frozen=True)
+class FailsafeConfig:
+    inference_timeout_s: float
+    unhealthy_after_s: float
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    source: str
+    device: str
+    file: str
+    loop_file: bool
+    width: int
+    height: int
+    fps: float
+    fourcc: str
+    max_frame_age_s: float
+    retry_interval_s: float
+    synthetic_stop_after_s: float
+
+
+@dataclass(frozen=True)
+class SerialSettings:
+    port: str
+    baudrate: int
+    heartbeat_interval_s: float
+    reconnect_interval_s: float
+    steering_limits: tuple[float, float]
+    throttle_limits: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    bundle: str
+    engine: str
+    threads: int
+    stub: bool
+    stub_latency_ms: float
+    stub_chunk_size: int
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    path: str
+    interval_s: float
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    control: ControlConfig
+    failsafe: FailsafeConfig
+    camera: CameraConfig
+    serial: SerialSettings
+    policy: PolicyConfig
+    metrics: MetricsConfig
+    logging: LoggingConfig
+
+
+_SECTIONS: dict[str, type] = {
+    "control": ControlConfig,
+    "failsafe": FailsafeConfig,
+    "camera": CameraConfig,
+    "serial": SerialSettings,
+    "policy": PolicyConfig,
+    "metrics": MetricsConfig,
+    "logging": LoggingConfig,
+}
+
+
+def make_serial_link(settings: SerialSettings) -> Any:
+    """A `rover_runtime.serial_link.SerialLink` for these settings (pyserial is imported only here)."""
+    from rover_runtime.serial_link import SerialConfig, SerialLink  # noqa: PLC0415
+
+    return SerialLink(
+        SerialConfig(
+            port=settings.port,
+            baudrate=settings.baudrate,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            reconnect_interval_s=settings.reconnect_interval_s,
+            steering_limits=settings.steering_limits,
+            throttle_limits=settings.throttle_limits,
+        )
+    )
+
+
+def default_config_text() -> str:
+    return resources.files("rover_runtime").joinpath("default_config.toml").read_text(encoding="utf-8")
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {where}: not valid TOML: {exc}") from exc
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> RuntimeConfig:
+    """Defaults, then the file at `path` (if any), then `overrides` ({"section.key": value}), validated."""
+    raw = _parse_toml(default_config_text(), "defaults")
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from exc
+        _merge(raw, _parse_toml(text, str(path)))
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _merge(raw, {section: {key: value}})
+    return validate_config(raw)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for section, values in update.items():
+        if section not in base:
+            raise ConfigError(f"config: unknown section [{section}] (known: {', '.join(base)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {section}: must be a table")
+        for key, value in values.items():
+            if key not in base[section]:
+                raise ConfigError(f"config {section}.{key}: unknown key")
+            base[section][key] = value
+
+
+def validate_config(raw: dict[str, Any]) -> RuntimeConfig:
+    built: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = raw.get(section, {})
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in values:
+                raise ConfigError(f"config {section}.{f.name}: missing")
+            kwargs[f.name] = _coerce(f"{section}.{f.name}", values[f.name], str(f.type))
+        built[section] = cls(**kwargs)
+    config = RuntimeConfig(**built)
+    _check_ranges(config)
+    return config
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    where = f"config {key}"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # `device = 0` is as good as `device = "0"`
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string, got {value!r}")
+        return value
+    if kind == "tuple[float, float]":
+        ok = isinstance(value, list | tuple) and len(value) == 2
+        if not ok or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: must be two numbers [min, max], got {value!r}")
+        low, high = float(value[0]), float(value[1])
+        if low > high:
+            raise ConfigError(f"{where}: min {low} is greater than max {high}")
+        return (low, high)
+    raise AssertionError(f"unhandled config type {kind} for {key}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"config {key}: must be > 0, got {value:g}")
+
+
+def _not_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"config {key}: must be >= 0, got {value:g}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config {key}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_ranges(c: RuntimeConfig) -> None:
+    _positive("control.rate_hz", c.control.rate_hz)
+    if c.control.rate_hz > 1000:
+        raise ConfigError(f"config control.rate_hz: must be <= 1000, got {c.control.rate_hz:g}")
+    _choice("control.mode", c.control.mode, CONTROL_MODES)
+    _not_negative("control.n_action_steps", c.control.n_action_steps)
+    _not_negative("control.request_margin_steps", c.control.request_margin_steps)
+    _not_negative("control.spin_s", c.control.spin_s)
+    if c.control.spin_s >= c.control.period_s:
+        raise ConfigError(f"config control.spin_s: must be shorter than the period, got {c.control.spin_s:g}")
+    _positive("failsafe.inference_timeout_s", c.failsafe.inference_timeout_s)
+    _positive("failsafe.unhealthy_after_s", c.failsafe.unhealthy_after_s)
+    _choice("camera.source", c.camera.source, CAMERA_SOURCES)
+    if c.camera.source == "file" and not c.camera.file:
+        raise ConfigError("config camera.file: must name a video file when camera.source is 'file'")
+    if c.camera.source == "device" and not c.camera.device:
+        raise ConfigError("config camera.device: must be an index or a path when camera.source is 'device'")
+    _positive("camera.width", c.camera.width)
+    _positive("camera.height", c.camera.height)
+    _positive("camera.fps", c.camera.fps)
+    if c.camera.fourcc and len(c.camera.fourcc) != 4:
+        raise ConfigError(f"config camera.fourcc: must be 4 characters or empty, got {c.camera.fourcc!r}")
+    _positive("camera.max_frame_age_s", c.camera.max_frame_age_s)
+    _positive("camera.retry_interval_s", c.camera.retry_interval_s)
+    _not_negative("camera.synthetic_stop_after_s", c.camera.synthetic_stop_after_s)
+    if not c.serial.port:
+        raise ConfigError("config serial.port: must not be empty")
+    for key in ("steering_limits", "throttle_limits"):
+        low, high = getattr(c.serial, key)
+        if not -1.0 <= low <= high <= 1.0:
+            raise ConfigError(f"config serial.{key}: must lie within [-1, 1], got [{low:g}, {high:g}]")
+    _positive("serial.baudrate", c.serial.baudrate)
+    _positive("serial.heartbeat_interval_s", c.serial.heartbeat_interval_s)
+    _positive("serial.reconnect_interval_s", c.serial.reconnect_interval_s)
+    _choice("policy.engine", c.policy.engine, ENGINES)
+    _not_negative("policy.threads", c.policy.threads)
+    if not c.policy.stub and not c.policy.bundle:
+        raise ConfigError("config policy.bundle: must name a bundle directory (or set policy.stub = true)")
+    _not_negative("policy.stub_latency_ms", c.policy.stub_latency_ms)
+    _positive("policy.stub_chunk_size", c.policy.stub_chunk_size)
+    _positive("metrics.interval_s", c.metrics.interval_s)
+    _choice("logging.level", c.logging.level, LOG_LEVELS)

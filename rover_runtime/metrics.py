@@ -1,0 +1,98 @@
+"""The status file: a JSON snapshot of the running loop, atomically replaced about once per second.
+
+Written from its own thread (file I/O and `vcgencmd` stay out of the control loop) to a temporary file in
+the same directory, then renamed over the target, so a reader (playbooks, testinfra, the deploy's "is the
+car driving?" gate) never sees a half-written file. Keys are documented in docs/runtime.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rover_runtime.thermal import read_thermal
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=1, sort_keys=True, default=str)
+            stream.write("\n")
+        Path(tmp).chmod(0o644)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsWriter:
+    """Calls `snapshot()` every `interval_s`, adds thermal state and the achieved loop rate, writes `path`."""
+
+    def __init__(
+        self,
+        path: Path,
+        snapshot: Callable[[], dict[str, Any]],
+        interval_s: float = 1.0,
+        read_thermal_state: Callable[[], Any] = read_thermal,
+    ) -> None:
+        self.path = path
+        self.snapshot = snapshot
+        self.interval_s = interval_s
+        self.read_thermal_state = read_thermal_state
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._previous: tuple[float, int] | None = None
+        self._failed = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread.start()
+
+    def write_now(self) -> None:
+        data = self.snapshot()
+        now = time.monotonic()
+        cycles = int(data.get("loop", {}).get("cycles", 0))
+        if self._previous is not None and now > self._previous[0]:
+            rate = (cycles - self._previous[1]) / (now - self._previous[0])
+            data.setdefault("loop", {})["rate_hz_achieved"] = round(rate, 3)
+        self._previous = (now, cycles)
+        data["thermal"] = self.read_thermal_state().to_dict()
+        try:
+            write_json_atomic(self.path, data)
+        except OSError as exc:
+            if not self._failed:
+                log.warning("metrics file %s cannot be written: %s", self.path, exc)
+            self._failed = True
+            return
+        self._failed = False
+        self.writes += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.write_now()
+            except Exception:
+                log.exception("metrics snapshot failed")
+
+    def close(self, final: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        if final:
+            try:
+                self.write_now()
+            except Exception:
+                log.exception("final metrics snapshot failed")

@@ -1,0 +1,259 @@
+"""The policy: a verified bundle run by TorchScript or ONNX Runtime, or a stub for loop tests.
+
+`load_policy` opens the bundle through `rover_runtime.bundle.open_bundle` (schema and every sha256 checked
+before anything is loaded), checks that its inputs are what the car supplies (state [steering, throttle],
+one camera), loads the model, and runs one warm-up inference whose output shape must match the manifest.
+Any mismatch raises PolicyError (or BundleError) with a message naming the problem.
+
+`predict(image_bgr, steering, throttle)` returns the chunk as float32 [chunk_size, 2] = [steering, throttle].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from rover_runtime.bundle import Bundle, BundleError, open_bundle
+from rover_runtime.preprocess import preprocess_image, preprocess_state
+
+log = logging.getLogger(__name__)
+
+STATE_NAMES = ("steering", "throttle")
+
+
+class PolicyError(Exception):
+    """A bundle cannot be run by this runtime (wrong inputs, unloadable model, wrong output shape)."""
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    backend: str  # "torch", "onnxruntime" or "stub"
+    engine: str | None
+    mode: str  # fp32 / dynamic / static / stub
+    content_hash: str | None
+    model_bytes: int
+    chunk_size: int
+    n_action_steps: int
+    temporal_ensemble_coeff: float | None
+    threads: int
+
+
+class Policy(Protocol):
+    info: PolicyInfo
+
+    def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]: ...
+
+
+def resolve_engine(requested: str, manifest_engine: str | None, machine: str | None = None) -> str | None:
+    """The quantized engine to use: qnnpack on aarch64 for "auto", else the bundle's, else torch's default."""
+    machine = machine or platform.machine()
+    if requested != "auto":
+        return requested
+    if machine in ("aarch64", "arm64"):
+        return "qnnpack"
+    return manifest_engine
+
+
+def resolve_threads(threads: int) -> int:
+    return threads if threads > 0 else (os.cpu_count() or 1)
+
+
+class BundlePolicy:
+    def __init__(self, bundle: Bundle, engine: str, threads: int) -> None:
+        m = bundle.manifest
+        if m.inputs.state_dim != len(STATE_NAMES):
+            raise PolicyError(
+                f"bundle {bundle.root}: inputs.state_dim is {m.inputs.state_dim}; this runtime supplies "
+                f"the state [steering, throttle] (2)"
+            )
+        if len(m.inputs.images) != 1:
+            raise PolicyError(
+                f"bundle {bundle.root}: inputs.images lists {len(m.inputs.images)} cameras; the car has one"
+            )
+        names = m.outputs.action_names
+        if m.outputs.action_dim < 2:
+            raise PolicyError(f"bundle {bundle.root}: outputs.action_dim is {m.outputs.action_dim}, need 2")
+        self._columns = [names.index(n) if n in names else i for i, n in enumerate(STATE_NAMES)]
+        self.bundle = bundle
+        self.image_spec = m.inputs.images[0]
+        self.threads = resolve_threads(threads)
+        self.engine = resolve_engine(engine, m.engine)
+        self._run: Any = self._load_torch() if m.model_format == "torchscript" else self._load_onnx()
+        self.info = PolicyInfo(
+            backend="torch" if m.model_format == "torchscript" else "onnxruntime",
+            engine=self.engine if m.model_format == "torchscript" else None,
+            mode=m.mode,
+            content_hash=m.content_hash,
+            model_bytes=m.model_bytes,
+            chunk_size=m.outputs.chunk_size,
+            n_action_steps=m.outputs.n_action_steps,
+            temporal_ensemble_coeff=m.outputs.temporal_ensemble_coeff,
+            threads=self.threads,
+        )
+        self._warm_up()
+
+    def _load_torch(self) -> Any:
+        try:
+            import torch  # noqa: PLC0415 - the engine is chosen by the bundle
+        except ImportError as exc:
+            raise PolicyError("a TorchScript bundle needs torch (pip install 'rover-fleet[torch]')") from exc
+        torch.set_num_threads(self.threads)
+        if self.engine is not None:
+            supported = torch.backends.quantized.supported_engines
+            if self.engine not in supported:
+                raise PolicyError(
+                    f"config policy.engine: {self.engine!r} is not available in this torch build "
+                    f"(available: {', '.join(e for e in supported if e != 'none')})"
+                )
+            torch.backends.quantized.engine = self.engine
+        try:
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(self.bundle.model_path), map_location="cpu"
+            )
+        except Exception as exc:
+            raise PolicyError(f"bundle {self.bundle.root}: TorchScript model does not load: {exc}") from exc
+        module.eval()
+
+        def run(state: NDArray[Any], image: NDArray[Any]) -> NDArray[Any]:
+            with torch.inference_mode():
+                out = module(torch.from_numpy(state), torch.from_numpy(image))
+            return np.asarray(out.detach().numpy())
+
+        return run
+
+    def _load_onnx(self) -> Any:
+        try:
+            import onnxruntime as ort  # noqa: PLC0415
+        except ImportError as exc:
+            raise PolicyError("an ONNX bundle needs onnxruntime (pip install 'rover-fleet[onnx]')") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(
+                str(self.bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise PolicyError(f"bundle {self.bundle.root}: ONNX model does not load: {exc}") from exc
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != 2:
+            raise PolicyError(
+                f"bundle {self.bundle.root}: the ONNX model has {len(names)} inputs, "
+                "expected 2 (state, image)"
+            )
+
+        def run(state: NDArray[Any], image: NDArray[Any]) -> NDArray[Any]:
+            return np.asarray(session.run(None, {names[0]: state, names[1]: image})[0])
+
+        return run
+
+    def _warm_up(self) -> None:
+        _, height, width = self.image_spec.shape
+        image = np.zeros((height, width, 3), dtype=np.uint8)
+        try:
+            out = self._run(preprocess_state(0.0, 0.0), preprocess_image(image, self.image_spec))
+        except Exception as exc:
+            raise PolicyError(
+                f"bundle {self.bundle.root}: the model fails on the manifest's input shapes "
+                f"(state [1, 2], image [1, {', '.join(map(str, self.image_spec.shape))}]): {exc}"
+            ) from exc
+        outputs = self.bundle.manifest.outputs
+        expected = (1, outputs.chunk_size, outputs.action_dim)
+        if tuple(out.shape) != expected:
+            raise PolicyError(
+                f"bundle {self.bundle.root}: the model outputs shape {list(out.shape)}, "
+                f"the manifest says {list(expected)}"
+            )
+
+    def infer(self, state: NDArray[Any], image: NDArray[Any]) -> NDArray[Any]:
+        """Raw model call on preprocessed inputs: [1, chunk, action_dim]."""
+        return np.asarray(self._run(state, image))
+
+    def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]:
+        out = self._run(preprocess_state(steering, throttle), preprocess_image(image_bgr, self.image_spec))
+        return np.ascontiguousarray(out[0][:, self._columns], dtype=np.float32)
+
+
+def load_policy(bundle_dir: Path | str, engine: str = "auto", threads: int = 0) -> BundlePolicy:
+    """Verify and load a bundle; raises BundleError or PolicyError naming the problem."""
+    bundle = open_bundle(bundle_dir)
+    log.info(
+        "bundle %s verified: %s %s %s, content hash %s",
+        bundle.root,
+        bundle.manifest.model_format,
+        bundle.manifest.mode,
+        bundle.manifest.backend,
+        bundle.manifest.content_hash[:12],
+    )
+    return BundlePolicy(bundle, engine, threads)
+
+
+class StubPolicy:
+    """A policy stand-in for loop tests and benchmarks: a slow sinusoid of steering, constant throttle.
+
+    `latency_s` is slept per call; `stall()` blocks calls until `release()`; `fail(n)` makes the next
+    `n` calls raise RuntimeError.
+    """
+
+    def __init__(
+        self, chunk_size: int = 20, latency_s: float = 0.005, throttle: float = 0.2, n_action_steps: int = 0
+    ) -> None:
+        self.latency_s = latency_s
+        self.throttle = throttle
+        self.calls = 0
+        self._go = threading.Event()
+        self._go.set()
+        self._failures = 0
+        self._lock = threading.Lock()
+        self.info = PolicyInfo(
+            backend="stub",
+            engine=None,
+            mode="stub",
+            content_hash=None,
+            model_bytes=0,
+            chunk_size=chunk_size,
+            n_action_steps=n_action_steps or chunk_size,
+            temporal_ensemble_coeff=None,
+            threads=1,
+        )
+
+    def stall(self) -> None:
+        self._go.clear()
+
+    def release(self) -> None:
+        self._go.set()
+
+    def fail(self, count: int = 1) -> None:
+        with self._lock:
+            self._failures = count
+
+    def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]:
+        self._go.wait()
+        with self._lock:
+            self.calls += 1
+            failing = self._failures > 0
+            self._failures -= int(failing)
+        if failing:
+            raise RuntimeError("stub policy: injected inference failure")
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
+        phase = time.monotonic()
+        steps = np.arange(self.info.chunk_size, dtype=np.float32)
+        chunk = np.empty((self.info.chunk_size, 2), dtype=np.float32)
+        chunk[:, 0] = 0.5 * np.sin(phase + steps * 0.05)
+        chunk[:, 1] = self.throttle
+        return chunk
+
+
+__all__ = ["BundleError", "BundlePolicy", "Policy", "PolicyError", "PolicyInfo", "StubPolicy", "load_policy"]
