@@ -1,0 +1,174 @@
+"""`python -m quantization <command>`: quantize, compare, report, demo, demo-data, train-demo.
+
+Heavy imports (torch, lerobot, onnxruntime) happen inside the command handlers, so `--help` is fast. Bad
+input ends with one line `error: ...` on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from quantization.errors import QuantizationError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ROVER_CACHE") or Path.home() / ".cache" / "rover")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from quantization.quantize import QuantizeRequest, quantize_policy
+
+    bundle = quantize_policy(
+        QuantizeRequest(
+            policy=args.policy,
+            mode=args.mode,
+            backend=args.backend,
+            dataset=args.calibration_dataset,
+            output=args.output,
+            samples=args.calibration_samples,
+            engine=args.engine,
+            force=args.force,
+            per_channel=args.per_channel,
+            observer=args.observer,
+            onnx_calibration=args.onnx_calibration,
+        )
+    )
+    m = bundle.manifest
+    print(f"bundle: {bundle.root}")
+    print(f"model: {m.model_file} ({m.model_bytes / 1e6:.1f} MB), mode {m.mode}, backend {m.backend}, engine {m.engine}")
+    if m.mode == "static":
+        print(f"calibration: {m.calibration.succeeded}/{m.calibration.requested} samples succeeded")
+        for failure in m.calibration.failures:
+            print(f"  failed: {failure}")
+    if m.mode != "fp32":
+        print(f"layers left in float ({len(m.calibration.float_layers)}): see manifest.json calibration.float_layers")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from quantization.compare import compare_bundles, format_table, write_json
+
+    comparison = compare_bundles(args.bundles, args.dataset, args.threads, args.runs, args.max_samples)
+    print(format_table(comparison))
+    if args.output:
+        write_json(comparison, args.output)
+        print(f"comparison: {args.output}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from quantization.report import write_report
+
+    md, js = write_report(args.comparison, args.output, args.policy)
+    print(f"report: {md}\nreport data: {js}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from quantization.demo import DemoOptions, run_demo
+
+    paths = run_demo(
+        DemoOptions(out=args.out, cache_root=cache_root(), samples=args.calibration_samples,
+                    engine=args.engine, threads=args.threads, runs=args.runs)
+    )  # fmt: skip
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _add_q2_command(sub: argparse._SubParsersAction, name: str, help_text: str, selected: bool) -> None:
+    """`demo-data` / `train-demo` live in modules that import lerobot: load them only when selected."""
+    parser = sub.add_parser(name, help=help_text, add_help=selected)
+    if not selected:
+        parser.set_defaults(handler=None)
+        return
+    from importlib import import_module
+
+    module = import_module("quantization.demo_data" if name == "demo-data" else "quantization.train_demo")
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.run)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    command = words[0] if words else None
+
+    parser = _Parser(prog="python -m quantization", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="write an FP32 or INT8 model bundle from a LeRobot ACT checkpoint")
+    q.add_argument("--policy", type=Path, required=True, help="LeRobot ACT checkpoint directory")
+    q.add_argument("--mode", choices=("fp32", "dynamic", "static"), required=True)
+    q.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    q.add_argument("--calibration-dataset", type=Path, required=True, help="LeRobotDataset directory")
+    q.add_argument("--calibration-samples", type=int, default=200, help="static: frames drawn from training episodes")
+    q.add_argument("--output", type=Path, required=True, help="bundle directory to create")
+    q.add_argument("--engine", default="qnnpack", help="torch quantized engine (qnnpack for the Pi; x86/fbgemm)")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.add_argument("--per-channel", action="store_true", help="torch static: per-channel INT8 weights")
+    q.add_argument("--observer", choices=("histogram", "minmax"), default="histogram",
+                   help="torch static: activation observer")  # fmt: skip
+    q.add_argument("--onnx-calibration", choices=("minmax", "percentile", "entropy"), default="minmax")
+    q.set_defaults(handler=_quantize)
+
+    c = sub.add_parser("compare", help="accuracy, latency and size of bundles on held-out episodes")
+    c.add_argument("--bundles", type=Path, nargs="+", required=True)
+    c.add_argument("--dataset", type=Path, required=True)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--runs", type=int, default=100, help="timed runs per bundle (after 10 warm-up runs)")
+    c.add_argument("--max-samples", type=int, default=200, help="held-out frames to evaluate (0: all)")
+    c.add_argument("--output", type=Path, help="write the comparison JSON here")
+    c.set_defaults(handler=_compare)
+
+    r = sub.add_parser("report", help="summary table (Markdown + JSON) from a comparison JSON")
+    r.add_argument("--comparison", type=Path, required=True)
+    r.add_argument("--policy", type=Path, help="training checkpoint directory (its size is the baseline)")
+    r.add_argument("--output", type=Path, required=True, help="directory for report.md and report.json")
+    r.set_defaults(handler=_report)
+
+    d = sub.add_parser("demo", help="demo dataset -> demo policy -> bundles -> compare -> report")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--calibration-samples", type=int, default=200)
+    d.add_argument("--engine", default="qnnpack")
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--runs", type=int, default=100)
+    d.set_defaults(handler=_demo)
+
+    _add_q2_command(sub, "demo-data", "write the synthetic RC-car dataset", command == "demo-data")
+    _add_q2_command(sub, "train-demo", "train the demo ACT policy on CPU", command == "train-demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    from rover_runtime.bundle import BundleError
+
+    try:
+        return int(args.handler(args))
+    except (QuantizationError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,259 @@
+"""The `compare` command: accuracy, latency and size of model bundles on a dataset's held-out episodes.
+
+For each bundle: the predicted action chunks on held-out frames against the FP32 reference bundle (the first
+FP32 bundle given, TorchScript preferred) and against the recorded actions (padding past an episode's end
+masked), in real units and in percent of the dataset's action range; latency (median and p95 over `runs`
+timed calls after a warm-up, batch of one, `threads` threads); and file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantization.act_inference import ACTION_KEY, ModelSpec
+from quantization.calibration import action_range, check_dataset_features, frame_indices, model_inputs, open_dataset
+from quantization.dataset_split import train_and_heldout_episodes
+from quantization.errors import QuantizationError
+from rover_runtime.bundle import Bundle, open_bundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNS = 100
+DEFAULT_WARMUP = 10
+DEFAULT_MAX_SAMPLES = 200
+
+
+class BundleRunner:
+    """Runs a bundle's model (TorchScript or ONNX) on positional float32 inputs; returns a numpy array."""
+
+    def __init__(self, bundle: Bundle, threads: int) -> None:
+        self.bundle = bundle
+        manifest = bundle.manifest
+        self.names = [manifest.inputs.state_key, *(img.key for img in manifest.inputs.images)]
+        if manifest.model_format == "torchscript":
+            import torch
+
+            torch.set_num_threads(threads)
+            if manifest.engine:
+                from quantization.quantize_torch import set_engine
+
+                set_engine(manifest.engine)
+            self._torch = torch.jit.load(str(bundle.model_path), map_location="cpu")
+            self._torch.eval()
+            self._ort = None
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self._ort = ort.InferenceSession(
+                str(bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+            self._torch = None
+
+    def __call__(self, inputs: tuple[Any, ...]) -> Any:
+        if self._torch is not None:
+            import torch
+
+            if self.bundle.manifest.engine:
+                torch.backends.quantized.engine = self.bundle.manifest.engine
+            with torch.inference_mode():
+                return self._torch(*inputs).numpy()
+        assert self._ort is not None
+        feeds = {name: t.numpy() for name, t in zip(self.names, inputs, strict=True)}
+        return self._ort.run(None, feeds)[0]
+
+
+def measure_latency(run: Any, inputs: tuple[Any, ...], runs: int, warmup: int = DEFAULT_WARMUP) -> dict[str, Any]:
+    for _ in range(warmup):
+        run(inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(inputs)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+        "mean_ms": statistics.fmean(times),
+        "min_ms": times[0],
+        "runs": runs,
+        "warmup": warmup,
+    }
+
+
+@dataclass
+class EvalSet:
+    """Held-out frames as model inputs, with the recorded action chunks and their padding masks."""
+
+    indices: list[int]
+    inputs: list[tuple[Any, ...]]
+    truth: Any  # numpy [N, chunk, action_dim]
+    valid: Any  # numpy bool [N, chunk]
+    episodes: list[int]
+
+
+def load_eval_set(dataset_root: Path, spec: ModelSpec, max_samples: int) -> EvalSet:
+    import numpy as np
+
+    check_dataset_features(dataset_root, spec)
+    _, heldout = train_and_heldout_episodes(dataset_root)
+    fps = int(json.loads((Path(dataset_root) / "meta" / "info.json").read_text())["fps"])
+    dataset = open_dataset(dataset_root, {ACTION_KEY: [i / fps for i in range(spec.chunk_size)]})
+    indices = frame_indices(dataset, heldout)
+    if not indices:
+        raise QuantizationError(f"the held-out episodes {heldout} of {dataset_root} have no frames")
+    if 0 < max_samples < len(indices):
+        picks = np.linspace(0, len(indices) - 1, max_samples).round().astype(int)
+        indices = [indices[i] for i in picks]
+    inputs, truth, valid = [], [], []
+    for index in indices:
+        item = dataset[index]
+        inputs.append(model_inputs(item, spec))
+        truth.append(np.asarray(item[ACTION_KEY], dtype=np.float32))
+        valid.append(~np.asarray(item[f"{ACTION_KEY}_is_pad"], dtype=bool))
+    log.info("evaluating on %d frames of held-out episodes %s", len(indices), heldout)
+    return EvalSet(indices, inputs, np.stack(truth), np.stack(valid), heldout)
+
+
+def _spec_of(bundle: Bundle) -> ModelSpec:
+    m = bundle.manifest
+    return ModelSpec(
+        state_dim=m.inputs.state_dim,
+        image_keys=tuple(img.key for img in m.inputs.images),
+        image_shapes=tuple(img.shape for img in m.inputs.images),
+        action_dim=m.outputs.action_dim,
+        chunk_size=m.outputs.chunk_size,
+        n_action_steps=m.outputs.n_action_steps,
+        temporal_ensemble_coeff=m.outputs.temporal_ensemble_coeff,
+    )
+
+
+def _errors(pred: Any, target: Any, mask: Any, ranges: Any) -> dict[str, Any]:
+    """MAE / max error per dimension and overall, in real units and in % of the action range."""
+    import numpy as np
+
+    diff = np.abs(pred - target)[mask]  # [M, action_dim]
+    mae = diff.mean(axis=0)
+    worst = diff.max(axis=0)
+    return {
+        "mae": float(mae.mean()),
+        "mae_per_dim": [float(v) for v in mae],
+        "max_abs": float(worst.max()),
+        "max_abs_per_dim": [float(v) for v in worst],
+        "mae_pct_range": float((mae / ranges).mean() * 100),
+        "max_pct_range": float((worst / ranges).max() * 100),
+    }
+
+
+def compare_bundles(
+    bundle_dirs: list[Path],
+    dataset_root: Path,
+    threads: int = 2,
+    runs: int = DEFAULT_RUNS,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> dict[str, Any]:
+    import numpy as np
+
+    if not bundle_dirs:
+        raise QuantizationError("no bundles to compare")
+    if runs < 1:
+        raise QuantizationError(f"--runs must be at least 1, got {runs}")
+    bundles = [open_bundle(path) for path in bundle_dirs]
+    spec = _spec_of(bundles[0])
+    for bundle in bundles[1:]:
+        if _spec_of(bundle) != spec:
+            raise QuantizationError(f"bundle {bundle.root} has different inputs/outputs than {bundles[0].root}")
+    evalset = load_eval_set(dataset_root, spec, max_samples)
+    ranges = np.asarray(action_range(dataset_root), dtype=np.float64)
+    predictions, results = [], []
+    for bundle in bundles:
+        runner = BundleRunner(bundle, threads)
+        log.info("running %s on %d frames", bundle.root.name, len(evalset.inputs))
+        preds = np.concatenate([runner(inputs) for inputs in evalset.inputs], axis=0)
+        predictions.append(preds)
+        log.info("timing %s: %d runs", bundle.root.name, runs)
+        latency = measure_latency(runner, evalset.inputs[0], runs)
+        m = bundle.manifest
+        results.append(
+            {
+                "name": bundle.root.name,
+                "path": str(bundle.root.absolute()),
+                "mode": m.mode,
+                "backend": m.backend,
+                "engine": m.engine,
+                "model_format": m.model_format,
+                "model_bytes": m.model_bytes,
+                "bundle_bytes": sum(f.size for f in m.files) + (bundle.root / "manifest.json").stat().st_size,
+                "checkpoint_bytes": m.source.checkpoint_bytes,
+                "calibration": {"requested": m.calibration.requested, "succeeded": m.calibration.succeeded,
+                                "failures": list(m.calibration.failures)},
+                "float_layers": list(m.calibration.float_layers),
+                "latency": latency,
+                "vs_truth": _errors(preds, evalset.truth, evalset.valid, ranges),
+                "vs_truth_first_action": _errors(
+                    preds[:, :1], evalset.truth[:, :1], evalset.valid[:, :1], ranges
+                ),
+            }
+        )  # fmt: skip
+    ref_index = _reference_index(bundles)
+    full = np.ones(evalset.valid.shape, dtype=bool)
+    for result, preds in zip(results, predictions, strict=True):
+        if ref_index is None:
+            result["vs_fp32"] = None
+            result["accuracy_loss_pct"] = None
+            continue
+        result["vs_fp32"] = _errors(preds, predictions[ref_index], full, ranges)
+        result["accuracy_loss_pct"] = result["vs_fp32"]["mae_pct_range"]
+    return {
+        "dataset": str(Path(dataset_root).absolute()),
+        "heldout_episodes": evalset.episodes,
+        "samples": len(evalset.inputs),
+        "action_names": list(bundles[0].manifest.outputs.action_names),
+        "action_range": [float(r) for r in ranges],
+        "reference": None if ref_index is None else results[ref_index]["name"],
+        "threads": threads,
+        "runs": runs,
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
+        "bundles": results,
+    }
+
+
+def _reference_index(bundles: list[Bundle]) -> int | None:
+    fp32 = [i for i, b in enumerate(bundles) if b.manifest.mode == "fp32"]
+    torch_fp32 = [i for i in fp32 if bundles[i].manifest.backend == "torch"]
+    return (torch_fp32 or fp32 or [None])[0]
+
+
+def format_table(comparison: dict[str, Any]) -> str:
+    header = ["bundle", "mode", "backend", "size MB", "median ms", "p95 ms", "MAE vs FP32 (% range)", "MAE vs truth"]
+    rows = [header]
+    for b in comparison["bundles"]:
+        loss = b["accuracy_loss_pct"]
+        rows.append([
+            b["name"], b["mode"], b["backend"], f"{b['model_bytes'] / 1e6:.1f}",
+            f"{b['latency']['median_ms']:.2f}", f"{b['latency']['p95_ms']:.2f}",
+            "-" if loss is None else f"{b['vs_fp32']['mae']:.5f} ({loss:.3f} %)",
+            f"{b['vs_truth']['mae']:.4f}",
+        ])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write JSON atomically (temp file then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

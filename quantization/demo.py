@@ -1,0 +1,133 @@
+"""The `demo` command: this stage end to end on the embedded demo dataset and policy.
+
+demo dataset -> trained demo ACT -> bundles (FP32/dynamic/static torch, FP32/static ONNX Runtime) ->
+compare on the held-out episodes -> report. Datasets, policies and bundles are cached under the cache root
+keyed by their inputs (and the quantization code), so a second run only re-measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantization.bundle_writer import publish_directory
+from quantization.errors import QuantizationError
+from quantization.quantize import QuantizeRequest, quantize_policy
+from rover_runtime.bundle import Bundle, BundleError, open_bundle, sha256_file
+
+log = logging.getLogger(__name__)
+
+# name, mode, backend
+DEMO_VARIANTS = (
+    ("fp32-torch", "fp32", "torch"),
+    ("dynamic-int8-torch", "dynamic", "torch"),
+    ("static-int8-torch", "static", "torch"),
+    ("fp32-onnx", "fp32", "onnxruntime"),
+    ("static-int8-onnx", "static", "onnxruntime"),
+)
+_CODE_FILES = (
+    "act_inference.py", "calibration.py", "export.py", "policy_loading.py", "quantize.py",
+    "quantize_onnx.py", "quantize_torch.py",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path
+    cache_root: Path
+    samples: int = 200
+    engine: str = "qnnpack"
+    threads: int = 2
+    runs: int = 100
+    max_samples: int = 200
+
+
+def code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def bundle_cache_key(request: QuantizeRequest, dataset_fingerprint: str) -> str:
+    payload = {
+        "weights": sha256_file(request.policy / "model.safetensors"),
+        "dataset": dataset_fingerprint,
+        "settings": request.settings(),
+        "code": code_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_bundle(request: QuantizeRequest, cache_root: Path, dataset_fingerprint: str) -> Bundle:
+    """The bundle for `request`, built once into the cache (`request.output` is ignored)."""
+    cached = cache_root / "bundles" / bundle_cache_key(request, dataset_fingerprint)
+    if cached.exists():
+        try:
+            bundle = open_bundle(cached)
+            log.info("reusing cached bundle %s", cached)
+            return bundle
+        except BundleError as exc:
+            log.warning("rebuilding cached bundle: %s", exc)
+    from dataclasses import replace
+
+    return quantize_policy(replace(request, output=cached, force=True))
+
+
+def copy_bundle(bundle: Bundle, target: Path) -> Bundle:
+    """Copy a bundle to `target` (staged, then renamed) unless an identical one is already there."""
+    try:
+        if open_bundle(target).manifest.content_hash == bundle.manifest.content_hash:
+            return open_bundle(target)
+    except BundleError:
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        copied = stage / "bundle"
+        shutil.copytree(bundle.root, copied)
+        publish_directory(copied, target, force=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return open_bundle(target)
+
+
+def run_demo(options: DemoOptions) -> dict[str, Path]:
+    from quantization.compare import compare_bundles, format_table, write_json
+    from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
+    from quantization.report import write_report
+    from quantization.train_demo import TrainConfig, dataset_fingerprint, ensure_demo_policy
+
+    out = options.out.absolute()
+    log.info("[1/5] demo dataset")
+    dataset = ensure_demo_dataset(options.cache_root, DemoDataConfig())
+    log.info("[2/5] demo policy (trains on CPU the first time: a few minutes)")
+    policy = ensure_demo_policy(options.cache_root, dataset, TrainConfig())
+    fingerprint = dataset_fingerprint(dataset)
+    bundle_dirs = []
+    for i, (name, mode, backend) in enumerate(DEMO_VARIANTS, start=1):
+        log.info("[3/5] bundle %d/%d: %s", i, len(DEMO_VARIANTS), name)
+        request = QuantizeRequest(
+            policy=policy, mode=mode, backend=backend, dataset=dataset, output=out / "bundles" / name,
+            samples=options.samples, engine=options.engine,
+        )  # fmt: skip
+        bundle = ensure_bundle(request, options.cache_root, fingerprint)
+        bundle_dirs.append(copy_bundle(bundle, out / "bundles" / name).root)
+    log.info("[4/5] compare on the held-out episodes (%d timed runs per bundle)", options.runs)
+    comparison = compare_bundles(bundle_dirs, dataset, options.threads, options.runs, options.max_samples)
+    comparison_path = out / "comparison.json"
+    write_json(comparison, comparison_path)
+    print(format_table(comparison))
+    log.info("[5/5] report")
+    md, js = write_report(comparison_path, out / "report", policy)
+    if not md.is_file():
+        raise QuantizationError(f"report {md} was not written")
+    paths = {"dataset": dataset, "policy": policy, "bundles": out / "bundles", "comparison": comparison_path,
+             "report": md, "report_json": js}  # fmt: skip
+    return paths
