@@ -1,0 +1,80 @@
+"""rover_runtime.config: documented defaults, file + CLI overrides, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rover_runtime import cli
+from rover_runtime.config import ConfigError, default_config_text, load_config
+
+
+def test_defaults_load_and_match_the_documented_file() -> None:
+    config = load_config()
+    assert config.control.rate_hz == 30.0
+    assert config.control.mode == "chunk"
+    assert config.serial.port == "/dev/rover-arduino"
+    assert config.serial.throttle_limits == (-0.5, 0.5)
+    assert config.metrics.path == "/run/rover/metrics.json"
+    assert config.policy.engine == "auto"
+    # every key of every section is documented by a comment block in the defaults file
+    assert "rate_hz = 30.0" in default_config_text()
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "rover.toml"
+    path.write_text('[control]\nrate_hz = 50\nmode = "ensemble"\n[camera]\ndevice = 2\n')
+    config = load_config(path, {"control.rate_hz": 100.0})
+    assert config.control.rate_hz == 100.0  # the override wins over the file
+    assert config.control.mode == "ensemble"
+    assert config.camera.device == "2"  # an integer index is accepted as the device
+    assert config.control.period_s == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[control]\nrate_hz = -5\n", "config control.rate_hz: must be > 0, got -5"),
+        ('[control]\nmode = "fast"\n', "config control.mode: must be one of chunk, ensemble, got 'fast'"),
+        ("[control]\nrate = 30\n", "config control.rate: unknown key"),
+        ("[motors]\nx = 1\n", "config: unknown section [motors]"),
+        ('[camera]\nwidth = "wide"\n', "config camera.width: must be an integer, got 'wide'"),
+        ("[serial]\nthrottle_limits = [0.5, -0.5]\n", "config serial.throttle_limits: min 0.5 is greater"),
+        ("[serial]\nsteering_limits = [-2, 1]\n", "config serial.steering_limits: must lie within [-1, 1]"),
+        ("[policy]\nstub = 1\n", "config policy.stub: must be true or false"),
+        ('[camera]\nsource = "file"\n', "config camera.file: must name a video file"),
+        ("[control\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert message in str(excinfo.value)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_seed_flag_aliases_map_to_config_keys() -> None:
+    args = cli.build_parser().parse_args(
+        ["run", "--camera_id", "0", "--arduino_port", "/dev/ttyUSB0", "--control_freq", "30"]
+    )
+    overrides = cli._overrides(args)
+    assert overrides == {
+        "camera.source": "device",
+        "camera.device": "0",
+        "serial.port": "/dev/ttyUSB0",
+        "control.rate_hz": 30.0,
+    }
+    config = load_config(None, overrides)
+    assert (config.camera.device, config.serial.port, config.control.rate_hz) == ("0", "/dev/ttyUSB0", 30.0)
+
+
+def test_run_with_a_bad_flag_value_exits_2_naming_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--policy-stub", "--rate", "-5"]) == 2
+    assert "config control.rate_hz: must be > 0, got -5" in capsys.readouterr().err
