@@ -1,0 +1,238 @@
+"""The serial protocol: framing, checksum, parsing and the firmware logic, in Python and in the sketch's C.
+
+The shared vectors (tests/vectors/serial_protocol.json) are run through rover_runtime.protocol, the firmware
+simulator's core, and, when g++ is installed, the sketch's own rover_protocol.h compiled for this host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rover_runtime import protocol
+from rover_runtime.firmware_sim import FirmwareCore, FirmwareLimits
+from rover_runtime.serial_link import SerialConfig
+
+REPO = Path(__file__).resolve().parents[2]
+VECTORS = json.loads((REPO / "tests" / "vectors" / "serial_protocol.json").read_text())
+FIRMWARE = REPO / "firmware"
+
+
+def _as_dict(message: protocol.Message) -> dict[str, Any]:
+    data = asdict(message)
+    if "failsafe" in data:
+        data["failsafe"] = int(data["failsafe"])
+    return {"type": message.payload()[0], **data}
+
+
+@pytest.mark.parametrize("case", VECTORS["crc8"]["cases"], ids=lambda c: c["input"] or "empty")
+def test_crc8_matches_the_vectors(case: dict[str, str]) -> None:
+    assert f"{protocol.crc8(case['input'].encode()):02X}" == case["crc"]
+
+
+@pytest.mark.parametrize("case", VECTORS["valid_lines"], ids=lambda c: c["line"])
+def test_valid_lines_parse_and_round_trip(case: dict[str, Any]) -> None:
+    message = protocol.parse_line(case["line"].encode())
+    assert _as_dict(message) == case["message"]
+    line = case["line"]
+    assert protocol.encode(message).decode() == line[:-2] + line[-2:].upper() + "\n"  # senders use upper case
+
+
+@pytest.mark.parametrize("case", VECTORS["invalid_lines"], ids=lambda c: c["why"])
+def test_invalid_lines_are_rejected(case: dict[str, str]) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_line(case["line"].encode())
+
+
+def test_a_changed_byte_fails_the_checksum() -> None:
+    line = protocol.encode(protocol.Command(12, 345, -678)).rstrip(b"\n")
+    corrupted = line.replace(b"345", b"346")
+    with pytest.raises(protocol.ProtocolError, match="checksum mismatch"):
+        protocol.parse_line(corrupted)
+
+
+def test_a_trailing_cr_is_accepted() -> None:
+    assert protocol.parse_line(b"H,4*09\r") == protocol.Heartbeat(4)
+
+
+@pytest.mark.parametrize(("milli", "us"), VECTORS["us_mapping"]["cases"])
+def test_milli_to_us_truncates_like_c(milli: int, us: int) -> None:
+    assert protocol.milli_to_us(milli) == us
+
+
+@pytest.mark.parametrize(
+    ("value", "milli"),
+    [
+        (0.0, 0),
+        (0.5, 500),
+        (-0.2506, -251),
+        (1.0, 1000),
+        (7.0, 1000),
+        (-7.0, -1000),
+        (math.nan, 0),
+        (math.inf, 0),
+    ],
+)
+def test_to_milli_rounds_and_bounds(value: float, milli: int) -> None:
+    assert protocol.to_milli(value) == milli
+
+
+def test_sequence_numbers_wrap() -> None:
+    assert protocol.next_seq(65535) == 0
+    assert protocol.next_seq(0) == 1
+
+
+def test_frame_refuses_payloads_that_cannot_be_framed() -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.frame("C,1*2")
+    with pytest.raises(protocol.ProtocolError):
+        protocol.frame("V,1,1," + "x" * 70 + ",1")
+
+
+def test_firmware_core_follows_the_session_vectors() -> None:
+    core = FirmwareCore(FirmwareLimits(), now_ms=0)
+    for step in VECTORS["firmware_session"]["steps"]:
+        out = core.feed(step["send"].encode() + b"\n", step["at_ms"]) if step["send"] is not None else []
+        telemetry = core.tick(step["at_ms"])
+        if telemetry is not None:
+            out.append(telemetry)
+        assert [line.decode().rstrip("\n") for line in out] == step["expect"], step
+
+
+def test_firmware_core_accepts_only_its_own_valid_lines() -> None:
+    for case in VECTORS["valid_lines"]:
+        core = FirmwareCore()
+        core.feed(case["line"].encode() + b"\n", 0)
+        accepted = case["message"]["type"] in ("C", "H", "P")
+        assert (core.rx_ok, core.rx_bad) == ((1, 0) if accepted else (0, 1)), case
+    for case in VECTORS["invalid_lines"]:
+        core = FirmwareCore()
+        core.feed(case["line"].encode() + b"\n", 0)
+        assert (core.rx_ok, core.rx_bad) == (0, 1), case
+
+
+def test_firmware_core_limits_and_flags_out_of_limit_pulses() -> None:
+    core = FirmwareCore(FirmwareLimits(throttle_min_us=1300, throttle_max_us=1700))
+    (reply,) = core.feed(protocol.encode(protocol.Command(3, 200, 900)), 5)
+    ack = protocol.parse_line(reply.rstrip(b"\n"))
+    assert ack == protocol.Ack(3, 1600, 1700, protocol.FLAG_LIMITED)
+
+
+def test_firmware_core_failsafe_survives_millis_wrap() -> None:
+    start = (1 << 32) - 100
+    core = FirmwareCore(now_ms=start)
+    core.feed(protocol.encode(protocol.Command(1, 1000, 1000)), start)
+    core.tick(start + 249)  # wraps past 2**32 on the way
+    assert not core.failsafe
+    core.tick(start + 250)
+    assert core.failsafe
+    assert (core.steer_us, core.throttle_us) == (1500, 1500)
+
+
+def test_firmware_core_counts_an_overlong_line_once_and_recovers() -> None:
+    core = FirmwareCore()
+    out = core.feed(b"x" * 200 + b"\n" + protocol.encode(protocol.Heartbeat(9)), 0)
+    assert core.rx_bad == 1
+    assert out == [protocol.encode(protocol.Ack(9, 1500, 1500, protocol.FLAG_FAILSAFE))]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"throttle_limits": (0.5, -0.5)}, "throttle_limits"),
+        ({"steering_limits": (-2.0, 1.0)}, "steering_limits"),
+        ({"baudrate": 0}, "baudrate"),
+        ({"heartbeat_interval_s": 0.0}, "heartbeat_interval_s"),
+    ],
+)
+def test_serial_config_errors_name_the_key(kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        SerialConfig(**kwargs)
+
+
+# ---- the sketch's C code, compiled for this host ----
+@pytest.fixture(scope="module")
+def protocol_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed (apt-get install g++): cannot compile the sketch's protocol core")
+    binary = tmp_path_factory.mktemp("fw") / "protocol_host"
+    source = FIRMWARE / "test" / "protocol_host.cpp"
+    cmd = ["g++", "-std=c++11", "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(binary), str(source)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return binary
+
+
+def _run_host(binary: Path, commands: list[str]) -> list[str]:
+    result = subprocess.run(
+        [str(binary)],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return result.stdout.splitlines()
+
+
+def test_sketch_crc_and_mapping_match_the_vectors(protocol_host: Path) -> None:
+    crc_cases = VECTORS["crc8"]["cases"]
+    us_cases = VECTORS["us_mapping"]["cases"]
+    commands = [f"crc {c['input'].encode().hex() or '-'}" for c in crc_cases]
+    commands += [f"us {milli}" for milli, _ in us_cases]
+    out = _run_host(protocol_host, commands)
+    assert out == [c["crc"] for c in crc_cases] + [str(us) for _, us in us_cases]
+
+
+def test_sketch_accepts_and_rejects_like_the_vectors(protocol_host: Path) -> None:
+    valid, invalid = VECTORS["valid_lines"], VECTORS["invalid_lines"]
+    out = _run_host(protocol_host, [f"accept {c['line'].encode().hex()}" for c in valid + invalid])
+    expected = ["ok" if c["message"]["type"] in ("C", "H", "P") else "bad" for c in valid]
+    assert out == expected + ["bad"] * len(invalid)
+
+
+def test_sketch_follows_the_session_vectors(protocol_host: Path) -> None:
+    steps = VECTORS["firmware_session"]["steps"]
+    commands = [
+        f"step {s['at_ms']} {s['send'].encode().hex() if s['send'] is not None else '-'}" for s in steps
+    ]
+    out = _run_host(protocol_host, commands)
+    per_step: list[list[str]] = [[]]
+    for line in out:
+        if line == ".":
+            per_step.append([])
+        else:
+            per_step[-1].append(line)
+    assert per_step[:-1] == [s["expect"] for s in steps]
+
+
+@pytest.mark.slow
+def test_sketch_compiles_for_the_uno(tmp_path: Path) -> None:
+    if shutil.which("avr-gcc") is None or not Path("/usr/share/arduino/Arduino.mk").exists():
+        pytest.skip("AVR toolchain missing: apt-get install arduino-mk arduino-core-avr gcc-avr avr-libc")
+    objdir = tmp_path / "uno"
+    result = subprocess.run(
+        ["make", "-C", str(FIRMWARE / "rover_car"), f"OBJDIR={objdir}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    size = (
+        subprocess.run(
+            ["avr-size", str(objdir / "rover_car.elf")], capture_output=True, text=True, check=True
+        )
+        .stdout.splitlines()[1]
+        .split()
+    )
+    text, data, bss = (int(v) for v in size[:3])
+    assert text + data <= 32256  # ATmega328P flash minus the Optiboot bootloader
+    assert data + bss <= 1536  # leave a quarter of the 2 KB RAM for the stack
+    assert "rover_car.ino" in result.stdout
