@@ -30,7 +30,7 @@ __all__ = ["SerialConfig", "SerialLink", "SerialStats", "Telemetry"]
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
-_WRITE_TIMEOUT_S = 0.05
+_WRITE_TIMEOUT_S = 0.02  # a stalled peer must not stall the control loop for long
 _PING_RETRY_S = 0.25  # an Arduino that resets on open misses the first pings while it boots
 
 
@@ -177,9 +177,9 @@ class SerialLink:
         """Sends neutral (when connected) and closes the port."""
         with self._lock:
             if self._port is not None:
+                # No flush(): tcdrain could block for good on a peer that stopped reading; closing a real
+                # serial port drains its output anyway.
                 self._write(protocol.Command(self._next_seq(), 0, 0))
-                with contextlib.suppress(serial.SerialException, OSError):
-                    self._port.flush()
             self._disconnect(reason=None)
 
     # ---- internals ----
