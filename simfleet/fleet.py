@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -69,6 +70,8 @@ def target_for(state: FleetState, host: HostState) -> SshTarget:
 
 def up(config: FleetConfig) -> FleetState:
     """Boots the fleet and writes its inventory; on any failure stops whatever it had started."""
+    if os.geteuid() != 0:
+        raise SimFleetError("simfleet up needs root (systemd-nspawn, bind mounts, binfmt_misc)")
     existing = load_state(config.name)
     if existing is not None:
         raise SimFleetError(
