@@ -16,7 +16,7 @@ from typing import Any
 from simfleet.binfmt import ensure_emulation
 from simfleet.errors import SimFleetError
 from simfleet.host import boot, generate_key, prepare_root, wait_for_ssh
-from simfleet.image import ensure_image
+from simfleet.image import ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import ThermalReading, write_thermal
@@ -81,8 +81,8 @@ def up(config: FleetConfig) -> FleetState:
     busy = [p for p in ports if not _port_free(p)]
     if busy:
         raise SimFleetError(f"127.0.0.1 port(s) {busy} in use (another fleet?): choose another --base-port")
-    if config.arch == "arm64":
-        ensure_emulation()
+    if config.arch != native_arch():
+        ensure_emulation(config.arch)
     image, build_seconds = ensure_image(config.arch)
     base = fleet_dir(config.name)
     shutil.rmtree(base, ignore_errors=True)

@@ -6,8 +6,10 @@ below changes). A build goes to a temporary directory that is renamed into place
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import platform
 import shutil
 import subprocess
 import time
@@ -47,6 +49,11 @@ PI_USER = "pi"
 PI_GROUPS = ("adm", "dialout", "cdrom", "sudo", "audio", "video", "plugdev", "users", "input", "netdev")
 
 
+def native_arch() -> str:
+    """The controller's own Debian architecture name."""
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
 def image_key(arch: str) -> str:
     text = f"{IMAGE_VERSION}|{SUITE}|{arch}|{','.join(PACKAGES)}|{','.join(MASKED_UNITS)}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -63,12 +70,23 @@ def ensure_image(arch: str) -> tuple[Path, float]:
     root = image_path(arch)
     if (root / "etc" / "os-release").is_file():
         return root, 0.0
-    if arch == "arm64":
-        ensure_emulation()
-    for tool in ("mmdebstrap", "chroot"):
-        if shutil.which(tool) is None:
-            raise SimFleetError(f"{tool} not found: apt-get install mmdebstrap (see docs/simulation.md)")
     root.parent.mkdir(parents=True, exist_ok=True)
+    # Two fleets coming up at once build the image once: the second waits here, then finds it.
+    with root.with_name(root.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "etc" / "os-release").is_file():
+            return root, 0.0
+        return root, _build(arch, root)
+
+
+def _build(arch: str, root: Path) -> float:
+    tools = {"mmdebstrap": "mmdebstrap", "chroot": "coreutils"}
+    if arch != native_arch():
+        ensure_emulation(arch)
+        tools["arch-test"] = "arch-test"  # mmdebstrap needs it for a foreign architecture
+    for tool, package in tools.items():
+        if shutil.which(tool) is None:
+            raise SimFleetError(f"{tool} not found: apt-get install {package} (see docs/simulation.md)")
     tmp = root.with_name(root.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
@@ -93,7 +111,7 @@ def ensure_image(arch: str) -> tuple[Path, float]:
     tmp.rename(root)
     seconds = time.monotonic() - started
     log.info("image %s built in %.1f s", root.name, seconds)
-    return root, seconds
+    return seconds
 
 
 def _chroot(root: Path, *args: str) -> None:
