@@ -215,20 +215,93 @@ def test_sketch_follows_the_session_vectors(protocol_host: Path) -> None:
 ARDUINO_CORE = Path("/usr/share/arduino/hardware/arduino/avr/cores/arduino")
 
 
-def test_sketch_compiles_for_the_uno(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def firmware_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make -C firmware` into a temporary build directory; the ELF is BUILD/atmega328p/rover_car.elf."""
     if shutil.which("avr-gcc") is None or not ARDUINO_CORE.is_dir():
         pytest.skip("AVR toolchain missing: apt-get install gcc-avr avr-libc binutils-avr arduino-core-avr")
+    build = tmp_path_factory.mktemp("firmware-build")
     result = subprocess.run(
-        ["make", "-C", str(FIRMWARE), f"BUILD={tmp_path}"],
+        ["make", "-C", str(FIRMWARE), f"BUILD={build}"],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    elf = tmp_path / "atmega328p" / "rover_car.elf"
-    assert (tmp_path / "atmega328p" / "rover_car.hex").stat().st_size > 0
+    return build
+
+
+def test_sketch_compiles_for_the_uno(firmware_build: Path) -> None:
+    elf = firmware_build / "atmega328p" / "rover_car.elf"
+    assert (firmware_build / "atmega328p" / "rover_car.hex").stat().st_size > 0
     size = subprocess.run(["avr-size", str(elf)], capture_output=True, text=True, check=True)
     text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
     assert text + data <= 32256  # ATmega328P flash minus the Optiboot bootloader
     assert data + bss <= 1536  # leave a quarter of the 2 KB RAM for the stack
+
+
+def _simavr_session(build: Path, commands: list[str]) -> list[dict[str, Any]]:
+    """Runs the ELF under simavr; one dict per `run` command: uart lines, pulse widths, compare registers."""
+    if not Path("/usr/include/simavr/sim_avr.h").exists():
+        pytest.skip("simavr headers missing: apt-get install libsimavr-dev")
+    subprocess.run(
+        ["make", "-C", str(FIRMWARE), f"BUILD={build}", "simavr-test"], capture_output=True, check=True
+    )
+    result = subprocess.run(
+        [str(build / "simavr_run"), str(build / "atmega328p" / "rover_car.elf")],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    runs: list[dict[str, Any]] = [{"uart": []}]
+    for line in result.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "uart":
+            runs[-1]["uart"].append(rest)
+        elif word in ("pulses", "ocr_us"):
+            runs[-1][word] = [int(v) for v in rest.split()]
+        elif word == ".":
+            runs.append({"uart": []})
+    return runs[:-1]
+
+
+def test_sketch_runs_on_a_simulated_atmega328p(firmware_build: Path) -> None:
+    def send(line: str) -> str:
+        return f"send {(line + chr(10)).encode().hex()}"
+
+    runs = _simavr_session(
+        firmware_build,
+        [
+            "run 100",
+            send("P,7*F3"),
+            send("C,3,0,0*00"),  # bad checksum: ignored, counted
+            "run 20",
+            send("C,1,500,-251*52"),
+            "run 40",
+            "run 60",
+            "run 300",
+        ],
+    )
+    boot, pinged, commanded, driving, silent = runs
+    assert boot["pulses"] == [1500, 1500, 20000]  # neutral from the first pulse, 50 Hz
+    assert all(t.split(",")[4] == "1" for t in boot["uart"] if t.startswith("T,"))  # failsafe at boot
+    assert "V,7,1,rover_car,1.0.0*79" in pinged["uart"]
+    assert commanded["uart"][0] == "A,1,1750,1375,0*FD"
+    assert commanded["ocr_us"] == [1750, 1375]
+    assert driving["ocr_us"] == [1750, 1375]
+    telemetry = [protocol.parse_line(t.encode()) for t in driving["uart"]]
+    assert telemetry
+    assert all(isinstance(t, protocol.Telemetry) and not t.failsafe and t.rx_bad == 1 for t in telemetry)
+    assert silent["ocr_us"] == [1500, 1500]  # no command for 300 ms: failsafe
+    last = protocol.parse_line(silent["uart"][-1].encode())
+    assert isinstance(last, protocol.Telemetry)
+    assert (last.failsafe, last.steer_us, last.throttle_us, last.rx_ok, last.rx_bad) == (
+        True,
+        1500,
+        1500,
+        2,
+        1,
+    )
