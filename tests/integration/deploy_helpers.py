@@ -1,0 +1,98 @@
+"""Shared by the deploy and benchmark playbook tests: run ansible-playbook against a simulated fleet,
+make test bundles, and look at a car over ssh (testinfra's ansible backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import testinfra
+
+from rover_runtime.bundle import open_bundle
+from rover_runtime.testing import write_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASES = "/opt/rover/models"
+
+
+@dataclass
+class PlaybookRun:
+    rc: int
+    stdout: str
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        """PLAY RECAP counters per host."""
+        out: dict[str, dict[str, int]] = {}
+        for line in self.stdout.split("PLAY RECAP")[-1].splitlines():
+            match = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
+            if match:
+                out[match.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(2))}
+        return out
+
+
+def run_playbook(inventory: Path, playbook: str, *args: str, timeout: float = 900) -> PlaybookRun:
+    env = dict(os.environ)
+    env.update(ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    cmd = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        str(inventory),
+        str(REPO / "playbooks" / playbook),
+        *args,
+    ]
+    done = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return PlaybookRun(rc=done.returncode, stdout=done.stdout + done.stderr)
+
+
+def make_bundle(target: Path, chunk_size: int, manifest_chunk_size: int | None = None) -> Path:
+    """A tiny ONNX bundle; a different chunk size gives different model bytes (another release).
+    With `manifest_chunk_size` the manifest (correct hashes) describes a chunk the model does not produce:
+    the runtime raises at every inference, so the health gate fails."""
+    return write_tiny_bundle(
+        target,
+        "onnx",
+        chunk_size=chunk_size,
+        n_action_steps=chunk_size,
+        manifest_chunk_size=manifest_chunk_size,
+    )
+
+
+def corrupt_copy(bundle: Path, target: Path) -> Path:
+    """A copy of `bundle` whose model file has one byte changed (same size, so only the sha256 differs)."""
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    model = target / manifest["model_file"]
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    return target
+
+
+def content_hash(bundle: Path) -> str:
+    return open_bundle(bundle).manifest.content_hash
+
+
+def car(inventory: Path, name: str) -> Any:
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}", sudo=True)
+
+
+def current_release(host: Any) -> str:
+    return str(host.check_output(f"readlink {RELEASES}/current")).rsplit("/", 1)[-1]
+
+
+def metrics(host: Any) -> dict[str, Any]:
+    return dict(json.loads(host.check_output("cat /run/rover/metrics.json")))
+
+
+def journal(host: Any) -> str:
+    return str(host.run("journalctl -u rover-runtime --no-pager -n 40").stdout)

@@ -1,0 +1,220 @@
+"""playbooks/deploy.yml and playbooks/rollback.yml against two simulated cars (real ansible-playbook,
+sshd, systemd, the firmware simulator on the serial pty). The tests run in order and share the fleet."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import (
+    RELEASES,
+    car,
+    content_hash,
+    corrupt_copy,
+    current_release,
+    journal,
+    make_bundle,
+    metrics,
+    run_playbook,
+)
+
+pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    good_a = make_bundle(root / "good-a", chunk_size=10)
+    good_b = make_bundle(root / "good-b", chunk_size=12)
+    return {
+        "a": good_a,
+        "b": good_b,
+        "corrupt": corrupt_copy(good_b, root / "corrupt"),
+        "gate-fails": make_bundle(root / "gate-fails", chunk_size=10, manifest_chunk_size=9),
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(sim_fleet: Any) -> Path:
+    """The simulated fleet, provisioned (playbooks/provision.yml; a no-op when already done)."""
+    inventory = Path(sim_fleet.inventory)
+    run = run_playbook(inventory, "provision.yml", timeout=1800)
+    assert run.rc == 0, run.stdout[-4000:]
+    return inventory
+
+
+@pytest.fixture(scope="module")
+def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
+    run = run_playbook(fleet, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
+    assert run.rc == 0, run.stdout[-4000:]
+    return fleet
+
+
+CARS = ("car1", "car2")
+
+
+@pytest.mark.parametrize("name", CARS)
+def test_service_runs_hardened_as_rover(deployed: Path, name: str) -> None:
+    host = car(deployed, name)
+    service = host.service("rover-runtime")
+    assert service.is_running, journal(host)
+    assert service.is_enabled
+    show = host.check_output(
+        "systemctl show rover-runtime -p Type -p User -p MainPID -p NoNewPrivileges -p ProtectSystem "
+        "-p ProtectHome -p PrivateTmp -p DevicePolicy -p WatchdogUSec -p Restart -p RuntimeDirectory "
+        "-p DeviceAllow"
+    )
+    props = dict(line.split("=", 1) for line in show.splitlines())
+    assert props["Type"] == "notify"
+    assert props["User"] == "rover"
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "yes"
+    assert props["PrivateTmp"] == "yes"
+    assert props["DevicePolicy"] == "closed"
+    assert props["WatchdogUSec"] == "10s"
+    assert props["Restart"] == "on-failure"
+    assert props["RuntimeDirectory"] == "rover"
+    assert "/dev/ttyUSB0 rw" in props["DeviceAllow"]
+    # The process itself runs as rover, not only the unit setting.
+    assert host.check_output(f"ps -o user= -p {props['MainPID']}").strip() == "rover"
+
+
+@pytest.mark.parametrize("name", CARS)
+def test_current_points_at_a_verified_release(deployed: Path, bundles: dict[str, Path], name: str) -> None:
+    host = car(deployed, name)
+    expected = content_hash(bundles["a"])
+    assert current_release(host) == expected
+    assert host.file(f"{RELEASES}/current").is_symlink
+    # The release on the car verifies against its manifest with the car's own rover_runtime.
+    check = host.run(
+        "/opt/rover/venv/bin/python -c 'import sys; from rover_runtime.bundle import open_bundle; "
+        f"print(open_bundle(sys.argv[1]).manifest.content_hash)' {RELEASES}/current"
+    )
+    assert check.rc == 0, check.stderr
+    assert check.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("name", CARS)
+def test_metrics_show_the_loop_running(deployed: Path, bundles: dict[str, Path], name: str) -> None:
+    host = car(deployed, name)
+    first = metrics(host)
+    time.sleep(2.5)
+    second = metrics(host)
+    assert second["loop"]["cycles"] > first["loop"]["cycles"]
+    assert second["loop"]["rate_hz_achieved"] >= 0.9 * second["loop"]["rate_hz_target"]
+    assert second["healthy"]
+    assert not second["failsafe"]["active"]
+    assert second["bundle"]["content_hash"] == content_hash(bundles["a"])
+    assert second["serial"]["replies_ok"] > first["serial"]["replies_ok"]
+
+
+def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    model = f"{RELEASES}/current/model.onnx"
+    before = host.check_output(f"stat -L -c '%i %Y' {model}")
+    run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
+    assert run.rc == 0, run.stdout[-4000:]
+    recap = run.recap()
+    assert all(recap[name]["changed"] == 0 for name in CARS), recap
+    assert run.stdout.count("unchanged, 0 bundle bytes sent") == len(CARS)
+    assert host.check_output(f"stat -L -c '%i %Y' {model}") == before
+
+
+def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundles: dict[str, Path]) -> None:
+    run = run_playbook(deployed, "deploy.yml", "--check", "-e", f"rover_deploy_bundle={bundles['b']}")
+    assert run.rc == 0, run.stdout[-4000:]
+    assert run.recap()["car1"]["changed"] > 0
+    host = car(deployed, "car1")
+    assert current_release(host) == content_hash(bundles["a"])
+    assert not host.file(f"{RELEASES}/releases/{content_hash(bundles['b'])}").exists
+
+
+def test_corrupted_bundle_is_refused_on_the_controller(deployed: Path, bundles: dict[str, Path]) -> None:
+    run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['corrupt']}")
+    assert run.rc != 0
+    assert "does not match its sha256 in the manifest" in run.stdout
+    for name in CARS:
+        assert current_release(car(deployed, name)) == content_hash(bundles["a"])
+
+
+def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[str, Path]) -> None:
+    """With the controller's sha256 check off, the car's own check refuses the bundle before activation."""
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        "-e",
+        f"rover_deploy_bundle={bundles['corrupt']}",
+        "-e",
+        "rover_release_verify_on_controller=false",
+    )
+    assert run.rc != 0
+    assert "failed verification on the car and was not activated" in run.stdout
+    assert "does not match its sha256" in run.stdout
+    host = car(deployed, "car1")
+    assert current_release(host) == content_hash(bundles["a"])
+    assert host.run(f"ls -A {RELEASES}/releases").stdout.split() == [content_hash(bundles["a"])]
+    # Rollout stopped at the canary: the second car never saw the bundle.
+    assert run.recap()["car2"]["ok"] == 0 or "car2" not in run.recap()
+    assert metrics(host)["bundle"]["content_hash"] == content_hash(bundles["a"])
+    assert host.service("rover-runtime").is_running
+
+
+def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bundles: dict[str, Path]) -> None:
+    bad = content_hash(bundles["gate-fails"])
+    good = content_hash(bundles["a"])
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        "-e",
+        f"rover_deploy_bundle={bundles['gate-fails']}",
+        "-e",
+        "rover_health_timeout_s=30",
+    )
+    assert run.rc != 0
+    assert "health gate FAILED" in run.stdout
+    assert f"rolled back to release {good}" in run.stdout
+    canary, other = car(deployed, "car1"), car(deployed, "car2")
+    # The canary is back on the previous release and serving it.
+    assert current_release(canary) == good
+    assert canary.service("rover-runtime").is_running, journal(canary)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(canary)
+        if m["bundle"]["content_hash"] == good and m["healthy"]:
+            break
+        time.sleep(1)
+    assert m["bundle"]["content_hash"] == good
+    assert m["healthy"]
+    # The bad release stays on the canary (for inspection) but is not active.
+    assert canary.file(f"{RELEASES}/releases/{bad}").is_directory
+    # The rollout stopped after the canary: the other car was never touched.
+    assert "car2" not in run.recap() or run.recap()["car2"]["ok"] == 0
+    assert current_release(other) == good
+    assert not other.file(f"{RELEASES}/releases/{bad}").exists
+
+
+def test_rollback_playbook_back_one_and_to_a_named_release(deployed: Path, bundles: dict[str, Path]) -> None:
+    a, b = content_hash(bundles["a"]), content_hash(bundles["b"])
+    run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
+    assert run.rc == 0, run.stdout[-4000:]
+    assert all(current_release(car(deployed, n)) == b for n in CARS)
+
+    run = run_playbook(deployed, "rollback.yml", "--limit", "car2")
+    assert run.rc == 0, run.stdout[-4000:]
+    assert current_release(car(deployed, "car2")) == a
+    assert current_release(car(deployed, "car1")) == b  # not in --limit: untouched
+    assert metrics(car(deployed, "car2"))["bundle"]["content_hash"] == a
+
+    run = run_playbook(deployed, "rollback.yml", "--limit", "car2", "-e", f"rover_rollback_release={b[:10]}")
+    assert run.rc == 0, run.stdout[-4000:]
+    assert current_release(car(deployed, "car2")) == b
+
+    run = run_playbook(
+        deployed, "rollback.yml", "--limit", "car2", "-e", "rover_rollback_release=ffffnothere"
+    )
+    assert run.rc != 0
+    assert '"ffffnothere" matches 0 releases' in run.stdout
+    assert current_release(car(deployed, "car2")) == b
