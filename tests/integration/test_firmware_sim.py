@@ -20,7 +20,7 @@ import pytest
 from rover_runtime.serial_link import SerialConfig, SerialLink
 
 REPO = Path(__file__).resolve().parents[2]
-MARGIN_S = 0.06  # scheduling slack on a busy 2-core machine
+MARGIN_S = 0.1  # scheduling slack on a busy 2-core machine (benchmarks/serial_failsafe.py measures it)
 
 
 class SimProcess:

@@ -199,7 +199,9 @@ def test_unplug_mid_run_then_reconnect(
     )
     link = SerialLink(SerialConfig(port=str(b), **FAST))  # type: ignore[arg-type]
     try:
-        assert wait_until(link.open, 5.0)
+        # The simulator process starts slowly on a loaded machine: wait until it has opened its end.
+        assert wait_until(lambda: status.exists() and '"connected": true' in status.read_text(), 10.0)
+        assert link.open()
         assert link.ping(timeout_s=2.0) is not None
         assert wait_until(lambda: link.stats.last_ack is not None, 0.5, lambda: link.send_command(0.4, 0.2))
 
