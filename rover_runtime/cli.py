@@ -24,12 +24,12 @@ log = logging.getLogger("rover_runtime")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, stream: Any = None) -> None:
     # Under systemd (JOURNAL_STREAM set) journald adds the time; elsewhere we do.
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stdout, force=True)
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=stream or sys.stdout, force=True)
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +248,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from rover_runtime.benchmark import run_benchmark  # noqa: PLC0415
     from rover_runtime.policy import PolicyError  # noqa: PLC0415
 
-    _setup_logging("WARNING")
+    _setup_logging("WARNING", sys.stderr)  # stdout is the JSON report
     if (args.bundle is None) == (not args.policy_stub):
         print("rover-runtime benchmark: give exactly one of --bundle DIR or --policy-stub", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -281,7 +281,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from rover_runtime.check import run_check  # noqa: PLC0415
 
-    _setup_logging("WARNING")
+    _setup_logging("WARNING", sys.stderr)  # stdout is the JSON report
     overrides: dict[str, Any] = {}
     if args.bundle is not None:
         overrides["policy.bundle"] = args.bundle

@@ -31,6 +31,7 @@ class ControlConfig:
     temporal_ensemble_coeff: float
     request_margin_steps: int
     spin_s: float
+    realtime_priority: int
 
     @property
     def period_s(self) -> float:
@@ -235,6 +236,10 @@ def _check_ranges(c: RuntimeConfig) -> None:
     _not_negative("control.n_action_steps", c.control.n_action_steps)
     _not_negative("control.request_margin_steps", c.control.request_margin_steps)
     _not_negative("control.spin_s", c.control.spin_s)
+    if not 0 <= c.control.realtime_priority <= 99:
+        raise ConfigError(
+            f"config control.realtime_priority: must be 0-99, got {c.control.realtime_priority}"
+        )
     if c.control.spin_s >= c.control.period_s:
         raise ConfigError(f"config control.spin_s: must be shorter than the period, got {c.control.spin_s:g}")
     _positive("failsafe.inference_timeout_s", c.failsafe.inference_timeout_s)

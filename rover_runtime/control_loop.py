@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from rover_runtime.sd_notify import Notifier
 log = logging.getLogger(__name__)
 
 NEUTRAL_EPS = 1e-3
+SWITCH_INTERVAL_S = 0.0005
 
 
 class CommandLink(Protocol):
@@ -132,6 +134,12 @@ class ControlLoop:
         self.worker.start()
         period = self.period
         spin = self.config.control.spin_s
+        # A thread waiting for the GIL gets it after at most the switch interval (default 5 ms): shorten it
+        # so the loop wakes on time while the camera and inference threads run Python code.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL_S))
+        if self.config.control.realtime_priority:
+            _set_realtime(self.config.control.realtime_priority)
         try:
             self.link.send_neutral()
             self.ready = True
@@ -164,6 +172,7 @@ class ControlLoop:
                         self.deadline_misses += late_ticks
                         step += late_ticks
         finally:
+            sys.setswitchinterval(switch_interval)
             self._shutdown()
 
     def _shutdown(self) -> None:
@@ -331,6 +340,15 @@ def _as_dict(stats: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
         return dataclasses.asdict(stats)
     return dict(vars(stats)) if hasattr(stats, "__dict__") else {"value": str(stats)}
+
+
+def _set_realtime(priority: int) -> None:
+    """SCHED_FIFO for the calling thread only (Linux applies pid 0 to the calling thread)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        log.info("control loop thread: SCHED_FIFO priority %d", priority)
+    except (OSError, AttributeError) as exc:
+        log.warning("control.realtime_priority %d refused (%s); normal scheduling", priority, exc)
 
 
 def _wait_until(target: float, spin_s: float) -> None:

@@ -59,6 +59,7 @@ class InferenceWorker:
         self.latencies: deque[float] = deque(maxlen=history)
         self.completed = 0
         self.errors = 0
+        self.recent_p95_s: float | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -91,7 +92,7 @@ class InferenceWorker:
 
     def lead_steps(self, period_s: float, margin: int) -> int:
         """Control periods to allow for one inference: p95 of recent latencies (1 period before any)."""
-        p95 = percentile(list(self.latencies)[-50:], 95)
+        p95 = self.recent_p95_s
         return (math.ceil(p95 / period_s) if p95 is not None else 1) + margin
 
     def _run(self) -> None:
@@ -115,6 +116,8 @@ class InferenceWorker:
                 if error is None:
                     self.latencies.append(latency)
                     self.completed += 1
+                    # computed here, in the worker, so the control loop only reads a float
+                    self.recent_p95_s = percentile(list(self.latencies)[-50:], 95)
                 else:
                     self.errors += 1
                 self._result = InferenceResult(request=request, chunk=chunk, error=error, latency_s=latency)

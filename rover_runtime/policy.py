@@ -212,6 +212,7 @@ class StubPolicy:
         self.latency_s = latency_s
         self.throttle = throttle
         self.calls = 0
+        self.stalled_call_started: float | None = None  # when a call began waiting in stall()
         self._go = threading.Event()
         self._go.set()
         self._failures = 0
@@ -239,6 +240,8 @@ class StubPolicy:
             self._failures = count
 
     def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]:
+        if not self._go.is_set():
+            self.stalled_call_started = time.monotonic()
         self._go.wait()
         with self._lock:
             self.calls += 1

@@ -29,13 +29,14 @@ class Notifier:
                 log.warning("WATCHDOG_USEC=%r is not an integer; watchdog pings disabled", usec)
         self._socket: socket.socket | None = None
         self._last_ping = float("-inf")
+        self._failing = False
 
     @property
     def enabled(self) -> bool:
         return self._address is not None
 
     def notify(self, message: str) -> bool:
-        """Send one message; False (logged once per failure) when it cannot be delivered."""
+        """Send one message; False when it cannot be delivered (logged once until a send succeeds)."""
         if self._address is None:
             return False
         address = self._address
@@ -46,8 +47,11 @@ class Notifier:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._socket.sendto(message.encode(), address)
         except OSError as exc:
-            log.warning("sd_notify to %s failed: %s", self._address, exc)
+            if not self._failing:
+                log.warning("sd_notify to %s failed: %s", self._address, exc)
+            self._failing = True
             return False
+        self._failing = False
         return True
 
     def ready(self, status: str = "") -> bool:
