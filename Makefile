@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export PATH := $(VENV)/bin:$(PATH)
 OUT ?= out
 
-.PHONY: setup demo test lint unit
+.PHONY: setup demo test lint unit firmware
 setup:
 	@scripts/bootstrap.sh
 
@@ -29,3 +29,6 @@ unit: setup
 
 test: setup
 	scripts/run-tests.sh
+
+firmware:
+	$(MAKE) -C firmware

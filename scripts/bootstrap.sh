@@ -11,7 +11,8 @@ mkdir -p "$cache"
 
 apt_packages=(
   python3-venv python3-dev build-essential git rsync socat openssh-client iproute2
-  mmdebstrap systemd-container qemu-user-static binfmt-support debian-archive-keyring
+  mmdebstrap systemd-container qemu-user-static binfmt-support debian-archive-keyring arch-test
+  gcc-avr avr-libc binutils-avr arduino-core-avr libsimavr-dev g++
 )
 missing=()
 for p in "${apt_packages[@]}"; do
