@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.datasets.utils import write_info
 
 from quantization.errors import QuantizationError
 from quantization.track_render import (
@@ -108,11 +110,19 @@ def _episode_frames(config: DemoDataConfig, episode: int) -> list[dict[str, obje
         speed=float(rng.uniform(0.3, 1.2)),
     )
     dt = 1.0 / config.fps
-    previous = np.zeros(2, dtype=np.float32)
+    previous: np.ndarray[tuple[int, ...], np.dtype[np.float32]] = np.zeros(2, dtype=np.float32)
     slip = 0.0
     frames: list[dict[str, object]] = []
     for _ in range(config.frames_per_episode):
-        image = render_front_camera(state, road, lighting, config.height, config.width, rng, texture_seed)
+        image = render_front_camera(
+            state,
+            road=road,
+            lighting=lighting,
+            height=config.height,
+            width=config.width,
+            rng=rng,
+            texture_seed=texture_seed,
+        )
         steering, throttle = expert_action(state, road)
         steering = float(np.clip(steering + rng.normal(0.0, 0.03), -1.0, 1.0))
         throttle = float(np.clip(throttle + rng.normal(0.0, 0.02), 0.0, 1.0))
@@ -123,7 +133,7 @@ def _episode_frames(config: DemoDataConfig, episode: int) -> list[dict[str, obje
         # A slowly varying lateral slip (Ornstein-Uhlenbeck) pushes the car off the centre line, so the
         # data shows the expert recovering from offsets and not only cruising down the middle.
         slip += -2.0 * slip * dt + 0.6 * math.sqrt(dt) * float(rng.normal())
-        state = step_car(state, steering, throttle, road, dt, slip)
+        state = step_car(state, steering=steering, throttle=throttle, road=road, dt=dt, slip=slip)
         previous = action
     return frames
 
@@ -133,9 +143,6 @@ def write_demo_dataset(root: Path, config: DemoDataConfig, force: bool = False) 
 
     Refuses an existing ``root`` unless ``force``; returns ``root``.
     """
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lerobot.datasets.utils import write_info
-
     root = Path(root)
     if root.exists() and not force:
         raise QuantizationError(f"output directory already exists: {root} (use --force to replace it)")
@@ -217,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     config = DemoDataConfig(**values)
     root = write_demo_dataset(args.out, config, force=args.force)
-    log.info("demo dataset ready: %s (splits train 0:%d, test %d:%d)", root, config.train_episodes,
-             config.train_episodes, config.episodes)
+    log.info(
+        "demo dataset ready: %s (splits train 0:%d, test %d:%d)",
+        root,
+        config.train_episodes,
+        config.train_episodes,
+        config.episodes,
+    )
     return 0

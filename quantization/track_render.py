@@ -18,6 +18,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
 
 LANE_WIDTH_M = 0.8
 EDGE_LINE_M = 0.05
@@ -60,10 +63,10 @@ class RoadProfile:
         amplitudes = rng.uniform(0.3, 1.0, size=n)
         self._amplitudes = amplitudes / amplitudes.sum() * max_curvature * rng.uniform(0.6, 1.0)
 
-    def curvature(self, distance: np.ndarray | float) -> np.ndarray:
+    def curvature(self, distance: FloatArray | float) -> FloatArray:
         s = np.asarray(distance, dtype=np.float64)[..., None]
         waves = self._amplitudes * np.sin(2 * math.pi * s / self._wavelengths + self._phases)
-        result: np.ndarray = waves.sum(axis=-1)
+        result: FloatArray = waves.sum(axis=-1)
         return result
 
 
@@ -82,8 +85,9 @@ def expert_action(state: CarState, road: RoadProfile) -> tuple[float, float]:
     return steering, throttle
 
 
-def step_car(state: CarState, steering: float, throttle: float, road: RoadProfile, dt: float,
-             slip: float) -> CarState:
+def step_car(
+    state: CarState, *, steering: float, throttle: float, road: RoadProfile, dt: float, slip: float
+) -> CarState:
     """Advance a kinematic bicycle model by ``dt`` seconds; ``slip`` is a lateral disturbance (m/s)."""
     target_speed = MAX_SPEED_MPS * throttle
     speed = state.speed + (target_speed - state.speed) * min(1.0, 3.0 * dt)
@@ -94,7 +98,7 @@ def step_car(state: CarState, steering: float, throttle: float, road: RoadProfil
     return CarState(distance=distance, offset=offset, heading=heading, speed=speed)
 
 
-def _hash_noise(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
+def _hash_noise(a: FloatArray, b: FloatArray, seed: int) -> npt.NDArray[np.float32]:
     """Deterministic pseudo-random values in [0, 1) for integer grid cells (a, b)."""
     x = (a.astype(np.int64) * 73856093) ^ (b.astype(np.int64) * 19349663) ^ (seed * 83492791)
     x = (x ^ (x >> 13)) * 1274126177
@@ -102,8 +106,16 @@ def _hash_noise(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
     return (x & 0xFFFF).astype(np.float32) / 65536.0
 
 
-def render_front_camera(state: CarState, road: RoadProfile, lighting: Lighting, height: int, width: int,
-                        rng: np.random.Generator, texture_seed: int) -> np.ndarray:
+def render_front_camera(
+    state: CarState,
+    *,
+    road: RoadProfile,
+    lighting: Lighting,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    texture_seed: int,
+) -> npt.NDArray[np.uint8]:
     """The front camera's RGB view (uint8, shape (height, width, 3)) of the track from ``state``."""
     focal = 0.55 * width
     horizon = HORIZON_FRACTION * height
@@ -119,7 +131,9 @@ def render_front_camera(state: CarState, road: RoadProfile, lighting: Lighting, 
     along = state.distance + d
     road_curv = road.curvature(along[:, 0])[:, None]
     near_curv = float(road.curvature(state.distance))
-    centre_in_car = -state.offset - math.tan(state.heading) * d + 0.5 * (0.5 * (near_curv + road_curv)) * d * d
+    centre_in_car = (
+        -state.offset - math.tan(state.heading) * d + 0.5 * (0.5 * (near_curv + road_curv)) * d * d
+    )
     across = lateral_car - centre_in_car  # distance from the lane centre, positive = right
 
     half = LANE_WIDTH_M / 2
@@ -154,4 +168,5 @@ def render_front_camera(state: CarState, road: RoadProfile, lighting: Lighting, 
 
     image *= lighting.brightness * np.asarray(lighting.tint, dtype=np.float32)
     image += rng.normal(0.0, lighting.sensor_noise, size=image.shape).astype(np.float32)
-    return np.clip(image * 255.0, 0, 255).astype(np.uint8)
+    frame: npt.NDArray[np.uint8] = np.clip(image * 255.0, 0, 255).astype(np.uint8)
+    return frame

@@ -21,23 +21,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def _fixture_cache_root() -> Path:
+    return Path(os.environ["ROVER_CACHE"]) / "test-fixtures"
+
+
+@pytest.fixture(scope="session")
 def fixture_cache_root() -> Path:
     """Where expensive test fixtures are cached: ``$ROVER_CACHE/test-fixtures``."""
-    return Path(os.environ["ROVER_CACHE"]) / "test-fixtures"
+    return _fixture_cache_root()
 
 
 @pytest.fixture(scope="session")
 def demo_dataset() -> Path:
     """A small demo dataset: 6 episodes x 60 frames at 96x128, splits train 0:5 / test 5:6."""
-    from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
+    from quantization.demo_data import DemoDataConfig, ensure_demo_dataset  # noqa: PLC0415 - needs lerobot
 
     config = DemoDataConfig(episodes=6, frames_per_episode=60, heldout_episodes=1, seed=7)
-    return ensure_demo_dataset(fixture_cache_root(), config)
+    return ensure_demo_dataset(_fixture_cache_root(), config)
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(demo_dataset: Path) -> Path:
     """A small ACT (ResNet18 backbone kept, dim_model 64, 1 encoder layer, chunk 10) trained briefly."""
-    from quantization.train_demo import TINY_TRAIN_CONFIG, ensure_demo_policy
+    from quantization.train_demo import TINY_TRAIN_CONFIG, ensure_demo_policy  # noqa: PLC0415 - needs lerobot
 
-    return ensure_demo_policy(fixture_cache_root(), demo_dataset, TINY_TRAIN_CONFIG)
+    return ensure_demo_policy(_fixture_cache_root(), demo_dataset, TINY_TRAIN_CONFIG)
