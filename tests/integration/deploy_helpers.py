@@ -22,6 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 RELEASES = "/opt/rover/models"
 
 
+def fleet_inventory(request: Any) -> Path:
+    """The session's simulated fleet (fixture sim_fleet), or an already running simulated fleet's
+    inventory named by $ROVER_FLEET_INVENTORY (to iterate on these tests without booting a new one)."""
+    override = os.environ.get("ROVER_FLEET_INVENTORY")
+    if override:
+        return Path(override).resolve()
+    return Path(request.getfixturevalue("sim_fleet").inventory)
+
+
 @dataclass
 class PlaybookRun:
     rc: int

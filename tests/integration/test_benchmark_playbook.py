@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-from deploy_helpers import car, make_bundle, run_playbook
+from deploy_helpers import car, fleet_inventory, make_bundle, run_playbook
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -16,12 +15,14 @@ CARS = ("car1", "car2")
 
 
 @pytest.fixture(scope="module")
-def fleet_with_release(sim_fleet: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    inventory = Path(sim_fleet.inventory)
+def fleet_with_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    inventory = fleet_inventory(request)
     run = run_playbook(inventory, "provision.yml", timeout=1800)
     assert run.rc == 0, run.stdout[-4000:]
     bundle = make_bundle(tmp_path_factory.mktemp("bench") / "bundle", chunk_size=10)
-    run = run_playbook(inventory, "deploy.yml", "-e", f"rover_deploy_bundle={bundle}")
+    run = run_playbook(
+        inventory, "deploy.yml", "-e", f"rover_deploy_bundle={bundle}", "-e", "rover_deploy_force=true"
+    )
     assert run.rc == 0, run.stdout[-4000:]
     return inventory
 

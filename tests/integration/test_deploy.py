@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from deploy_helpers import (
@@ -14,6 +13,7 @@ from deploy_helpers import (
     content_hash,
     corrupt_copy,
     current_release,
+    fleet_inventory,
     journal,
     make_bundle,
     metrics,
@@ -37,9 +37,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fleet(sim_fleet: Any) -> Path:
+def fleet(request: pytest.FixtureRequest) -> Path:
     """The simulated fleet, provisioned (playbooks/provision.yml; a no-op when already done)."""
-    inventory = Path(sim_fleet.inventory)
+    inventory = fleet_inventory(request)
     run = run_playbook(inventory, "provision.yml", timeout=1800)
     assert run.rc == 0, run.stdout[-4000:]
     return inventory
@@ -53,6 +53,8 @@ def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
 
 
 CARS = ("car1", "car2")
+# A simulated car drives all the time (its policy commands throttle): swapping its model needs force.
+FORCE = ("-e", "rover_deploy_force=true")
 
 
 @pytest.mark.parametrize("name", CARS)
@@ -123,8 +125,18 @@ def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, P
     assert host.check_output(f"stat -L -c '%i %Y' {model}") == before
 
 
+def test_no_model_swap_while_driving(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    assert metrics(host)["driving"] is True
+    run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
+    assert run.rc != 0
+    assert "car1 is driving" in run.stdout
+    assert current_release(host) == content_hash(bundles["a"])
+    assert not host.file(f"{RELEASES}/releases/{content_hash(bundles['b'])}").exists
+
+
 def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundles: dict[str, Path]) -> None:
-    run = run_playbook(deployed, "deploy.yml", "--check", "-e", f"rover_deploy_bundle={bundles['b']}")
+    run = run_playbook(deployed, "deploy.yml", "--check", *FORCE, "-e", f"rover_deploy_bundle={bundles['b']}")
     assert run.rc == 0, run.stdout[-4000:]
     assert run.recap()["car1"]["changed"] > 0
     host = car(deployed, "car1")
@@ -133,7 +145,7 @@ def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundl
 
 
 def test_corrupted_bundle_is_refused_on_the_controller(deployed: Path, bundles: dict[str, Path]) -> None:
-    run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['corrupt']}")
+    run = run_playbook(deployed, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={bundles['corrupt']}")
     assert run.rc != 0
     assert "does not match its sha256 in the manifest" in run.stdout
     for name in CARS:
@@ -145,6 +157,7 @@ def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[st
     run = run_playbook(
         deployed,
         "deploy.yml",
+        *FORCE,
         "-e",
         f"rover_deploy_bundle={bundles['corrupt']}",
         "-e",
@@ -168,6 +181,7 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
     run = run_playbook(
         deployed,
         "deploy.yml",
+        *FORCE,
         "-e",
         f"rover_deploy_bundle={bundles['gate-fails']}",
         "-e",
@@ -198,7 +212,7 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
 
 def test_rollback_playbook_back_one_and_to_a_named_release(deployed: Path, bundles: dict[str, Path]) -> None:
     a, b = content_hash(bundles["a"]), content_hash(bundles["b"])
-    run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
+    run = run_playbook(deployed, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={bundles['b']}")
     assert run.rc == 0, run.stdout[-4000:]
     assert all(current_release(car(deployed, n)) == b for n in CARS)
 
