@@ -86,7 +86,6 @@ def quantize_static_qdq(
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate,
             nodes_to_exclude=list(exclude_nodes),
-            extra_options={"CalibMaxIntermediateOutputs": 16},
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,7 +70,9 @@ def quantize_dynamic(model: InferenceACT, engine: str = DEFAULT_ENGINE) -> nn.Mo
     """INT8 weights / float activations on every nn.Linear."""
     set_engine(engine)
     float_model = copy.deepcopy(model).eval()
-    quantized = tq.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization names torchao
+        quantized = tq.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
     log.info("dynamic INT8: %d linear layers quantized", _count(quantized, "DynamicQuantizedLinear"))
     return quantized
 
@@ -87,6 +90,7 @@ def quantize_static(
     set_engine(engine)
     qmodel = copy.deepcopy(model).eval()
     encoder = qmodel.image_encoder
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)
     tq.fuse_modules(encoder, encoder.fusion_groups(), inplace=True)
     encoder.qconfig = static_qconfig(engine, options)  # type: ignore[assignment]
     for emb in (qmodel.pos_1d, qmodel.decoder_pos):

@@ -266,10 +266,8 @@ def _train(dataset_root: Path, policy_dir: Path, config: TrainConfig) -> tuple[d
     train_eps, _ = train_and_heldout_episodes(dataset_root)
     meta = LeRobotDatasetMetadata(repo_id, root=dataset_root)
     cfg = _act_config(meta.features, config)
-    delta_timestamps = {"action": [i / meta.fps for i in range(cfg.chunk_size)]}
-    dataset = LeRobotDataset(
-        repo_id, root=dataset_root, episodes=train_eps, delta_timestamps=delta_timestamps
-    )
+    frames = LeRobotDataset(repo_id, root=dataset_root, episodes=train_eps)
+    dataset = ActionChunkDataset(frames, cfg.chunk_size)
     policy = ACTPolicy(cfg)
     policy.train()
     preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=meta.stats)
