@@ -92,6 +92,11 @@ def content_hash(bundle: Path) -> str:
 
 
 def car(inventory: Path, name: str) -> Any:
+    # testinfra's ansible backend runs ansible-inventory / ansible from PATH with this project's config.
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ.setdefault("ANSIBLE_CONFIG", str(REPO / "ansible.cfg"))
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}", sudo=True)
 
 
