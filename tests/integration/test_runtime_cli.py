@@ -80,7 +80,7 @@ def test_sigterm_leaves_neutral_on_the_wire_and_exits_0(sim: FirmwareSimulator, 
     assert final["serial"]["commands_sent"] > 0
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "mismatched"])
+@pytest.mark.parametrize("damage", ["corrupt", pytest.param("mismatched", marks=pytest.mark.slow)])
 def test_bad_bundle_is_refused_before_the_serial_line_is_touched(
     sim: FirmwareSimulator, bundle: Path, tmp_path: Path, damage: str
 ) -> None:
@@ -108,6 +108,7 @@ def test_bad_bundle_is_refused_before_the_serial_line_is_touched(
     assert snap["rx_bad"] == 0  # not a byte arrived
 
 
+@pytest.mark.slow  # imports torch in a subprocess
 def test_bundle_drives_the_car(sim: FirmwareSimulator, bundle: Path, tmp_path: Path) -> None:
     proc = runtime(
         "run", "--bundle", str(bundle), "--camera", "synthetic", "--serial-port", str(tmp_path / "tty"),
@@ -121,6 +122,7 @@ def test_bundle_drives_the_car(sim: FirmwareSimulator, bundle: Path, tmp_path: P
     assert any(e["steer_us"] != NEUTRAL for e in moved)
 
 
+@pytest.mark.slow  # imports torch in a subprocess
 def test_check_passes_with_firmware_and_fails_without(
     sim: FirmwareSimulator, bundle: Path, tmp_path: Path
 ) -> None:
@@ -154,6 +156,7 @@ def test_check_with_a_corrupt_bundle_does_not_touch_serial(
     assert sim.snapshot()["rx_ok"] == 0
 
 
+@pytest.mark.slow  # imports torch in a subprocess
 def test_benchmark_json(bundle: Path, tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     proc = runtime(

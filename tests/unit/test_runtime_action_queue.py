@@ -78,6 +78,7 @@ def test_ensembler_matches_acts_weights(coeff: float) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # importing lerobot takes seconds
 def test_ensembler_matches_lerobots_act_temporal_ensembler() -> None:
     """The same numbers as lerobot's own ACTTemporalEnsembler (only where lerobot is installed)."""
     torch = pytest.importorskip("torch")
