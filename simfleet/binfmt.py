@@ -15,19 +15,31 @@ BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 QEMU_NAMES = {"arm64": "aarch64", "amd64": "x86_64"}
 
 
-def ensure_emulation(arch: str) -> None:
-    """Mounts binfmt_misc and registers qemu-user for `arch` if that is not done yet (idempotent).
+def _flags(entry: Path) -> str:
+    for line in entry.read_text().splitlines():
+        if line.startswith("flags:"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
-    The registration line comes from /usr/lib/binfmt.d/qemu-<name>.conf (Debian's qemu-user-static); its
-    flags include F (the interpreter is opened at registration), which chroots and containers need since
-    they do not have the interpreter inside."""
+
+def ensure_emulation(arch: str) -> None:
+    """Mounts binfmt_misc and registers qemu-user for `arch` with flags F and C (idempotent).
+
+    The registration line comes from /usr/lib/binfmt.d/qemu-<name>.conf (Debian's qemu-user-static).
+    F (the interpreter is opened at registration) lets chroots and containers use it without having it
+    inside; C (credentials from the binary) makes setuid programs work, so `sudo` works in an emulated
+    host as it does on a car. An existing registration without C is replaced."""
     qemu = QEMU_NAMES[arch]
     conf = Path(f"/usr/lib/binfmt.d/qemu-{qemu}.conf")
     entry = BINFMT_DIR / f"qemu-{qemu}"
     if entry.exists():
-        if "enabled" not in entry.read_text().splitlines()[0]:
+        lines = entry.read_text().splitlines()
+        if lines[0] != "enabled":
             raise SimFleetError(f"{entry} is registered but disabled: echo 1 > {entry}")
-        return
+        if {"F", "C"} <= set(_flags(entry)):
+            return
+        log.info("re-registering qemu-%s with flags F and C (had %r)", qemu, _flags(entry))
+        entry.write_text("-1")
     if not conf.is_file():
         raise SimFleetError(f"{conf} missing: apt-get install qemu-user-static")
     if not (BINFMT_DIR / "register").exists():
@@ -40,8 +52,10 @@ def ensure_emulation(arch: str) -> None:
         if result.returncode != 0:
             raise SimFleetError(f"cannot mount binfmt_misc on {BINFMT_DIR}: {result.stderr.strip()}")
     line = conf.read_text().strip()
-    flags = line.rsplit(":", 1)[-1]
+    head, flags = line.rsplit(":", 1)
     if "F" not in flags:
         raise SimFleetError(f"{conf} lacks the F flag ({flags!r}); containers need it")
-    (BINFMT_DIR / "register").write_text(line)
-    log.info("registered qemu-%s in %s", qemu, BINFMT_DIR)
+    if "C" not in flags:
+        flags += "C"
+    (BINFMT_DIR / "register").write_text(f"{head}:{flags}")
+    log.info("registered qemu-%s in %s (flags %s)", qemu, BINFMT_DIR, flags)

@@ -20,7 +20,7 @@ from simfleet.image import ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import ThermalReading, write_thermal
-from simfleet.processes import is_alive, stop
+from simfleet.processes import is_alive, send_sigterm, stop_all
 from simfleet.serial_link import start_firmware_sim, start_pty_pair
 from simfleet.ssh import SshTarget, ssh_run
 from simfleet.state import FleetState, HostState, load_state, save_state, state_path
@@ -130,7 +130,14 @@ def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[
         )
         state.hosts.append(host)
         started = time.monotonic()
-        host.host_key_pub = prepare_root(Path(state.image), Path(host.root), name, port, controller_key)
+        host.host_key_pub = prepare_root(
+            Path(state.image),
+            Path(host.root),
+            name,
+            port,
+            controller_key,
+            emulated=config.arch != native_arch(),
+        )
         known.append(f"[127.0.0.1]:{port} {' '.join(host.host_key_pub.split()[:2])}")
         host.socat, host.serial_pty = start_pty_pair(
             Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
@@ -154,24 +161,30 @@ def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[
     save_state(state)
 
 
+def _poweroff_over_ssh(state: FleetState, host: HostState) -> bool:
+    command = ["sudo -n systemctl poweroff --no-block"]
+    return ssh_run(target_for(state, host), command, timeout=30).returncode == 0
+
+
 def down(name: str) -> list[str]:
     """Stops every process of the fleet, removes the host roots, the state and its inventory.
     Returns what had to be killed (empty when all stopped cleanly)."""
     state = load_state(name)
-    killed: list[str] = []
     if state is None:
         shutil.rmtree(fleet_dir(name), ignore_errors=True)
-        return killed
-    grace = POWEROFF_GRACE.get(state.arch, 30.0)
-    hosts_up = [h for h in state.hosts if h.nspawn is not None and is_alive(h.nspawn)]
-    for host in hosts_up:
-        assert host.nspawn is not None
-        if stop(host.nspawn, grace):
-            killed.append(host.nspawn.what)
+        return []
+    nspawns = [h.nspawn for h in state.hosts if h.nspawn is not None and is_alive(h.nspawn)]
     for host in state.hosts:
-        for proc in (host.firmware, host.socat):
-            if proc is not None and stop(proc, 5.0):
-                killed.append(proc.what)
+        if host.nspawn is None or not is_alive(host.nspawn):
+            continue
+        # nspawn's SIGTERM sends PID 1 SIGRTMIN+3 (halt); qemu-user remaps real-time signals, so an
+        # emulated systemd gets another one (it went to rescue mode). Ask it over ssh instead.
+        if state.arch == native_arch() or not _poweroff_over_ssh(state, host):
+            send_sigterm(host.nspawn)
+    grace = POWEROFF_GRACE.get(state.arch, 30.0)
+    killed = [p.what for p in stop_all(nspawns, grace, sigterm=False)]
+    helpers = [p for h in state.hosts for p in (h.firmware, h.socat) if p is not None]
+    killed += [p.what for p in stop_all(helpers, 5.0)]
     left = [
         p.what for h in state.hosts for p in (h.nspawn, h.firmware, h.socat) if p is not None and is_alive(p)
     ]

@@ -46,7 +46,14 @@ def _uid_gid(root: Path, user: str) -> tuple[int, int]:
     raise SimFleetError(f"{root}/etc/passwd has no user {user!r}")
 
 
-def prepare_root(image: Path, root: Path, hostname: str, port: int, authorized_key: str) -> str:
+# Under qemu-user, systemd cannot set up unit credentials ("Failed to set up credentials: Invalid
+# argument"), so these early units fail and the system is "degraded"; they load none on a car anyway.
+UNITS_WITH_CREDENTIALS = ("systemd-sysusers", "systemd-tmpfiles-setup", "systemd-tmpfiles-setup-dev")
+
+
+def prepare_root(
+    image: Path, root: Path, hostname: str, port: int, authorized_key: str, *, emulated: bool = False
+) -> str:
     """Copies the image to `root` and gives it its identity; returns the host's public host key."""
     if root.exists():
         shutil.rmtree(root)
@@ -82,6 +89,11 @@ def prepare_root(image: Path, root: Path, hostname: str, port: int, authorized_k
         os.chown(p, uid, gid)
     write_thermal(root, DEFAULT_THERMAL)
     write_cpufreq(root)
+    if emulated:
+        for unit in UNITS_WITH_CREDENTIALS:
+            dropin = etc / "systemd" / "system" / f"{unit}.service.d" / "simfleet-qemu-user.conf"
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text("[Service]\nLoadCredential=\n")
     return host_key_pub
 
 

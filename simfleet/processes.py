@@ -65,25 +65,33 @@ def is_alive(proc: Proc) -> bool:
     return stat is not None and stat[1] == proc.start_time and stat[0] not in ("Z", "X")
 
 
-def stop(proc: Proc, grace_seconds: float) -> bool:
-    """SIGTERM to the process (nspawn powers its container off on it), then SIGKILL to its whole group
-    after `grace_seconds`. Returns True if it had to be killed."""
-    if not is_alive(proc):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
+def send_sigterm(proc: Proc) -> None:
+    """SIGTERM to a live process (a native nspawn powers its container off on it)."""
+    if is_alive(proc):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+
+
+def stop_all(procs: list[Proc], grace_seconds: float, *, sigterm: bool = True) -> list[Proc]:
+    """Stops processes together: SIGTERM each (unless `sigterm` is False because they were already asked
+    to stop), wait up to `grace_seconds` for all, then SIGKILL the process group of any still running.
+    Returns the ones that had to be killed."""
+    alive = [p for p in procs if is_alive(p)]
+    if sigterm:
+        for proc in alive:
+            send_sigterm(proc)
     deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        if not is_alive(proc):
-            _kill_group(proc.pid)
-            return False
+    while time.monotonic() < deadline and any(is_alive(p) for p in alive):
         time.sleep(0.2)
-    log.warning("%s (pid %d) did not stop within %.0f s: SIGKILL", proc.what, proc.pid, grace_seconds)
-    _kill_group(proc.pid)
+    killed = [p for p in alive if is_alive(p)]
+    for proc in killed:
+        log.warning("%s (pid %d) did not stop within %.0f s: SIGKILL", proc.what, proc.pid, grace_seconds)
+    for proc in alive:
+        _kill_group(proc.pid)  # also whatever the leader left in its group
     deadline = time.monotonic() + 10
-    while is_alive(proc) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(is_alive(p) for p in killed):
         time.sleep(0.1)
-    return True
+    return killed
 
 
 def _kill_group(pgid: int) -> None:
