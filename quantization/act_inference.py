@@ -404,7 +404,9 @@ def _inverse_affine(step: Any, key: str, feature_type: str, shape: tuple[int, ..
 def model_spec(config: Any) -> ModelSpec:
     """The input/output spec of an ACT config; refuses configurations the re-expression does not cover."""
     if config.robot_state_feature is None:
-        raise QuantizationError(f"the policy has no '{STATE_KEY}' input (lerobot's ACT needs it at inference)")
+        raise QuantizationError(
+            f"the policy has no '{STATE_KEY}' input (lerobot's ACT needs it at inference)"
+        )
     if config.env_state_feature is not None:
         raise QuantizationError("policies with an environment-state input are not supported")
     if not config.image_features:
@@ -430,9 +432,7 @@ def build_inference_model(policy: Any, preprocessor: Any, postprocessor: Any) ->
     normalizer = _find_step(preprocessor, "NormalizerProcessorStep")
     unnormalizer = _find_step(postprocessor, "UnnormalizerProcessorStep")
     state_norm = Normalize(*_affine(normalizer, STATE_KEY, "STATE", (spec.state_dim,)))
-    image_norms = [
-        Normalize(*_affine(normalizer, key, "VISUAL", (3, 1, 1))) for key in spec.image_keys
-    ]
+    image_norms = [Normalize(*_affine(normalizer, key, "VISUAL", (3, 1, 1))) for key in spec.image_keys]
     action_unnorm = Unnormalize(*_inverse_affine(unnormalizer, ACTION_KEY, "ACTION", (spec.action_dim,)))
     act = policy.model
     act.eval()

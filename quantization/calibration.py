@@ -8,11 +8,16 @@ any failed, and refuses to draw more frames than the training episodes hold.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from quantization.act_inference import ACTION_KEY, STATE_KEY, ModelSpec
 from quantization.dataset_split import read_dataset_info, train_and_heldout_episodes
@@ -84,7 +89,8 @@ def check_dataset_features(dataset_root: Path, spec: ModelSpec) -> DatasetFeatur
         got = _chw(features[key])
         if got != shape:
             raise QuantizationError(
-                f"dataset feature {key!r} has image shape {list(got)} (C, H, W), the policy expects {list(shape)}"
+                f"dataset feature {key!r} has image shape {list(got)} (C, H, W), "
+                f"the policy expects {list(shape)}"
             )
     checks = ((STATE_KEY, spec.state_dim), (ACTION_KEY, spec.action_dim))
     for key, dim in checks:
@@ -103,7 +109,6 @@ def check_dataset_features(dataset_root: Path, spec: ModelSpec) -> DatasetFeatur
 
 def open_dataset(dataset_root: Path, delta_timestamps: dict[str, list[float]] | None = None) -> Any:
     """Open a local LeRobotDataset offline."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     try:
         return LeRobotDataset(
@@ -115,7 +120,6 @@ def open_dataset(dataset_root: Path, delta_timestamps: dict[str, list[float]] | 
 
 def frame_indices(dataset: Any, episodes: list[int]) -> list[int]:
     """The dataset indices of every frame of `episodes`."""
-    import numpy as np
 
     episode_of = np.asarray(dataset.hf_dataset["episode_index"]).reshape(-1)
     wanted = np.isin(episode_of, np.asarray(episodes, dtype=episode_of.dtype))
@@ -124,7 +128,6 @@ def frame_indices(dataset: Any, episodes: list[int]) -> list[int]:
 
 def model_inputs(item: dict[str, Any], spec: ModelSpec) -> tuple[Any, ...]:
     """One dataset frame as the model's positional inputs (batch of one), checked for sanity."""
-    import torch
 
     state = torch.as_tensor(item[STATE_KEY], dtype=torch.float32).reshape(1, spec.state_dim)
     images = []
@@ -154,7 +157,6 @@ def draw_calibration_set(
             f"{requested} calibration samples requested but the training episodes of {dataset_root} "
             f"hold only {len(candidates)} frames"
         )
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     chosen = sorted(int(i) for i in rng.choice(np.asarray(candidates), size=requested, replace=False))
@@ -168,13 +170,14 @@ def draw_calibration_set(
         log.warning("calibration sample failed: %s", failure)
     log.info("%s (from %d training episodes)", result.summary(), len(train))
     if not result.inputs:
-        raise QuantizationError(f"no calibration sample could be read from {dataset_root}: {result.failures[0]}")
+        raise QuantizationError(
+            f"no calibration sample could be read from {dataset_root}: {result.failures[0]}"
+        )
     return result
 
 
 def action_range(dataset_root: Path) -> list[float]:
     """Per action dimension, max - min over the dataset (meta/stats.json), for accuracy in % of range."""
-    import json
 
     stats_path = Path(dataset_root) / "meta" / "stats.json"
     try:

@@ -29,7 +29,7 @@ def cache_root() -> Path:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from quantization.quantize import QuantizeRequest, quantize_policy
+    from quantization.quantize import QuantizeRequest, quantize_policy  # noqa: PLC0415
 
     bundle = quantize_policy(
         QuantizeRequest(
@@ -48,18 +48,24 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     m = bundle.manifest
     print(f"bundle: {bundle.root}")
-    print(f"model: {m.model_file} ({m.model_bytes / 1e6:.1f} MB), mode {m.mode}, backend {m.backend}, engine {m.engine}")
+    print(
+        f"model: {m.model_file} ({m.model_bytes / 1e6:.1f} MB), mode {m.mode}, backend {m.backend}, "
+        f"engine {m.engine}"
+    )
     if m.mode == "static":
         print(f"calibration: {m.calibration.succeeded}/{m.calibration.requested} samples succeeded")
         for failure in m.calibration.failures:
             print(f"  failed: {failure}")
     if m.mode != "fp32":
-        print(f"layers left in float ({len(m.calibration.float_layers)}): see manifest.json calibration.float_layers")
+        print(
+            f"layers left in float ({len(m.calibration.float_layers)}): "
+            "see manifest.json calibration.float_layers"
+        )
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from quantization.compare import compare_bundles, format_table, write_json
+    from quantization.compare import compare_bundles, format_table, write_json  # noqa: PLC0415
 
     comparison = compare_bundles(args.bundles, args.dataset, args.threads, args.runs, args.max_samples)
     print(format_table(comparison))
@@ -70,7 +76,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from quantization.report import write_report
+    from quantization.report import write_report  # noqa: PLC0415
 
     md, js = write_report(args.comparison, args.output, args.policy)
     print(f"report: {md}\nreport data: {js}")
@@ -78,7 +84,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from quantization.demo import DemoOptions, run_demo
+    from quantization.demo import DemoOptions, run_demo  # noqa: PLC0415
 
     paths = run_demo(
         DemoOptions(out=args.out, cache_root=cache_root(), samples=args.calibration_samples,
@@ -95,7 +101,7 @@ def _add_q2_command(sub: argparse._SubParsersAction, name: str, help_text: str, 
     if not selected:
         parser.set_defaults(handler=None)
         return
-    from importlib import import_module
+    from importlib import import_module  # noqa: PLC0415
 
     module = import_module("quantization.demo_data" if name == "demo-data" else "quantization.train_demo")
     module.add_arguments(parser)
@@ -115,9 +121,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--mode", choices=("fp32", "dynamic", "static"), required=True)
     q.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
     q.add_argument("--calibration-dataset", type=Path, required=True, help="LeRobotDataset directory")
-    q.add_argument("--calibration-samples", type=int, default=200, help="static: frames drawn from training episodes")
+    q.add_argument(
+        "--calibration-samples", type=int, default=200, help="static: frames drawn from training episodes"
+    )
     q.add_argument("--output", type=Path, required=True, help="bundle directory to create")
-    q.add_argument("--engine", default="qnnpack", help="torch quantized engine (qnnpack for the Pi; x86/fbgemm)")
+    q.add_argument(
+        "--engine", default="qnnpack", help="torch quantized engine (qnnpack for the Pi; x86/fbgemm)"
+    )
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.add_argument("--per-channel", action="store_true", help="torch static: per-channel INT8 weights")
     q.add_argument("--observer", choices=("histogram", "minmax"), default="histogram",
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    from rover_runtime.bundle import BundleError
+    from rover_runtime.bundle import BundleError  # noqa: PLC0415
 
     try:
         return int(args.handler(args))

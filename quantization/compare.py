@@ -17,10 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
+import torch
+
 from quantization.act_inference import ACTION_KEY, ModelSpec
-from quantization.calibration import action_range, check_dataset_features, frame_indices, model_inputs, open_dataset
+from quantization.calibration import (
+    action_range,
+    check_dataset_features,
+    frame_indices,
+    model_inputs,
+    open_dataset,
+)
 from quantization.dataset_split import train_and_heldout_episodes
 from quantization.errors import QuantizationError
+from quantization.quantize_torch import set_engine
 from rover_runtime.bundle import Bundle, open_bundle
 
 log = logging.getLogger(__name__)
@@ -38,19 +49,13 @@ class BundleRunner:
         manifest = bundle.manifest
         self.names = [manifest.inputs.state_key, *(img.key for img in manifest.inputs.images)]
         if manifest.model_format == "torchscript":
-            import torch
-
             torch.set_num_threads(threads)
             if manifest.engine:
-                from quantization.quantize_torch import set_engine
-
                 set_engine(manifest.engine)
             self._torch = torch.jit.load(str(bundle.model_path), map_location="cpu")
             self._torch.eval()
             self._ort = None
         else:
-            import onnxruntime as ort
-
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -61,8 +66,6 @@ class BundleRunner:
 
     def __call__(self, inputs: tuple[Any, ...]) -> Any:
         if self._torch is not None:
-            import torch
-
             if self.bundle.manifest.engine:
                 torch.backends.quantized.engine = self.bundle.manifest.engine
             with torch.inference_mode():
@@ -72,7 +75,9 @@ class BundleRunner:
         return self._ort.run(None, feeds)[0]
 
 
-def measure_latency(run: Any, inputs: tuple[Any, ...], runs: int, warmup: int = DEFAULT_WARMUP) -> dict[str, Any]:
+def measure_latency(
+    run: Any, inputs: tuple[Any, ...], runs: int, warmup: int = DEFAULT_WARMUP
+) -> dict[str, Any]:
     for _ in range(warmup):
         run(inputs)
     times = []
@@ -103,7 +108,6 @@ class EvalSet:
 
 
 def load_eval_set(dataset_root: Path, spec: ModelSpec, max_samples: int) -> EvalSet:
-    import numpy as np
 
     check_dataset_features(dataset_root, spec)
     _, heldout = train_and_heldout_episodes(dataset_root)
@@ -140,7 +144,6 @@ def _spec_of(bundle: Bundle) -> ModelSpec:
 
 def _errors(pred: Any, target: Any, mask: Any, ranges: Any) -> dict[str, Any]:
     """MAE / max error per dimension and overall, in real units and in % of the action range."""
-    import numpy as np
 
     diff = np.abs(pred - target)[mask]  # [M, action_dim]
     mae = diff.mean(axis=0)
@@ -162,7 +165,6 @@ def compare_bundles(
     runs: int = DEFAULT_RUNS,
     max_samples: int = DEFAULT_MAX_SAMPLES,
 ) -> dict[str, Any]:
-    import numpy as np
 
     if not bundle_dirs:
         raise QuantizationError("no bundles to compare")
@@ -172,7 +174,9 @@ def compare_bundles(
     spec = _spec_of(bundles[0])
     for bundle in bundles[1:]:
         if _spec_of(bundle) != spec:
-            raise QuantizationError(f"bundle {bundle.root} has different inputs/outputs than {bundles[0].root}")
+            raise QuantizationError(
+                f"bundle {bundle.root} has different inputs/outputs than {bundles[0].root}"
+            )
     evalset = load_eval_set(dataset_root, spec, max_samples)
     ranges = np.asarray(action_range(dataset_root), dtype=np.float64)
     predictions, results = [], []
@@ -223,7 +227,11 @@ def compare_bundles(
         "reference": None if ref_index is None else results[ref_index]["name"],
         "threads": threads,
         "runs": runs,
-        "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
+        "host": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
         "bundles": results,
     }
 
@@ -235,7 +243,16 @@ def _reference_index(bundles: list[Bundle]) -> int | None:
 
 
 def format_table(comparison: dict[str, Any]) -> str:
-    header = ["bundle", "mode", "backend", "size MB", "median ms", "p95 ms", "MAE vs FP32 (% range)", "MAE vs truth"]
+    header = [
+        "bundle",
+        "mode",
+        "backend",
+        "size MB",
+        "median ms",
+        "p95 ms",
+        "MAE vs FP32 (% range)",
+        "MAE vs truth",
+    ]
     rows = [header]
     for b in comparison["bundles"]:
         loss = b["accuracy_loss_pct"]

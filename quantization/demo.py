@@ -12,12 +12,16 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from quantization.bundle_writer import publish_directory
+from quantization.compare import compare_bundles, write_json
+from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
 from quantization.errors import QuantizationError
 from quantization.quantize import QuantizeRequest, quantize_policy
+from quantization.report import write_report
+from quantization.train_demo import TrainConfig, dataset_fingerprint, ensure_demo_policy
 from rover_runtime.bundle import Bundle, BundleError, open_bundle, sha256_file
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,6 @@ def ensure_bundle(request: QuantizeRequest, cache_root: Path, dataset_fingerprin
             return bundle
         except BundleError as exc:
             log.warning("rebuilding cached bundle: %s", exc)
-    from dataclasses import replace
 
     return quantize_policy(replace(request, output=cached, force=True))
 
@@ -99,10 +102,6 @@ def copy_bundle(bundle: Bundle, target: Path) -> Bundle:
 
 
 def run_demo(options: DemoOptions) -> dict[str, Path]:
-    from quantization.compare import compare_bundles, format_table, write_json
-    from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
-    from quantization.report import write_report
-    from quantization.train_demo import TrainConfig, dataset_fingerprint, ensure_demo_policy
 
     out = options.out.absolute()
     log.info("[1/5] demo dataset")
@@ -123,11 +122,9 @@ def run_demo(options: DemoOptions) -> dict[str, Path]:
     comparison = compare_bundles(bundle_dirs, dataset, options.threads, options.runs, options.max_samples)
     comparison_path = out / "comparison.json"
     write_json(comparison, comparison_path)
-    print(format_table(comparison))
     log.info("[5/5] report")
     md, js = write_report(comparison_path, out / "report", policy)
     if not md.is_file():
         raise QuantizationError(f"report {md} was not written")
-    paths = {"dataset": dataset, "policy": policy, "bundles": out / "bundles", "comparison": comparison_path,
+    return {"dataset": dataset, "policy": policy, "bundles": out / "bundles", "comparison": comparison_path,
              "report": md, "report_json": js}  # fmt: skip
-    return paths

@@ -1,4 +1,4 @@
-"""Export the re-expressed ACT as TorchScript (`.pt`) or ONNX (`.onnx`): formats a car loads without lerobot."""
+"""Export the re-expressed ACT as TorchScript (`.pt`) or ONNX (`.onnx`), formats a car loads without lerobot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantization.act_inference import ACTION_KEY, ModelSpec, STATE_KEY
+from quantization.act_inference import ACTION_KEY, STATE_KEY, ModelSpec
 from quantization.errors import QuantizationError
 
 log = logging.getLogger(__name__)

@@ -138,9 +138,9 @@ def check_policy_dir(root: Path) -> PolicyFiles:
 def load_policy(root: Path) -> LoadedPolicy:
     """Load lerobot's ACTPolicy and its pre/post-processors from a checked checkpoint directory, offline."""
     files = check_policy_dir(root)
-    from lerobot.configs.policies import PreTrainedConfig
-    from lerobot.policies.act.modeling_act import ACTPolicy
-    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.configs.policies import PreTrainedConfig  # noqa: PLC0415
+    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
+    from lerobot.policies.factory import make_pre_post_processors  # noqa: PLC0415
 
     try:
         cfg = PreTrainedConfig.from_pretrained(str(root))

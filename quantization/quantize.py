@@ -13,7 +13,12 @@ from typing import Any
 
 from quantization import __version__
 from quantization.bundle_writer import check_output, write_bundle
-from quantization.calibration import DEFAULT_SAMPLES, CalibrationSet, check_dataset_features, draw_calibration_set
+from quantization.calibration import (
+    DEFAULT_SAMPLES,
+    CalibrationSet,
+    check_dataset_features,
+    draw_calibration_set,
+)
 from quantization.errors import QuantizationError
 from quantization.policy_loading import check_policy_dir
 from rover_runtime.bundle import (
@@ -80,11 +85,11 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
     check_output(output, request.force)
     check_policy_dir(request.policy)
 
-    import torch
+    import torch  # noqa: PLC0415
 
-    from quantization.act_inference import build_inference_model, inference_parameter_count, model_spec
-    from quantization.policy_loading import load_policy
-    from quantization.quantize_torch import set_engine
+    from quantization.act_inference import build_inference_model, inference_parameter_count, model_spec  # noqa: PLC0415
+    from quantization.policy_loading import load_policy  # noqa: PLC0415
+    from quantization.quantize_torch import set_engine  # noqa: PLC0415
 
     if request.backend == "torch" and request.mode != "fp32":
         set_engine(request.engine)
@@ -121,7 +126,8 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
                 state_dim=spec.state_dim,
                 state_names=names.state_names,
                 images=tuple(
-                    ImageInput(key=k, shape=s) for k, s in zip(spec.image_keys, spec.image_shapes, strict=True)
+                    ImageInput(key=k, shape=s)
+                    for k, s in zip(spec.image_keys, spec.image_shapes, strict=True)
                 ),
             ),
             outputs=OutputSpec(
@@ -163,9 +169,9 @@ def _write_model(
     request: QuantizeRequest, model: Any, spec: Any, calibration: CalibrationSet | None, path: Path
 ) -> list[str]:
     """Write the model file; return the names of the layers left in float."""
-    from quantization.export import export_onnx, export_torchscript, input_names
-    from quantization.quantize_onnx import float_nodes, quantize_dynamic_matmul, quantize_static_qdq
-    from quantization.quantize_torch import StaticOptions, float_layers, quantize_dynamic, quantize_static
+    from quantization.export import export_onnx, export_torchscript, input_names  # noqa: PLC0415
+    from quantization.quantize_onnx import float_nodes, quantize_dynamic_matmul, quantize_static_qdq  # noqa: PLC0415
+    from quantization.quantize_torch import StaticOptions, float_layers, quantize_dynamic, quantize_static  # noqa: PLC0415
 
     example = spec.example_inputs(1)
     if request.backend == "torch":

@@ -14,6 +14,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
 from quantization.errors import QuantizationError
 
 log = logging.getLogger(__name__)
@@ -49,20 +60,15 @@ def quantize_static_qdq(
     out_path: Path,
     input_names: Sequence[str],
     samples: Sequence[tuple[Any, ...]],
+    *,
     method: str = "minmax",
     exclude_nodes: Sequence[str] = (),
 ) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
-        raise QuantizationError(f"unknown ONNX calibration method {method!r} ({', '.join(CALIBRATION_METHODS)})")
+        raise QuantizationError(
+            f"unknown ONNX calibration method {method!r} ({', '.join(CALIBRATION_METHODS)})"
+        )
     calibrate = {
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,
@@ -90,7 +96,6 @@ def quantize_static_qdq(
 
 
 def quantize_dynamic_matmul(fp32_path: Path, out_path: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         str(fp32_path), str(out_path), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
@@ -103,7 +108,6 @@ def float_nodes(model_path: Path) -> list[str]:
     A QDQ node is quantized when its inputs come from DequantizeLinear; a dynamic one is a MatMulInteger /
     DynamicQuantizeMatMul. Everything else (LayerNorm, Softmax, Add, ...) computes in float.
     """
-    import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     produced_by = {out: node for node in graph.node for out in node.output}

@@ -152,7 +152,10 @@ def quantized_layers(model: nn.Module) -> list[str]:
     return [
         f"{name} ({_kind(m)})"
         for name, m in model.named_modules()
-        if _kind(m).startswith(("Quantized", "DynamicQuantized")) and "PackedParams" not in _kind(m)
-        and "Stub" not in _kind(m) and "FloatFunctional" not in _kind(m) and "DeQuantize" not in _kind(m)
-        and "Quantize" != _kind(m).removeprefix("Quantized")
+        if _kind(m).startswith(("Quantized", "DynamicQuantized"))
+        and "PackedParams" not in _kind(m)
+        and "Stub" not in _kind(m)
+        and "FloatFunctional" not in _kind(m)
+        and "DeQuantize" not in _kind(m)
+        and _kind(m).removeprefix("Quantized") != "Quantize"
     ]

@@ -64,12 +64,18 @@ def build_report(comparison: dict[str, Any], policy_dir: Path | None = None) -> 
                 "accuracy_loss_pct": b.get("accuracy_loss_pct"),
                 "max_error_pct": None if not b.get("vs_fp32") else b["vs_fp32"]["max_pct_range"],
                 "mae_vs_truth": b.get("vs_truth", {}).get("mae"),
-                "calibration": f"{calib['succeeded']}/{calib['requested']}" if calib["requested"] else "not needed",
+                "calibration": f"{calib['succeeded']}/{calib['requested']}"
+                if calib["requested"]
+                else "not needed",
                 "float_layers": len(b.get("float_layers", [])),
             }
         )
     int8 = [r for r in rows if r["mode"] != "fp32"]
-    within = [r for r in int8 if r["accuracy_loss_pct"] is not None and r["accuracy_loss_pct"] <= ACCURACY_TARGET_PCT]
+    within = [
+        r
+        for r in int8
+        if r["accuracy_loss_pct"] is not None and r["accuracy_loss_pct"] <= ACCURACY_TARGET_PCT
+    ]
     best = min(within, key=lambda r: r["latency_median_ms"]) if within else None
     static = [r for r in rows if r["mode"] == "static"]
     return {
@@ -100,7 +106,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Measured by `python -m quantization compare` on the held-out episodes of "
         f"`{report['dataset']}` ({report['samples']} frames), latency over {report['runs']} runs after "
-        f"warm-up with {report['threads']} threads on {host.get('machine', '?')} ({host.get('processor') or '?'}). "
+        f"warm-up with {report['threads']} threads on {host.get('machine', '?')} "
+        f"({host.get('processor') or '?'}). "
         "This host is not a Raspberry Pi: latencies are for comparison between rows, not Pi figures.",
         "",
         "## Summary",
@@ -108,14 +115,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| Model | Size (MB) | Compression vs checkpoint | Compression vs FP32 bundle | Reduction | "
         "Latency median / p95 (ms) | Accuracy loss (% of action range) | Calibration |",
         "|---|---|---|---|---|---|---|---|",
-        f"| Training checkpoint (`model.safetensors`) | {report['checkpoint_bytes'] / 1e6:.1f} | 1.0x | - | - | - | - "
+        f"| Training checkpoint (`model.safetensors`) | {report['checkpoint_bytes'] / 1e6:.1f} | 1.0x "
+        "| - | - | - | - "
         "| - |",
     ]
     for r in report["rows"]:
         lines.append(
             f"| **{r['name']}** ({r['mode']}, {r['backend']}{', ' + r['engine'] if r['engine'] else ''}) "
             f"| {r['size_mb']:.1f} | {r['compression_vs_checkpoint']:.1f}x "
-            f"| {_fmt(r['compression_vs_fp32_bundle'], '{:.1f}x')} | {r['reduction_vs_checkpoint_pct']:.1f} % "
+            f"| {_fmt(r['compression_vs_fp32_bundle'], '{:.1f}x')} "
+            f"| {r['reduction_vs_checkpoint_pct']:.1f} % "
             f"| {r['latency_median_ms']:.2f} / {r['latency_p95_ms']:.2f} "
             f"| {_fmt(r['accuracy_loss_pct'], '{:.3f} %')} (max {_fmt(r['max_error_pct'], '{:.2f} %')}) "
             f"| {r['calibration']} |"
@@ -132,7 +141,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for name, ok in report["static_within_target"].items():
         verdict = "meets" if ok else "MISSES"
-        lines.append(f"- `{name}` {verdict} the static INT8 target (accuracy loss <= {report['accuracy_target_pct']} %).")
+        lines.append(
+            f"- `{name}` {verdict} the static INT8 target "
+            f"(accuracy loss <= {report['accuracy_target_pct']} %)."
+        )
     lines += [
         "",
         f"Recommended (fastest INT8 bundle within the accuracy target): `{report['recommended'] or 'none'}`.",

@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
+from quantization.calibration import frame_indices, open_dataset
+from quantization.dataset_split import train_and_heldout_episodes
 from quantization.demo import ensure_bundle
 from quantization.quantize import QuantizeRequest
 from quantization.train_demo import dataset_fingerprint
@@ -40,10 +44,6 @@ def tiny_bundle(policy: Path, dataset: Path, name: str) -> Path:
 
 def heldout_batch(dataset: Path, count: int = 4) -> dict[str, object]:
     """`count` held-out frames as a lerobot observation batch (real units, images in [0, 1])."""
-    import torch
-
-    from quantization.calibration import frame_indices, open_dataset
-    from quantization.dataset_split import train_and_heldout_episodes
 
     _, heldout = train_and_heldout_episodes(dataset)
     ds = open_dataset(dataset)

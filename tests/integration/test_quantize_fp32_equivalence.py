@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from quantize_helpers import heldout_batch, tiny_bundle
+
 from rover_runtime.bundle import open_bundle
 
 TOLERANCE = 1e-4
@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def reference(tiny_policy: Path, demo_dataset: Path) -> dict[str, object]:
-    from quantization.policy_loading import load_policy
+    from quantization.policy_loading import load_policy  # noqa: PLC0415
 
     loaded = load_policy(tiny_policy)
     batch = heldout_batch(demo_dataset, 4)
@@ -45,7 +45,7 @@ def _run_bundle(bundle_dir: Path, batch: dict[str, torch.Tensor], camera_keys: l
         module = torch.jit.load(str(bundle.model_path))
         with torch.no_grad():
             return module(*inputs).numpy()
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415
 
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -69,7 +69,7 @@ def test_fp32_bundle_matches_lerobot(name: str, tiny_policy: Path, demo_dataset:
 
 @pytest.mark.slow
 def test_fp32_manifest_records_the_source(tiny_policy: Path, demo_dataset: Path) -> None:
-    from rover_runtime.bundle import sha256_file
+    from rover_runtime.bundle import sha256_file  # noqa: PLC0415
 
     manifest = open_bundle(tiny_bundle(tiny_policy, demo_dataset, "fp32-torch")).manifest
     assert manifest.source.weights_sha256 == sha256_file(tiny_policy / "model.safetensors")
@@ -83,7 +83,8 @@ def test_fp32_manifest_records_the_source(tiny_policy: Path, demo_dataset: Path)
     assert manifest.inputs.images[0].shape == (3, 96, 128)
     assert manifest.outputs.action_names == ("steering", "throttle")
     assert (manifest.outputs.chunk_size, manifest.outputs.n_action_steps) == (10, 10)
-    assert manifest.engine is None and manifest.mode == "fp32"
+    assert manifest.engine is None
+    assert manifest.mode == "fp32"
 
 
 @pytest.mark.slow
@@ -105,7 +106,8 @@ def test_bundle_runs_without_lerobot_or_pickle(name: str, tiny_policy: Path, dem
             import torch
             if m.engine:
                 torch.backends.quantized.engine = m.engine
-            out = torch.jit.load(str(bundle.model_path))(torch.from_numpy(state), *map(torch.from_numpy, images))
+            model = torch.jit.load(str(bundle.model_path))
+            out = model(torch.from_numpy(state), *map(torch.from_numpy, images))
             out = out.detach().numpy()
         else:
             import onnxruntime as ort

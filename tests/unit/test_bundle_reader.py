@@ -1,4 +1,4 @@
-"""rover_runtime.bundle.open_bundle refuses any bundle that does not match its manifest, naming the problem."""
+"""rover_runtime.bundle.open_bundle refuses a bundle that does not match its manifest, naming the problem."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_extra_file_is_refused(bundle_dir: Path) -> None:
 
 def test_missing_manifest_is_refused(bundle_dir: Path) -> None:
     (bundle_dir / MANIFEST_NAME).unlink()
-    with pytest.raises(BundleError, match="manifest.json is missing"):
+    with pytest.raises(BundleError, match=r"manifest\.json is missing"):
         open_bundle(bundle_dir)
 
 

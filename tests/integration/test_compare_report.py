@@ -1,0 +1,91 @@
+"""`compare` measures bundles on the held-out episodes; `report` rebuilds the summary table from that JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from quantize_helpers import tiny_bundle
+
+from quantization.cli import main
+
+RUNS = 5
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_policy: Path, demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundles = [
+        tiny_bundle(tiny_policy, demo_dataset, n) for n in ("fp32-torch", "static-torch", "static-onnx")
+    ]
+    output = tmp_path_factory.mktemp("compare") / "comparison.json"
+    argv = ["compare", "--bundles", *map(str, bundles), "--dataset", str(demo_dataset), "--threads", "1",
+            "--runs", str(RUNS), "--max-samples", "12", "--output", str(output)]  # fmt: skip
+    assert main(argv) == 0
+    return output
+
+
+@pytest.mark.slow
+def test_compare_measures_every_bundle(comparison: Path, tiny_policy: Path) -> None:
+    data = json.loads(comparison.read_text())
+    assert data["heldout_episodes"] == [5]
+    assert data["samples"] == 12
+    assert data["runs"] == RUNS
+    assert data["threads"] == 1
+    assert data["action_names"] == ["steering", "throttle"]
+    assert all(r > 0 for r in data["action_range"])
+    names = [b["name"] for b in data["bundles"]]
+    assert data["reference"] == names[0]
+    fp32, static_torch, static_onnx = data["bundles"]
+    assert fp32["vs_fp32"]["max_abs"] == 0.0
+    assert fp32["accuracy_loss_pct"] == 0.0
+    for b in (static_torch, static_onnx):
+        assert 0 < b["vs_fp32"]["mae"] <= b["vs_fp32"]["max_abs"]
+        assert b["accuracy_loss_pct"] == pytest.approx(b["vs_fp32"]["mae_pct_range"])
+        assert b["model_bytes"] < fp32["model_bytes"] / 3
+        assert b["calibration"]["succeeded"] == b["calibration"]["requested"] > 0
+    for b in data["bundles"]:
+        lat = b["latency"]
+        assert lat["runs"] == RUNS
+        assert 0 < lat["min_ms"] <= lat["median_ms"] <= lat["p95_ms"]
+        assert b["vs_truth"]["mae"] > 0
+        assert len(b["vs_truth"]["mae_per_dim"]) == 2
+        assert b["checkpoint_bytes"] == (tiny_policy / "model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_report_rebuilds_the_summary_table(comparison: Path, tiny_policy: Path, tmp_path: Path) -> None:
+    assert main(["report", "--comparison", str(comparison), "--policy", str(tiny_policy),
+                 "--output", str(tmp_path)]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads(comparison.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    checkpoint = (tiny_policy / "model.safetensors").stat().st_size
+    for b in data["bundles"]:
+        row = rows[b["name"]]
+        assert row["compression_vs_checkpoint"] == pytest.approx(checkpoint / b["model_bytes"])
+        assert row["reduction_vs_checkpoint_pct"] == pytest.approx((1 - b["model_bytes"] / checkpoint) * 100)
+        assert row["latency_median_ms"] == b["latency"]["median_ms"]
+    static = rows[data["bundles"][1]["name"]]
+    assert static["calibration"] == "16/16"
+    assert static["compression_vs_fp32_bundle"] == pytest.approx(
+        data["bundles"][0]["model_bytes"] / data["bundles"][1]["model_bytes"]
+    )
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| Model | Size (MB) | Compression vs checkpoint |" in markdown
+    assert f"| **{data['bundles'][1]['name']}** (static, torch, qnnpack)" in markdown
+    assert "16/16" in markdown
+
+
+def test_report_refuses_a_file_that_is_not_a_comparison(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"bundles": []}))
+    assert main(["report", "--comparison", str(bad), "--output", str(tmp_path / "r")]) == 2
+    assert "not a comparison" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_tampered_bundle(tmp_path: Path, capsys) -> None:
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    assert main(["compare", "--bundles", str(bundle), "--dataset", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: bundle {bundle}: manifest.json is missing"

@@ -1,0 +1,111 @@
+"""INT8 bundles of the tiny trained policy: what got quantized, what stayed float, and how close they stay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from quantize_helpers import CALIBRATION_SAMPLES, heldout_batch, tiny_bundle
+
+from quantization.calibration import action_range
+from rover_runtime.bundle import open_bundle
+
+# The tiny policy is barely trained (40 steps); INT8 must still stay within a few % of the action range.
+MAX_MAE_PCT_OF_RANGE = 5.0
+
+
+def _predict(bundle_dir: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    bundle = open_bundle(bundle_dir)
+    inputs = [batch["observation.state"], *(batch[img.key] for img in bundle.manifest.inputs.images)]
+    if bundle.manifest.model_format == "torchscript":
+        if bundle.manifest.engine:
+            torch.backends.quantized.engine = bundle.manifest.engine
+        with torch.no_grad():
+            return torch.jit.load(str(bundle.model_path))(*inputs).numpy()
+
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)})[
+        0
+    ]
+
+
+@pytest.fixture(scope="module")
+def fp32_outputs(tiny_policy: Path, demo_dataset: Path) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    batch = heldout_batch(demo_dataset, 8)
+    return batch, _predict(tiny_bundle(tiny_policy, demo_dataset, "fp32-torch"), batch)
+
+
+def _action_range(dataset: Path) -> np.ndarray:
+
+    return np.asarray(action_range(dataset))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dynamic-torch", "static-torch", "static-onnx"])
+def test_int8_bundle_stays_close_to_fp32(
+    name: str, tiny_policy: Path, demo_dataset: Path, fp32_outputs
+) -> None:
+    batch, reference = fp32_outputs
+    out = _predict(tiny_bundle(tiny_policy, demo_dataset, name), batch)
+    mae_pct = (np.abs(out - reference).mean(axis=(0, 1)) / _action_range(demo_dataset) * 100).mean()
+    assert out.shape == reference.shape
+    assert 0 < mae_pct <= MAX_MAE_PCT_OF_RANGE  # quantized (not identical) yet close
+
+
+@pytest.mark.slow
+def test_dynamic_quantizes_every_linear_including_attention(tiny_policy: Path, demo_dataset: Path) -> None:
+    manifest = open_bundle(tiny_bundle(tiny_policy, demo_dataset, "dynamic-torch")).manifest
+    dynamic = [f for f in manifest.calibration.float_layers if "DynamicQuantizedLinear" in f]
+    names = {f.split(" ")[0] for f in dynamic}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert f"encoder_layers.0.self_attn.{proj}" in names
+        assert f"decoder_layers.0.cross_attn.{proj}" in names
+    assert {"state_proj", "action_head", "encoder_layers.0.linear1", "decoder_layers.0.linear2"} <= names
+    assert not [
+        f for f in manifest.calibration.float_layers if "(Linear: float)" in f
+    ]  # no float linear left
+    assert manifest.engine == "qnnpack"
+    assert manifest.calibration.requested == 0
+
+
+@pytest.mark.slow
+def test_static_torch_reports_calibration_and_float_layers(tiny_policy: Path, demo_dataset: Path) -> None:
+    bundle = open_bundle(tiny_bundle(tiny_policy, demo_dataset, "static-torch"))
+    cal = bundle.manifest.calibration
+    assert (cal.requested, cal.succeeded, cal.failures) == (CALIBRATION_SAMPLES, CALIBRATION_SAMPLES, ())
+    assert cal.episodes == (0, 1, 2, 3, 4)  # the demo fixture's training split (episode 5 is held out)
+    assert any(f == "encoder_layers.0.norm1 (LayerNorm: float)" for f in cal.float_layers)
+    assert any(f.startswith("attention scores") for f in cal.float_layers)
+    # The backbone convolutions are INT8 (none is listed as float) and the file is ~4x smaller.
+    assert not [f for f in cal.float_layers if "Conv2d" in f]
+    fp32 = open_bundle(tiny_bundle(tiny_policy, demo_dataset, "fp32-torch")).manifest
+    assert bundle.manifest.model_bytes < fp32.model_bytes / 3
+
+
+@pytest.mark.slow
+def test_static_onnx_is_qdq_u8s8(tiny_policy: Path, demo_dataset: Path) -> None:
+
+    bundle = open_bundle(tiny_bundle(tiny_policy, demo_dataset, "static-onnx"))
+    graph = onnx.load(str(bundle.model_path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 20
+    assert ops.count("DequantizeLinear") > 20
+    initializers = {i.name: i for i in graph.initializer}
+    weight_types = {
+        initializers[n.input[0]].data_type for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+    }  # fmt: skip
+    assert onnx.TensorProto.INT8 in weight_types  # S8 weights
+    act_types = {
+        initializers[n.input[2]].data_type for n in graph.node
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in initializers
+    }  # fmt: skip
+    assert act_types == {onnx.TensorProto.UINT8}  # U8 activations
+    cal = bundle.manifest.calibration
+    assert cal.succeeded == cal.requested == CALIBRATION_SAMPLES
+    assert bundle.manifest.model_format == "onnx"
+    assert bundle.manifest.backend == "onnxruntime"
