@@ -1,0 +1,124 @@
+"""What `playbooks/provision.yml` promises on each car (see the roles' READMEs)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.fleet
+
+
+def test_service_user_exists_with_groups_and_no_login(host: Any, settings: dict[str, Any]) -> None:
+    user = host.user(settings["rover_base_user"])
+    assert user.exists
+    assert user.shell == "/usr/sbin/nologin"
+    assert set(settings["rover_base_user_groups"]) <= set(user.groups)
+    with host.sudo():
+        shadow = host.check_output(f"getent shadow {user.name}")
+    assert shadow.split(":")[1].startswith(("!", "*")), "password must be locked"
+
+
+def test_service_user_cannot_log_in(host: Any, settings: dict[str, Any]) -> None:
+    with host.sudo():
+        result = host.run(f"su - {settings['rover_base_user']} -c true")
+    assert result.rc != 0
+    assert "not available" in result.stdout + result.stderr
+
+
+def test_venv_imports_torch_with_qnnpack_engine(host: Any, settings: dict[str, Any]) -> None:
+    python = f"{settings['rover_python_venv_dir']}/bin/python"
+    engine = settings["rover_python_required_quantized_engine"]
+    # A dynamically quantized Linear run on the engine proves the engine works, not only that it is listed.
+    script = (
+        "import json, torch;"
+        f"torch.backends.quantized.engine = '{engine}';"
+        "m = torch.ao.quantization.quantize_dynamic("
+        "torch.nn.Sequential(torch.nn.Linear(8, 4)), {torch.nn.Linear});"
+        "y = m(torch.ones(2, 8));"
+        "print(json.dumps({'engines': torch.backends.quantized.supported_engines, 'shape': list(y.shape),"
+        " 'version': torch.__version__}))"
+    )
+    result = host.run(f'{python} -W ignore -c "{script}"')
+    assert result.rc == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert engine in report["engines"]
+    assert report["shape"] == [2, 4]
+    arch = host.system_info.arch
+    assert report["version"].startswith(settings["rover_python_torch_versions"][arch])
+
+
+@pytest.mark.parametrize("module", ["numpy", "serial", "cv2", "onnxruntime"])
+def test_venv_has_runtime_module(host: Any, settings: dict[str, Any], module: str) -> None:
+    result = host.run(f"{settings['rover_python_venv_dir']}/bin/python -c 'import {module}'")
+    assert result.rc == 0, result.stderr
+
+
+def test_pushed_wheelhouse_matches_its_hashes(host: Any, settings: dict[str, Any]) -> None:
+    root = settings["rover_python_remote_wheelhouse_root"]
+    sums = host.check_output(f"ls {root}/*/SHA256SUMS").split()
+    assert len(sums) == 1, f"expected exactly one wheelhouse under {root}, found {sums}"
+    result = host.run(f"cd $(dirname {sums[0]}) && sha256sum --check --strict --quiet SHA256SUMS")
+    assert result.rc == 0, result.stdout + result.stderr
+
+
+def test_udev_rule_names_the_arduino(host: Any, settings: dict[str, Any]) -> None:
+    rule = host.file(settings["rover_serial_rules_file"])
+    assert rule.is_file
+    assert rule.user == "root"
+    assert rule.mode == 0o644
+    lines = [line for line in rule.content_string.splitlines() if line and not line.startswith("#")]
+    assert len(lines) == 1, lines
+    expected = [
+        'SUBSYSTEM=="tty"',
+        f'ATTRS{{idVendor}}=="{settings["rover_serial_usb_vendor_id"].lower()}"',
+        f'ATTRS{{idProduct}}=="{settings["rover_serial_usb_product_id"].lower()}"',
+        f'SYMLINK+="{settings["rover_serial_device_name"]}"',
+        f'GROUP="{settings["rover_serial_device_group"]}"',
+        f'MODE="{settings["rover_serial_device_mode"]}"',
+    ]
+    if settings["rover_serial_usb_serial"]:
+        expected.append(f'ATTRS{{serial}}=="{settings["rover_serial_usb_serial"]}"')
+    for clause in expected:
+        assert clause in lines[0]
+
+
+def test_cpu_governor_is_applied_and_persistent(host: Any, settings: dict[str, Any]) -> None:
+    unit = host.service("rover-cpu-governor.service")
+    assert unit.is_enabled
+    # The unit's command names the files it manages; every one of them must hold the governor now.
+    exec_start = host.check_output("systemctl show -p ExecStart --value rover-cpu-governor.service")
+    match = re.search(r"for f in (\S+); do echo (\w+)", exec_start)
+    assert match, exec_start
+    pattern, governor = match.groups()
+    assert governor == settings["rover_base_cpu_governor"]
+    values = host.check_output(f"cat {pattern}").split()
+    assert values, f"no files match {pattern}"
+    assert set(values) == {governor}
+
+
+def test_thermal_fact_is_recorded(host: Any, settings: dict[str, Any]) -> None:
+    fact_file = host.file("/etc/ansible/facts.d/rover_thermal.fact")
+    assert fact_file.is_file
+    assert fact_file.mode & 0o111
+    local = host.ansible("setup", "filter=ansible_local", check=False)["ansible_facts"]["ansible_local"]
+    reading = local["rover_thermal"]
+    assert reading["status"] in {"ok", "warn"}
+    assert reading["limit_c"] == float(settings["rover_thermal_max_temp_c"])
+    assert isinstance(reading["temp_c"], float)
+    assert reading["temp_c"] <= reading["limit_c"]
+
+
+def test_time_sync_is_on(host: Any) -> None:
+    timesyncd = host.service("systemd-timesyncd.service")
+    assert timesyncd.is_enabled
+    assert host.file("/etc/systemd/timesyncd.conf.d/rover.conf").contains("^FallbackNTP=")
+    in_container = host.run("systemd-detect-virt --container").rc == 0
+    if in_container:
+        # systemd skips timesyncd in a container (it cannot set the clock); the host syncs it.
+        condition = host.check_output("systemctl show -p ConditionResult --value systemd-timesyncd.service")
+        assert condition == "no"
+    else:
+        assert timesyncd.is_running, host.run("journalctl -u systemd-timesyncd -n 20 --no-pager").stdout
