@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ MAX_HOSTS = 16
 # Seconds until sshd must answer: emulated arm64 boots slower.
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
 POWEROFF_GRACE = {"amd64": 30.0, "arm64": 90.0}
+NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,10 @@ def down(name: str) -> list[str]:
         raise SimFleetError(
             f"fleet {name!r}: could not stop {', '.join(left)}; state kept in {state_path(name)}"
         )
+    for host in state.hosts:
+        # nspawn leaves an empty mount-propagation directory per machine behind.
+        with contextlib.suppress(OSError):
+            (NSPAWN_PROPAGATE / host.machine).rmdir()
     remove_inventory(state)
     shutil.rmtree(fleet_dir(name))
     return killed

@@ -120,7 +120,6 @@ def test_ansible_reaches_every_host_through_the_inventory(sim_fleet: FleetState,
             sim_fleet.inventory,
             "rovers",
             "-b",
-            "-o",
             "-m",
             "ansible.builtin.command",
             "-a",
@@ -135,7 +134,7 @@ def test_ansible_reaches_every_host_through_the_inventory(sim_fleet: FleetState,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for host in sim_fleet.hosts:
-        assert f"{host.name} | CHANGED | rc=0 | (stdout) 0" in result.stdout
+        assert f"{host.name} | CHANGED | rc=0 >>\n0\n" in result.stdout
 
 
 @pytest.mark.fleet
@@ -204,7 +203,8 @@ def test_cli_status_and_errors(sim_fleet: FleetState) -> None:
         check=False,
     )
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "simfleet: error: fleet 'pytest' has no host 'car9' (hosts: car1, car2)"
+    expected = f"simfleet: error: fleet '{sim_fleet.name}' has no host 'car9' (hosts: car1, car2)"
+    assert bad.stderr.strip() == expected
     again = subprocess.run(
         [*cli, "up", "--name", sim_fleet.name, "--base-port", "2391"],
         capture_output=True,
@@ -229,6 +229,7 @@ def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     assert not any(r.exists() for r in roots)
     assert not inventory.exists()
     assert load_state("pytest-down") is None
+    assert not Path("/run/systemd/nspawn/propagate/pytest-down-car1").exists()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 2331))  # the port is free again
 
