@@ -58,6 +58,10 @@ class ModelSpec:
 class Normalize(nn.Module):
     """`(x - sub) / div + add`: lerobot's MEAN_STD / MIN_MAX / QUANTILE normalization as constants."""
 
+    sub: Tensor
+    div: Tensor
+    add: Tensor
+
     def __init__(self, sub: Tensor, div: Tensor, add: Tensor) -> None:
         super().__init__()
         self.register_buffer("sub", sub.detach().clone().float())
@@ -71,6 +75,9 @@ class Normalize(nn.Module):
 class Unnormalize(nn.Module):
     """`x * mul + add`: lerobot's inverse normalization as constants."""
 
+    mul: Tensor
+    add: Tensor
+
     def __init__(self, mul: Tensor, add: Tensor) -> None:
         super().__init__()
         self.register_buffer("mul", mul.detach().clone().float())
@@ -80,31 +87,33 @@ class Unnormalize(nn.Module):
         return x * self.mul + self.add
 
 
-def _fold_frozen_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+def _fold_frozen_bn(conv: Any, bn: Any) -> nn.Conv2d:
     """A Conv2d with bias computing `bn(conv(x))` for torchvision's FrozenBatchNorm2d."""
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     bias = bn.bias - bn.running_mean * scale
     folded = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        dilation=conv.dilation,  # type: ignore[arg-type]
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
         groups=conv.groups,
         bias=True,
     )
     with torch.no_grad():
         folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bias)
-        folded.bias.copy_(conv_bias * scale + bias)
+        folded_bias = folded.bias
+        assert folded_bias is not None
+        folded_bias.copy_(conv_bias * scale + bias)
     return folded
 
 
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock with batch norm folded and a quantizable residual add."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: Any) -> None:
         super().__init__()
         self.conv1 = _fold_frozen_bn(block.conv1, block.bn1)
         self.relu1 = nn.ReLU()
@@ -123,7 +132,7 @@ class BasicBlock(nn.Module):
 class ImageEncoder(nn.Module):
     """ResNet trunk (to layer4) plus ACT's 1x1 input projection; the region static quantization covers."""
 
-    def __init__(self, resnet_trunk: nn.Module, input_proj: nn.Conv2d) -> None:
+    def __init__(self, resnet_trunk: Any, input_proj: Any) -> None:
         super().__init__()
         self.quant = QuantStub()
         self.stem_conv = _fold_frozen_bn(resnet_trunk.conv1, resnet_trunk.bn1)
@@ -154,13 +163,14 @@ class ImageEncoder(nn.Module):
         x = self.quant(x)
         x = self.maxpool(self.stem_relu(self.stem_conv(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.dequant(self.proj(x))
+        out: Tensor = self.dequant(self.proj(x))
+        return out
 
 
 class Attention(nn.Module):
     """nn.MultiheadAttention (eval, no masks) with separate q/k/v projections."""
 
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
+    def __init__(self, mha: Any) -> None:
         super().__init__()
         dim = mha.embed_dim
         if mha.in_proj_weight is None or mha.in_proj_bias is None:
@@ -188,7 +198,8 @@ class Attention(nn.Module):
         v = self.v_proj(value).reshape(value.shape[0], -1, self.head_dim).transpose(0, 1)
         weights = torch.softmax(torch.bmm(q * self.scale, k.transpose(1, 2)), dim=-1)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(q_len, -1, self.dim)
-        return self.out_proj(out)
+        projected: Tensor = self.out_proj(out)
+        return projected
 
 
 def _activation(name: str, x: Tensor) -> Tensor:
@@ -200,7 +211,7 @@ def _activation(name: str, x: Tensor) -> Tensor:
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: Any) -> None:
         super().__init__()
         self.self_attn = Attention(layer.self_attn)
         self.linear1 = _copy_linear(layer.linear1)
@@ -229,7 +240,7 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: Any) -> None:
         super().__init__()
         self.self_attn = Attention(layer.self_attn)
         self.cross_attn = Attention(layer.multihead_attn)
@@ -266,13 +277,13 @@ class DecoderLayer(nn.Module):
         return x
 
 
-def _copy_linear(src: nn.Linear) -> nn.Linear:
+def _copy_linear(src: Any) -> nn.Linear:
     dst = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None)
     dst.load_state_dict(src.state_dict())
     return dst
 
 
-def _copy_embedding(src: nn.Embedding) -> nn.Embedding:
+def _copy_embedding(src: Any) -> nn.Embedding:
     dst = nn.Embedding(src.num_embeddings, src.embedding_dim)
     dst.load_state_dict(src.state_dict())
     return dst
@@ -288,9 +299,15 @@ def _activation_name(fn: Any) -> str:
 class InferenceACT(nn.Module):
     """ACT at inference: real-unit state and [0, 1] images in, real-unit action chunk out."""
 
+    pos_1d_index: Tensor
+    decoder_pos_index: Tensor
+    latent_token: Tensor
+    image_pos: Tensor
+    decoder_zeros: Tensor
+
     def __init__(
         self,
-        act: nn.Module,
+        act: Any,
         state_norm: Normalize,
         image_norms: list[Normalize],
         action_unnorm: Unnormalize,
@@ -346,7 +363,8 @@ class InferenceACT(nn.Module):
         for dec in self.decoder_layers:
             y = dec(y, memory, decoder_pos, pos)
         y = self.decoder_norm(y).transpose(0, 1)  # (B, chunk, D)
-        return self.action_unnorm(self.action_head(y))
+        actions: Tensor = self.action_unnorm(self.action_head(y))
+        return actions
 
 
 # --- building from lerobot ------------------------------------------------------------------------

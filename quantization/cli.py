@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from quantization.errors import QuantizationError
 
@@ -95,7 +95,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_q2_command(sub: argparse._SubParsersAction, name: str, help_text: str, selected: bool) -> None:
+def _add_q2_command(sub: Any, name: str, help_text: str, selected: bool) -> None:
     """`demo-data` / `train-demo` live in modules that import lerobot: load them only when selected."""
     parser = sub.add_parser(name, help=help_text, add_help=selected)
     if not selected:

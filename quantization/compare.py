@@ -52,7 +52,8 @@ class BundleRunner:
             torch.set_num_threads(threads)
             if manifest.engine:
                 set_engine(manifest.engine)
-            self._torch = torch.jit.load(str(bundle.model_path), map_location="cpu")
+            jit_load: Any = torch.jit.load
+            self._torch = jit_load(str(bundle.model_path), map_location="cpu")
             self._torch.eval()
             self._ort = None
         else:
@@ -179,7 +180,8 @@ def compare_bundles(
             )
     evalset = load_eval_set(dataset_root, spec, max_samples)
     ranges = np.asarray(action_range(dataset_root), dtype=np.float64)
-    predictions, results = [], []
+    predictions: list[Any] = []
+    results: list[dict[str, Any]] = []
     for bundle in bundles:
         runner = BundleRunner(bundle, threads)
         log.info("running %s on %d frames", bundle.root.name, len(evalset.inputs))
@@ -239,7 +241,8 @@ def compare_bundles(
 def _reference_index(bundles: list[Bundle]) -> int | None:
     fp32 = [i for i, b in enumerate(bundles) if b.manifest.mode == "fp32"]
     torch_fp32 = [i for i in fp32 if bundles[i].manifest.backend == "torch"]
-    return (torch_fp32 or fp32 or [None])[0]
+    candidates = torch_fp32 or fp32
+    return candidates[0] if candidates else None
 
 
 def format_table(comparison: dict[str, Any]) -> str:

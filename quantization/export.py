@@ -1,10 +1,11 @@
-"""Export the re-expressed ACT as TorchScript (`.pt`) or ONNX (`.onnx`), formats a car loads without lerobot."""
+"""Export the re-expressed ACT as TorchScript (`.pt`) or ONNX (`.onnx`): loadable without lerobot."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,9 @@ def export_torchscript(model: nn.Module, example_inputs: tuple[Tensor, ...], pat
     """Trace `model` (already quantized, if it is) and save it with torch.jit.save."""
     model.eval()
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, example_inputs, check_trace=False)
+        warnings.simplefilter("ignore")  # tracer warnings about shapes read as Python ints
+        trace: Any = torch.jit.trace
+        traced = trace(model, example_inputs, check_trace=False)
         frozen = torch.jit.freeze(traced)
     torch.jit.save(frozen, str(path))
     log.info("wrote TorchScript model %s (%.1f MB)", path, path.stat().st_size / 1e6)

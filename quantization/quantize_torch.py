@@ -19,15 +19,17 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.ao import quantization as tq
+from torch.ao import quantization as _tq
 
 from quantization.act_inference import InferenceACT
 from quantization.errors import QuantizationError
 
 log = logging.getLogger(__name__)
+tq: Any = _tq  # torch.ao.quantization is untyped
 
 DEFAULT_ENGINE = "qnnpack"
 
@@ -50,9 +52,9 @@ def set_engine(engine: str) -> None:
     torch.backends.quantized.engine = engine
 
 
-def static_qconfig(engine: str, options: StaticOptions) -> tq.QConfig:
+def static_qconfig(engine: str, options: StaticOptions) -> Any:
     reduce_range = engine in ("x86", "fbgemm")
-    observers = {
+    observers: dict[str, Any] = {
         "histogram": tq.HistogramObserver,
         "minmax": tq.MinMaxObserver,
     }
@@ -74,7 +76,8 @@ def quantize_dynamic(model: InferenceACT, engine: str = DEFAULT_ENGINE) -> nn.Mo
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization names torchao
         quantized = tq.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
     log.info("dynamic INT8: %d linear layers quantized", _count(quantized, "DynamicQuantizedLinear"))
-    return quantized
+    result: nn.Module = quantized
+    return result
 
 
 def quantize_static(
@@ -92,9 +95,9 @@ def quantize_static(
     encoder = qmodel.image_encoder
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)
     tq.fuse_modules(encoder, encoder.fusion_groups(), inplace=True)
-    encoder.qconfig = static_qconfig(engine, options)  # type: ignore[assignment]
+    encoder.qconfig = static_qconfig(engine, options)
     for emb in (qmodel.pos_1d, qmodel.decoder_pos):
-        emb.qconfig = tq.float_qparams_weight_only_qconfig  # type: ignore[assignment]
+        emb.qconfig = tq.float_qparams_weight_only_qconfig
     tq.prepare(qmodel, inplace=True)
     log.info("calibrating on %d samples", len(calibration_inputs))
     with torch.no_grad():
@@ -110,7 +113,8 @@ def quantize_static(
         _count(qmodel, "DynamicQuantizedLinear"),
         _count(qmodel, "QuantizedEmbedding"),
     )
-    return qmodel
+    result: nn.Module = qmodel
+    return result
 
 
 def _count(model: nn.Module, kind: str) -> int:
