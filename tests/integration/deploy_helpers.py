@@ -36,6 +36,11 @@ class PlaybookRun:
     rc: int
     stdout: str
 
+    @property
+    def text(self) -> str:
+        """The output with all whitespace runs collapsed (Ansible wraps long messages)."""
+        return " ".join(self.stdout.split())
+
     def recap(self) -> dict[str, dict[str, int]]:
         """PLAY RECAP counters per host."""
         out: dict[str, dict[str, int]] = {}

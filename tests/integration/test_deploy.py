@@ -121,7 +121,7 @@ def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, P
     assert run.rc == 0, run.stdout[-4000:]
     recap = run.recap()
     assert all(recap[name]["changed"] == 0 for name in CARS), recap
-    assert run.stdout.count("unchanged, 0 bundle bytes sent") == len(CARS)
+    assert run.text.count("unchanged, 0 bundle bytes sent") == len(CARS)
     assert host.check_output(f"stat -L -c '%i %Y' {model}") == before
 
 
@@ -130,7 +130,7 @@ def test_no_model_swap_while_driving(deployed: Path, bundles: dict[str, Path]) -
     assert metrics(host)["driving"] is True
     run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
     assert run.rc != 0
-    assert "car1 is driving" in run.stdout
+    assert "car1 is driving" in run.text
     assert current_release(host) == content_hash(bundles["a"])
     assert not host.file(f"{RELEASES}/releases/{content_hash(bundles['b'])}").exists
 
@@ -147,7 +147,7 @@ def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundl
 def test_corrupted_bundle_is_refused_on_the_controller(deployed: Path, bundles: dict[str, Path]) -> None:
     run = run_playbook(deployed, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={bundles['corrupt']}")
     assert run.rc != 0
-    assert "does not match its sha256 in the manifest" in run.stdout
+    assert "does not match its sha256 in the manifest" in run.text
     for name in CARS:
         assert current_release(car(deployed, name)) == content_hash(bundles["a"])
 
@@ -164,8 +164,8 @@ def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[st
         "rover_release_verify_on_controller=false",
     )
     assert run.rc != 0
-    assert "failed verification on the car and was not activated" in run.stdout
-    assert "does not match its sha256" in run.stdout
+    assert "failed verification on the car and was not activated" in run.text
+    assert "does not match its sha256" in run.text
     host = car(deployed, "car1")
     assert current_release(host) == content_hash(bundles["a"])
     assert host.run(f"ls -A {RELEASES}/releases").stdout.split() == [content_hash(bundles["a"])]
@@ -188,8 +188,8 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
         "rover_health_timeout_s=30",
     )
     assert run.rc != 0
-    assert "health gate FAILED" in run.stdout
-    assert f"rolled back to release {good}" in run.stdout
+    assert "health gate FAILED" in run.text
+    assert f"rolled back to release {good}" in run.text
     canary, other = car(deployed, "car1"), car(deployed, "car2")
     # The canary is back on the previous release and serving it.
     assert current_release(canary) == good
@@ -230,5 +230,5 @@ def test_rollback_playbook_back_one_and_to_a_named_release(deployed: Path, bundl
         deployed, "rollback.yml", "--limit", "car2", "-e", "rover_rollback_release=ffffnothere"
     )
     assert run.rc != 0
-    assert '"ffffnothere" matches 0 releases' in run.stdout
+    assert '"ffffnothere" matches 0 releases' in run.text
     assert current_release(car(deployed, "car2")) == b
