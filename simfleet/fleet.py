@@ -21,7 +21,7 @@ from simfleet.image import ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import ThermalReading, write_thermal
-from simfleet.processes import is_alive, send_sigterm, stop_all
+from simfleet.processes import Proc, child_processes, is_alive, kill_now, send_sigterm, stop_all
 from simfleet.serial_link import start_firmware_sim, start_pty_pair
 from simfleet.ssh import SshTarget, ssh_run
 from simfleet.state import FleetState, HostState, load_state, save_state, state_path
@@ -105,7 +105,8 @@ def up(config: FleetConfig) -> FleetState:
         _start_hosts(state, config, key, ports)
     except BaseException:
         log.error("fleet %s did not come up; stopping what was started", config.name)
-        down(config.name)
+        # A systemd still booting may not act on the halt signal yet: no long wait for a failed fleet.
+        down(config.name, grace_seconds=5.0)
         raise
     return state
 
@@ -157,10 +158,22 @@ def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[
     for host in state.hosts:
         assert host.nspawn is not None
         wait_for_ssh(target_for(state, host), host.nspawn, Path(host.nspawn_log), BOOT_TIMEOUT[config.arch])
+        host.init = container_init(host.nspawn)
         host.boot_seconds = round(time.monotonic() - boot_started, 1)
         log.info("%s: sshd answers on 127.0.0.1:%d after %.1f s", host.machine, host.port, host.boot_seconds)
     write_inventory(state)
     save_state(state)
+
+
+def container_init(nspawn: Proc) -> Proc | None:
+    """The container's PID 1 as seen from the controller: the one child of the nspawn process."""
+    children = child_processes(nspawn.pid)
+    if len(children) != 1:
+        log.warning(
+            "%s has %d child processes, expected 1 (the container's init)", nspawn.what, len(children)
+        )
+        return None
+    return Proc(pid=children[0].pid, start_time=children[0].start_time, what=f"init of {nspawn.what}")
 
 
 def _poweroff_over_ssh(state: FleetState, host: HostState) -> bool:
@@ -168,8 +181,9 @@ def _poweroff_over_ssh(state: FleetState, host: HostState) -> bool:
     return ssh_run(target_for(state, host), command, timeout=30).returncode == 0
 
 
-def down(name: str) -> list[str]:
+def down(name: str, grace_seconds: float | None = None) -> list[str]:
     """Stops every process of the fleet, removes the host roots, the state and its inventory.
+    `grace_seconds` overrides how long containers get to power off before SIGKILL (default per arch).
     Returns what had to be killed (empty when all stopped cleanly)."""
     state = load_state(name)
     if state is None:
@@ -183,12 +197,19 @@ def down(name: str) -> list[str]:
         # emulated systemd gets another one (it went to rescue mode). Ask it over ssh instead.
         if state.arch == native_arch() or not _poweroff_over_ssh(state, host):
             send_sigterm(host.nspawn)
-    grace = POWEROFF_GRACE.get(state.arch, 30.0)
+    grace = POWEROFF_GRACE.get(state.arch, 30.0) if grace_seconds is None else grace_seconds
     killed = [p.what for p in stop_all(nspawns, grace, sigterm=False)]
+    # A container whose nspawn was killed (here or by someone else) can outlive it: end its init.
+    inits = [h.init for h in state.hosts if h.init is not None and is_alive(h.init)]
+    killed += [p.what for p in inits]
+    kill_now(inits)
     helpers = [p for h in state.hosts for p in (h.firmware, h.socat) if p is not None]
     killed += [p.what for p in stop_all(helpers, 5.0)]
     left = [
-        p.what for h in state.hosts for p in (h.nspawn, h.firmware, h.socat) if p is not None and is_alive(p)
+        p.what
+        for h in state.hosts
+        for p in (h.nspawn, h.init, h.firmware, h.socat)
+        if p is not None and is_alive(p)
     ]
     if left:
         raise SimFleetError(
@@ -221,7 +242,7 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
         return {"name": name, "up": False, "hosts": []}
     hosts = []
     for host in state.hosts:
-        running = host.nspawn is not None and is_alive(host.nspawn)
+        running = any(p is not None and is_alive(p) for p in (host.nspawn, host.init))
         ssh_ok = (
             running and check_ssh and ssh_run(target_for(state, host), ["true"], timeout=15).returncode == 0
         )

@@ -86,12 +86,55 @@ def stop_all(procs: list[Proc], grace_seconds: float, *, sigterm: bool = True) -
     killed = [p for p in alive if is_alive(p)]
     for proc in killed:
         log.warning("%s (pid %d) did not stop within %.0f s: SIGKILL", proc.what, proc.pid, grace_seconds)
+    kill_now(killed)
     for proc in alive:
         _kill_group(proc.pid)  # also whatever the leader left in its group
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(is_alive(p) for p in killed):
-        time.sleep(0.1)
     return killed
+
+
+def child_processes(pid: int) -> list[Proc]:
+    """The live children of `pid` (for systemd-nspawn: the container's init, in its own session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append(Proc(pid=int(entry.name), start_time=int(fields[19]), what=f"child of {pid}"))
+    return found
+
+
+def _descendants(pid: int) -> list[Proc]:
+    result = []
+    todo = [pid]
+    while todo:
+        for child in child_processes(todo.pop()):
+            result.append(child)
+            todo.append(child.pid)
+    return result
+
+
+def kill_now(procs: list[Proc]) -> None:
+    """SIGKILL each live process, its process group and all its descendants, and wait (up to 10 s) until
+    they are gone. Descendants matter: killing systemd-nspawn does not end the container, whose init
+    lives on (re-parented) unless it is killed too (which ends every process of the container)."""
+    alive = [p for p in procs if is_alive(p)]
+    for proc in alive:
+        tree = _descendants(proc.pid)
+        _kill_group(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        for child in tree:
+            if is_alive(child):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(is_alive(p) for p in alive):
+        time.sleep(0.1)
 
 
 def _kill_group(pgid: int) -> None:

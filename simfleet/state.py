@@ -30,6 +30,8 @@ class HostState:
     nspawn: Proc | None = None
     socat: Proc | None = None
     firmware: Proc | None = None
+    # The container's init as seen from the controller: SIGKILL to nspawn alone would leave it running.
+    init: Proc | None = None
     serial_pty: str = ""
     boot_seconds: float | None = None
 
@@ -82,7 +84,7 @@ def load_state(name: str) -> FleetState | None:
 
 def _host_from_dict(raw: dict[str, Any]) -> HostState:
     fields = dict(raw)
-    for key in ("nspawn", "socat", "firmware"):
+    for key in ("nspawn", "socat", "firmware", "init"):
         value = fields.get(key)
         fields[key] = Proc(**value) if isinstance(value, dict) else None
     return HostState(**fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from typing import Any
 import pytest
 
 from rover_runtime.protocol import Ack, Command, Telemetry, encode, parse_line
+from simfleet import fleet
 from simfleet.errors import SimFleetError
 from simfleet.fleet import FleetConfig, set_thermal, target_for, up
+from simfleet.paths import fleet_dir
 from simfleet.pi_tools import ThermalReading
 from simfleet.processes import is_alive
 from simfleet.ssh import ssh_run
@@ -219,10 +222,10 @@ def test_cli_status_and_errors(sim_fleet: FleetState) -> None:
 @pytest.mark.slow
 def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     inventory = tmp_path / "hosts.yml"
-    with running_fleet("pytest-down", hosts=1, base_port=2331, inventory=inventory) as state:
-        procs = [p for h in state.hosts for p in (h.nspawn, h.socat, h.firmware) if p is not None]
+    with running_fleet("pytest-down", hosts=1, base_port=2371, inventory=inventory) as state:
+        procs = [p for h in state.hosts for p in (h.nspawn, h.init, h.socat, h.firmware) if p is not None]
         roots = [Path(h.root) for h in state.hosts]
-        assert len(procs) == 3
+        assert len(procs) == 4
         assert all(is_alive(p) for p in procs)
         assert inventory.is_file()
     assert not any(is_alive(p) for p in procs)
@@ -231,17 +234,55 @@ def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     assert load_state("pytest-down") is None
     assert not Path("/run/systemd/nspawn/propagate/pytest-down-car1").exists()
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 2331))  # the port is free again
+        probe.bind(("127.0.0.1", 2371))  # the port is free again
+
+
+@pytest.mark.fleet
+@pytest.mark.slow
+def test_down_ends_a_container_whose_nspawn_was_killed(tmp_path: Path) -> None:
+    inventory = tmp_path / "hosts.yml"
+    with running_fleet("pytest-orphan", hosts=1, base_port=2377, inventory=inventory) as state:
+        host = state.hosts[0]
+        assert host.nspawn is not None
+        assert host.init is not None
+        os.kill(host.nspawn.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while is_alive(host.nspawn) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not is_alive(host.nspawn)
+        assert is_alive(host.init)  # the container outlives its nspawn process...
+    assert not is_alive(host.init)  # ...until down ends it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 2377))
+
+
+@pytest.mark.fleet
+@pytest.mark.slow
+def test_a_host_that_does_not_answer_in_time_fails_up_with_its_boot_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(fleet.BOOT_TIMEOUT, "amd64", 0.0)  # sshd cannot be up the instant nspawn starts
+    config = FleetConfig(name="pytest-slow", hosts=1, base_port=2375, inventory=tmp_path / "hosts.yml")
+    with pytest.raises(SimFleetError, match=r"(?s)did not answer within 0 s; .*boot\.log ends with:\n.+"):
+        up(config)
+    assert load_state("pytest-slow") is None  # what up had started was stopped and removed
+    assert not (fleet_dir("pytest-slow")).exists()
+    assert not config.inventory.exists()
 
 
 @pytest.mark.fleet
 @pytest.mark.arm64
 @pytest.mark.slow
 def test_arm64_host_runs_aarch64_under_qemu_user() -> None:
-    with running_fleet("pytest-arm64", hosts=1, arch="arm64", base_port=2341) as fleet:
-        host = fleet.hosts[0]
-        machine = run_on(fleet, host, "python3 -c 'import platform; print(platform.machine())'", timeout=120)
+    with running_fleet("pytest-arm64", hosts=1, arch="arm64", base_port=2381) as arm_fleet:
+        host = arm_fleet.hosts[0]
+        machine = run_on(
+            arm_fleet, host, "python3 -c 'import platform; print(platform.machine())'", timeout=120
+        )
         assert machine == "aarch64"
-        assert run_on(fleet, host, "cat /proc/1/comm") == "systemd"
-        assert run_on(fleet, host, "sudo -n true && vcgencmd get_throttled") == "throttled=0x0"
-        assert run_on(fleet, host, "test -c /dev/ttyUSB0 && echo tty") == "tty"
+        assert run_on(arm_fleet, host, "cat /proc/1/comm") == "systemd"
+        # Not "degraded": the credential drop-ins keep the early units working under qemu-user.
+        state = ssh_run(target_for(arm_fleet, host), ["systemctl is-system-running --wait"], timeout=120)
+        assert state.stdout.strip() == "running", state.stdout + state.stderr
+        assert run_on(arm_fleet, host, "sudo -n true && vcgencmd get_throttled") == "throttled=0x0"
+        assert run_on(arm_fleet, host, "test -c /dev/ttyUSB0 && echo tty") == "tty"
