@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from simfleet.host import SERIAL_DEVICE
-from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_FILE
+from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_FILE, THERMAL_ZONE_TEMP
 from simfleet.ssh import SshTarget
 from simfleet.state import FleetState
 
@@ -34,6 +34,7 @@ def host_vars(state: FleetState, index: int) -> dict[str, Any]:
         "simfleet_firmware_status": host.firmware_status,
         "simfleet_firmware_log": host.firmware_log,
         "simfleet_thermal_file": THERMAL_FILE,
+        "simfleet_thermal_zone_temp": THERMAL_ZONE_TEMP,
         "simfleet_cpufreq_root": CPUFREQ_ROOT,
     }
 

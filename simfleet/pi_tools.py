@@ -2,6 +2,8 @@
 
 - /usr/local/bin/vcgencmd answers `measure_temp` and `get_throttled` from THERMAL_FILE, which the
   controller rewrites (`python -m simfleet set-thermal`) to choose what a test sees.
+- The same temperature in millidegrees at THERMAL_ZONE_TEMP, a stand-in for the Pi's
+  /sys/class/thermal/thermal_zone0/temp (inventory: simfleet_thermal_zone_temp).
 - A writable copy of the cpufreq part of sysfs under CPUFREQ_ROOT: a container's /sys is the
   controller's and read-only, so the governor setting is simulated there; the inventory points the
   role's cpufreq path variable at it (simfleet_cpufreq_root).
@@ -17,6 +19,8 @@ from simfleet.errors import SimFleetError
 
 THERMAL_FILE = "/etc/simfleet/thermal"
 CPUFREQ_ROOT = "/var/lib/simfleet/sysfs/devices/system/cpu"
+# The same reading as a Pi's /sys/class/thermal/thermal_zone0/temp (millidegrees Celsius).
+THERMAL_ZONE_TEMP = "/var/lib/simfleet/sysfs/class/thermal/thermal_zone0/temp"
 PI5_CPUS = 4
 PI5_GOVERNORS = "conservative ondemand userspace powersave performance schedutil"
 PI5_DEFAULT_GOVERNOR = "ondemand"
@@ -66,14 +70,18 @@ def install_pi_tools(root: Path) -> None:
     tool.chmod(0o755)
 
 
-def write_thermal(root: Path, reading: ThermalReading) -> None:
-    """Sets what the host's vcgencmd answers (atomic: write, then rename)."""
-    target = _inside(root, THERMAL_FILE)
+def _write_atomic(target: Path, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(f"temp={reading.temp_c:.1f}\nthrottled={reading.throttled}\n")
+    tmp.write_text(text)
     tmp.chmod(0o644)
     tmp.replace(target)
+
+
+def write_thermal(root: Path, reading: ThermalReading) -> None:
+    """Sets what the host's vcgencmd and its thermal-zone stand-in report (each file atomically)."""
+    _write_atomic(_inside(root, THERMAL_FILE), f"temp={reading.temp_c:.1f}\nthrottled={reading.throttled}\n")
+    _write_atomic(_inside(root, THERMAL_ZONE_TEMP), f"{round(reading.temp_c * 1000)}\n")
 
 
 def write_cpufreq(root: Path) -> None:

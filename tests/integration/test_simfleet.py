@@ -20,7 +20,7 @@ from simfleet import fleet
 from simfleet.errors import SimFleetError
 from simfleet.fleet import FleetConfig, set_thermal, target_for, up
 from simfleet.paths import fleet_dir
-from simfleet.pi_tools import ThermalReading
+from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_ZONE_TEMP, ThermalReading
 from simfleet.processes import is_alive
 from simfleet.ssh import ssh_run
 from simfleet.state import FleetState, HostState, load_state
@@ -184,9 +184,25 @@ def test_set_thermal_chooses_what_vcgencmd_reports(sim_fleet: FleetState) -> Non
         assert run_on(sim_fleet, host, "vcgencmd measure_temp; vcgencmd get_throttled") == (
             "temp=85.0'C\nthrottled=0x50005"
         )
+        assert run_on(sim_fleet, host, f"cat {THERMAL_ZONE_TEMP}") == "85000"
         assert run_on(sim_fleet, sim_fleet.hosts[0], "vcgencmd measure_temp") == "temp=48.3'C"
     finally:
         set_thermal(sim_fleet.name, host.name, ThermalReading(temp_c=48.3, throttled="0x0"))
+
+
+@pytest.mark.fleet
+def test_cpufreq_stand_in_looks_like_a_pi5_and_takes_a_governor(sim_fleet: FleetState) -> None:
+    host = sim_fleet.hosts[0]
+    governors = f"{CPUFREQ_ROOT}/cpu*/cpufreq/scaling_governor"
+    assert run_on(sim_fleet, host, f"cat {governors}").split() == ["ondemand"] * 4
+    assert "performance" in run_on(
+        sim_fleet, host, f"cat {CPUFREQ_ROOT}/cpu0/cpufreq/scaling_available_governors"
+    )
+    try:
+        run_on(sim_fleet, host, f"echo performance | sudo tee {governors} >/dev/null")
+        assert run_on(sim_fleet, host, f"cat {governors}").split() == ["performance"] * 4
+    finally:
+        run_on(sim_fleet, host, f"echo ondemand | sudo tee {governors} >/dev/null")
 
 
 @pytest.mark.fleet
