@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 from simfleet.binfmt import ensure_emulation
 from simfleet.errors import SimFleetError
 from simfleet.host import boot, generate_key, prepare_root, wait_for_ssh
+from simfleet.host_root import remove_tree
 from simfleet.image import ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir
@@ -87,7 +87,7 @@ def up(config: FleetConfig) -> FleetState:
         ensure_emulation(config.arch)
     image, build_seconds = ensure_image(config.arch)
     base = fleet_dir(config.name)
-    shutil.rmtree(base, ignore_errors=True)
+    remove_tree(base)
     base.mkdir(parents=True)
     key = base / "id_ed25519"
     state = FleetState(
@@ -187,7 +187,7 @@ def down(name: str, grace_seconds: float | None = None) -> list[str]:
     Returns what had to be killed (empty when all stopped cleanly)."""
     state = load_state(name)
     if state is None:
-        shutil.rmtree(fleet_dir(name), ignore_errors=True)
+        remove_tree(fleet_dir(name))
         return []
     nspawns = [h.nspawn for h in state.hosts if h.nspawn is not None and is_alive(h.nspawn)]
     for host in state.hosts:
@@ -220,7 +220,7 @@ def down(name: str, grace_seconds: float | None = None) -> list[str]:
         with contextlib.suppress(OSError):
             (NSPAWN_PROPAGATE / host.machine).rmdir()
     remove_inventory(state)
-    shutil.rmtree(fleet_dir(name))
+    remove_tree(fleet_dir(name))
     return killed
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from simfleet.errors import SimFleetError
+from simfleet.host_root import make_root
 from simfleet.image import PI_USER
 from simfleet.pi_tools import ThermalReading, write_cpufreq, write_thermal
 from simfleet.processes import Proc, is_alive, spawn
@@ -54,15 +55,9 @@ UNITS_WITH_CREDENTIALS = ("systemd-sysusers", "systemd-tmpfiles-setup", "systemd
 def prepare_root(
     image: Path, root: Path, hostname: str, port: int, authorized_key: str, *, emulated: bool = False
 ) -> str:
-    """Copies the image to `root` and gives it its identity; returns the host's public host key."""
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["cp", "--reflink=auto", "-a", str(image), str(root)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise SimFleetError(f"copying {image} to {root} failed: {result.stderr.strip()}")
+    """Makes the host's root (`root`: an overlay on the image, or a copy) and gives it its identity;
+    returns the host's public host key."""
+    make_root(image, root.parent)
     etc = root / "etc"
     (etc / "hostname").write_text(hostname + "\n")
     hosts = (etc / "hosts").read_text() if (etc / "hosts").exists() else ""

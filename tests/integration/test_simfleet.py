@@ -19,6 +19,7 @@ from rover_runtime.protocol import Ack, Command, Telemetry, encode, parse_line
 from simfleet import fleet
 from simfleet.errors import SimFleetError
 from simfleet.fleet import FleetConfig, set_thermal, target_for, up
+from simfleet.host_root import mounts_under
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_ZONE_TEMP, ThermalReading
 from simfleet.processes import is_alive
@@ -244,8 +245,10 @@ def test_down_leaves_nothing_running(tmp_path: Path) -> None:
         assert len(procs) == 4
         assert all(is_alive(p) for p in procs)
         assert inventory.is_file()
+        assert mounts_under(fleet_dir("pytest-down")) == [Path(state.hosts[0].root)]  # the overlay
     assert not any(is_alive(p) for p in procs)
     assert not any(r.exists() for r in roots)
+    assert mounts_under(fleet_dir("pytest-down")) == []
     assert not inventory.exists()
     assert load_state("pytest-down") is None
     assert not Path("/run/systemd/nspawn/propagate/pytest-down-car1").exists()
