@@ -13,7 +13,7 @@ from pathlib import Path
 from simfleet.errors import SimFleetError
 from simfleet.host_root import make_root
 from simfleet.image import PI_USER
-from simfleet.pi_tools import ThermalReading, write_cpufreq, write_thermal
+from simfleet.pi_tools import ThermalReading, install_pi_tools, write_cpufreq, write_thermal
 from simfleet.processes import Proc, is_alive, spawn
 from simfleet.ssh import SshTarget, ssh_run
 
@@ -82,6 +82,7 @@ def prepare_root(
     keys.chmod(0o600)
     for p in (ssh_dir, keys):
         os.chown(p, uid, gid)
+    install_pi_tools(root)
     write_thermal(root, DEFAULT_THERMAL)
     write_cpufreq(root)
     if emulated:

@@ -18,7 +18,6 @@ from pathlib import Path
 from simfleet.binfmt import ensure_emulation
 from simfleet.errors import SimFleetError
 from simfleet.paths import images_dir
-from simfleet.pi_tools import install_pi_tools
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,8 @@ def _chroot(root: Path, *args: str) -> None:
 
 def _customize(root: Path) -> None:
     """What every host shares: the `pi` user with passwordless sudo (as on Raspberry Pi OS), no host keys
-    (each host gets its own), an empty machine-id, masked timers, the Pi tool stand-ins."""
+    (each host gets its own), an empty machine-id, masked timers. (The Pi tool stand-ins are written per
+    host, so changing them needs no image rebuild.)"""
     groups = [g for g in PI_GROUPS if _has_group(root, g)]
     _chroot(root, "useradd", "--create-home", "--shell", "/bin/bash", "--groups", ",".join(groups), PI_USER)
     sudoers = root / "etc" / "sudoers.d" / "010_pi-nopasswd"
@@ -135,7 +135,6 @@ def _customize(root: Path) -> None:
         link = root / "etc" / "systemd" / "system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
-    install_pi_tools(root)
 
 
 def _has_group(root: Path, group: str) -> bool:

@@ -63,7 +63,7 @@ def _inside(root: Path, path: str) -> Path:
 
 
 def install_pi_tools(root: Path) -> None:
-    """Writes the vcgencmd stand-in into an image root."""
+    """Writes the vcgencmd stand-in into a host's root."""
     tool = _inside(root, "/usr/local/bin/vcgencmd")
     tool.parent.mkdir(parents=True, exist_ok=True)
     tool.write_text(VCGENCMD)
