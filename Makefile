@@ -12,12 +12,12 @@ export HF_DATASETS_OFFLINE := 1
 export PATH := $(VENV)/bin:$(PATH)
 OUT ?= out
 
-.PHONY: setup demo test lint unit firmware
+.PHONY: setup demo test lint unit firmware fleet-up fleet-down fleet-status
 setup:
 	@scripts/bootstrap.sh
 
 demo: setup
-	$(PY) -m quantization demo --out $(OUT)
+	OUT=$(OUT) scripts/demo.sh
 
 lint: setup
 	ruff check .
@@ -32,3 +32,12 @@ test: setup
 
 firmware:
 	$(MAKE) -C firmware
+
+# The simulated fleet on its own (docs/simulation.md); `make demo` uses the fleet named demo.
+FLEET ?= demo
+fleet-up: setup
+	$(PY) -m simfleet up --name $(FLEET) --inventory inventory/sim/hosts.yml
+fleet-down:
+	$(PY) -m simfleet down --name $(FLEET)
+fleet-status:
+	$(PY) -m simfleet status --name $(FLEET)

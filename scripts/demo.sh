@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole story on the simulated fleet (run by `make demo` after bootstrap.sh):
+# simulated fleet up -> demo dataset and policy -> quantize (FP32, dynamic, static; torch and ONNX Runtime)
+# -> compare + report -> provision -> deploy -> benchmark -> where the reports are.
+# A second run reuses every cache (image, dataset, policy, bundles, wheelhouse, running fleet) and is fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${OUT:-out}")
+fleet=${ROVER_FLEET:-demo}
+hosts=${ROVER_FLEET_HOSTS:-2}
+inventory=inventory/sim/hosts.yml
+# The bundle the cars run: ONNX Runtime static INT8 is the fastest measured path (docs/quantization.md).
+bundle=${ROVER_DEMO_BUNDLE:-static-int8-onnx}
+started=$SECONDS
+step() { printf '\n==> [%s +%ds] %s\n' "$(date +%H:%M:%S)" $((SECONDS - started)) "$*"; }
+
+step "1/6 simulated fleet '$fleet' ($hosts cars): python -m simfleet up"
+if python -m simfleet status --name "$fleet" >/dev/null 2>&1; then
+  echo "fleet '$fleet' is already up: reusing it"
+else
+  python -m simfleet down --name "$fleet" >/dev/null 2>&1 || true
+  python -m simfleet up --name "$fleet" --hosts "$hosts" --inventory "$inventory"
+fi
+
+step "2/6 demo dataset, demo policy, bundles, comparison, report: python -m quantization demo"
+python -m quantization demo --out "$out"
+
+step "3/6 provision: ansible-playbook playbooks/provision.yml"
+ansible-playbook -i "$inventory" playbooks/provision.yml
+
+step "4/6 deploy $bundle: ansible-playbook playbooks/deploy.yml"
+# Simulated cars drive all the time (synthetic camera), so the model swap is forced (docs/deploy.md).
+ansible-playbook -i "$inventory" playbooks/deploy.yml \
+  -e rover_deploy_bundle="$out/bundles/$bundle" -e rover_deploy_force=true
+
+step "5/6 benchmark every car: ansible-playbook playbooks/benchmark.yml"
+ansible-playbook -i "$inventory" playbooks/benchmark.yml -e rover_benchmark_output_dir="$out/benchmarks"
+
+step "6/6 done in $((SECONDS - started)) s"
+run=$(find "$out/benchmarks/runs" -mindepth 1 -maxdepth 1 -type d | sort | tail -n 1)
+cat <<MSG
+Quantization report:   $out/report/report.md (and report.json; comparison in $out/comparison.json)
+Model bundles:         $out/bundles/
+Fleet benchmark:       $run/report.md, report.html, latency.png
+The simulated fleet is still up: python -m simfleet status --name $fleet; stop it with make fleet-down.
+MSG
