@@ -38,7 +38,8 @@ class Run:
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
     recap: dict[str, dict[str, int]] = {}
-    for line in output.rsplit("PLAY RECAP", maxsplit=1)[-1].splitlines():
+    section = output.rsplit("PLAY RECAP", maxsplit=1)[-1].split("TASKS RECAP", maxsplit=1)[0]
+    for line in section.splitlines():
         match = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
         if match:
             recap[match.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(2))}

@@ -4,6 +4,7 @@ tampered wheelhouse, hot car, wrongly typed inventory variable)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from simfleet.fleet import set_thermal
 from simfleet.host import DEFAULT_THERMAL
 from simfleet.pi_tools import ThermalReading
 from simfleet.state import FleetState
+from simfleet.testing import running_fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -219,3 +221,29 @@ def test_wrongly_typed_inventory_variable_is_rejected(
     flat = " ".join(run.stdout.split())
     assert "rover_thermal_max_temp_c" in flat
     assert "float" in flat
+
+
+ARM64_FLEET = os.environ.get("SIMFLEET_TEST_NAME", "pytest") + "-provision-arm64"
+
+
+@pytest.mark.arm64
+def test_arm64_car_gets_the_aarch64_cpu_torch_with_qnnpack() -> None:
+    """The real target architecture (through qemu-user): the aarch64 wheelhouse is built on this x86_64
+    controller, installed offline on the car, and torch's qnnpack engine runs there."""
+    with running_fleet(ARM64_FLEET, hosts=1, arch="arm64", base_port=2391) as fleet:
+        run = provision(fleet)
+        assert run.rc == 0, run.stdout[-6000:]
+        assert_ok(run, cars(fleet))
+        host = car(Path(fleet.inventory), cars(fleet)[0])
+        wheel = host.check_output("ls /opt/rover/wheelhouse/*/torch-*.whl")
+        report = host.check_output(
+            "/opt/rover/venv/bin/python -c 'import json, platform, torch; "
+            'torch.backends.quantized.engine = "qnnpack"; '
+            "print(json.dumps([platform.machine(), torch.__version__, "
+            "torch.backends.quantized.supported_engines]))'"
+        )
+    machine, version, engines = json.loads(report.splitlines()[-1])
+    assert "manylinux_2_28_aarch64" in wheel
+    assert machine == "aarch64"
+    assert version == "2.10.0"
+    assert "qnnpack" in engines
