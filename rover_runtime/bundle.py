@@ -120,7 +120,7 @@ class Manifest:
 
     @property
     def content_hash(self) -> str:
-        """A stable identity for the bundle: the sha256 of its manifest's file list (used for release names)."""
+        """A stable identity: the sha256 of the manifest's file list (names releases on the car)."""
         listing = "\n".join(f"{f.path} {f.sha256}" for f in sorted(self.files, key=lambda f: f.path))
         return hashlib.sha256(listing.encode()).hexdigest()
 
@@ -186,9 +186,7 @@ def open_bundle(root: Path | str, *, verify_hashes: bool = True) -> Bundle:
             raise BundleError(f"bundle {root}: {entry.path} is listed in the manifest but missing")
         size = path.stat().st_size
         if size != entry.size:
-            raise BundleError(
-                f"bundle {root}: {entry.path} has {size} bytes, the manifest says {entry.size}"
-            )
+            raise BundleError(f"bundle {root}: {entry.path} has {size} bytes, the manifest says {entry.size}")
         if verify_hashes and sha256_file(path) != entry.sha256:
             raise BundleError(f"bundle {root}: {entry.path} does not match its sha256 in the manifest")
     for path in root.rglob("*"):
@@ -278,7 +276,9 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         if not isinstance(img, dict):
             raise BundleError(f"{w_img}: must be an object")
         shape = _get(img, "shape", list, w_img)
-        if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        if len(shape) != 3 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+        ):
             raise BundleError(f"{w_img}: key 'shape' must be three positive integers [C, H, W], got {shape}")
         if shape[0] != 3:
             raise BundleError(f"{w_img}: key 'shape' must have 3 channels first, got {shape}")
@@ -305,7 +305,9 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
     action_names = _str_tuple(outs, "action_names", w_out)
     action_dim = _positive(_get(outs, "action_dim", int, w_out), "action_dim", w_out)
     if len(action_names) != action_dim:
-        raise BundleError(f"{w_out}: 'action_names' has {len(action_names)} names for action_dim {action_dim}")
+        raise BundleError(
+            f"{w_out}: 'action_names' has {len(action_names)} names for action_dim {action_dim}"
+        )
     chunk_size = _positive(_get(outs, "chunk_size", int, w_out), "chunk_size", w_out)
     n_action_steps = _positive(_get(outs, "n_action_steps", int, w_out), "n_action_steps", w_out)
     if n_action_steps > chunk_size:
@@ -347,7 +349,11 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         size = _get(entry, "size", int, w_f)
         if size < 0:
             raise BundleError(f"{w_f}: key 'size' must not be negative")
-        files.append(FileEntry(path=_safe_relpath(_get(entry, "path", str, w_f), "path", w_f), sha256=digest, size=size))
+        files.append(
+            FileEntry(
+                path=_safe_relpath(_get(entry, "path", str, w_f), "path", w_f), sha256=digest, size=size
+            )
+        )
     model_file = _safe_relpath(_get(raw, "model_file", str, where), "model_file", where)
     if model_file not in {f.path for f in files}:
         raise BundleError(f"{where}: model_file {model_file!r} is not listed in 'files'")
