@@ -9,6 +9,7 @@ export HF_HOME := $(ROVER_CACHE)/huggingface
 export TORCH_HOME := $(ROVER_CACHE)/torch
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export PATH := $(VENV)/bin:$(PATH)
 OUT ?= out
 
