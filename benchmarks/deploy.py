@@ -27,7 +27,7 @@ from deploy_helpers import car, content_hash, make_bundle, run_playbook  # type:
 # Simulated cars always drive (their policy commands throttle): a model swap needs force.
 _FORCE = ("-e", "rover_deploy_force=true")
 # The deploy's last task prints "<car>: release <hash> (<what happened>, <n> bundle bytes sent)".
-_SENT = re.compile(r"([\w.-]+): release \w+\s+\([^)]*?, (\d+) bundle bytes sent\)", re.S)
+_SENT = re.compile(r"([\w.-]+): release \w+\s+\([^)]*?,\s+(\d+)\s+bundle\s+bytes\s+sent\)", re.S)
 
 
 def _model_stat(inventory: Path, hosts: list[str]) -> dict[str, str]:
@@ -62,7 +62,7 @@ def main() -> int:
             if run.rc != 0:
                 print(f"deploy benchmark: {phase} failed:\n{run.stdout[-3000:]}", file=sys.stderr)
                 return 1
-            recap = run.recap()
+            recap = {h: c for h, c in run.recap().items() if h != "localhost"}
             sent = {h: int(n) for h, n in _SENT.findall(run.stdout)}
             runs[phase] = {
                 "seconds": round(seconds, 1),

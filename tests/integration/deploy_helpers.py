@@ -45,7 +45,7 @@ class PlaybookRun:
         """PLAY RECAP counters per host."""
         out: dict[str, dict[str, int]] = {}
         for line in self.stdout.split("PLAY RECAP")[-1].splitlines():
-            match = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
+            match = re.match(r"^(\S+)\s+:\s+(ok=.*)$", line.strip())
             if match:
                 out[match.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(2))}
         return out
