@@ -120,9 +120,12 @@ class Manifest:
 
     @property
     def content_hash(self) -> str:
-        """A stable identity: the sha256 of the manifest's file list (names releases on the car)."""
-        listing = "\n".join(f"{f.path} {f.sha256}" for f in sorted(self.files, key=lambda f: f.path))
-        return hashlib.sha256(listing.encode()).hexdigest()
+        """The bundle's identity (names releases on the car): the sha256 of its canonical manifest.
+
+        The manifest lists every file's sha256, so this covers the files and the metadata alike: two bundles
+        with the same model file but different manifests are different releases.
+        """
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
 @dataclass(frozen=True)
