@@ -169,6 +169,8 @@ def test_benchmark_json(bundle: Path, tmp_path: Path) -> None:
     assert report == json.loads(output.read_text())
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert len(latency["samples"]) == 30
+    assert max(latency["samples"]) == pytest.approx(latency["max"], abs=1e-3)
     for key in ("throughput_fps", "achievable_control_rate_hz", "peak_rss_mb", "cpu_percent", "model_bytes"):
         assert report[key] > 0, key
     assert report["backend"] == "torch"
