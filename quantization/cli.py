@@ -7,6 +7,7 @@ input ends with one line `error: ...` on stderr and exit status 2, without a tra
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -90,6 +91,9 @@ def _demo(args: argparse.Namespace) -> int:
         DemoOptions(out=args.out, cache_root=cache_root(), samples=args.calibration_samples,
                     engine=args.engine, threads=args.threads, runs=args.runs)
     )  # fmt: skip
+    from quantization.compare import format_table  # noqa: PLC0415
+
+    print(format_table(json.loads(paths["comparison"].read_text(encoding="utf-8"))))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
