@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
-from deploy_helpers import car, content_hash, make_bundle, run_playbook  # type: ignore[import-not-found]
+from deploy_helpers import car, content_hash, make_bundle, run_playbook
 
 # Simulated cars always drive (their policy commands throttle): a model swap needs force.
 _FORCE = ("-e", "rover_deploy_force=true")

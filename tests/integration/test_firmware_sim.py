@@ -55,7 +55,7 @@ class SimProcess:
             time.sleep(0.01)
 
     def status_data(self) -> dict[str, Any]:
-        return json.loads(self.status.read_text())  # type: ignore[no-any-return]
+        return json.loads(self.status.read_text())
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines()]

@@ -35,7 +35,7 @@ def runtime(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[s
     )
 
 
-def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -14,7 +14,7 @@ from rover_runtime.config import load_config
 from rover_runtime.metrics import write_json_atomic
 
 
-def _wait(predicate, timeout: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout: float = 3.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
