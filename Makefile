@@ -10,10 +10,12 @@ export TORCH_HOME := $(ROVER_CACHE)/torch
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
+# Ansible's fact cache (ansible.cfg names ~/.cache/rover/ansible-facts) follows ROVER_CACHE.
+export ANSIBLE_CACHE_PLUGIN_CONNECTION := $(ROVER_CACHE)/ansible-facts
 export PATH := $(VENV)/bin:$(PATH)
 OUT ?= out
 
-.PHONY: setup demo test lint unit firmware fleet-up fleet-down fleet-status
+.PHONY: setup demo test lint unit molecule firmware fleet-up fleet-down fleet-status
 setup:
 	@scripts/bootstrap.sh
 
@@ -24,12 +26,16 @@ lint: setup
 	ruff check .
 	ruff format --check .
 	mypy
+	ansible-lint --profile production --offline -q
 
 unit: setup
 	pytest -m "not fleet and not arm64"
 
 test: setup
 	scripts/run-tests.sh
+
+molecule: setup
+	molecule test
 
 firmware:
 	$(MAKE) -C firmware

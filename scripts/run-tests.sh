@@ -19,7 +19,7 @@ if want static; then
   ruff check .
   ruff format --check .
   mypy
-  ansible-lint --profile production -q
+  ansible-lint --profile production --offline -q
 fi
 
 if want python; then
