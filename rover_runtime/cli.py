@@ -74,21 +74,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out["camera.source"], out["camera.device"] = "device", args.camera
     if args.video is not None:
         out["camera.source"], out["camera.file"] = "file", args.video
-    if args.serial_port is not None:
-        out["serial.port"] = args.serial_port
-    if args.rate is not None:
-        out["control.rate_hz"] = args.rate
-    if args.mode is not None:
-        out["control.mode"] = args.mode
-    if args.threads is not None:
-        out["policy.threads"] = args.threads
-    if args.engine is not None:
-        out["policy.engine"] = args.engine
-    if args.metrics_path is not None:
-        out["metrics.path"] = args.metrics_path
-    if args.log_level is not None:
-        out["logging.level"] = args.log_level
+    for attr, key in _PLAIN_OVERRIDES:
+        value = getattr(args, attr)
+        if value is not None:
+            out[key] = value
     return out
+
+
+# Flags that set one config key as they are: (argparse dest, config key).
+_PLAIN_OVERRIDES = (
+    ("serial_port", "serial.port"),
+    ("rate", "control.rate_hz"),
+    ("mode", "control.mode"),
+    ("threads", "policy.threads"),
+    ("engine", "policy.engine"),
+    ("metrics_path", "metrics.path"),
+    ("log_level", "logging.level"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
