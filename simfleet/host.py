@@ -82,6 +82,13 @@ def prepare_root(
     keys.chmod(0o600)
     for p in (ssh_dir, keys):
         os.chown(p, uid, gid)
+    # systemd-tmpfiles creates /run/nologin at boot and systemd-user-sessions.service removes it. That unit
+    # failed once under heavy load, which locked `pi` out for good (sshd up, logins refused). A simulated car
+    # needs no login gate, so the tmpfiles entry is masked.
+    nologin = etc / "tmpfiles.d" / "systemd-nologin.conf"
+    nologin.parent.mkdir(parents=True, exist_ok=True)
+    nologin.unlink(missing_ok=True)
+    nologin.symlink_to("/dev/null")
     install_pi_tools(root)
     write_thermal(root, DEFAULT_THERMAL)
     write_cpufreq(root)
