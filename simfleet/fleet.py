@@ -55,7 +55,8 @@ class FleetConfig:
             raise SimFleetError(f"--base-port {self.base_port}: must be 1024..{65535 - self.hosts}")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether sshd could listen on 127.0.0.1:`port` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # Like sshd: connections in TIME_WAIT from an earlier fleet do not make the port busy.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,7 +81,7 @@ def up(config: FleetConfig) -> FleetState:
             f"fleet {config.name!r} is already up ({state_path(config.name)}); run down first"
         )
     ports = [config.base_port + i for i in range(config.hosts)]
-    busy = [p for p in ports if not _port_free(p)]
+    busy = [p for p in ports if not port_free(p)]
     if busy:
         raise SimFleetError(f"127.0.0.1 port(s) {busy} in use (another fleet?): choose another --base-port")
     if config.arch != native_arch():

@@ -47,6 +47,13 @@ def fleet(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
+    # The fleet is shared by the session: another test (the benchmark playbook) may have deployed to it.
+    # These tests count releases, so start from a car with the service stopped and no release at all.
+    for name in CARS:
+        car(fleet, name).check_output(
+            "systemctl stop rover-runtime || true; "
+            f"rm -rf {RELEASES}/releases {RELEASES}/current {RELEASES}/previous"
+        )
     run = run_playbook(fleet, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.stdout[-4000:]
     return fleet

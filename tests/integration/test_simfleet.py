@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ from simfleet.processes import is_alive
 from simfleet.ssh import ssh_run
 from simfleet.state import FleetState, HostState, load_state
 from simfleet.testing import fleet_lock, running_fleet
+
+
+@pytest.fixture(scope="module")
+def sim_fleet() -> Iterator[FleetState]:
+    """This module's own two cars (fleet "pytest-simfleet", ports 2331-2332), overriding the session fleet:
+    these tests check pristine hosts (governor, serial line counts), which the session fleet no longer is
+    once the playbook tests have provisioned and deployed to it."""
+    with running_fleet("pytest-simfleet", hosts=2, base_port=2331) as state:
+        yield state
 
 
 def run_on(fleet: FleetState, host: HostState, command: str, timeout: float = 60) -> str:
@@ -252,8 +262,7 @@ def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     assert not inventory.exists()
     assert load_state("pytest-down") is None
     assert not Path("/run/systemd/nspawn/propagate/pytest-down-car1").exists()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 2371))  # the port is free again
+    assert fleet.port_free(2371)  # nothing listens there any more
 
 
 @pytest.mark.fleet
@@ -271,8 +280,7 @@ def test_down_ends_a_container_whose_nspawn_was_killed(tmp_path: Path) -> None:
         assert not is_alive(host.nspawn)
         assert is_alive(host.init)  # the container outlives its nspawn process...
     assert not is_alive(host.init)  # ...until down ends it
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 2377))
+    assert fleet.port_free(2377)
 
 
 @pytest.mark.fleet
