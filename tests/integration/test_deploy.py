@@ -73,7 +73,7 @@ def test_service_runs_hardened_as_rover(deployed: Path, name: str) -> None:
     show = host.check_output(
         "systemctl show rover-runtime -p Type -p User -p MainPID -p NoNewPrivileges -p ProtectSystem "
         "-p ProtectHome -p PrivateTmp -p DevicePolicy -p WatchdogUSec -p Restart -p RuntimeDirectory "
-        "-p DeviceAllow"
+        "-p DeviceAllow -p LimitRTPRIO"
     )
     props = dict(line.split("=", 1) for line in show.splitlines())
     assert props["Type"] == "notify"
@@ -85,6 +85,7 @@ def test_service_runs_hardened_as_rover(deployed: Path, name: str) -> None:
     assert props["DevicePolicy"] == "closed"
     assert props["WatchdogUSec"] == "10s"
     assert props["Restart"] == "on-failure"
+    assert props["LimitRTPRIO"] == "20"  # the control loop may run at SCHED_FIFO
     assert props["RuntimeDirectory"] == "rover"
     assert "/dev/ttyUSB0 rw" in props["DeviceAllow"]
     # The process itself runs as rover, not only the unit setting.
