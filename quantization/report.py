@@ -106,9 +106,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Measured by `python -m quantization compare` on the held-out episodes of "
         f"`{report['dataset']}` ({report['samples']} frames), latency over {report['runs']} runs after "
-        f"warm-up with {report['threads']} threads on {host.get('machine', '?')} "
-        f"({host.get('processor') or '?'}). "
-        "This host is not a Raspberry Pi: latencies are for comparison between rows, not Pi figures.",
+        f"warm-up with {report['threads']} threads on {host.get('machine', '?')}"
+        f"{' (' + host['processor'] + ')' if host.get('processor') else ''}. "
+        + (
+            "This host is not a Raspberry Pi: latencies are for comparison between rows, not Pi figures "
+            "(qnnpack, the Pi's engine for the torch INT8 bundles, is slow on x86)."
+            if host.get("machine") != "aarch64"
+            else ""
+        ),
         "",
         "## Summary",
         "",
