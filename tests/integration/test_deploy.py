@@ -204,9 +204,11 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
     assert canary.service("rover-runtime").is_running, journal(canary)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = metrics(canary)
-        if m["bundle"]["content_hash"] == good and m["healthy"]:
-            break
+        # The restarted service writes its first metrics file a moment after it starts.
+        if canary.file("/run/rover/metrics.json").exists:
+            m = metrics(canary)
+            if m["bundle"]["content_hash"] == good and m["healthy"]:
+                break
         time.sleep(1)
     assert m["bundle"]["content_hash"] == good
     assert m["healthy"]

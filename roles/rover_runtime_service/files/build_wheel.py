@@ -69,7 +69,13 @@ def build(source: Path, cache: Path) -> dict[str, object]:
         staged = Path(tmp) / key
         staged.mkdir()
         shutil.move(str(wheels[0]), staged / wheels[0].name)
-        staged.rename(target)
+        try:
+            staged.rename(target)
+        except OSError:
+            # Another deploy built the same sources at the same time and renamed first: the same wheel.
+            if not (target / wheels[0].name).is_file():
+                raise
+            return {"wheel": str(target / wheels[0].name), "key": key, "built": False}
     return {"wheel": str(target / wheels[0].name), "key": key, "built": True}
 
 
