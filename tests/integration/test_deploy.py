@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deploy_helpers import (
@@ -202,6 +203,7 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
     # The canary is back on the previous release and serving it.
     assert current_release(canary) == good
     assert canary.service("rover-runtime").is_running, journal(canary)
+    m: dict[str, Any] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         # The restarted service writes its first metrics file a moment after it starts.
@@ -210,6 +212,7 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
             if m["bundle"]["content_hash"] == good and m["healthy"]:
                 break
         time.sleep(1)
+    assert m, f"no metrics file within 30 s\n{journal(canary)}"
     assert m["bundle"]["content_hash"] == good
     assert m["healthy"]
     # The bad release stays on the canary (for inspection) but is not active.
