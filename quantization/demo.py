@@ -2,7 +2,8 @@
 
 demo dataset -> trained demo ACT -> bundles (FP32/dynamic/static torch, FP32/static ONNX Runtime) ->
 compare on the held-out episodes -> report. Datasets, policies and bundles are cached under the cache root
-keyed by their inputs (and the quantization code), so a second run only re-measures.
+keyed by their inputs (and the quantization code), and so is the comparison (by the bundles, the dataset,
+the settings and the host), so a second run reuses all of it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -83,6 +86,20 @@ def ensure_bundle(request: QuantizeRequest, cache_root: Path, dataset_fingerprin
     return quantize_policy(replace(request, output=cached, force=True))
 
 
+def comparison_cache_key(bundle_dirs: list[Path], dataset_fingerprint: str, options: DemoOptions) -> str:
+    """What a demo comparison measured: these exact bundles, the dataset, the settings, this host and the
+    comparison code. A second demo run reuses the measurements; `python -m quantization compare` never
+    does."""
+    payload = {
+        "bundles": [open_bundle(d).manifest.content_hash for d in bundle_dirs],
+        "dataset": dataset_fingerprint,
+        "settings": [options.threads, options.runs, options.max_samples],
+        "host": [platform.node(), platform.machine(), os.cpu_count()],
+        "code": hashlib.sha256((Path(__file__).parent / "compare.py").read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def copy_bundle(bundle: Bundle, target: Path) -> Bundle:
     """Copy a bundle to `target` (staged, then renamed) unless an identical one is already there."""
     try:
@@ -118,10 +135,17 @@ def run_demo(options: DemoOptions) -> dict[str, Path]:
         )  # fmt: skip
         bundle = ensure_bundle(request, options.cache_root, fingerprint)
         bundle_dirs.append(copy_bundle(bundle, out / "bundles" / name).root)
-    log.info("[4/5] compare on the held-out episodes (%d timed runs per bundle)", options.runs)
-    comparison = compare_bundles(bundle_dirs, dataset, options.threads, options.runs, options.max_samples)
     comparison_path = out / "comparison.json"
-    write_json(comparison, comparison_path)
+    key = comparison_cache_key(bundle_dirs, fingerprint, options)
+    cached = options.cache_root / "comparisons" / f"{key}.json"
+    if cached.is_file():
+        log.info("[4/5] compare: reusing the measurements of these bundles on this host (%s)", cached)
+        shutil.copyfile(cached, comparison_path)
+    else:
+        log.info("[4/5] compare on the held-out episodes (%d timed runs per bundle)", options.runs)
+        comparison = compare_bundles(bundle_dirs, dataset, options.threads, options.runs, options.max_samples)
+        write_json(comparison, comparison_path)
+        write_json(comparison, cached)
     log.info("[5/5] report")
     md, js = write_report(comparison_path, out / "report", policy)
     if not md.is_file():
