@@ -86,12 +86,12 @@ def ensure_bundle(request: QuantizeRequest, cache_root: Path, dataset_fingerprin
     return quantize_policy(replace(request, output=cached, force=True))
 
 
-def comparison_cache_key(bundle_dirs: list[Path], dataset_fingerprint: str, options: DemoOptions) -> str:
+def comparison_cache_key(bundles: list[Bundle], dataset_fingerprint: str, options: DemoOptions) -> str:
     """What a demo comparison measured: these exact bundles, the dataset, the settings, this host and the
     comparison code. A second demo run reuses the measurements; `python -m quantization compare` never
     does."""
     payload = {
-        "bundles": [open_bundle(d).manifest.content_hash for d in bundle_dirs],
+        "bundles": [b.manifest.content_hash for b in bundles],
         "dataset": dataset_fingerprint,
         "settings": [options.threads, options.runs, options.max_samples],
         "host": [platform.node(), platform.machine(), os.cpu_count()],
@@ -126,7 +126,7 @@ def run_demo(options: DemoOptions) -> dict[str, Path]:
     log.info("[2/5] demo policy (trains on CPU the first time: a few minutes)")
     policy = ensure_demo_policy(options.cache_root, dataset, TrainConfig())
     fingerprint = dataset_fingerprint(dataset)
-    bundle_dirs = []
+    bundles: list[Bundle] = []
     for i, (name, mode, backend) in enumerate(DEMO_VARIANTS, start=1):
         log.info("[3/5] bundle %d/%d: %s", i, len(DEMO_VARIANTS), name)
         request = QuantizeRequest(
@@ -134,16 +134,17 @@ def run_demo(options: DemoOptions) -> dict[str, Path]:
             samples=options.samples, engine=options.engine,
         )  # fmt: skip
         bundle = ensure_bundle(request, options.cache_root, fingerprint)
-        bundle_dirs.append(copy_bundle(bundle, out / "bundles" / name).root)
+        bundles.append(copy_bundle(bundle, out / "bundles" / name))
     comparison_path = out / "comparison.json"
-    key = comparison_cache_key(bundle_dirs, fingerprint, options)
+    key = comparison_cache_key(bundles, fingerprint, options)
     cached = options.cache_root / "comparisons" / f"{key}.json"
     if cached.is_file():
         log.info("[4/5] compare: reusing the measurements of these bundles on this host (%s)", cached)
         shutil.copyfile(cached, comparison_path)
     else:
         log.info("[4/5] compare on the held-out episodes (%d timed runs per bundle)", options.runs)
-        comparison = compare_bundles(bundle_dirs, dataset, options.threads, options.runs, options.max_samples)
+        roots = [b.root for b in bundles]
+        comparison = compare_bundles(roots, dataset, options.threads, options.runs, options.max_samples)
         write_json(comparison, comparison_path)
         write_json(comparison, cached)
     log.info("[5/5] report")
