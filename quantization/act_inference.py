@@ -384,13 +384,25 @@ def _norm_mode(step: Any, feature_type_name: str) -> str:
     return "IDENTITY"
 
 
+def _stats(step: Any, key: str, mode: str) -> Any:
+    """The statistics `step` normalizes `key` with; missing ones are refused, never taken as identity
+    (lerobot itself would then pass the feature through unnormalized, and the policy would misbehave)."""
+    stats = step._tensor_stats.get(key)
+    if not stats:
+        raise QuantizationError(
+            f"the policy's normalization statistics for {key!r} ({mode}) are missing from its "
+            f"{type(step).__name__} state: refusing to bake in an identity normalization"
+        )
+    return stats
+
+
 def _affine(step: Any, key: str, feature_type: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """(sub, div, add) with normalized = (x - sub) / div + add, exactly as lerobot's step computes it."""
     mode = _norm_mode(step, feature_type)
-    stats = step._tensor_stats.get(key)
     zeros, ones = torch.zeros(shape), torch.ones(shape)
-    if mode == "IDENTITY" or stats is None:
+    if mode == "IDENTITY":
         return zeros, ones, zeros
+    stats = _stats(step, key, mode)
     eps = float(step.eps)
     low_high = {"MIN_MAX": ("min", "max"), "QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
     try:
@@ -410,9 +422,9 @@ def _affine(step: Any, key: str, feature_type: str, shape: tuple[int, ...]) -> t
 def _inverse_affine(step: Any, key: str, feature_type: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """(mul, add) with real = normalized * mul + add, as lerobot's unnormalizer computes it."""
     mode = _norm_mode(step, feature_type)
-    stats = step._tensor_stats.get(key)
-    if mode == "IDENTITY" or stats is None:
+    if mode == "IDENTITY":
         return torch.ones(shape), torch.zeros(shape)
+    stats = _stats(step, key, mode)
     if mode == "MEAN_STD":
         return stats["std"].float(), stats["mean"].float()
     sub, div, _ = _affine(step, key, feature_type, shape)

@@ -11,6 +11,8 @@ from quantization.errors import QuantizationError
 log = logging.getLogger(__name__)
 
 HELDOUT_SPLIT_NAMES = ("test", "val", "validation")
+# The LeRobotDataset format versions the installed lerobot (0.6.x; 0.4.x wrote the same) reads.
+READABLE_CODEBASE_VERSIONS = ("v3.0",)
 FALLBACK_HELDOUT_FRACTION = 0.1
 
 
@@ -44,6 +46,17 @@ def read_dataset_info(dataset_root: Path) -> dict[str, object]:
         raise QuantizationError(f"{info_path}: invalid JSON ({exc})") from None
     if not isinstance(info, dict):
         raise QuantizationError(f"{info_path}: expected a JSON object")
+    version = info.get("codebase_version")
+    if version not in READABLE_CODEBASE_VERSIONS:
+        hint = (
+            " (convert it with: python -m lerobot.scripts.convert_dataset_v21_to_v30 --repo-id=...)"
+            if version == "v2.1"
+            else ""
+        )
+        raise QuantizationError(
+            f"{info_path}: dataset codebase version {version!r} cannot be read by lerobot 0.6.1, which "
+            f"reads {', '.join(READABLE_CODEBASE_VERSIONS)}{hint}"
+        )
     return info
 
 

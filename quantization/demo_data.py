@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
-from lerobot.datasets.utils import write_info
 
 from quantization.errors import QuantizationError
 from quantization.track_render import (
@@ -165,14 +164,16 @@ def write_demo_dataset(root: Path, config: DemoDataConfig, force: bool = False) 
                 dataset.save_episode()
                 log.info("demo dataset: episode %d/%d written", episode + 1, config.episodes)
         finally:
-            dataset.stop_image_writer()
             dataset.finalize()
-        info = dataset.meta.info
+        # The held-out split goes into meta/info.json as plain JSON (lerobot's own helpers for it moved
+        # between releases; the file format did not).
+        info_path = staging / "meta" / "info.json"
+        info = json.loads(info_path.read_text())
         info["splits"] = {
             "train": f"0:{config.train_episodes}",
             "test": f"{config.train_episodes}:{config.episodes}",
         }
-        write_info(info, staging)
+        info_path.write_text(json.dumps(info, indent=4) + "\n")
         (staging / "meta" / "demo_config.json").write_text(
             json.dumps({"config": asdict(config), "generator_version": GENERATOR_VERSION}, indent=2) + "\n"
         )

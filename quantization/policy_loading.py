@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantization.checkpoint_version import require_supported, saved_by
 from quantization.errors import QuantizationError
 from rover_runtime.bundle import sha256_file
 
@@ -39,6 +40,7 @@ class PolicyFiles:
     config: dict[str, Any]
     weights: Path
     tensor_names: tuple[str, ...]
+    lerobot_series: str  # the lerobot release that saved it: "0.4.x" or "0.6.x"
 
     @property
     def policy_type(self) -> str:
@@ -126,13 +128,34 @@ def check_policy_dir(root: Path) -> PolicyFiles:
     if not weights.is_file():
         raise QuantizationError(f"policy directory {root}: {WEIGHTS_FILE} (the weights) is missing")
     header = read_safetensors_header(weights)
-    for name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
-        if not (root / name).is_file():
-            raise QuantizationError(
-                f"policy directory {root}: {name} (the normalization statistics) is missing"
-            )
     names = tuple(sorted(k for k in header if k != "__metadata__"))
-    return PolicyFiles(root=root, config=config, weights=weights, tensor_names=names)
+    processors = [root / PREPROCESSOR_FILE, root / POSTPROCESSOR_FILE]
+    series = require_supported(root, saved_by(config, names, any(p.is_file() for p in processors)))
+    for path in processors:
+        _check_processor_files(path)
+    return PolicyFiles(root=root, config=config, weights=weights, tensor_names=names, lerobot_series=series)
+
+
+def _check_processor_files(path: Path) -> None:
+    """A processor pipeline JSON and every state file it names (the normalization statistics) exist."""
+    if not path.is_file():
+        raise QuantizationError(
+            f"policy directory {path.parent}: {path.name} (the normalization statistics) is missing"
+        )
+    try:
+        pipeline = json.loads(path.read_text(encoding="utf-8"))
+        steps = pipeline["steps"]
+        state_files = [step["state_file"] for step in steps if step.get("state_file")]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise QuantizationError(f"{path}: not a lerobot processor pipeline ({exc!r})") from exc
+    for name in state_files:
+        state = path.parent / str(name)
+        if not state.is_file():
+            raise QuantizationError(
+                f"policy directory {path.parent}: {name} (the normalization statistics named by "
+                f"{path.name}) is missing"
+            )
+        read_safetensors_header(state)
 
 
 def load_policy(root: Path) -> LoadedPolicy:

@@ -151,6 +151,7 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             tool_versions={
                 "quantization": __version__,
+                "checkpoint_saved_by_lerobot": loaded.files.lerobot_series,
                 "python": platform.python_version(),
                 "torch": str(torch.__version__),
                 "onnx": _version("onnx"),

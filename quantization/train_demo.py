@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from lerobot.configs.types import FeatureType
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
-from lerobot.datasets.utils import dataset_to_policy_features
 from lerobot.policies.act.configuration_act import ACTConfig
 from lerobot.policies.act.modeling_act import ACTPolicy
 from lerobot.policies.factory import make_pre_post_processors
+from lerobot.utils.feature_utils import dataset_to_policy_features
 
 from quantization.dataset_split import read_dataset_info, train_and_heldout_episodes
 from quantization.errors import QuantizationError

@@ -1,18 +1,42 @@
 #!/usr/bin/env bash
-# Installs everything this project needs on a fresh Debian bookworm machine (run as root):
-# Debian packages, then a Python 3.11 venv with the project installed (editable) and its tools.
+# Installs everything this project needs on a fresh Debian machine (run as root): Debian packages, then a
+# controller venv (Python >= 3.12) holding exactly requirements/controller.lock (every package pinned with
+# its hash) and the project itself (editable).
 # Expensive things live in $ROVER_CACHE (default ~/.cache/rover), outside the clone, and are reused.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${ROVER_CACHE:-$HOME/.cache/rover}
-python=${PYTHON:-python3}
 venv="$cache/venv"
+lock="$here/requirements/controller.lock"
 mkdir -p "$cache"
+
+# The controller's interpreter: $PYTHON, else python3.13 / python3.12 on PATH, else one that pyenv
+# installed. A candidate counts only if it runs and is >= 3.12 (a pyenv shim for an unselected version
+# does not run).
+python_ok() { "$1" -c 'import sys, venv; sys.exit(sys.version_info[:2] < (3, 12))' >/dev/null 2>&1; }
+find_python() {
+  local c
+  if [[ -n ${PYTHON:-} ]]; then
+    if python_ok "$PYTHON"; then echo "$PYTHON"; return 0; fi
+    echo "error: PYTHON=$PYTHON is not a working Python >= 3.12 (the controller needs it for lerobot 0.6 and ansible-core 2.21)" >&2
+    return 1
+  fi
+  for c in python3.13 python3.12; do
+    if command -v "$c" >/dev/null && python_ok "$c"; then command -v "$c"; return 0; fi
+  done
+  for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3.13 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if [[ -x $c ]] && python_ok "$c"; then echo "$c"; return 0; fi
+  done
+  echo "error: no Python >= 3.12 found (tried \$PYTHON, python3.13, python3.12 and pyenv's versions): install python3.12 or python3.13 with its venv module, or set PYTHON=/path/to/python3.12" >&2
+  return 1
+}
 
 apt_packages=(
   python3-venv python3-dev build-essential git rsync socat openssh-client iproute2
   mmdebstrap systemd-container qemu-user-static binfmt-support debian-archive-keyring arch-test
   gcc-avr avr-libc binutils-avr arduino-core-avr libsimavr-dev g++
+  # FFmpeg 5.1's libraries, which lerobot's video decoder (torchcodec) loads
+  libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -25,18 +49,21 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-"$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, {sys.executable} is {sys.version}"'
-
 stamp="$venv/.rover-deps"
-want=$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)
+want=$(cat "$lock" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  echo "==> creating the venv in $venv (lerobot + torch: a few minutes the first time)"
+  python=$(find_python)
+  echo "==> creating the venv in $venv with $python ($("$python" -V)); lerobot + torch: a few minutes the first time"
+  # Always from scratch; the stamp is written last, so an interrupted install is redone by the next run.
+  rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q -U pip wheel setuptools
-  "$venv/bin/pip" install -q -e "$here[controller,runtime,onnx,dev]"
+  # (This machine's pip.conf names local index folders that lack most packages: drop those warnings.)
+  "$venv/bin/pip" install -q --require-hashes --no-deps -r "$lock" 2> >(grep -v 'is ignored: it is neither a file' >&2)
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+  "$venv/bin/pip" check
   echo "$want" >"$stamp"
 else
   # The venv is shared by clones: point its editable install at this one (fast, no dependencies).
-  "$venv/bin/pip" install -q --no-deps -e "$here"
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
 fi
 echo "==> venv ready: $venv"

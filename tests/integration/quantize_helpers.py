@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from quantization.calibration import frame_indices, open_dataset
@@ -17,6 +18,7 @@ from quantization.dataset_split import train_and_heldout_episodes
 from quantization.demo import ensure_bundle
 from quantization.quantize import QuantizeRequest
 from quantization.train_demo import dataset_fingerprint
+from rover_runtime.bundle import open_bundle
 
 CALIBRATION_SAMPLES = 16
 VARIANTS = {
@@ -51,3 +53,18 @@ def heldout_batch(dataset: Path, count: int = 4) -> dict[str, object]:
     items = [ds[i] for i in indices]
     keys = [k for k in items[0] if k.startswith("observation.")]
     return {k: torch.stack([item[k] for item in items]) for k in keys}
+
+
+def run_bundle(bundle_dir: Path, batch: dict[str, torch.Tensor], camera_keys: list[str]) -> np.ndarray:
+    """Run a bundle's model file (TorchScript or ONNX) on a lerobot observation batch."""
+    bundle = open_bundle(bundle_dir)
+    inputs = [batch["observation.state"], *(batch[k] for k in camera_keys)]
+    if bundle.manifest.model_format == "torchscript":
+        module = torch.jit.load(str(bundle.model_path))
+        with torch.no_grad():
+            return module(*inputs).numpy()
+    import onnxruntime as ort  # noqa: PLC0415
+
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]

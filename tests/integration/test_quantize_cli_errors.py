@@ -125,7 +125,6 @@ def mismatched_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           "observation.state": np.zeros(3, np.float32), "action": np.zeros(2, np.float32),
                           "task": "drive"})  # fmt: skip
         ds.save_episode()
-    ds.stop_image_writer()
     ds.finalize()
     return root
 

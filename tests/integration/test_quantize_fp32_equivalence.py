@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from quantize_helpers import heldout_batch, tiny_bundle
+from quantize_helpers import heldout_batch, run_bundle, tiny_bundle
 
 from rover_runtime.bundle import open_bundle
 
@@ -38,25 +38,11 @@ def reference(tiny_policy: Path, demo_dataset: Path) -> dict[str, object]:
             "camera_keys": list(loaded.config.image_features)}  # fmt: skip
 
 
-def _run_bundle(bundle_dir: Path, batch: dict[str, torch.Tensor], camera_keys: list[str]) -> np.ndarray:
-    bundle = open_bundle(bundle_dir)
-    inputs = [batch["observation.state"], *(batch[k] for k in camera_keys)]
-    if bundle.manifest.model_format == "torchscript":
-        module = torch.jit.load(str(bundle.model_path))
-        with torch.no_grad():
-            return module(*inputs).numpy()
-    import onnxruntime as ort  # noqa: PLC0415
-
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fp32-torch", "fp32-onnx"])
 def test_fp32_bundle_matches_lerobot(name: str, tiny_policy: Path, demo_dataset: Path, reference) -> None:
     bundle_dir = tiny_bundle(tiny_policy, demo_dataset, name)
-    out = _run_bundle(bundle_dir, reference["batch"], reference["camera_keys"])
+    out = run_bundle(bundle_dir, reference["batch"], reference["camera_keys"])
     chunk = reference["chunk"]
     assert out.shape == chunk.shape  # (batch 4, chunk_size, action_dim)
     assert np.abs(out - chunk).max() <= TOLERANCE
@@ -74,7 +60,8 @@ def test_fp32_manifest_records_the_source(tiny_policy: Path, demo_dataset: Path)
     manifest = open_bundle(tiny_bundle(tiny_policy, demo_dataset, "fp32-torch")).manifest
     assert manifest.source.weights_sha256 == sha256_file(tiny_policy / "model.safetensors")
     assert manifest.source.policy_type == "act"
-    assert manifest.source.lerobot_version == "0.4.4"
+    assert manifest.source.lerobot_version == "0.6.1"  # the lerobot that read the checkpoint
+    assert manifest.tool_versions["checkpoint_saved_by_lerobot"] == "0.6.x"  # the tests' own lerobot saved it
     assert manifest.source.checkpoint_bytes == (tiny_policy / "model.safetensors").stat().st_size
     assert 0 < manifest.source.parameters_inference < manifest.source.parameters_total  # VAE encoder dropped
     assert manifest.normalization == "baked"

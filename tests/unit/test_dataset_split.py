@@ -13,6 +13,9 @@ from quantization.errors import QuantizationError
 
 
 def _dataset(tmp_path: Path, info: object) -> Path:
+    """A dataset whose meta/info.json is `info` (a dict gets lerobot 0.6's codebase_version unless given)."""
+    if isinstance(info, dict):
+        info = {"codebase_version": "v3.0", **info}
     root = tmp_path / "dataset"
     (root / "meta").mkdir(parents=True)
     (root / "meta" / "info.json").write_text(json.dumps(info))
@@ -63,6 +66,11 @@ def test_user_dataset_without_heldout_split_holds_out_the_last_tenth(
         ({"total_episodes": 4, "splits": {"train": "0:4", "test": "4:4"}}, "is empty"),
         ({"total_episodes": 4, "splits": ["0:3"]}, "splits must be an object"),
         (["not", "an", "object"], "expected a JSON object"),
+        (
+            {"codebase_version": "v2.1", "total_episodes": 4},
+            r"codebase version 'v2.1' cannot be read by lerobot 0.6.1, which reads v3.0 \(convert it with",
+        ),
+        ({"codebase_version": None, "total_episodes": 4}, "codebase version None cannot be read"),
     ],
 )
 def test_invalid_info_is_refused_naming_the_file(tmp_path: Path, info: object, message: str) -> None:

@@ -1,0 +1,167 @@
+"""Test helpers: ACT checkpoints as lerobot 0.4.4 and 0.6.1 save them, and small datasets that match them.
+
+- `checkpoint_from_044_fixture` rebuilds a lerobot 0.4.4 checkpoint from `tests/fixtures/lerobot-0.4.4-act/`:
+  the JSON files are those a real 0.4.4 wrote; the weights and the processors' statistics are generated with
+  exactly the tensor names, dtypes and shapes 0.4.4 wrote (`tensors.json`).
+- `save_act_061` builds and saves an ACT with the installed lerobot (0.6.1), as `lerobot-train` leaves it.
+- `write_dataset` writes a tiny LeRobotDataset (codebase v3.0) with the given cameras.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FIXTURE_044 = Path(__file__).resolve().parents[1] / "fixtures" / "lerobot-0.4.4-act"
+JSON_FILES = ("config.json", "policy_preprocessor.json", "policy_postprocessor.json")
+
+
+def _stat_tensor(name: str, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    """Plausible statistics: images in [0, 1], state and action in about [-1, 1]; std and max-min > 0."""
+    image = ".images." in name
+    stat = name.rsplit(".", 1)[-1]
+    noise = torch.rand(shape, generator=generator)
+    values = {
+        "mean": (0.4 + 0.2 * noise) if image else (noise - 0.5) * 0.2,
+        "std": (0.2 + 0.1 * noise) if image else (0.3 + 0.4 * noise),
+        "min": torch.zeros(shape) if image else -1.0 - noise,
+        "max": torch.ones(shape) if image else 1.0 + noise,
+    }
+    return values[stat].float()
+
+
+def checkpoint_from_044_fixture(target: Path, seed: int = 0) -> Path:
+    """A lerobot 0.4.4 ACT checkpoint in `target`: the fixture's JSON files plus generated tensors."""
+    from lerobot.configs.policies import PreTrainedConfig  # noqa: PLC0415
+    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    target.mkdir(parents=True)
+    for name in JSON_FILES:
+        shutil.copy2(FIXTURE_044 / name, target / name)
+    described: dict[str, Any] = json.loads((FIXTURE_044 / "tensors.json").read_text())
+    generator = torch.Generator().manual_seed(seed)
+    # The weights: a freshly initialized ACT of this config (as lerobot initializes it), written under the
+    # names 0.4.4 used, which must be exactly the names and shapes the installed lerobot expects.
+    cfg = PreTrainedConfig.from_pretrained(str(target))
+    torch.manual_seed(seed)
+    state = {k: v.detach().clone().contiguous() for k, v in ACTPolicy(cfg).state_dict().items()}
+    expected = {k: v["shape"] for k, v in described["model.safetensors"].items()}
+    assert {k: list(v.shape) for k, v in state.items()} == expected, "0.4.4 and 0.6.1 ACT tensors differ"
+    save_file(state, str(target / "model.safetensors"))
+    for file_name, tensors in described.items():
+        if not file_name.endswith(".safetensors") or file_name == "model.safetensors":
+            continue
+        stats = {name: _stat_tensor(name, info["shape"], generator) for name, info in tensors.items()}
+        save_file(stats, str(target / file_name))
+    return target
+
+
+@dataclass(frozen=True)
+class ActVariant:
+    """The settings of an ACT where the re-expression could go wrong."""
+
+    name: str
+    backbone: str = "resnet18"
+    pre_norm: bool = False
+    normalization: str = "MEAN_STD"
+    cameras: tuple[str, ...] = ("front",)
+
+
+def camera_key(camera: str) -> str:
+    return f"observation.images.{camera}"
+
+
+def _stats(features: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, shape in features.items():
+        stat_shape = [3, 1, 1] if key.startswith("observation.images.") else list(shape)
+        out[key] = {
+            s: _stat_tensor(f"{key}.{s}", stat_shape, generator) for s in ("mean", "std", "min", "max")
+        }
+    return out
+
+
+def save_act_061(target: Path, variant: ActVariant, image_hw: tuple[int, int], seed: int = 0) -> Path:
+    """An ACT saved by the installed lerobot (config, weights, both processors), random weights."""
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature  # noqa: PLC0415
+    from lerobot.policies.act.configuration_act import ACTConfig  # noqa: PLC0415
+    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
+    from lerobot.policies.factory import make_pre_post_processors  # noqa: PLC0415
+
+    height, width = image_hw
+    inputs = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,))}
+    for camera in variant.cameras:
+        inputs[camera_key(camera)] = PolicyFeature(type=FeatureType.VISUAL, shape=(3, height, width))
+    outputs = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))}
+    mode = NormalizationMode(variant.normalization)
+    cfg = ACTConfig(
+        input_features=inputs, output_features=outputs, device="cpu", pretrained_backbone_weights=None,
+        vision_backbone=variant.backbone, pre_norm=variant.pre_norm,
+        normalization_mapping={"VISUAL": mode, "STATE": mode, "ACTION": mode},
+        dim_model=64, n_heads=4, dim_feedforward=128, n_encoder_layers=2, n_decoder_layers=1,
+        chunk_size=8, n_action_steps=8,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    policy = ACTPolicy(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {k: tuple(f.shape) for k, f in {**inputs, **outputs}.items()}
+    preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=_stats(shapes, generator))
+    target.mkdir(parents=True)
+    policy.save_pretrained(target)
+    preprocessor.save_pretrained(target)
+    postprocessor.save_pretrained(target)
+    return target
+
+
+def write_dataset(root: Path, cameras: tuple[str, ...], image_hw: tuple[int, int], seed: int = 0) -> Path:
+    """A LeRobotDataset of 3 episodes x 6 frames (splits train 0:2, test 2:3) with these cameras."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
+
+    height, width = image_hw
+    features: dict[str, dict[str, Any]] = {
+        camera_key(c): {
+            "dtype": "image",
+            "shape": (height, width, 3),
+            "names": ["height", "width", "channels"],
+        }
+        for c in cameras
+    }
+    features["observation.state"] = {"dtype": "float32", "shape": (2,), "names": ["steering", "throttle"]}
+    features["action"] = {"dtype": "float32", "shape": (2,), "names": ["steering", "throttle"]}
+    rng = np.random.default_rng(seed)
+    dataset = LeRobotDataset.create(
+        repo_id="test/cameras", fps=30, features=features, root=root, use_videos=False
+    )
+    for _ in range(3):
+        for _ in range(6):
+            frame: dict[str, Any] = {
+                camera_key(c): rng.integers(0, 256, (height, width, 3), np.uint8) for c in cameras
+            }
+            frame["observation.state"] = rng.uniform(-1, 1, 2).astype(np.float32)
+            frame["action"] = rng.uniform(-1, 1, 2).astype(np.float32)
+            frame["task"] = "drive"
+            dataset.add_frame(frame)
+        dataset.save_episode()
+    dataset.finalize()
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["splits"] = {"train": "0:2", "test": "2:3"}
+    info_path.write_text(json.dumps(info, indent=4))
+    return root
+
+
+def lerobot_chunk(policy_dir: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """What lerobot computes: pre-processor -> ACTPolicy.predict_action_chunk -> post-processor."""
+    from quantization.policy_loading import load_policy  # noqa: PLC0415
+
+    loaded = load_policy(policy_dir)
+    with torch.no_grad():
+        chunk = loaded.postprocessor(loaded.policy.predict_action_chunk(loaded.preprocessor(dict(batch))))
+    return np.asarray(chunk.numpy())
