@@ -50,7 +50,7 @@ if ((${#missing[@]})); then
 fi
 
 stamp="$venv/.rover-deps"
-want=$(cat "$lock" "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
+want=$(sha256sum "$lock" | cut -d' ' -f1)
 if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   python=$(find_python)
   echo "==> creating the venv in $venv with $python ($("$python" -V)); lerobot + torch: a few minutes the first time"
