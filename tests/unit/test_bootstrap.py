@@ -1,0 +1,63 @@
+"""scripts/bootstrap.sh picks the controller's Python itself and refuses one below 3.12 without changing
+anything (no venv is created). Only its interpreter search runs here: the cache has no venv, so the
+search is the first thing it does after the (already installed) Debian packages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BOOTSTRAP = REPO_ROOT / "scripts" / "bootstrap.sh"
+SYSTEM_PYTHON_311 = Path("/usr/bin/python3.11")
+
+
+def _bootstrap(cache: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYENV_ROOT")}
+    return subprocess.run(
+        ["bash", str(BOOTSTRAP)], env={**base, "ROVER_CACHE": str(cache), **env},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def _fake_path(tmp_path: Path) -> str:
+    """A PATH with the usual tools but no python3.12 / python3.13 (only a 3.11 as `python3`)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dpkg-query", "grep", "mkdir", "sha256sum", "cut", "cat", "rm", "dirname", "env"):
+        found = subprocess.run(
+            ["bash", "-c", f"command -v {tool}"], capture_output=True, text=True, check=False
+        )
+        if found.returncode == 0:
+            (bin_dir / tool).symlink_to(found.stdout.strip())
+    (bin_dir / "python3").symlink_to(sys.executable if sys.version_info < (3, 12) else SYSTEM_PYTHON_311)
+    return str(bin_dir)
+
+
+@pytest.mark.skipif(not SYSTEM_PYTHON_311.exists(), reason="needs a Python 3.11 to offer")
+def test_python_below_312_is_refused_in_one_line(tmp_path: Path) -> None:
+    done = _bootstrap(tmp_path / "cache", PYTHON=str(SYSTEM_PYTHON_311))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: PYTHON={SYSTEM_PYTHON_311} is not a working Python >= 3.12 (the controller needs it for "
+        "lerobot 0.6 and ansible-core 2.21)"
+    ]
+    assert not (tmp_path / "cache" / "venv").exists()
+
+
+@pytest.mark.skipif(not SYSTEM_PYTHON_311.exists(), reason="needs a Python 3.11 to offer")
+def test_no_suitable_python_anywhere_says_what_to_install(tmp_path: Path) -> None:
+    empty_pyenv = tmp_path / "pyenv"
+    (empty_pyenv / "versions").mkdir(parents=True)
+    done = _bootstrap(tmp_path / "cache", PATH=_fake_path(tmp_path), PYENV_ROOT=str(empty_pyenv))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "no Python >= 3.12 found" in errors[0]
+    assert "install python3.12 or python3.13" in errors[0]
+    assert not (tmp_path / "cache" / "venv").exists()
