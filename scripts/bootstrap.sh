@@ -49,6 +49,22 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The emulated arm64 trixie car needs qemu-user >= 8 (systemd 257 spawns its services in a way qemu 7.2,
+# bookworm's, refuses). On bookworm, take it from Debian's bookworm-backports (qemu 10).
+qemu_version=$(dpkg-query -W -f='${Version}' qemu-user-static 2>/dev/null | sed -E 's/^[0-9]+://; s/[.+~].*//')
+if [[ ${qemu_version:-0} -lt 8 ]] && grep -q '^VERSION_CODENAME=bookworm' /etc/os-release; then
+  echo "==> qemu-user-static ${qemu_version:-?} is too old for trixie arm64 cars: installing it from bookworm-backports"
+  backports=/etc/apt/sources.list.d/rover-bookworm-backports.sources
+  if [[ ! -f $backports ]]; then
+    printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$backports.tmp"
+    mv "$backports.tmp" "$backports"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-user-static >/dev/null
+fi
+
 stamp="$venv/.rover-deps"
 want=$(sha256sum "$lock" | cut -d' ' -f1)
 if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then

@@ -7,15 +7,34 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from simfleet.errors import SimFleetError
 from simfleet.fleet import FleetConfig, down, require_state, set_thermal, status, target_for, up
+from simfleet.image import DEFAULT_RELEASE, RELEASES
 from simfleet.pi_tools import ThermalReading
 from simfleet.ssh import ssh_run
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Bad options: one line, `simfleet: error: ...`, exit status 2 (as for every other error)."""
+        self.exit(2, f"simfleet: error: {message}\n")
+
+
+def _releases(text: str) -> list[str]:
+    """`--release trixie` or a comma list `trixie,bookworm`."""
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in RELEASES:
+            raise argparse.ArgumentTypeError(
+                f"unknown release {name!r}: choose from {', '.join(RELEASES)} (or a comma list of them)"
+            )
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m simfleet", description=__doc__)
+    parser = _Parser(prog="python -m simfleet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -24,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     p_up.add_argument("--hosts", type=int, default=2, help="number of cars (default 2)")
     p_up.add_argument(
         "--arch", default="amd64", choices=["amd64", "arm64"], help="arm64 runs under qemu-user"
+    )
+    p_up.add_argument(
+        "--release",
+        type=_releases,
+        action="append",
+        metavar="{" + ",".join(RELEASES) + "}",
+        help=f"Debian release of the cars (default {DEFAULT_RELEASE}, what Raspberry Pi OS is based on); "
+        "repeat it or give a comma list for a mixed fleet: car1, car2, ... take them in turn",
     )
     p_up.add_argument("--base-port", type=int, default=2221, help="sshd port of car1; car N gets base+N-1")
     p_up.add_argument("--inventory", type=Path, default=Path("inventory/sim/hosts.yml"))
@@ -57,8 +84,8 @@ def _print_status(report: dict[str, object]) -> None:
         fw = h["firmware_status"]
         fw_text = json.dumps(fw) if isinstance(fw, dict) else str(fw)
         print(
-            f"  {h['host']:<6} port {h['port']}  running={h['running']} ssh={h['ssh']} serial={h['serial']} "
-            f"firmware_sim={h['firmware_sim']} status={fw_text[:120]}"
+            f"  {h['host']:<6} {h['release']:<8} port {h['port']}  running={h['running']} ssh={h['ssh']} "
+            f"serial={h['serial']} firmware_sim={h['firmware_sim']} status={fw_text[:120]}"
         )
 
 
@@ -76,9 +103,10 @@ def run(argv: list[str]) -> int:
             arch=args.arch,
             base_port=args.base_port,
             inventory=args.inventory,
+            releases=tuple(r for group in args.release or [[DEFAULT_RELEASE]] for r in group),
         )
         state = up(config)
-        boots = ", ".join(f"{h.name} {h.boot_seconds} s" for h in state.hosts)
+        boots = ", ".join(f"{h.name} {h.release} {h.boot_seconds} s" for h in state.hosts)
         summary = f"{len(state.hosts)} {state.arch} hosts ({boots}); inventory {state.inventory}"
         print(f"fleet {state.name} up: {summary}")
     elif args.command == "down":

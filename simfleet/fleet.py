@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simfleet.binfmt import ensure_emulation
+from simfleet.binfmt import ensure_emulation, require_qemu
 from simfleet.errors import SimFleetError
 from simfleet.host import boot, generate_key, prepare_root, wait_for_ssh
 from simfleet.host_root import remove_tree
-from simfleet.image import ensure_image, native_arch
+from simfleet.image import DEFAULT_RELEASE, RELEASES, ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import ThermalReading, write_thermal
@@ -34,6 +34,10 @@ MAX_HOSTS = 16
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
 POWEROFF_GRACE = {"amd64": 30.0, "arm64": 90.0}
 NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
+# Emulated hosts: systemd 257 (trixie) starts every unit through clone(CLONE_PIDFD), which qemu-user
+# rejects before 8.0 ("Failed to spawn executor: Invalid argument": nothing starts, not even sshd).
+# Debian bookworm has qemu 7.2, bookworm-backports 10.0.
+QEMU_MINIMUM = {"trixie": (8, 0)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class FleetConfig:
     arch: str = "amd64"
     base_port: int = 2221
     inventory: Path = Path("inventory/sim/hosts.yml")
+    # Debian suites, assigned to car1, car2, ... in turn: ("trixie", "bookworm") mixes them.
+    releases: tuple[str, ...] = (DEFAULT_RELEASE,)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -53,6 +59,19 @@ class FleetConfig:
             raise SimFleetError(f"--arch {self.arch!r}: choose amd64 or arm64")
         if not 1024 <= self.base_port <= 65535 - self.hosts:
             raise SimFleetError(f"--base-port {self.base_port}: must be 1024..{65535 - self.hosts}")
+        for release in self.releases:
+            if release not in RELEASES:
+                raise SimFleetError(f"--release {release!r}: choose one of {', '.join(RELEASES)}")
+        if not self.releases:
+            raise SimFleetError("--release: give at least one release")
+        if len(self.releases) > self.hosts:
+            raise SimFleetError(
+                f"--release: {len(self.releases)} releases for {self.hosts} host(s): at most {self.hosts}"
+            )
+
+    def release_of(self, index: int) -> str:
+        """The release of car`index + 1`: round-robin over `releases`."""
+        return self.releases[index % len(self.releases)]
 
 
 def port_free(port: int) -> bool:
@@ -86,7 +105,15 @@ def up(config: FleetConfig) -> FleetState:
         raise SimFleetError(f"127.0.0.1 port(s) {busy} in use (another fleet?): choose another --base-port")
     if config.arch != native_arch():
         ensure_emulation(config.arch)
-    image, build_seconds = ensure_image(config.arch)
+        for release in dict.fromkeys(config.releases):
+            if release in QEMU_MINIMUM:
+                what = f"--arch {config.arch} --release {release}"
+                require_qemu(config.arch, QEMU_MINIMUM[release], what)
+    images: dict[str, Path] = {}
+    build_seconds = 0.0
+    for release in dict.fromkeys(config.releases):
+        images[release], seconds = ensure_image(config.arch, release)
+        build_seconds += seconds
     base = fleet_dir(config.name)
     remove_tree(base)
     base.mkdir(parents=True)
@@ -95,7 +122,7 @@ def up(config: FleetConfig) -> FleetState:
         name=config.name,
         arch=config.arch,
         base_port=config.base_port,
-        image=str(image),
+        releases=list(config.releases),
         image_build_seconds=round(build_seconds, 1),
         key=str(key),
         known_hosts=str(base / "known_hosts"),
@@ -103,7 +130,7 @@ def up(config: FleetConfig) -> FleetState:
     )
     save_state(state)
     try:
-        _start_hosts(state, config, key, ports)
+        _start_hosts(state, config, key, ports, images)
     except BaseException:
         log.error("fleet %s did not come up; stopping what was started", config.name)
         # A systemd still booting may not act on the halt signal yet: no long wait for a failed fleet.
@@ -112,17 +139,22 @@ def up(config: FleetConfig) -> FleetState:
     return state
 
 
-def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[int]) -> None:
+def _start_hosts(
+    state: FleetState, config: FleetConfig, key: Path, ports: list[int], images: dict[str, Path]
+) -> None:
     base = fleet_dir(config.name)
     controller_key = generate_key(key, f"simfleet-{config.name}")
     known = []
     for i, port in enumerate(ports, start=1):
         name = f"car{i}"
         hdir = base / "hosts" / name
+        release = config.release_of(i - 1)
         host = HostState(
             name=name,
             machine=f"{config.name}-{name}",
             port=port,
+            release=release,
+            image=str(images[release]),
             root=str(hdir / "root"),
             host_key_pub="",
             serial_controller=str(hdir / "serial-controller"),
@@ -135,7 +167,7 @@ def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[
         state.hosts.append(host)
         started = time.monotonic()
         host.host_key_pub = prepare_root(
-            Path(state.image),
+            Path(host.image),
             Path(host.root),
             name,
             port,
@@ -151,9 +183,18 @@ def _start_hosts(state: FleetState, config: FleetConfig, key: Path, ports: list[
             Path(host.serial_controller), Path(host.firmware_status), Path(host.firmware_log)
         )
         save_state(state)
-        host.nspawn = boot(Path(host.root), host.machine, name, host.serial_pty, Path(host.nspawn_log))
+        host.nspawn = boot(
+            Path(host.root),
+            host.machine,
+            name,
+            host.serial_pty,
+            Path(host.nspawn_log),
+            emulated=config.arch != native_arch(),
+        )
         save_state(state)
-        log.info("%s: root ready and booting (%.1f s)", host.machine, time.monotonic() - started)
+        log.info(
+            "%s (%s): root ready and booting (%.1f s)", host.machine, release, time.monotonic() - started
+        )
     Path(state.known_hosts).write_text("\n".join(known) + "\n")
     boot_started = time.monotonic()
     for host in state.hosts:
@@ -252,6 +293,7 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
             {
                 "host": host.name,
                 "machine": host.machine,
+                "release": host.release,
                 "port": host.port,
                 "running": running,
                 "ssh": ssh_ok,
@@ -265,6 +307,7 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
         "name": name,
         "up": all(h["running"] for h in hosts),
         "arch": state.arch,
+        "releases": state.releases,
         "inventory": state.inventory,
         "image_build_seconds": state.image_build_seconds,
         "hosts": hosts,

@@ -48,8 +48,32 @@ def _uid_gid(root: Path, user: str) -> tuple[int, int]:
 
 
 # Under qemu-user, systemd cannot set up unit credentials ("Failed to set up credentials: Invalid
-# argument"), so these early units fail and the system is "degraded"; they load none on a car anyway.
-UNITS_WITH_CREDENTIALS = ("systemd-sysusers", "systemd-tmpfiles-setup", "systemd-tmpfiles-setup-dev")
+# argument"), so every unit that asks for some fails and the system is "degraded": on bookworm
+# systemd-sysusers and systemd-tmpfiles-setup*, on trixie also journald (and with it logind and the
+# journal flush), the gettys and systemd-udev-load-credentials. None is given a credential on a car anyway.
+CREDENTIAL_SETTINGS = (
+    "LoadCredential",
+    "LoadCredentialEncrypted",
+    "ImportCredential",
+    "SetCredential",
+    "SetCredentialEncrypted",
+)
+UNIT_DIR = "usr/lib/systemd/system"
+# systemd's mount-propagation directory in the host; see boot().
+INCOMING_DIR = "/run/systemd/incoming"
+
+
+def units_with_credentials(root: Path) -> dict[str, list[str]]:
+    """The root's service units (templates included) that ask for credentials, with the settings used."""
+    found: dict[str, list[str]] = {}
+    for unit in sorted((root / UNIT_DIR).glob("*.service")):
+        if unit.is_symlink() or not unit.is_file():
+            continue  # aliases (the unit they name gets the drop-in) and masks
+        keys = {line.split("=", 1)[0].strip() for line in unit.read_text(errors="replace").splitlines()}
+        used = [k for k in CREDENTIAL_SETTINGS if k in keys]
+        if used:
+            found[unit.name] = used
+    return found
 
 
 def prepare_root(
@@ -93,16 +117,36 @@ def prepare_root(
     write_thermal(root, DEFAULT_THERMAL)
     write_cpufreq(root)
     if emulated:
-        for unit in UNITS_WITH_CREDENTIALS:
-            dropin = etc / "systemd" / "system" / f"{unit}.service.d" / "simfleet-qemu-user.conf"
+        # An empty assignment resets the list the unit file set; only settings the unit uses are reset
+        # (bookworm's systemd 252 does not know ImportCredential=).
+        for unit, settings in units_with_credentials(root).items():
+            dropin = etc / "systemd" / "system" / f"{unit}.d" / "simfleet-qemu-user.conf"
             dropin.parent.mkdir(parents=True, exist_ok=True)
-            dropin.write_text("[Service]\nLoadCredential=\n")
+            dropin.write_text("[Service]\n" + "".join(f"{key}=\n" for key in settings))
     return host_key_pub
 
 
-def boot(root: Path, machine: str, hostname: str, serial_pty: str, log_file: Path) -> Proc:
+def boot(
+    root: Path, machine: str, hostname: str, serial_pty: str, log_file: Path, *, emulated: bool = False
+) -> Proc:
     """Starts `systemd-nspawn --boot` in the background (the controller does not run systemd, hence
-    --register=no --keep-unit); the serial stand-in appears in the host at /dev/ttyUSB0."""
+    --register=no --keep-unit); the serial stand-in appears in the host at /dev/ttyUSB0.
+
+    The same command boots bookworm (systemd 252) and trixie (systemd 257) hosts, also on a controller
+    with cgroup v1 only (bookworm's nspawn 252 then gives the host cgroup v1 too). systemd >= 256 refuses
+    to *mount* a cgroup v1 hierarchy unless SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1 is on the kernel command
+    line, but in a container nspawn has mounted /sys/fs/cgroup before it starts the host's systemd, and
+    systemd follows an existing hierarchy: trixie boots to "running", only tainted "cgroupsv1". Tried and
+    not needed: that option as an init argument (`--boot -- SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1`; in a
+    container systemd reads its "kernel command line" from its own argv), and
+    SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 in nspawn's environment (a cgroup2 hierarchy for the host on a v1
+    controller: trixie boots that way too). systemd 258 drops cgroup v1 altogether; neither release has
+    it.
+
+    Emulated (qemu-user) hosts also get a tmpfs at /run/systemd/incoming. systemd 257 makes that directory
+    a mount-propagation slave in every service with mount namespacing (ProtectSystem=, PrivateTmp=, ...)
+    with mount_setattr(), which qemu-user does not implement; its fallback, mount(MS_SLAVE), needs a mount
+    point there. Without one systemd-logind (and every such unit) fails with 226/NAMESPACE."""
     if shutil.which("systemd-nspawn") is None:
         raise SimFleetError("systemd-nspawn not found: apt-get install systemd-container")
     cmd = [
@@ -118,6 +162,8 @@ def boot(root: Path, machine: str, hostname: str, serial_pty: str, log_file: Pat
         f"--bind={serial_pty}:{SERIAL_DEVICE}",
         f"--property=DeviceAllow={serial_pty} rw",
     ]
+    if emulated:
+        cmd.append(f"--tmpfs={INCOMING_DIR}:mode=0755")
     return spawn(cmd, log_file, what=f"systemd-nspawn {machine}")
 
 

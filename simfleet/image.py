@@ -1,7 +1,9 @@
-"""Builds (once) and caches the Debian bookworm root every simulated host is copied from.
+"""Builds (once) and caches the Debian root every simulated host is copied from, per release and arch.
 
-The cache key is the architecture, the package list and IMAGE_VERSION (bump it when the customization
-below changes). A build goes to a temporary directory that is renamed into place only when complete.
+Raspberry Pi OS follows Debian: trixie (13: Python 3.13, systemd 257) is what users flash today,
+bookworm (12: Python 3.11, systemd 252) is the previous release, still on many cars. The cache key is the
+release, the architecture, the package list and IMAGE_VERSION (bump it when the customization below
+changes). A build goes to a temporary directory that is renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from simfleet.paths import images_dir
 log = logging.getLogger(__name__)
 
 IMAGE_VERSION = 1
-SUITE = "bookworm"
+# Debian suites a host can run, newest first; the first is the default.
+RELEASES = ("trixie", "bookworm")
+DEFAULT_RELEASE = RELEASES[0]
 ARCHES = ("amd64", "arm64")
 # What a Raspberry Pi OS Lite car has that provisioning relies on, plus python3-apt for ansible.builtin.apt.
+# The same names exist in bookworm and trixie.
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -53,20 +58,28 @@ def native_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
-def image_key(arch: str) -> str:
-    text = f"{IMAGE_VERSION}|{SUITE}|{arch}|{','.join(PACKAGES)}|{','.join(MASKED_UNITS)}"
+def image_key(arch: str, release: str) -> str:
+    text = f"{IMAGE_VERSION}|{release}|{arch}|{','.join(PACKAGES)}|{','.join(MASKED_UNITS)}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def image_path(arch: str) -> Path:
-    return images_dir() / f"{SUITE}-{arch}-{image_key(arch)}"
+def image_path(arch: str, release: str) -> Path:
+    return images_dir() / f"{release}-{arch}-{image_key(arch, release)}"
 
 
-def ensure_image(arch: str) -> tuple[Path, float]:
-    """Returns the cached root for `arch` (building it when missing) and the seconds spent building."""
+def check_release(release: str) -> str:
+    if release not in RELEASES:
+        raise SimFleetError(f"unsupported --release {release!r}: choose one of {', '.join(RELEASES)}")
+    return release
+
+
+def ensure_image(arch: str, release: str = DEFAULT_RELEASE) -> tuple[Path, float]:
+    """Returns the cached root for `release` on `arch` (building it when missing) and the seconds spent
+    building."""
     if arch not in ARCHES:
         raise SimFleetError(f"unsupported --arch {arch!r}: choose one of {', '.join(ARCHES)}")
-    root = image_path(arch)
+    check_release(release)
+    root = image_path(arch, release)
     if (root / "etc" / "os-release").is_file():
         return root, 0.0
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -75,10 +88,10 @@ def ensure_image(arch: str) -> tuple[Path, float]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / "etc" / "os-release").is_file():
             return root, 0.0
-        return root, _build(arch, root)
+        return root, _build(arch, release, root)
 
 
-def _build(arch: str, root: Path) -> float:
+def _build(arch: str, release: str, root: Path) -> float:
     tools = {"mmdebstrap": "mmdebstrap", "chroot": "coreutils"}
     if arch != native_arch():
         ensure_emulation(arch)
@@ -89,7 +102,7 @@ def _build(arch: str, root: Path) -> float:
     tmp = root.with_name(root.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.monotonic()
-    log.info("building the %s %s image in %s (once; cached)", SUITE, arch, root)
+    log.info("building the %s %s image in %s (once; cached)", release, arch, root)
     cmd = [
         "mmdebstrap",
         "--quiet",
@@ -98,14 +111,14 @@ def _build(arch: str, root: Path) -> float:
         "--mode=root",
         "--format=directory",
         f"--include={','.join(PACKAGES)}",
-        SUITE,
+        release,
         str(tmp),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((result.stderr or result.stdout).splitlines()[-20:])
-        raise SimFleetError(f"mmdebstrap failed for {arch} (exit {result.returncode}):\n{tail}")
+        raise SimFleetError(f"mmdebstrap failed for {release} {arch} (exit {result.returncode}):\n{tail}")
     _customize(tmp)
     tmp.rename(root)
     seconds = time.monotonic() - started

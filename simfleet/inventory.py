@@ -28,6 +28,7 @@ def host_vars(state: FleetState, index: int) -> dict[str, Any]:
         "simfleet_name": state.name,
         "simfleet_machine": host.machine,
         "simfleet_arch": state.arch,
+        "simfleet_release": host.release,
         "simfleet_root": host.root,
         "simfleet_serial_device": SERIAL_DEVICE,
         "simfleet_serial_controller": host.serial_controller,
@@ -41,6 +42,7 @@ def host_vars(state: FleetState, index: int) -> dict[str, Any]:
 
 def render(state: FleetState) -> str:
     hosts = {h.name: host_vars(state, i) for i, h in enumerate(state.hosts)}
+    releases = ", ".join(f"{h.name} {h.release}" for h in state.hosts)
     doc = {
         "all": {
             "children": {
@@ -52,7 +54,7 @@ def render(state: FleetState) -> str:
     }
     header = (
         f"{MARKER} --name {state.name}; removed by `down`. Do not edit.\n"
-        f"# {len(hosts)} simulated {state.arch} hosts (systemd-nspawn); see docs/simulation.md.\n"
+        f"# {len(hosts)} simulated {state.arch} hosts ({releases}; systemd-nspawn); see docs/simulation.md.\n"
     )
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 

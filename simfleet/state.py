@@ -19,6 +19,8 @@ class HostState:
     name: str
     machine: str
     port: int
+    release: str  # Debian suite: trixie, bookworm
+    image: str  # the cached image its root is made from
     root: str
     host_key_pub: str
     serial_controller: str
@@ -43,7 +45,7 @@ class FleetState:
     name: str
     arch: str
     base_port: int
-    image: str
+    releases: list[str]  # as given to `up`; car N runs releases[(N - 1) % len(releases)]
     image_build_seconds: float
     key: str
     known_hosts: str
@@ -76,7 +78,10 @@ def load_state(name: str) -> FleetState | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        hosts = [_host_from_dict(h) for h in raw.pop("hosts")]
+        # A fleet started before simfleet had releases (one image, every host bookworm) can still go down.
+        old_image = raw.pop("image", "")
+        raw.setdefault("releases", ["bookworm"])
+        hosts = [_host_from_dict({"release": "bookworm", "image": old_image, **h}) for h in raw.pop("hosts")]
         return FleetState(**raw, hosts=hosts)
     except (ValueError, TypeError, KeyError) as err:
         raise SimFleetError(f"{path}: unreadable fleet state ({err}); remove the fleet directory") from err

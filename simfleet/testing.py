@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from simfleet.errors import SimFleetError
 from simfleet.fleet import FleetConfig, down, up
+from simfleet.image import DEFAULT_RELEASE
 from simfleet.paths import fleet_dir
 from simfleet.state import FleetState
 
@@ -38,10 +39,17 @@ def fleet_lock(name: str) -> Iterator[None]:
 
 @contextmanager
 def running_fleet(
-    name: str, hosts: int = 2, arch: str = "amd64", base_port: int = 2321, inventory: Path | None = None
+    name: str,
+    *,
+    hosts: int = 2,
+    arch: str = "amd64",
+    base_port: int = 2321,
+    inventory: Path | None = None,
+    releases: str | Sequence[str] = (DEFAULT_RELEASE,),
 ) -> Iterator[FleetState]:
     """Boots a fleet (after stopping leftovers of the same name from an interrupted run) and stops it at
-    the end. The inventory defaults to `$ROVER_CACHE/fleets/<name>/hosts.yml`, outside the repo."""
+    the end. The inventory defaults to `$ROVER_CACHE/fleets/<name>/hosts.yml`, outside the repo.
+    `releases` ("trixie", or ("trixie", "bookworm") for a mixed fleet) go to car1, car2, ... in turn."""
     with fleet_lock(name):
         down(name)
         config = FleetConfig(
@@ -50,6 +58,7 @@ def running_fleet(
             arch=arch,
             base_port=base_port,
             inventory=inventory or fleet_dir(name) / "hosts.yml",
+            releases=(releases,) if isinstance(releases, str) else tuple(releases),
         )
         state = up(config)
         try:

@@ -1,10 +1,11 @@
-"""The simulated fleet (simfleet): real systemd-nspawn hosts with systemd, sshd, sudo, a serial stand-in
-wired to the firmware simulator, and a vcgencmd stand-in. See docs/simulation.md."""
+"""The simulated fleet (simfleet): real systemd-nspawn hosts (Debian trixie and bookworm) with systemd, sshd,
+sudo, a serial stand-in wired to the firmware simulator, and a vcgencmd stand-in. See docs/simulation.md."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from rover_runtime.protocol import Ack, Command, Telemetry, encode, parse_line
-from simfleet import fleet
+from simfleet import binfmt, fleet
 from simfleet.errors import SimFleetError
 from simfleet.fleet import FleetConfig, set_thermal, target_for, up
+from simfleet.host import UNIT_DIR, units_with_credentials
 from simfleet.host_root import mounts_under
+from simfleet.image import DEFAULT_RELEASE, RELEASES
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_ZONE_TEMP, ThermalReading
 from simfleet.processes import is_alive
@@ -28,13 +32,23 @@ from simfleet.ssh import ssh_run
 from simfleet.state import FleetState, HostState, load_state
 from simfleet.testing import fleet_lock, running_fleet
 
+# This module's fleets are named and numbered after the session fleet's ($SIMFLEET_TEST_NAME, default
+# "pytest"; $SIMFLEET_TEST_BASE_PORT, default 2321), so two test sessions on one machine do not collide.
+NAME = os.environ.get("SIMFLEET_TEST_NAME", "pytest")
+BASE_PORT = int(os.environ.get("SIMFLEET_TEST_BASE_PORT", "2321"))
+# What each release's hosts run: Python (python3 --version), systemd (systemctl --version).
+RELEASE_VERSIONS = {"trixie": ("Python 3.13.", "systemd 257 "), "bookworm": ("Python 3.11.", "systemd 252 ")}
+# car1 trixie (the default release), car2 bookworm: every host test below covers both releases.
+MIXED = ("trixie", "bookworm")
+
 
 @pytest.fixture(scope="module")
 def sim_fleet() -> Iterator[FleetState]:
-    """This module's own two cars (fleet "pytest-simfleet", ports 2331-2332), overriding the session fleet:
-    these tests check pristine hosts (governor, serial line counts), which the session fleet no longer is
-    once the playbook tests have provisioned and deployed to it."""
-    with running_fleet("pytest-simfleet", hosts=2, base_port=2331) as state:
+    """This module's own two cars, a mixed fleet (`<name>-simfleet`, ports base+10, base+11; car1 trixie,
+    car2 bookworm), overriding the session fleet: these tests check pristine hosts (governor, serial line
+    counts), which the session fleet no longer is once the playbook tests have provisioned and deployed
+    to it."""
+    with running_fleet(f"{NAME}-simfleet", hosts=2, base_port=BASE_PORT + 10, releases=MIXED) as state:
         yield state
 
 
@@ -57,11 +71,60 @@ def read_status(host: HostState) -> dict[str, object]:
         ({"hosts": 17}, "--hosts 17"),
         ({"arch": "riscv64"}, "--arch"),
         ({"base_port": 80}, "--base-port 80"),
+        ({"releases": ("sid",)}, r"--release 'sid': choose one of trixie, bookworm"),
+        ({"releases": ()}, r"--release: give at least one"),
+        ({"hosts": 1, "releases": ("trixie", "bookworm")}, r"2 releases for 1 host\(s\): at most 1"),
     ],
 )
 def test_config_rejects_bad_options(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(SimFleetError, match=message):
         FleetConfig(**kwargs)
+
+
+def test_trixie_is_the_default_and_releases_go_round_robin() -> None:
+    assert DEFAULT_RELEASE == "trixie"
+    assert set(RELEASE_VERSIONS) == set(RELEASES)
+    assert FleetConfig().releases == ("trixie",)
+    config = FleetConfig(hosts=3, releases=("trixie", "bookworm"))
+    assert [config.release_of(i) for i in range(3)] == ["trixie", "bookworm", "trixie"]
+
+
+@pytest.mark.parametrize("option", [["--release", "sid"], ["--release", "trixie,buster"]])
+def test_cli_rejects_an_unknown_release_in_one_line(option: list[str], tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "simfleet", "up", "--name", f"{NAME}-bad", *option],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "ROVER_CACHE": str(tmp_path)},
+        check=False,
+    )
+    assert result.returncode == 2
+    bad = option[1].split(",")[-1]
+    assert result.stderr.splitlines() == [
+        f"simfleet: error: argument --release: unknown release '{bad}': choose from trixie, bookworm "
+        "(or a comma list of them)"
+    ]
+    assert not (tmp_path / "fleets" / f"{NAME}-bad").exists()
+
+
+def test_emulated_hosts_empty_the_credential_settings_their_units_use(tmp_path: Path) -> None:
+    units = tmp_path / UNIT_DIR
+    units.mkdir(parents=True)
+    (units / "systemd-journald.service").write_text("[Service]\nImportCredential=journal.*\n")
+    (units / "systemd-sysusers.service").write_text("[Service]\nLoadCredential=a:b\nImportCredential=c\n")
+    (units / "plain.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (units / "alias.service").symlink_to("systemd-journald.service")
+    assert units_with_credentials(tmp_path) == {
+        "systemd-journald.service": ["ImportCredential"],
+        "systemd-sysusers.service": ["LoadCredential", "ImportCredential"],
+    }
+
+
+def test_qemu_versions_are_read_from_its_banner() -> None:
+    assert binfmt._parse_version("qemu-aarch64 version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)") == (7, 2)
+    assert binfmt._parse_version("qemu-aarch64 version 10.0.2 (Debian ...)") == (10, 0)
+    assert binfmt._parse_version("nonsense") is None
 
 
 def test_up_refuses_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +155,44 @@ def test_thermal_reading_rejects_bad_values(temp: float, throttled: str) -> None
         ThermalReading(temp_c=temp, throttled=throttled)
 
 
-# ---- the session fleet ----
+# ---- this module's mixed fleet: car1 trixie, car2 bookworm ----
+
+
+@pytest.mark.fleet
+def test_each_host_runs_its_release(sim_fleet: FleetState) -> None:
+    assert [h.release for h in sim_fleet.hosts] == list(MIXED)
+    assert sim_fleet.releases == list(MIXED)
+    for host in sim_fleet.hosts:
+        python, systemd = RELEASE_VERSIONS[host.release]
+        assert run_on(sim_fleet, host, ". /etc/os-release; echo $VERSION_CODENAME") == host.release
+        assert run_on(sim_fleet, host, "python3 --version").startswith(python)
+        assert run_on(sim_fleet, host, "systemctl --version | head -n 1").startswith(systemd)
+        assert Path(host.image).name.startswith(f"{host.release}-amd64-")
+
+
+@pytest.mark.fleet
+def test_inventory_and_status_name_each_hosts_release(sim_fleet: FleetState) -> None:
+    inventory = yaml.safe_load(Path(sim_fleet.inventory).read_text())
+    hosts = inventory["all"]["children"]["rovers"]["hosts"]
+    assert {name: v["simfleet_release"] for name, v in hosts.items()} == {"car1": MIXED[0], "car2": MIXED[1]}
+    report = fleet.status(sim_fleet.name, check_ssh=False)
+    assert [h["release"] for h in report["hosts"]] == list(MIXED)
+    assert report["releases"] == list(MIXED)
+
+
+@pytest.mark.fleet
+def test_a_unit_starts_and_stops_on_every_release(sim_fleet: FleetState) -> None:
+    for host in sim_fleet.hosts:
+        unit = "simfleet-probe"
+        try:
+            run_on(sim_fleet, host, f"sudo -n systemd-run --unit={unit} --service-type=simple sleep 600")
+            assert run_on(sim_fleet, host, f"systemctl is-active {unit}") == "active"
+            run_on(sim_fleet, host, f"sudo -n systemctl stop {unit}")
+            stopped = ssh_run(target_for(sim_fleet, host), [f"systemctl is-active {unit}"], timeout=30)
+            assert stopped.stdout.strip() in ("inactive", "unknown"), stopped.stdout
+            assert run_on(sim_fleet, host, "pgrep -x sleep || true") == ""
+        finally:
+            ssh_run(target_for(sim_fleet, host), [f"sudo -n systemctl stop {unit} 2>/dev/null"], timeout=30)
 
 
 @pytest.mark.fleet
@@ -225,6 +325,7 @@ def test_cli_status_and_errors(sim_fleet: FleetState) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [h["host"] for h in report["hosts"]] == ["car1", "car2"]
+    assert [h["release"] for h in report["hosts"]] == list(MIXED)
     assert all(h["running"] and h["ssh"] and h["serial"] and h["firmware_sim"] for h in report["hosts"])
     bad = subprocess.run(
         [*cli, "set-thermal", "--name", sim_fleet.name, "car9", "--temp", "50"],
@@ -235,8 +336,13 @@ def test_cli_status_and_errors(sim_fleet: FleetState) -> None:
     assert bad.returncode == 2
     expected = f"simfleet: error: fleet '{sim_fleet.name}' has no host 'car9' (hosts: car1, car2)"
     assert bad.stderr.strip() == expected
+    text = subprocess.run(
+        [*cli, "status", "--name", sim_fleet.name], capture_output=True, text=True, check=True
+    ).stdout
+    assert re.search(r"car1 +trixie +port", text), text
+    assert re.search(r"car2 +bookworm +port", text), text
     again = subprocess.run(
-        [*cli, "up", "--name", sim_fleet.name, "--base-port", "2391"],
+        [*cli, "up", "--name", sim_fleet.name, "--base-port", str(BASE_PORT + 70)],
         capture_output=True,
         text=True,
         check=False,
@@ -249,27 +355,32 @@ def test_cli_status_and_errors(sim_fleet: FleetState) -> None:
 @pytest.mark.slow
 def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     inventory = tmp_path / "hosts.yml"
-    with running_fleet("pytest-down", hosts=1, base_port=2371, inventory=inventory) as state:
+    name, port = f"{NAME}-down", BASE_PORT + 50
+    with running_fleet(name, hosts=1, base_port=port, inventory=inventory) as state:
+        # The default release: trixie.
+        assert state.hosts[0].release == "trixie"
+        assert run_on(state, state.hosts[0], "python3 --version").startswith("Python 3.13.")
         procs = [p for h in state.hosts for p in (h.nspawn, h.init, h.socat, h.firmware) if p is not None]
         roots = [Path(h.root) for h in state.hosts]
         assert len(procs) == 4
         assert all(is_alive(p) for p in procs)
         assert inventory.is_file()
-        assert mounts_under(fleet_dir("pytest-down")) == [Path(state.hosts[0].root)]  # the overlay
+        assert mounts_under(fleet_dir(name)) == [Path(state.hosts[0].root)]  # the overlay
     assert not any(is_alive(p) for p in procs)
     assert not any(r.exists() for r in roots)
-    assert mounts_under(fleet_dir("pytest-down")) == []
+    assert mounts_under(fleet_dir(name)) == []
     assert not inventory.exists()
-    assert load_state("pytest-down") is None
-    assert not Path("/run/systemd/nspawn/propagate/pytest-down-car1").exists()
-    assert fleet.port_free(2371)  # nothing listens there any more
+    assert load_state(name) is None
+    assert not Path(f"/run/systemd/nspawn/propagate/{name}-car1").exists()
+    assert fleet.port_free(port)  # nothing listens there any more
 
 
 @pytest.mark.fleet
 @pytest.mark.slow
 def test_down_ends_a_container_whose_nspawn_was_killed(tmp_path: Path) -> None:
     inventory = tmp_path / "hosts.yml"
-    with running_fleet("pytest-orphan", hosts=1, base_port=2377, inventory=inventory) as state:
+    port = BASE_PORT + 56
+    with running_fleet(f"{NAME}-orphan", hosts=1, base_port=port, inventory=inventory) as state:
         host = state.hosts[0]
         assert host.nspawn is not None
         assert host.init is not None
@@ -280,7 +391,7 @@ def test_down_ends_a_container_whose_nspawn_was_killed(tmp_path: Path) -> None:
         assert not is_alive(host.nspawn)
         assert is_alive(host.init)  # the container outlives its nspawn process...
     assert not is_alive(host.init)  # ...until down ends it
-    assert fleet.port_free(2377)
+    assert fleet.port_free(port)
 
 
 @pytest.mark.fleet
@@ -289,11 +400,12 @@ def test_a_host_that_does_not_answer_in_time_fails_up_with_its_boot_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(fleet.BOOT_TIMEOUT, "amd64", 0.0)  # sshd cannot be up the instant nspawn starts
-    config = FleetConfig(name="pytest-slow", hosts=1, base_port=2375, inventory=tmp_path / "hosts.yml")
+    name = f"{NAME}-slow"
+    config = FleetConfig(name=name, hosts=1, base_port=BASE_PORT + 54, inventory=tmp_path / "hosts.yml")
     with pytest.raises(SimFleetError, match=r"(?s)did not answer within 0 s; .*boot\.log ends with:\n.+"):
         up(config)
-    assert load_state("pytest-slow") is None  # what up had started was stopped and removed
-    assert not (fleet_dir("pytest-slow")).exists()
+    assert load_state(name) is None  # what up had started was stopped and removed
+    assert not (fleet_dir(name)).exists()
     assert not config.inventory.exists()
 
 
@@ -301,12 +413,16 @@ def test_a_host_that_does_not_answer_in_time_fails_up_with_its_boot_log(
 @pytest.mark.arm64
 @pytest.mark.slow
 def test_arm64_host_runs_aarch64_under_qemu_user() -> None:
-    with running_fleet("pytest-arm64", hosts=1, arch="arm64", base_port=2381) as arm_fleet:
+    with running_fleet(f"{NAME}-arm64", hosts=1, arch="arm64", base_port=BASE_PORT + 60) as arm_fleet:
         host = arm_fleet.hosts[0]
+        assert host.release == "trixie"
         machine = run_on(
             arm_fleet, host, "python3 -c 'import platform; print(platform.machine())'", timeout=120
         )
         assert machine == "aarch64"
+        python, systemd = RELEASE_VERSIONS[host.release]
+        assert run_on(arm_fleet, host, "python3 --version", timeout=120).startswith(python)
+        assert run_on(arm_fleet, host, "systemctl --version | head -n 1", timeout=120).startswith(systemd)
         assert run_on(arm_fleet, host, "cat /proc/1/comm") == "systemd"
         # Not "degraded": the credential drop-ins keep the early units working under qemu-user.
         state = ssh_run(target_for(arm_fleet, host), ["systemctl is-system-running --wait"], timeout=120)
