@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from typing import Any
 
 import pytest
@@ -28,7 +29,55 @@ def test_service_user_cannot_log_in(host: Any, settings: dict[str, Any]) -> None
     assert "not available" in result.stdout + result.stderr
 
 
+def python_fact(host: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """The rover_python role's local fact: the venv's Python and engines."""
+    return dict(json.loads(host.file(settings["rover_python_fact_file"]).content_string))
+
+
+def expected_torch(host: Any, settings: dict[str, Any]) -> str | None:
+    """The torch version the settings give this car's architecture and Python (None: no torch)."""
+    python = host.check_output(
+        f"{settings['rover_python_interpreter']} -c 'import sys; print(sys.version[:4])'"
+    )
+    versions = settings["rover_python_torch_versions"].get(host.system_info.arch, {})
+    return versions.get(python.strip())
+
+
+def test_venv_runs_on_the_cars_own_python(host: Any, settings: dict[str, Any]) -> None:
+    interpreter = settings["rover_python_interpreter"]
+    own = host.check_output(f"{interpreter} -c 'import sys; print(sys.version_info[:2])'")
+    venv = host.check_output(
+        f"{settings['rover_python_venv_dir']}/bin/python -c 'import sys; print(sys.version_info[:2])'"
+    )
+    assert venv == own
+
+
+def test_python_fact_records_the_venvs_engines(host: Any, settings: dict[str, Any]) -> None:
+    fact = python_fact(host, settings)
+    python = f"{settings['rover_python_venv_dir']}/bin/python"
+    probe = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(name):\n"
+        "    try:\n"
+        "        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return None\n"
+        "print(json.dumps({'python': sys.version[:4], 'torch': v('torch'), 'onnxruntime': v('onnxruntime')}))"
+    )
+    actual = json.loads(host.check_output(f"{python} -c {shlex.quote(probe)}"))
+    assert fact["python"] == actual["python"]
+    assert fact["torch"] == actual["torch"]
+    assert fact["onnxruntime"] == actual["onnxruntime"]
+    assert fact["engines"] == [engine for engine in ("torch", "onnxruntime") if actual[engine]]
+    assert (actual["torch"] or "").split("+")[0] == (expected_torch(host, settings) or "")
+
+
 def test_venv_imports_torch_with_qnnpack_engine(host: Any, settings: dict[str, Any]) -> None:
+    torch_version = expected_torch(host, settings)
+    if torch_version is None:
+        pytest.skip(
+            "no torch for this car's architecture and Python (rover_python_torch_versions): ONNX only"
+        )
     python = f"{settings['rover_python_venv_dir']}/bin/python"
     engine = settings["rover_python_required_quantized_engine"]
     # A dynamically quantized Linear run on the engine proves the engine works, not only that it is listed.
@@ -46,8 +95,7 @@ def test_venv_imports_torch_with_qnnpack_engine(host: Any, settings: dict[str, A
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert engine in report["engines"]
     assert report["shape"] == [2, 4]
-    arch = host.system_info.arch
-    assert report["version"].startswith(settings["rover_python_torch_versions"][arch])
+    assert report["version"].split("+")[0] == torch_version
 
 
 @pytest.mark.parametrize("module", ["numpy", "serial", "cv2", "onnxruntime"])

@@ -89,6 +89,10 @@ def test_service_runs_hardened_as_rover(deployed: Path, name: str) -> None:
     assert props["LimitRTPRIO"] == "20"  # the control loop may run at SCHED_FIFO
     assert props["RuntimeDirectory"] == "rover"
     assert "/dev/ttyUSB0 rw" in props["DeviceAllow"]
+    # An increasing restart back-off where the car's systemd has it (>= 254: trixie, not bookworm).
+    systemd = int(host.check_output("systemctl --version").split()[1])
+    steps = host.check_output("systemctl show rover-runtime -p RestartSteps --value")
+    assert steps == ("5" if systemd >= 254 else ""), (systemd, steps)
     # The process itself runs as rover, not only the unit setting.
     assert host.check_output(f"ps -o user= -p {props['MainPID']}").strip() == "rover"
 

@@ -1,20 +1,33 @@
 """`ansible-playbook playbooks/provision.yml` for real against the simulated fleet: a clean run, a second
-run with changed=0, check mode, and the bad inputs (unreachable car, unsupported OS or architecture,
-tampered wheelhouse, hot car, wrongly typed inventory variable)."""
+run with changed=0, check mode, and the bad inputs (unreachable car, unsupported OS, release or
+architecture, tampered wheelhouse, a car Python without the wheels it needs, hot car, wrongly typed
+inventory variable); and a fleet mixing Debian trixie and bookworm cars provisioned in one run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from deploy_helpers import PlaybookRun, car, run_playbook
+from deploy_helpers import (
+    RELEASES,
+    PlaybookRun,
+    car,
+    content_hash,
+    current_release,
+    make_bundle,
+    metrics,
+    run_playbook,
+)
 
+from rover_runtime.testing import write_tiny_bundle
 from simfleet.fleet import set_thermal
 from simfleet.host import DEFAULT_THERMAL
 from simfleet.pi_tools import ThermalReading
@@ -24,6 +37,11 @@ from simfleet.testing import running_fleet
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 PLAYBOOK = "provision.yml"
+# Ports of this module's own fleets, after the session fleet's ($SIMFLEET_TEST_BASE_PORT, default 2321).
+BASE_PORT = int(os.environ.get("SIMFLEET_TEST_BASE_PORT", "2321"))
+SUPPORTED = "supported: Debian bookworm/trixie on aarch64, x86_64"
+FAILED = "[ERROR]: Task failed: Action failed:"
+WHEELHOUSE_CACHE = Path(os.environ.get("ROVER_CACHE") or Path.home() / ".cache" / "rover") / "wheelhouse"
 
 
 def cars(fleet: FleetState) -> list[str]:
@@ -46,6 +64,20 @@ def assert_ok(run: PlaybookRun, hosts: list[str]) -> None:
     for name in hosts:
         assert recap[name]["failed"] == 0, run.stdout[-4000:]
         assert recap[name]["unreachable"] == 0, run.stdout[-4000:]
+
+
+def changed_on_cars(run: PlaybookRun) -> list[str]:
+    """Results of tasks that changed a car (not the controller: "changed: [car1 -> localhost]")."""
+    return [
+        line
+        for line in run.stdout.splitlines()
+        if line.startswith("changed: [") and "-> localhost]" not in line
+    ]
+
+
+def error_lines(run: PlaybookRun) -> list[str]:
+    """ansible-core's one-line summaries of the failed tasks ("[ERROR]: Task failed: ...")."""
+    return [line for line in run.stdout.splitlines() if line.startswith("[ERROR]: Task failed")]
 
 
 @pytest.fixture(scope="module")
@@ -105,35 +137,60 @@ def test_unsupported_architecture_is_stopped_by_preflight(
     assert run.rc != 0
     assert run.recap()[bad]["failed"] == 1
     assert_ok(run, [good])
-    assert f"{bad}: unsupported host: Debian bookworm on x86_64; supported: Debian bookworm on aarch64" in (
-        " ".join(run.stdout.split())
-    )
+    release = next(host.release for host in sim_fleet.hosts if host.name == bad)
+    narrowed_message = SUPPORTED.replace(", x86_64", "")
+    assert f"{bad}: unsupported host: Debian {release} on x86_64; {narrowed_message}" in run.text
 
 
-@pytest.fixture
-def ubuntu_car(sim_fleet: FleetState) -> Iterator[str]:
-    """The last car pretends to be Ubuntu jammy (its /etc/os-release), restored afterwards."""
-    name = cars(sim_fleet)[-1]
-    host = car(Path(sim_fleet.inventory), name)
+@contextmanager
+def pretending(inventory: Path, name: str, os_release: str) -> Iterator[None]:
+    """The car `name` pretends to run another OS (its /etc/os-release), restored afterwards."""
+    host = car(inventory, name)
     host.check_output("mv /etc/os-release /etc/os-release.rover-test")
-    host.check_output(
-        'printf \'NAME=Ubuntu\\nID=ubuntu\\nID_LIKE=debian\\nVERSION_ID="22.04"\\n'
-        'VERSION_CODENAME=jammy\\nPRETTY_NAME="Ubuntu 22.04 LTS"\\n\' > /etc/os-release'
-    )
     try:
-        yield name
+        host.check_output(f"printf %s {shlex.quote(os_release)} > /etc/os-release")
+        yield
     finally:
         host.check_output("mv -f /etc/os-release.rover-test /etc/os-release")
 
 
-def test_unsupported_os_is_stopped_by_preflight(
-    first_run: PlaybookRun, sim_fleet: FleetState, ubuntu_car: str
-) -> None:
-    run = provision(sim_fleet, "--tags", "preflight")
+UBUNTU_JAMMY = (
+    'NAME=Ubuntu\nID=ubuntu\nID_LIKE=debian\nVERSION_ID="22.04"\nVERSION_CODENAME=jammy\n'
+    'PRETTY_NAME="Ubuntu 22.04 LTS"\n'
+)
+DEBIAN_BULLSEYE = (
+    'PRETTY_NAME="Debian GNU/Linux 11 (bullseye)"\nNAME="Debian GNU/Linux"\nVERSION_ID="11"\n'
+    'VERSION="11 (bullseye)"\nVERSION_CODENAME=bullseye\nID=debian\n'
+)
+
+
+def test_unsupported_os_is_stopped_by_preflight(first_run: PlaybookRun, sim_fleet: FleetState) -> None:
+    ubuntu_car = cars(sim_fleet)[-1]
+    with pretending(Path(sim_fleet.inventory), ubuntu_car, UBUNTU_JAMMY):
+        run = provision(sim_fleet, "--tags", "preflight")
     assert run.rc != 0
     assert run.recap()[ubuntu_car]["failed"] == 1
     assert_ok(run, [name for name in cars(sim_fleet) if name != ubuntu_car])
-    assert f"{ubuntu_car}: unsupported host: Ubuntu jammy on x86_64" in " ".join(run.stdout.split())
+    assert f"{ubuntu_car}: unsupported host: Ubuntu jammy on x86_64; {SUPPORTED}" in run.text
+
+
+def test_unsupported_debian_release_gets_one_error_line_and_no_change(
+    first_run: PlaybookRun, sim_fleet: FleetState
+) -> None:
+    """A whole provisioning run: the bullseye car stops at preflight with one line naming the supported
+    releases and is not changed; the other cars are provisioned as usual."""
+    old_car = cars(sim_fleet)[0]
+    with pretending(Path(sim_fleet.inventory), old_car, DEBIAN_BULLSEYE):
+        run = provision(sim_fleet)
+    assert run.rc != 0
+    recap = run.recap()
+    assert recap[old_car]["failed"] == 1
+    assert recap[old_car]["changed"] == 0
+    assert_ok(run, [name for name in cars(sim_fleet) if name != old_car])
+    assert error_lines(run) == [
+        f"{FAILED} {old_car}: unsupported host: Debian bullseye on x86_64; {SUPPORTED}"
+    ]
+    assert f"NOT ready (1): {old_car}" in run.stdout
 
 
 def tampered_wheelhouse(source: Path, target: Path, victim_prefix: str = "pyserial-") -> str:
@@ -157,18 +214,43 @@ def tampered_wheelhouse(source: Path, target: Path, victim_prefix: str = "pyseri
 def test_wheelhouse_file_with_wrong_hash_is_refused(
     first_run: PlaybookRun, sim_fleet: FleetState, tmp_path: Path
 ) -> None:
-    source = Path(os.environ.get("ROVER_CACHE") or Path.home() / ".cache" / "rover") / "wheelhouse"
-    victim = tampered_wheelhouse(source, tmp_path / "wheelhouse")
+    victim = tampered_wheelhouse(WHEELHOUSE_CACHE, tmp_path / "wheelhouse")
     run = provision(
         sim_fleet, "--tags", "rover_python", "-e", f"rover_python_wheelhouse_root={tmp_path / 'wheelhouse'}"
     )
     assert run.rc != 0
-    for name in cars(sim_fleet):
-        assert run.recap()[name]["failed"] == 1
-    flat = " ".join(run.stdout.split())
-    assert "wheelhouse for x86_64 refused:" in flat
-    assert f"{victim} has sha256" in flat
-    assert "SHA256SUMS says" in flat
+    # One line for the whole run, before any car is touched: every car stops.
+    (line,) = error_lines(run)
+    assert "wheelhouse refused:" in line
+    assert f"{victim} has sha256" in line
+    assert "SHA256SUMS says" in line
+    assert line.endswith("stopped before any change on any car")
+    recap = run.recap()
+    assert all(recap[name]["changed"] == 0 for name in cars(sim_fleet)), recap
+    assert "ready (" not in run.stdout  # no car got past the wheelhouse
+
+
+def test_car_python_without_a_wheel_stops_the_run_before_any_change(
+    first_run: PlaybookRun, sim_fleet: FleetState, tmp_path: Path
+) -> None:
+    """numpy 1.22.4 has wheels for CPython 3.8-3.10 only: the first car's Python (3.11 on bookworm, 3.13 on
+    trixie) has none. The run stops with one line naming the car, its Python and the package; nothing
+    changes on any car (the controller's wheelhouse cache included)."""
+    bad = cars(sim_fleet)[0]
+    release = next(host.release for host in sim_fleet.hosts if host.name == bad)
+    python = {"trixie": "3.13", "bookworm": "3.11"}[release]
+    pins = {bad: {"rover_python_requirements": ["numpy==1.22.4", "pyserial==3.5", "onnxruntime==1.32.0"]}}
+    before = sorted(WHEELHOUSE_CACHE.glob("*/*"))
+    run = provision(sim_fleet, extra=extra_inventory(tmp_path / "pins.yml", pins))
+    assert run.rc != 0
+    assert error_lines(run) == [
+        f"{FAILED} {bad} (Python {python} on x86_64): wheelhouse refused: no wheel of numpy==1.22.4"
+        f" for CPython {python} on manylinux_2_28_x86_64, manylinux_2_17_x86_64, "
+        "manylinux2014_x86_64; stopped before any change on any car"
+    ]
+    recap = run.recap()
+    assert all(recap[name]["changed"] == 0 for name in cars(sim_fleet)), recap
+    assert sorted(WHEELHOUSE_CACHE.glob("*/*")) == before, "the wheelhouse cache changed"
 
 
 @pytest.fixture
@@ -223,27 +305,142 @@ def test_wrongly_typed_inventory_variable_is_rejected(
     assert "float" in flat
 
 
-ARM64_FLEET = os.environ.get("SIMFLEET_TEST_NAME", "pytest") + "-provision-arm64"
+MIXED_FLEET = os.environ.get("SIMFLEET_TEST_NAME", "pytest") + "-provision-mixed"
+# car1 runs trixie (Python 3.13, systemd 257), car2 bookworm (Python 3.11, systemd 252).
+MIXED = {"car1": ("trixie", "3.13"), "car2": ("bookworm", "3.11")}
 
 
-@pytest.mark.arm64
-def test_arm64_car_gets_the_aarch64_cpu_torch_with_qnnpack() -> None:
-    """The real target architecture (through qemu-user): the aarch64 wheelhouse is built on this x86_64
-    controller, installed offline on the car, and torch's qnnpack engine runs there."""
-    with running_fleet(ARM64_FLEET, hosts=1, arch="arm64", base_port=2391) as fleet:
-        run = provision(fleet)
-        assert run.rc == 0, run.stdout[-6000:]
-        assert_ok(run, cars(fleet))
-        host = car(Path(fleet.inventory), cars(fleet)[0])
-        wheel = host.check_output("ls /opt/rover/wheelhouse/*/torch-*.whl")
-        report = host.check_output(
-            "/opt/rover/venv/bin/python -c 'import json, platform, torch; "
-            'torch.backends.quantized.engine = "qnnpack"; '
-            "print(json.dumps([platform.machine(), torch.__version__, "
-            "torch.backends.quantized.supported_engines]))'"
-        )
-    machine, version, engines = json.loads(report.splitlines()[-1])
-    assert "manylinux_2_28_aarch64" in wheel
-    assert machine == "aarch64"
-    assert version.split("+")[0] == "2.10.0"  # PyPI's aarch64 CPU wheel reports 2.10.0+cpu
-    assert "qnnpack" in engines
+@pytest.fixture(scope="module")
+def mixed_fleet() -> Iterator[FleetState]:
+    """This module's own fleet of two fresh cars, one per release. The tests below run in order: the bad
+    input first, on cars nothing has touched yet."""
+    with running_fleet(
+        MIXED_FLEET, hosts=2, base_port=BASE_PORT + 80, releases=[release for release, _ in MIXED.values()]
+    ) as fleet:
+        yield fleet
+
+
+def untouched(inventory: Path, name: str) -> list[str]:
+    """What provisioning would have left on a fresh car (empty when nothing is there)."""
+    host = car(inventory, name)
+    found = [path for path in ("/opt/rover", "/etc/ansible/facts.d", "/etc/rover") if host.file(path).exists]
+    if host.user("rover").exists:
+        found.append("user rover")
+    return found
+
+
+def test_mixed_fleet_car_without_a_wheel_stops_the_run_before_any_change(
+    mixed_fleet: FleetState, tmp_path: Path
+) -> None:
+    """onnxruntime 1.19.2 has wheels for CPython 3.11 (bookworm) but none for 3.13 (trixie): with it pinned
+    for the whole fleet, the trixie car's Python lacks a wheel. One line names the car, its Python and the
+    package, and neither car is touched."""
+    pins = {
+        "rover_python_requirements": ["numpy==2.2.6", "pyserial==3.5", "onnxruntime==1.19.2"],
+        "rover_python_torch_versions": {},  # (keeps the bookworm car's throwaway wheelhouse small)
+    }
+    fleet_wide = extra_inventory(tmp_path / "pins.yml", dict.fromkeys(cars(mixed_fleet), pins))
+    # A throwaway cache: the bookworm car's wheelhouse for these pins is built there too.
+    root = tmp_path / "wheelhouse"
+    run = provision(mixed_fleet, "-e", f"rover_python_wheelhouse_root={root}", extra=fleet_wide)
+    assert run.rc != 0
+    assert error_lines(run) == [
+        f"{FAILED} car1 (Python 3.13 on x86_64): wheelhouse refused: no wheel of onnxruntime==1.19.2"
+        " for CPython 3.13 on manylinux_2_28_x86_64, manylinux_2_17_x86_64, "
+        "manylinux2014_x86_64; stopped before any change on any car"
+    ]
+    # (The bookworm car's wheelhouse was built on the controller; nothing ran on a car.)
+    assert changed_on_cars(run) == []
+    for name in cars(mixed_fleet):
+        assert untouched(Path(mixed_fleet.inventory), name) == [], name
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed_fleet: FleetState) -> PlaybookRun:
+    run = provision(mixed_fleet)
+    assert run.rc == 0, run.stdout[-6000:]
+    return run
+
+
+def test_mixed_fleet_is_provisioned_in_one_run(mixed_run: PlaybookRun, mixed_fleet: FleetState) -> None:
+    """One run: each car's venv on its own Python, a wheelhouse per Python built on the controller and
+    pushed to the car that needs it; torch only where rover_python_torch_versions has an entry (x86_64
+    3.11), the trixie car runs ONNX Runtime only. The local fact says which."""
+    assert_ok(mixed_run, cars(mixed_fleet))
+    assert "ready (2/2): car1, car2" in mixed_run.stdout
+    inventory = Path(mixed_fleet.inventory)
+    for name, (release, python) in MIXED.items():
+        host = car(inventory, name)
+        venv_python = host.check_output("/opt/rover/venv/bin/python -c 'import sys; print(sys.version[:4])'")
+        assert venv_python == python, name
+        (wheelhouse,) = host.check_output("ls /opt/rover/wheelhouse").split()
+        assert wheelhouse.startswith(f"cp{python.replace('.', '')}-"), (name, wheelhouse)
+        assert list(WHEELHOUSE_CACHE.glob(f"manylinux_2_28_x86_64/{wheelhouse}/SHA256SUMS")), wheelhouse
+        fact = json.loads(host.check_output("cat /etc/ansible/facts.d/rover_python.fact"))
+        assert fact["python"] == python
+        assert fact["onnxruntime"] == "1.32.0"
+        has_torch = host.run("/opt/rover/venv/bin/python -c 'import torch'").rc == 0
+        if release == "bookworm":
+            assert fact["torch"].split("+")[0] == "2.13.0"
+            assert fact["engines"] == ["torch", "onnxruntime"]
+            assert has_torch
+        else:
+            assert fact["torch"] is None
+            assert fact["engines"] == ["onnxruntime"]
+            assert not has_torch
+    flat = mixed_run.text
+    assert "car1: Python 3.13 on x86_64" in flat
+    assert "no torch (no entry in rover_python_torch_versions: ONNX bundles only)" in flat
+
+
+def test_mixed_fleet_second_run_changes_nothing(mixed_run: PlaybookRun, mixed_fleet: FleetState) -> None:
+    second = provision(mixed_fleet)
+    assert second.rc == 0, second.stdout[-4000:]
+    for name in cars(mixed_fleet):
+        assert second.recap()[name]["changed"] == 0, second.stdout[-6000:]
+
+
+def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
+    mixed_run: PlaybookRun, mixed_fleet: FleetState, tmp_path: Path
+) -> None:
+    """The runtime wheel installs and runs on both Pythons; the unit gets RestartSteps only where systemd
+    has it (>= 254: trixie). A TorchScript bundle is refused on the trixie car (no torch) before anything
+    there changes, and runs on the bookworm car."""
+    inventory = Path(mixed_fleet.inventory)
+    force = ("-e", "rover_deploy_force=true")  # a simulated car always drives
+    onnx = make_bundle(tmp_path / "onnx", chunk_size=10)
+    run = run_playbook(inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={onnx}")
+    assert run.rc == 0, run.stdout[-6000:]
+    for name, (release, _) in MIXED.items():
+        host = car(inventory, name)
+        assert current_release(host) == content_hash(onnx), name
+        steps = host.check_output("systemctl show -p RestartSteps --value rover-runtime")
+        assert steps == ("5" if release == "trixie" else ""), (name, steps)
+
+    torch_bundle = write_tiny_bundle(tmp_path / "torch", "torchscript")
+    unit = "/etc/systemd/system/rover-runtime.service"
+    before = car(inventory, "car1").check_output(f"stat -c '%Y' {unit} /opt/rover/venv/.rover-runtime-wheel")
+    # car1 (trixie) is the canary: refused, so the rollout stops before car2.
+    run = run_playbook(inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={torch_bundle}")
+    assert run.rc != 0
+    assert error_lines(run) == [
+        f"{FAILED} car1: bundle {content_hash(torch_bundle)[:12]} needs torch, which this car's venv"
+        " does not have (Python 3.13 on x86_64: onnxruntime only); deploy an ONNX Runtime "
+        "bundle to it, or give it torch (rover_python_torch_versions) and provision it again"
+    ]
+    trixie, bookworm = car(inventory, "car1"), car(inventory, "car2")
+    assert run.recap()["car1"]["changed"] == 0
+    assert current_release(trixie) == content_hash(onnx)
+    assert not trixie.file(f"{RELEASES}/releases/{content_hash(torch_bundle)}").exists
+    assert trixie.check_output(f"stat -c '%Y' {unit} /opt/rover/venv/.rover-runtime-wheel") == before
+    assert current_release(bookworm) == content_hash(onnx)
+
+    run = run_playbook(
+        inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={torch_bundle}", "--limit", "car2"
+    )
+    assert run.rc == 0, run.stdout[-6000:]
+    assert current_release(bookworm) == content_hash(torch_bundle)
+    assert metrics(bookworm)["bundle"]["content_hash"] == content_hash(torch_bundle)
+
+
+# The emulated arm64 trixie car (provision, deploy, one inference): tests/integration/test_arm64_car.py.

@@ -7,8 +7,12 @@ e.g. older manylinux ones, widen what pip accepts) and ``key`` is a hash of the 
 platform tags, Python version, pip arguments). A finished directory holds the wheels, ``SHA256SUMS``,
 ``requirements.txt`` (every wheel pinned with ``--hash``, for ``pip install --require-hashes``) and
 ``inputs.json``. It is written to a temporary directory and renamed, so a directory that exists is
-complete. The last line printed is JSON: ``{"changed": bool, "dir": str, "wheels": int, "sums_sha256": str}``
-(the last is the hash of SHA256SUMS itself, to tell whether a car already holds the same wheelhouse).
+complete. The last line printed is JSON: ``{"changed": bool, "dir": str, "wheels": int, "sums_sha256": str,
+"packages": {name: version}}`` (``sums_sha256`` is the hash of SHA256SUMS itself, to tell whether a car
+already holds the same wheelhouse; ``packages`` is what the wheelhouse installs, by normalized name).
+
+A requirement (or a dependency of one) that has no wheel for the target Python and platform is an error
+naming it: ``no wheel of onnxruntime==1.32.0 for CPython 3.10 on manylinux_2_28_x86_64 (...)``.
 
 ``verify`` checks every file listed in ``SHA256SUMS`` against its hash and refuses unlisted wheels.
 Errors are one line on stderr naming the file, and a non-zero exit.
@@ -17,6 +21,7 @@ Errors are one line on stderr naming the file, and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
@@ -28,7 +33,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -38,6 +43,8 @@ INPUTS_NAME = "inputs.json"
 # PEP 427: {name}-{version}(-{build})?-{python}-{abi}-{platform}.whl
 MACHINE = re.compile(r"^(manylinux_\d+_\d+|manylinux\d+|musllinux_\d+_\d+|linux)_")
 WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
+# pip's last word when nothing fits the target: "ERROR: No matching distribution found for numpy==1.22.4"
+NO_MATCH = re.compile(r"No matching distribution found for (?P<requirement>\S+)")
 
 
 class WheelhouseError(Exception):
@@ -143,7 +150,30 @@ def wheel_requirements(wheel: Path) -> list[str]:
     ]
 
 
-def pip_download(staging: Path, inputs: BuildInputs, requirements: list[str]) -> None:
+def packages(directory: Path) -> dict[str, str]:
+    """Normalized name -> version of every wheel listed in SHA256SUMS."""
+    found: dict[str, str] = {}
+    for name in read_sums(directory):
+        match = WHEEL_NAME.match(name)
+        if match is not None:
+            found[canonicalize_name(match["name"])] = match["version"]
+    return dict(sorted(found.items()))
+
+
+def no_wheel_message(requirement: str, inputs: BuildInputs, needed_by: dict[str, str]) -> str:
+    try:
+        parent = needed_by.get(canonicalize_name(Requirement(requirement).name), "")
+    except InvalidRequirement:
+        parent = ""
+    return (
+        f"no wheel of {requirement}{f' (needed by {parent})' if parent else ''} for CPython "
+        f"{inputs.python_version} on {', '.join(inputs.platforms)}"
+    )
+
+
+def pip_download(
+    staging: Path, inputs: BuildInputs, requirements: list[str], needed_by: dict[str, str] | None = None
+) -> None:
     command = [
         sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(staging),
         *(f"--platform={platform}" for platform in inputs.platforms),
@@ -153,6 +183,9 @@ def pip_download(staging: Path, inputs: BuildInputs, requirements: list[str]) ->
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
+        missing = NO_MATCH.search(result.stderr)
+        if missing:
+            raise WheelhouseError(no_wheel_message(missing["requirement"], inputs, needed_by or {}))
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise WheelhouseError(f"pip download for {inputs.platforms[0]} failed: {last}")
 
@@ -167,6 +200,8 @@ def download_closure(staging: Path, inputs: BuildInputs) -> None:
     """
     environment = target_environment(inputs)
     chosen: dict[str, Version] = {}
+    # Which package asked for a dependency (for the error when that dependency has no wheel).
+    needed_by: dict[str, str] = {}
     pending = [Requirement(text) for text in inputs.requirements]
     while pending:
         wanted: dict[str, Requirement] = {}
@@ -185,7 +220,9 @@ def download_closure(staging: Path, inputs: BuildInputs) -> None:
         if not wanted:
             break
         before = set(staging.glob("*.whl"))
-        pip_download(staging, inputs, [f"{name}{req.specifier}" for name, req in sorted(wanted.items())])
+        pip_download(
+            staging, inputs, [f"{name}{req.specifier}" for name, req in sorted(wanted.items())], needed_by
+        )
         pending = []
         for wheel in sorted(set(staging.glob("*.whl")) - before):
             match = WHEEL_NAME.match(wheel.name)
@@ -201,6 +238,7 @@ def download_closure(staging: Path, inputs: BuildInputs) -> None:
                     marker.evaluate({**environment, "extra": extra}) for extra in (extras or {""})
                 ):
                     dependency.marker = None
+                    needed_by.setdefault(canonicalize_name(dependency.name), f"{name}=={chosen[name]}")
                     pending.append(dependency)
 
 
@@ -225,6 +263,9 @@ def build(root: Path, inputs: BuildInputs) -> tuple[bool, Path, int]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+        # A failed first build leaves no trace (not even the empty platform directory).
+        with contextlib.suppress(OSError):
+            platform_dir.rmdir()
     return True, final, count
 
 
@@ -261,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "dir": str(directory),
         "wheels": count,
         "sums_sha256": sha256_of(directory / SUMS_NAME),
+        "packages": packages(directory),
     }
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
