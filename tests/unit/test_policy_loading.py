@@ -38,8 +38,14 @@ def policy_dir(tmp_path: Path) -> Path:
     root.mkdir()
     (root / CONFIG_FILE).write_text(json.dumps({"type": "act", "chunk_size": 10}))
     _safetensors(root / WEIGHTS_FILE, {"model.action_head.weight": [2, 8], "model.action_head.bias": [2]})
-    (root / PREPROCESSOR_FILE).write_text("{}")
-    (root / POSTPROCESSOR_FILE).write_text("{}")
+    for name, step in (
+        (PREPROCESSOR_FILE, "normalizer_processor"),
+        (POSTPROCESSOR_FILE, "unnormalizer_processor"),
+    ):
+        state = f"{name.removesuffix('.json')}_step_0_{step}.safetensors"
+        steps = [{"registry_name": step, "config": {}, "state_file": state}]
+        (root / name).write_text(json.dumps({"name": name.removesuffix(".json"), "steps": steps}))
+        _safetensors(root / state, {"action.mean": [2], "action.std": [2]})
     return root
 
 
@@ -81,6 +87,53 @@ def test_config_not_json(policy_dir: Path) -> None:
 def test_missing_normalization_stats(policy_dir: Path) -> None:
     (policy_dir / PREPROCESSOR_FILE).unlink()
     with pytest.raises(QuantizationError, match=r"policy_preprocessor\.json .* is missing"):
+        check_policy_dir(policy_dir)
+
+
+def test_processor_file_that_is_no_pipeline(policy_dir: Path) -> None:
+    (policy_dir / PREPROCESSOR_FILE).write_text("{}")
+    with pytest.raises(
+        QuantizationError, match=r"policy_preprocessor\.json: not a lerobot processor pipeline"
+    ):
+        check_policy_dir(policy_dir)
+
+
+def test_missing_statistics_state_file(policy_dir: Path) -> None:
+    (policy_dir / "policy_postprocessor_step_0_unnormalizer_processor.safetensors").unlink()
+    with pytest.raises(
+        QuantizationError,
+        match=r"policy_postprocessor_step_0_unnormalizer_processor\.safetensors "
+        r"\(the normalization statistics named by policy_postprocessor\.json\) is missing",
+    ):
+        check_policy_dir(policy_dir)
+
+
+def test_saving_release_is_told_from_the_files(policy_dir: Path) -> None:
+    assert check_policy_dir(policy_dir).lerobot_series == "0.4.x"
+    (policy_dir / CONFIG_FILE).write_text(json.dumps({"type": "act", "pretrained_revision": None}))
+    assert check_policy_dir(policy_dir).lerobot_series == "0.6.x"
+
+
+def test_config_from_a_newer_lerobot_is_refused(policy_dir: Path) -> None:
+    (policy_dir / CONFIG_FILE).write_text(json.dumps({"type": "act", "pretrained_revision": None, "rope": 1}))
+    with pytest.raises(
+        QuantizationError,
+        match=r"saved by lerobot newer than 0\.6\.1 "
+        r"\(config\.json fields unknown to lerobot 0\.6\.1: rope\), which cannot be read here; "
+        r"supported: checkpoints of lerobot 0\.4\.x and 0\.6\.x$",
+    ):
+        check_policy_dir(policy_dir)
+
+
+def test_lerobot_03_layout_is_refused(policy_dir: Path) -> None:
+    for path in policy_dir.glob("policy_*"):
+        path.unlink()
+    _safetensors(
+        policy_dir / WEIGHTS_FILE, {"model.action_head.bias": [2], "normalize_inputs.buffer_x.mean": [2]}
+    )
+    with pytest.raises(
+        QuantizationError, match=r"saved by lerobot 0\.3\.x or older, which cannot be read here"
+    ):
         check_policy_dir(policy_dir)
 
 
