@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import stat
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -28,6 +29,7 @@ MODEL_FORMATS = ("torchscript", "onnx")
 MODES = ("fp32", "dynamic", "static")
 BACKENDS = ("torch", "onnxruntime")
 _HASH_CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a real manifest is a few kB
 
 
 class BundleError(Exception):
@@ -168,35 +170,154 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
 def open_bundle(root: Path | str, *, verify_hashes: bool = True) -> Bundle:
     """Open a bundle directory, verify its schema and every file against the manifest, and return it.
 
-    Raises BundleError naming the problem: a missing manifest, a schema error (naming the key), a listed
-    file that is missing or whose size or sha256 differs, or a file present but not listed.
+    Raises BundleError naming the problem and the file: a missing, oversized (> 1 MiB) or unparsable
+    manifest (invalid JSON, a duplicate key, a number or nesting too large to parse), a schema error
+    (naming the key), a symlink or other non-regular file anywhere in the bundle, a listed path that
+    resolves outside the bundle, a listed file that is missing or whose size or sha256 differs, or a file
+    present but not listed. Nothing else escapes for a bad bundle (unreadable files too are BundleError).
     """
     root = Path(root)
+    try:
+        return _open_bundle(root, verify_hashes)
+    except OSError as exc:  # e.g. a permission error the specific checks did not expect
+        raise BundleError(f"bundle {root}: cannot be read: {exc}") from exc
+
+
+def _open_bundle(root: Path, verify_hashes: bool) -> Bundle:
     if not root.is_dir():
         raise BundleError(f"bundle {root}: not a directory")
-    manifest_path = root / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is missing")
     try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON: {exc}") from exc
-    manifest = validate_manifest_dict(raw, where=str(manifest_path))
-    listed = {entry.path for entry in manifest.files}
-    for entry in manifest.files:
-        path = root / entry.path
+        real_root = root.resolve(strict=True)  # the bundle directory itself may be a symlink ("current")
+    except (OSError, RuntimeError) as exc:
+        raise BundleError(f"bundle {root}: cannot resolve the directory: {exc}") from exc
+    manifest = validate_manifest_dict(_read_manifest(root, real_root), where=str(root / MANIFEST_NAME))
+    # Cheap structural checks first (no listed path leaves the bundle or is a symlink, nothing unlisted or
+    # irregular is present), then sizes and sha256s.
+    paths = [(entry, _listed_path(root, real_root, entry.path)) for entry in manifest.files]
+    _check_tree(root, real_root, {entry.path for entry in manifest.files})
+    for entry, path in paths:
         if not path.is_file():
             raise BundleError(f"bundle {root}: {entry.path} is listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise BundleError(f"bundle {root}: {entry.path} has {size} bytes, the manifest says {entry.size}")
-        if verify_hashes and sha256_file(path) != entry.sha256:
-            raise BundleError(f"bundle {root}: {entry.path} does not match its sha256 in the manifest")
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel != MANIFEST_NAME and rel not in listed:
-            raise BundleError(f"bundle {root}: {rel} is not listed in the manifest")
+        try:
+            size = path.stat().st_size
+            if size != entry.size:
+                raise BundleError(
+                    f"bundle {root}: {entry.path} has {size} bytes, the manifest says {entry.size}"
+                )
+            if verify_hashes and sha256_file(path) != entry.sha256:
+                raise BundleError(f"bundle {root}: {entry.path} does not match its sha256 in the manifest")
+        except OSError as exc:
+            raise BundleError(f"bundle {root}: {entry.path} cannot be read: {exc}") from exc
     return Bundle(root=root, manifest=manifest)
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKeyError(key)
+        obj[key] = value
+    return obj
+
+
+def _read_manifest(root: Path, real_root: Path) -> Any:
+    """Read and parse `manifest.json` (size-capped, strict about duplicate keys), or raise BundleError."""
+    path = root / MANIFEST_NAME
+    if path.is_symlink():
+        raise _symlink_error(root, real_root, MANIFEST_NAME)
+    if not path.is_file():
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is missing")
+    data = b""
+    try:
+        size = path.stat().st_size  # before reading: an oversized manifest is never read
+        if size <= MAX_MANIFEST_BYTES:
+            with path.open("rb") as stream:
+                data = stream.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows meanwhile
+            size = max(size, len(data))
+    except OSError as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} cannot be read: {exc}") from exc
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"bundle {root}: {MANIFEST_NAME} is {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed"
+        )
+    what = f"bundle {root}: {MANIFEST_NAME}"
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{what} is not valid JSON: not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{what} is not valid JSON: {exc}") from exc
+    except _DuplicateKeyError as exc:
+        raise BundleError(f"{what} has the key {exc.key!r} twice in one object") from exc
+    except ValueError as exc:  # int() refuses integers longer than sys.get_int_max_str_digits()
+        reason = str(exc).split(";")[0]  # not the advice to raise the interpreter's limit
+        raise BundleError(f"{what} has a number too long to parse ({reason})") from exc
+    except RecursionError as exc:
+        raise BundleError(f"{what} is nested too deeply to parse") from exc
+
+
+def _symlink_error(root: Path, real_root: Path, rel: str) -> BundleError:
+    path = root / rel
+    try:
+        target = str(path.readlink())
+    except OSError:
+        target = "?"
+    try:
+        outside = not path.resolve().is_relative_to(real_root)
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        outside = False
+    where = ", outside the bundle" if outside else ""
+    return BundleError(
+        f"bundle {root}: {rel} is a symlink (to {target}{where}); a bundle holds only regular files"
+    )
+
+
+def _check_tree(root: Path, real_root: Path, listed: set[str]) -> None:
+    """Refuse symlinks, non-regular files and unlisted files anywhere under `root` (never follows links)."""
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            children = sorted(directory.iterdir())
+        except OSError as exc:
+            raise BundleError(f"bundle {root}: cannot list {directory}: {exc}") from exc
+        for path in children:
+            rel = path.relative_to(root).as_posix()
+            try:
+                mode = path.lstat().st_mode
+            except OSError as exc:
+                raise BundleError(f"bundle {root}: {rel} cannot be read: {exc}") from exc
+            if stat.S_ISLNK(mode):
+                raise _symlink_error(root, real_root, rel)
+            if stat.S_ISDIR(mode):
+                pending.append(path)
+            elif not stat.S_ISREG(mode):
+                raise BundleError(f"bundle {root}: {rel} is not a regular file")
+            elif rel != MANIFEST_NAME and rel not in listed:
+                raise BundleError(f"bundle {root}: {rel} is not listed in the manifest")
+
+
+def _listed_path(root: Path, real_root: Path, rel: str) -> Path:
+    """`root / rel` after checking that it resolves inside the bundle and that no part of it is a symlink."""
+    path = root / rel
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise BundleError(f"bundle {root}: {rel} cannot be resolved: {exc}") from exc
+    if not resolved.is_relative_to(real_root):
+        raise BundleError(f"bundle {root}: {rel} resolves to {resolved}, outside the bundle")
+    parts = PurePosixPath(rel).parts
+    for i in range(1, len(parts) + 1):
+        part = PurePosixPath(*parts[:i]).as_posix()
+        if (root / part).is_symlink():
+            raise _symlink_error(root, real_root, part)
+    return path
 
 
 # --- schema validation -------------------------------------------------------------------------------
@@ -239,8 +360,16 @@ def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...], where: str)
 
 
 def _safe_relpath(value: str, key: str, where: str) -> str:
-    path = Path(value)
-    if not value or path.is_absolute() or ".." in path.parts or value == MANIFEST_NAME:
+    """A relative POSIX path in canonical form (no `.`, `..`, empty parts or NUL) that is not the manifest."""
+    path = PurePosixPath(value)
+    if (
+        not value
+        or "\x00" in value
+        or path.is_absolute()
+        or ".." in path.parts
+        or path.as_posix() != value
+        or value == MANIFEST_NAME
+    ):
         raise BundleError(f"{where}: key '{key}' has an unsafe file path {value!r}")
     return value
 
@@ -342,6 +471,7 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
     )
 
     files = []
+    seen: set[str] = set()
     for i, entry in enumerate(_get(raw, "files", list, where)):
         w_f = f"{where} files[{i}]"
         if not isinstance(entry, dict):
@@ -352,11 +482,11 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         size = _get(entry, "size", int, w_f)
         if size < 0:
             raise BundleError(f"{w_f}: key 'size' must not be negative")
-        files.append(
-            FileEntry(
-                path=_safe_relpath(_get(entry, "path", str, w_f), "path", w_f), sha256=digest, size=size
-            )
-        )
+        path = _safe_relpath(_get(entry, "path", str, w_f), "path", w_f)
+        if path in seen:
+            raise BundleError(f"{w_f}: {path} is listed twice in 'files'")
+        seen.add(path)
+        files.append(FileEntry(path=path, sha256=digest, size=size))
     model_file = _safe_relpath(_get(raw, "model_file", str, where), "model_file", where)
     if model_file not in {f.path for f in files}:
         raise BundleError(f"{where}: model_file {model_file!r} is not listed in 'files'")
