@@ -1,7 +1,9 @@
 """The model bundle: the one contract between the controller (`quantization`) and the car (`rover_runtime`).
 
 A bundle is a directory holding `manifest.json` and the files it lists (the model file, and nothing else
-unless the manifest names it). Every file's sha256 and size are recorded in the manifest; `open_bundle`
+unless the manifest names it), and optionally `manifest.json.sig`, an SSH signature of the manifest (checked
+by the deploy on the car with `ssh-keygen -Y verify`, not here; it is not listed in the manifest). Every
+file's sha256 and size are recorded in the manifest; `open_bundle`
 verifies all of them and the schema before anything is loaded, and refuses a bundle that does not match,
 with a message naming the offending file or key. The format is described in `docs/bundle-format.md`.
 
@@ -25,6 +27,9 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The manifest's SSH signature (`ssh-keygen -Y sign -n rover-bundle`): the one file a bundle may hold that the
+# manifest does not list (it signs the manifest, so the manifest cannot record it). Never read here.
+SIGNATURE_NAME = "manifest.json.sig"
 MODEL_FORMATS = ("torchscript", "onnx")
 MODES = ("fp32", "dynamic", "static")
 BACKENDS = ("torch", "onnxruntime")
@@ -151,9 +156,11 @@ def sha256_file(path: Path) -> str:
 
 
 def file_entries(root: Path) -> tuple[FileEntry, ...]:
-    """Hash every regular file under `root` except the manifest, in a stable order."""
+    """Hash every regular file under `root` except the manifest and its signature, in a stable order."""
     entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in sorted(
+        p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and p != root / SIGNATURE_NAME
+    ):
         rel = path.relative_to(root).as_posix()
         entries.append(FileEntry(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
     return tuple(entries)
@@ -174,7 +181,9 @@ def open_bundle(root: Path | str, *, verify_hashes: bool = True) -> Bundle:
     manifest (invalid JSON, a duplicate key, a number or nesting too large to parse), a schema error
     (naming the key), a symlink or other non-regular file anywhere in the bundle, a listed path that
     resolves outside the bundle, a listed file that is missing or whose size or sha256 differs, or a file
-    present but not listed. Nothing else escapes for a bad bundle (unreadable files too are BundleError).
+    present but not listed (other than `manifest.json.sig` beside the manifest, which is allowed and not
+    read: the deploy verifies the signature on the car). Nothing else escapes for a bad bundle (unreadable
+    files too are BundleError).
     """
     root = Path(root)
     try:
@@ -299,7 +308,7 @@ def _check_tree(root: Path, real_root: Path, listed: set[str]) -> None:
                 pending.append(path)
             elif not stat.S_ISREG(mode):
                 raise BundleError(f"bundle {root}: {rel} is not a regular file")
-            elif rel != MANIFEST_NAME and rel not in listed:
+            elif rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
                 raise BundleError(f"bundle {root}: {rel} is not listed in the manifest")
 
 
@@ -360,7 +369,8 @@ def _choice(obj: dict[str, Any], key: str, choices: tuple[str, ...], where: str)
 
 
 def _safe_relpath(value: str, key: str, where: str) -> str:
-    """A relative POSIX path in canonical form (no `.`, `..`, empty parts or NUL) that is not the manifest."""
+    """A relative POSIX path in canonical form (no `.`, `..`, empty parts or NUL): not the manifest or its
+    signature."""
     path = PurePosixPath(value)
     if (
         not value
@@ -368,7 +378,7 @@ def _safe_relpath(value: str, key: str, where: str) -> str:
         or path.is_absolute()
         or ".." in path.parts
         or path.as_posix() != value
-        or value == MANIFEST_NAME
+        or value in (MANIFEST_NAME, SIGNATURE_NAME)
     ):
         raise BundleError(f"{where}: key '{key}' has an unsafe file path {value!r}")
     return value

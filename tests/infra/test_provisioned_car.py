@@ -170,3 +170,20 @@ def test_time_sync_is_on(host: Any) -> None:
         assert condition == "no"
     else:
         assert timesyncd.is_running, host.run("journalctl -u systemd-timesyncd -n 20 --no-pager").stdout
+
+
+def test_car_trusts_the_bundle_signing_key(host: Any, settings: dict[str, Any]) -> None:
+    """Signed bundles: the allowed signers file each new release's manifest signature is checked against."""
+    allowed = host.file(settings["rover_release_allowed_signers"])
+    assert allowed.is_file
+    assert allowed.user == "root"
+    assert allowed.mode == 0o644
+    keys = [line for line in allowed.content_string.splitlines() if line and not line.startswith("#")]
+    assert len(keys) == 1 + len(settings["rover_release_trusted_keys"])
+    identity, namespace = (
+        settings["rover_release_signer_identity"],
+        settings["rover_release_signature_namespace"],
+    )
+    prefix = f'{identity} namespaces="{namespace}" '
+    assert all(line.startswith(prefix + "ssh-") for line in keys), keys
+    assert host.exists("ssh-keygen")

@@ -115,3 +115,30 @@ def metrics(host: Any) -> dict[str, Any]:
 
 def journal(host: Any) -> str:
     return str(host.run("journalctl -u rover-runtime --no-pager -n 40").stdout)
+
+
+def signing_key() -> Path:
+    """The controller's bundle signing key the deploy and provisioning use by default (role rover_release)."""
+    cache = Path(os.environ.get("ROVER_CACHE") or Path.home() / ".cache" / "rover")
+    return cache / "keys" / "rover-bundle-signing"
+
+
+def sign_manifest(bundle: Path, key: Path) -> Path:
+    """Sign `bundle`'s manifest.json as the deploy does (`ssh-keygen -Y sign -n rover-bundle`), beside it."""
+    subprocess.run(
+        ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", "rover-bundle", str(bundle / "manifest.json")],
+        check=True,
+        capture_output=True,
+    )
+    return bundle / "manifest.json.sig"
+
+
+def new_signing_key(target: Path) -> Path:
+    """A fresh ed25519 key pair (no passphrase) at `target` and `target`.pub: a key the cars do not trust."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "not-the-controller", "-f", str(target)],
+        check=True,
+        capture_output=True,
+    )
+    return target

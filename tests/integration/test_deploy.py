@@ -3,6 +3,9 @@ sshd, systemd, the firmware simulator on the serial pty). The tests run in order
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,10 @@ from deploy_helpers import (
     journal,
     make_bundle,
     metrics,
+    new_signing_key,
     run_playbook,
+    sign_manifest,
+    signing_key,
 )
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
@@ -95,6 +101,37 @@ def test_service_runs_hardened_as_rover(deployed: Path, name: str) -> None:
     assert steps == ("5" if systemd >= 254 else ""), (systemd, steps)
     # The process itself runs as rover, not only the unit setting.
     assert host.check_output(f"ps -o user= -p {props['MainPID']}").strip() == "rover"
+
+
+@pytest.mark.parametrize("name", CARS)
+def test_service_sandbox_score_devices_and_restart_policy(deployed: Path, name: str) -> None:
+    host = car(deployed, name)
+    # systemd's own rating of the sandbox: at most 2.0 ("SAFE" ends at 2.0; docs/deploy.md shows the table).
+    security = host.check_output("systemd-analyze security --no-pager rover-runtime.service")
+    score = re.search(r"Overall exposure level for rover-runtime\.service: (\d+\.\d+)", security)
+    assert score, security[-2000:]
+    assert float(score.group(1)) <= 2.0, security
+    # Device classes (by major number, so a replugged Arduino or camera that comes back under another node
+    # name is still allowed) and the VideoCore mailbox vcgencmd reads the throttling bits from.
+    allow = host.check_output("systemctl show rover-runtime -p DeviceAllow --value")
+    for entry in ("char-ttyUSB rw", "char-ttyACM rw", "char-video4linux rw", "/dev/vcio rw"):
+        assert entry in allow, allow
+    show = host.check_output(
+        "systemctl show rover-runtime -p StartLimitIntervalUSec -p Restart -p RestartUSec "
+        "-p RestrictRealtime -p LimitRTPRIO -p CapabilityBoundingSet -p PrivateNetwork"
+    )
+    props = dict(line.split("=", 1) for line in show.splitlines())
+    # No start rate limit: systemd keeps restarting a crashing runtime, it never stays failed for good.
+    assert props["StartLimitIntervalUSec"] == "0", props
+    assert props["Restart"] == "on-failure"
+    # SCHED_FIFO for the control loop stays possible.
+    assert props["RestrictRealtime"] == "no"
+    assert props["LimitRTPRIO"] == "20"
+    assert props["CapabilityBoundingSet"] == ""
+    assert props["PrivateNetwork"] == "yes"
+    # Without RestartSteps (systemd < 254: bookworm) the back-off is a fixed, longer wait.
+    systemd = int(host.check_output("systemctl --version").split()[1])
+    assert props["RestartUSec"] == ("2s" if systemd >= 254 else "10s"), (systemd, props)
 
 
 @pytest.mark.parametrize("name", CARS)
@@ -249,3 +286,138 @@ def test_rollback_playbook_back_one_and_to_a_named_release(deployed: Path, bundl
     assert run.rc != 0
     assert '"ffffnothere" matches 0 releases' in run.text
     assert current_release(car(deployed, "car2")) == b
+
+
+def test_crash_loop_never_leaves_the_service_failed(deployed: Path) -> None:
+    """More crashes in a row than the old start limit (10 per 300 s) allowed: systemd keeps restarting it.
+    A runtime drop-in shortens the back-off so the test takes seconds; it is removed afterwards."""
+    host = car(deployed, "car1")
+    dropin = "/run/systemd/system/rover-runtime.service.d"
+    host.check_output(
+        f"mkdir -p {dropin} && printf '[Service]\\nRestartSec=200ms\\nRestartSteps=0\\n' "
+        f"> {dropin}/fast.conf && systemctl daemon-reload && systemctl restart rover-runtime"
+    )
+    try:
+        for _ in range(12):
+            deadline = time.monotonic() + 60
+            while host.run("systemctl is-active rover-runtime").stdout.strip() != "active":
+                assert time.monotonic() < deadline, journal(host)
+                time.sleep(0.2)
+            host.run("kill -KILL $(systemctl show -p MainPID --value rover-runtime)")
+            time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while host.run("systemctl is-active rover-runtime").stdout.strip() != "active":
+            assert time.monotonic() < deadline, journal(host)
+            time.sleep(0.5)
+        assert int(host.check_output("systemctl show rover-runtime -p NRestarts --value")) >= 12
+    finally:
+        host.run(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart rover-runtime")
+    assert host.service("rover-runtime").is_running, journal(host)
+
+
+# --- signed bundles: every new release's manifest.json.sig is checked on the car before it is published --
+
+
+def _refused_on_the_car(deployed: Path, run: Any, bundle: Path, reason: str) -> None:
+    """The canary refused `bundle` on the car with one line naming `reason`; nothing was switched."""
+    assert run.rc != 0, run.stdout[-4000:]
+    assert "failed verification on the car and was not activated" in run.text, run.stdout[-4000:]
+    assert reason in run.text, run.stdout[-4000:]
+    canary = car(deployed, "car1")
+    before = current_release(canary)
+    assert before != content_hash(bundle)
+    assert not canary.file(f"{RELEASES}/releases/{content_hash(bundle)}").exists
+    assert not canary.file(f"{RELEASES}/releases/.incoming-{content_hash(bundle)}").exists
+    assert metrics(canary)["bundle"]["content_hash"] == before
+    # The rollout stopped at the canary: the second car never saw the bundle.
+    assert "car2" not in run.recap() or run.recap()["car2"]["ok"] == 0
+    assert not car(deployed, "car2").file(f"{RELEASES}/releases/{content_hash(bundle)}").exists
+
+
+@pytest.mark.parametrize("name", CARS)
+def test_release_carries_the_controllers_signature(deployed: Path, name: str) -> None:
+    host = car(deployed, name)
+    allowed = host.file("/etc/rover/allowed_signers")
+    assert allowed.user == "root"
+    assert allowed.mode == 0o644
+    public = Path(f"{signing_key()}.pub").read_text().split()[1]
+    assert public in allowed.content_string
+    check = host.run(
+        "ssh-keygen -Y verify -f /etc/rover/allowed_signers -I rover-controller -n rover-bundle "
+        f"-s {RELEASES}/current/manifest.json.sig < {RELEASES}/current/manifest.json"
+    )
+    assert check.rc == 0, check.stderr
+    assert 'Good "rover-bundle" signature for rover-controller' in check.stdout + check.stderr
+
+
+def test_unsigned_bundle_is_refused_on_the_car(deployed: Path, tmp_path: Path) -> None:
+    unsigned = make_bundle(tmp_path / "unsigned", chunk_size=13)
+    before = current_release(car(deployed, "car1"))
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "-e",
+        f"rover_deploy_bundle={unsigned}",
+        "-e",
+        "rover_release_sign=false",
+    )
+    _refused_on_the_car(deployed, run, unsigned, "the bundle is not signed: no manifest.json.sig")
+    assert current_release(car(deployed, "car1")) == before
+
+
+def test_bundle_signed_with_another_key_is_refused_on_the_car(deployed: Path, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "other-key", chunk_size=13)
+    other = new_signing_key(tmp_path / "keys" / "other")
+    before = current_release(car(deployed, "car1"))
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "-e",
+        f"rover_deploy_bundle={bundle}",
+        "-e",
+        f"rover_release_signing_key={other}",
+    )
+    _refused_on_the_car(deployed, run, bundle, 'manifest.json.sig is not a good "rover-bundle" signature')
+    assert current_release(car(deployed, "car1")) == before
+
+
+def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tmp_path: Path) -> None:
+    signed = make_bundle(tmp_path / "signed", chunk_size=13)
+    sign_manifest(signed, signing_key())
+    # Signed beforehand with the controller's key and sent as it is: accepted (staged only, no switch).
+    before = current_release(car(deployed, "car1"))
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "-e",
+        f"rover_deploy_bundle={signed}",
+        "-e",
+        "rover_release_sign=false",
+        "-e",
+        "rover_release_activate=false",
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    assert car(deployed, "car1").file(f"{RELEASES}/releases/{content_hash(signed)}/manifest.json.sig").exists
+    assert current_release(car(deployed, "car1")) == before
+    # The same signature with the manifest changed afterwards (its file hashes still match: only the
+    # signature can tell): refused.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(signed, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["created_at"] = "2020-01-01T00:00:00+00:00"
+    (tampered / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    assert content_hash(tampered) != content_hash(signed)  # the reader accepts it: hashes and sizes match
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "-e",
+        f"rover_deploy_bundle={tampered}",
+        "-e",
+        "rover_release_sign=false",
+    )
+    _refused_on_the_car(deployed, run, tampered, "the manifest changed after signing")
+    assert current_release(car(deployed, "car1")) == before

@@ -19,6 +19,7 @@ from rover_runtime.bundle import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     SCHEMA_VERSION,
+    SIGNATURE_NAME,
     BundleError,
     Calibration,
     ImageInput,
@@ -120,6 +121,49 @@ def test_missing_file_is_refused(bundle_dir: Path) -> None:
 def test_extra_file_is_refused(bundle_dir: Path) -> None:
     (bundle_dir / "extra.bin").write_bytes(b"x")
     with pytest.raises(BundleError, match=r"extra\.bin is not listed in the manifest"):
+        open_bundle(bundle_dir)
+
+
+def test_signature_beside_the_manifest_is_allowed_unlisted(bundle_dir: Path) -> None:
+    """manifest.json.sig (the deploy's SSH signature of the manifest) is the one unlisted file allowed; it
+    changes neither the file list nor the content hash (the release id)."""
+    before = open_bundle(bundle_dir).manifest.content_hash
+    (bundle_dir / SIGNATURE_NAME).write_text(
+        "-----BEGIN SSH SIGNATURE-----\n...\n-----END SSH SIGNATURE-----\n"
+    )
+    bundle = open_bundle(bundle_dir)
+    assert bundle.manifest.content_hash == before
+    assert [entry.path for entry in bundle.manifest.files] == [MODEL]
+    assert [entry.path for entry in file_entries(bundle_dir)] == [MODEL]  # a writer never lists it
+    result = subprocess.run(
+        [sys.executable, str(VERIFIER), str(bundle_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["content_hash"] == before
+
+
+def test_signature_elsewhere_or_not_a_file_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    (bundle_dir / "sub").mkdir()
+    (bundle_dir / "sub" / SIGNATURE_NAME).write_text("x")  # only beside the manifest
+    with pytest.raises(BundleError, match=r"sub/manifest\.json\.sig is not listed in the manifest"):
+        open_bundle(bundle_dir)
+    (bundle_dir / "sub" / SIGNATURE_NAME).unlink()
+    (bundle_dir / "sub").rmdir()
+    (tmp_path / "sig").write_text("x")
+    (bundle_dir / SIGNATURE_NAME).symlink_to(tmp_path / "sig")
+    with pytest.raises(BundleError, match=r"manifest\.json\.sig is a symlink"):
+        open_bundle(bundle_dir)
+
+
+def test_manifest_may_not_list_its_signature(bundle_dir: Path) -> None:
+    _edit_manifest(
+        bundle_dir, lambda m: m["files"].append({"path": SIGNATURE_NAME, "sha256": "0" * 64, "size": 1})
+    )
+    with pytest.raises(BundleError, match=r"unsafe file path 'manifest\.json\.sig'"):
         open_bundle(bundle_dir)
 
 
