@@ -31,6 +31,8 @@ EMULATED_CAR_VARS = {
     "rover_runtime_service_rate_hz": 2.0,
     "rover_runtime_service_timeout_start_sec": 900,
     "rover_runtime_service_watchdog_sec": 120,
+    # qemu-user cannot create an IPC namespace for the service (226/NAMESPACE).
+    "rover_runtime_service_private_ipc": False,
 }
 
 
