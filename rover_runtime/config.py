@@ -3,10 +3,17 @@
 The defaults live in `default_config.toml` (package data, each key documented there). A user file may set
 any subset of its keys; an unknown section or key is refused by name. Every value is validated with an
 error naming its key, e.g. ``config control.rate_hz: must be > 0, got -5``.
+
+A relative `policy.bundle` in a config file is relative to that file's resolved directory (symlinks
+followed), so ``bundle = "bundle"`` in ``/opt/rover/current/runtime.toml`` names the bundle of the release
+``current`` pointed to when the runtime started, even if ``current`` is switched later. The resolved file is
+kept in `RuntimeConfig.source`. A CLI override (``--bundle``) is taken as given, relative to the working
+directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -99,6 +106,8 @@ class RuntimeConfig:
     policy: PolicyConfig
     metrics: MetricsConfig
     logging: LoggingConfig
+    # The config file this was loaded from, resolved (symlinks followed); "" when there was none.
+    source: str = ""
 
 
 _SECTIONS: dict[str, type] = {
@@ -142,17 +151,33 @@ def _parse_toml(text: str, where: str) -> dict[str, Any]:
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> RuntimeConfig:
     """Defaults, then the file at `path` (if any), then `overrides` ({"section.key": value}), validated."""
     raw = _parse_toml(default_config_text(), "defaults")
+    source = ""
     if path is not None:
         path = Path(path)
+        # Resolved once and read from there: the file and the paths relative to it come from one release,
+        # even if a symlink on the way (/opt/rover/current) is switched meanwhile.
+        resolved = path.resolve()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = resolved.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from exc
-        _merge(raw, _parse_toml(text, str(path)))
+        data = _parse_toml(text, str(path))
+        _merge(raw, data)
+        _anchor_bundle(raw, data, resolved.parent)
+        source = str(resolved)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         _merge(raw, {section: {key: value}})
-    return validate_config(raw)
+    config = validate_config(raw)
+    return dataclasses.replace(config, source=source) if source else config
+
+
+def _anchor_bundle(raw: dict[str, Any], data: dict[str, Any], base: Path) -> None:
+    """A relative `policy.bundle` set by the file at `base` becomes `base / bundle`."""
+    policy = data.get("policy")
+    bundle = policy.get("bundle") if isinstance(policy, dict) else None
+    if isinstance(bundle, str) and bundle and not Path(bundle).is_absolute():
+        raw["policy"]["bundle"] = str(base / bundle)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -115,6 +116,7 @@ class ControlLoop:
         self._last_error_log = float("-inf")
         self.command = (0.0, 0.0)
         self.ready = False
+        self.release = release_info(config.source)
 
     # --- control -----------------------------------------------------------------------------------
 
@@ -315,7 +317,8 @@ class ControlLoop:
                 **dataclasses.asdict(self.camera.stats),
                 "frame_age_s": None if frame_time is None else round(now - frame_time, 3),
             },
-            "serial": _as_dict(self.link.stats),
+            "serial": self._serial_status(now),
+            "release": dict(self.release),
             "bundle": {
                 "content_hash": info.content_hash,
                 "mode": info.mode,
@@ -325,6 +328,30 @@ class ControlLoop:
                 "path": self.config.policy.bundle if info.backend != "stub" else None,
             },
         }
+
+    def _serial_status(self, now: float) -> dict[str, Any]:
+        stats = self.link.stats
+        last_rx = getattr(stats, "last_rx_monotonic", None)
+        return {
+            **_as_dict(stats),
+            "last_rx_age_s": None if last_rx is None else round(max(0.0, now - last_rx), 3),
+        }
+
+
+def release_info(config_source: str) -> dict[str, str | None]:
+    """The release the runtime started from: the resolved config file's directory, if it holds release.json.
+
+    `config_source` is `RuntimeConfig.source` (already resolved, so this names the release `current` pointed
+    to at start, not whatever it points to now). Computed once; the snapshot only copies it.
+    """
+    if not config_source:
+        return {"id": None, "config": None}
+    directory = Path(config_source).parent
+    try:
+        is_release = (directory / "release.json").exists()
+    except OSError:
+        is_release = False
+    return {"id": directory.name if is_release else None, "config": config_source}
 
 
 def _ms_stats(values: list[float]) -> dict[str, float | None]:

@@ -21,8 +21,8 @@ SIM_FLEET_RELEASES = tuple(os.environ.get("SIMFLEET_TEST_RELEASES", DEFAULT_RELE
 
 @pytest.fixture(scope="session")
 def sim_fleet() -> Iterator[FleetState]:
-    """Two simulated amd64 Debian trixie cars for the whole session (fleet "pytest", sshd on
-    127.0.0.1:2321-2322; $SIMFLEET_TEST_NAME, $SIMFLEET_TEST_BASE_PORT and $SIMFLEET_TEST_RELEASES choose
+    """Three simulated amd64 Debian trixie cars for the whole session (fleet "pytest", sshd on
+    127.0.0.1:2321-2323; $SIMFLEET_TEST_NAME, $SIMFLEET_TEST_BASE_PORT and $SIMFLEET_TEST_RELEASES choose
     others).
 
     `sim_fleet.inventory` is the Ansible inventory; each host's firmware simulator status file is
@@ -30,6 +30,6 @@ def sim_fleet() -> Iterator[FleetState]:
     session.
     """
     with running_fleet(
-        SIM_FLEET_NAME, hosts=2, base_port=SIM_FLEET_BASE_PORT, releases=SIM_FLEET_RELEASES
+        SIM_FLEET_NAME, hosts=3, base_port=SIM_FLEET_BASE_PORT, releases=SIM_FLEET_RELEASES
     ) as state:
         yield state

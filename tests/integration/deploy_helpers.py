@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from rover_runtime.bundle import open_bundle
 from rover_runtime.testing import write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASES = "/opt/rover/models"
+RELEASES = "/opt/rover"
 
 
 def fleet_inventory(request: Any) -> Path:
@@ -51,19 +52,32 @@ class PlaybookRun:
         return out
 
 
-def run_playbook(inventory: Path, playbook: str, *args: str, timeout: float = 900) -> PlaybookRun:
-    env = dict(os.environ)
-    env.update(ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    cmd = [
+def playbook_command(inventory: Path, playbook: str, *args: str) -> list[str]:
+    return [
         str(Path(sys.executable).parent / "ansible-playbook"),
         "-i",
         str(inventory),
         str(REPO / "playbooks" / playbook),
         *args,
     ]
+
+
+def playbook_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def run_playbook(inventory: Path, playbook: str, *args: str, timeout: float = 900) -> PlaybookRun:
     done = subprocess.run(
-        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        playbook_command(inventory, playbook, *args),
+        cwd=REPO,
+        env=playbook_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     return PlaybookRun(rc=done.returncode, stdout=done.stdout + done.stderr)
 
@@ -106,7 +120,47 @@ def car(inventory: Path, name: str) -> Any:
 
 
 def current_release(host: Any) -> str:
-    return str(host.check_output(f"readlink {RELEASES}/current")).rsplit("/", 1)[-1]
+    """The id of the release `current` points at ("" before the first release)."""
+    out = host.run(f"readlink {RELEASES}/current")
+    return str(out.stdout).strip().rsplit("/", 1)[-1] if out.rc == 0 else ""
+
+
+def current_bundle(host: Any) -> str:
+    """The content hash of the active release's model bundle."""
+    return str(host.check_output(f"readlink -f {RELEASES}/current/bundle")).rsplit("/", 1)[-1]
+
+
+def releases(host: Any) -> dict[str, dict[str, Any]]:
+    """Every published release on the car: its release.json with its status.json (state, reason) merged in."""
+    script = (
+        "import json, pathlib, sys\n"
+        "out = {}\n"
+        f"for d in sorted(pathlib.Path('{RELEASES}/releases').glob('[!.]*')):\n"
+        "    info = json.loads((d / 'release.json').read_text())\n"
+        "    s = d / 'status.json'\n"
+        "    info.update(json.loads(s.read_text()) if s.exists() else {'state': 'new'})\n"
+        "    out[d.name] = info\n"
+        "print(json.dumps(out))\n"
+    )
+    return dict(json.loads(host.check_output(f"python3 -c {shlex.quote(script)}")))
+
+
+def leftovers(host: Any) -> list[str]:
+    """Staging directories and the deploy lock: what a finished run must not leave behind."""
+    out = host.run(
+        f"ls -d {RELEASES}/releases/.incoming-* {RELEASES}/bundles/.incoming-* {RELEASES}/.deploy.lock"
+    )
+    return str(out.stdout).split()
+
+
+def container_pid(inventory: Path, name: str) -> int:
+    """The simulated car's init process as seen from this machine (to enter its mount namespace), from the
+    fleet's state.json beside the key its inventory names."""
+    key = re.search(r"ansible_ssh_private_key_file: (\S+)/id_ed25519", inventory.read_text())
+    assert key, f"{inventory} is not a simfleet inventory"
+    state = json.loads((Path(key.group(1)) / "state.json").read_text())
+    host = next(h for h in state["hosts"] if h["name"] == name)
+    return int(host["init"]["pid"])
 
 
 def metrics(host: Any) -> dict[str, Any]:

@@ -1,11 +1,15 @@
-"""playbooks/deploy.yml and playbooks/rollback.yml against two simulated cars (real ansible-playbook,
-sshd, systemd, the firmware simulator on the serial pty). The tests run in order and share the fleet."""
+"""playbooks/deploy.yml and playbooks/rollback.yml against three simulated cars (real ansible-playbook,
+sshd, systemd, the firmware simulator on the serial pty). The tests run in order and share the fleet.
+
+A release is the model bundle, the rover_runtime code and the car's runtime.toml (role rover_release):
+`current` switches all three at once, and every change goes through the same guard, gate and rollback."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,21 +17,33 @@ from typing import Any
 import pytest
 from deploy_helpers import (
     RELEASES,
+    REPO,
     car,
+    container_pid,
     content_hash,
     corrupt_copy,
+    current_bundle,
     current_release,
     fleet_inventory,
     journal,
+    leftovers,
     make_bundle,
     metrics,
     new_signing_key,
+    playbook_command,
+    playbook_env,
+    releases,
     run_playbook,
     sign_manifest,
     signing_key,
 )
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+
+CARS = ("car1", "car2")
+ALL_CARS = ("car1", "car2", "car3")
+# A simulated car drives all the time (its policy commands throttle): changing its release needs force.
+FORCE = ("-e", "rover_deploy_force=true")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +54,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "a": good_a,
         "b": good_b,
+        "c": make_bundle(root / "good-c", chunk_size=14),
         "corrupt": corrupt_copy(good_b, root / "corrupt"),
         "gate-fails": make_bundle(root / "gate-fails", chunk_size=11, manifest_chunk_size=9),
     }
@@ -52,23 +69,43 @@ def fleet(request: pytest.FixtureRequest) -> Path:
     return inventory
 
 
+def _wipe(inventory: Path, name: str) -> None:
+    car(inventory, name).check_output(
+        "systemctl stop rover-runtime || true; "
+        f"rm -rf {RELEASES}/releases {RELEASES}/bundles {RELEASES}/current {RELEASES}/.deploy.lock "
+        f"{RELEASES}/models"
+    )
+
+
 @pytest.fixture(scope="module")
 def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
     # The fleet is shared by the session: another test (the benchmark playbook) may have deployed to it.
-    # These tests count releases, so start from a car with the service stopped and no release at all.
-    for name in CARS:
-        car(fleet, name).check_output(
-            "systemctl stop rover-runtime || true; "
-            f"rm -rf {RELEASES}/releases {RELEASES}/current {RELEASES}/previous"
-        )
+    # These tests count releases, so start from cars with the service stopped and no release at all.
+    for name in ALL_CARS:
+        _wipe(fleet, name)
+    # A stopped car is not driving: the first deploy needs no force.
     run = run_playbook(fleet, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.stdout[-4000:]
     return fleet
 
 
-CARS = ("car1", "car2")
-# A simulated car drives all the time (its policy commands throttle): swapping its model needs force.
-FORCE = ("-e", "rover_deploy_force=true")
+def _wait_running(host: Any, release: str, timeout: float = 60) -> dict[str, Any]:
+    """Metrics of the runtime once its process reports `release` and is healthy."""
+    deadline = time.monotonic() + timeout
+    m: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if host.file("/run/rover/metrics.json").exists:
+            m = metrics(host)
+            if (m.get("release") or {}).get("id") == release and m["healthy"]:
+                return m
+        time.sleep(1)
+    raise AssertionError(f"not running {release} within {timeout} s: {m.get('release')}\n{journal(host)}")
+
+
+def _recap_line(run: Any, name: str) -> str:
+    match = re.search(rf"^{name}: (.*)$", run.stdout.split("ROVER RECAP")[-1], re.MULTILINE)
+    assert match, run.stdout[-3000:]
+    return match.group(1)
 
 
 @pytest.mark.parametrize("name", CARS)
@@ -135,18 +172,30 @@ def test_service_sandbox_score_devices_and_restart_policy(deployed: Path, name: 
 
 
 @pytest.mark.parametrize("name", CARS)
-def test_current_points_at_a_verified_release(deployed: Path, bundles: dict[str, Path], name: str) -> None:
+def test_release_holds_bundle_runtime_and_config(deployed: Path, bundles: dict[str, Path], name: str) -> None:
     host = car(deployed, name)
-    expected = content_hash(bundles["a"])
-    assert current_release(host) == expected
-    assert host.file(f"{RELEASES}/current").is_symlink
-    # The release on the car verifies against its manifest with the car's own rover_runtime.
-    check = host.run(
-        "/opt/rover/venv/bin/python -c 'import sys; from rover_runtime.bundle import open_bundle; "
-        f"print(open_bundle(sys.argv[1]).manifest.content_hash)' {RELEASES}/current"
-    )
-    assert check.rc == 0, check.stderr
-    assert check.stdout.strip() == expected
+    release = current_release(host)
+    base = f"{RELEASES}/releases/{release}"
+    assert host.file(f"{RELEASES}/current").linked_to == base
+    # The model: a link to the verified bundle, kept once per content hash.
+    assert host.file(f"{base}/bundle").is_symlink
+    assert current_bundle(host) == content_hash(bundles["a"])
+    # The runtime's code and its launcher, and the rendered config, readable by the service's group only.
+    assert host.file(f"{base}/lib/rover_runtime/control_loop.py").is_file
+    assert host.file(f"{base}/bin/rover-runtime").mode == 0o755
+    config = host.file(f"{base}/runtime.toml")
+    assert (config.user, config.group, config.mode) == ("root", "rover", 0o640)
+    assert 'bundle = "bundle"' in config.content_string
+    info = releases(host)[release]
+    assert info["bundle"] == content_hash(bundles["a"])
+    assert info["state"] == "good", info
+    # The process runs this release's code: the launcher resolved `current` when it started.
+    m = metrics(host)
+    assert m["release"] == {"id": release, "config": f"{base}/runtime.toml"}
+    environ = host.check_output(f"tr '\\0' '\\n' < /proc/{m['pid']}/environ")
+    assert f"PYTHONPATH={base}/lib" in environ.splitlines()
+    # The signature the car checked stays with the bundle.
+    assert host.file(f"{RELEASES}/bundles/{content_hash(bundles['a'])}/manifest.json.sig").exists
 
 
 @pytest.mark.parametrize("name", CARS)
@@ -161,49 +210,59 @@ def test_metrics_show_the_loop_running(deployed: Path, bundles: dict[str, Path],
     assert not second["failsafe"]["active"]
     assert second["bundle"]["content_hash"] == content_hash(bundles["a"])
     assert second["serial"]["replies_ok"] > first["serial"]["replies_ok"]
+    assert second["serial"]["last_rx_age_s"] < 2.0
 
 
 def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
-    model = f"{RELEASES}/current/model.onnx"
+    model = f"{RELEASES}/current/bundle/model.onnx"
     before = host.check_output(f"stat -L -c '%i %Y' {model}")
+    pid = metrics(host)["pid"]
     run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.stdout[-4000:]
     recap = run.recap()
-    assert all(recap[name]["changed"] == 0 for name in CARS), recap
-    assert run.text.count("unchanged, 0 bundle bytes sent") == len(CARS)
+    assert all(recap[name]["changed"] == 0 for name in ALL_CARS), recap
+    for name in ALL_CARS:
+        assert _recap_line(run, name).endswith("unchanged"), _recap_line(run, name)
     assert host.check_output(f"stat -L -c '%i %Y' {model}") == before
+    assert metrics(host)["pid"] == pid  # not restarted
 
 
-def test_no_model_swap_while_driving(deployed: Path, bundles: dict[str, Path]) -> None:
+def test_driving_car_is_skipped_and_reported_not_failed(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
     assert metrics(host)["driving"] is True
+    before = {name: current_release(car(deployed, name)) for name in ALL_CARS}
     run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
-    assert run.rc != 0
-    assert "car1 is driving" in run.text
-    assert current_release(host) == content_hash(bundles["a"])
-    assert not host.file(f"{RELEASES}/releases/{content_hash(bundles['b'])}").exists
+    assert run.rc == 0, run.stdout[-4000:]  # a skip is not a failure: the rollout went on
+    for name in ALL_CARS:
+        assert _recap_line(run, name).startswith("SKIPPED: driving"), _recap_line(run, name)
+        assert current_release(car(deployed, name)) == before[name]
+    assert not host.file(f"{RELEASES}/bundles/{content_hash(bundles['b'])}").exists
 
 
 def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    before = current_release(host)
     run = run_playbook(deployed, "deploy.yml", "--check", *FORCE, "-e", f"rover_deploy_bundle={bundles['b']}")
     assert run.rc == 0, run.stdout[-4000:]
     assert run.recap()["car1"]["changed"] > 0
-    host = car(deployed, "car1")
-    assert current_release(host) == content_hash(bundles["a"])
-    assert not host.file(f"{RELEASES}/releases/{content_hash(bundles['b'])}").exists
+    assert current_release(host) == before
+    assert not host.file(f"{RELEASES}/bundles/{content_hash(bundles['b'])}").exists
+    assert leftovers(host) == []
 
 
 def test_corrupted_bundle_is_refused_on_the_controller(deployed: Path, bundles: dict[str, Path]) -> None:
+    before = current_release(car(deployed, "car1"))
     run = run_playbook(deployed, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={bundles['corrupt']}")
     assert run.rc != 0
     assert "does not match its sha256 in the manifest" in run.text
-    for name in CARS:
-        assert current_release(car(deployed, name)) == content_hash(bundles["a"])
+    assert current_release(car(deployed, "car1")) == before
 
 
 def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[str, Path]) -> None:
     """With the controller's sha256 check off, the car's own check refuses the bundle before activation."""
+    host = car(deployed, "car1")
+    before = current_release(host)
     run = run_playbook(
         deployed,
         "deploy.yml",
@@ -216,18 +275,74 @@ def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[st
     assert run.rc != 0
     assert "failed verification on the car and was not activated" in run.text
     assert "does not match its sha256" in run.text
-    host = car(deployed, "car1")
-    assert current_release(host) == content_hash(bundles["a"])
-    assert host.run(f"ls -A {RELEASES}/releases").stdout.split() == [content_hash(bundles["a"])]
-    # Rollout stopped at the canary: the second car never saw the bundle.
-    assert "car2" not in run.recap() or run.recap()["car2"]["ok"] == 0
+    assert current_release(host) == before
+    assert host.run(f"ls -A {RELEASES}/bundles").stdout.split() == [content_hash(bundles["a"])]
+    assert leftovers(host) == []  # this run's staging directories and its lock are gone
+    # Rollout stopped at the canary: the other cars never saw the bundle.
+    assert _recap_line(run, "car1").startswith("FAILED")
+    assert _recap_line(run, "car2").startswith("not attempted")
     assert metrics(host)["bundle"]["content_hash"] == content_hash(bundles["a"])
     assert host.service("rover-runtime").is_running
 
 
-def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bundles: dict[str, Path]) -> None:
-    bad = content_hash(bundles["gate-fails"])
-    good = content_hash(bundles["a"])
+def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    first = current_release(host)
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "--limit",
+        "car1",
+        "-e",
+        f"rover_deploy_bundle={bundles['a']}",
+        "-e",
+        "rover_runtime_service_rate_hz=25",
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    second = current_release(host)
+    assert second != first
+    assert "0 bundle bytes sent" in _recap_line(run, "car1")  # the model was on the car already
+    assert "gated: loop at" in _recap_line(run, "car1")
+    m = _wait_running(host, second)
+    assert m["loop"]["rate_hz_target"] == 25.0
+    assert releases(host)[second]["state"] == "good"
+    # Back to the old config: the old release again (same bundle, runtime and config = same id), not rebuilt.
+    run = run_playbook(
+        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['a']}"
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    assert current_release(host) == first
+    assert _wait_running(host, first)["loop"]["rate_hz_target"] == 30.0
+
+
+def test_config_the_runtime_refuses_never_reaches_the_car(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    before = current_release(host)
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "--limit",
+        "car1",
+        "-e",
+        f"rover_deploy_bundle={bundles['a']}",
+        "-e",
+        "rover_runtime_service_rate_hz=5000",
+    )
+    assert run.rc != 0
+    assert (
+        "runtime.toml refused by the runtime of this release: config control.rate_hz: must be <= 1000"
+        in run.text
+    ), run.stdout[-3000:]
+    assert current_release(host) == before
+    assert leftovers(host) == []
+
+
+def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles: dict[str, Path]) -> None:
+    canary, other = car(deployed, "car1"), car(deployed, "car2")
+    good = current_release(canary)
+    other_before = current_release(other)
     run = run_playbook(
         deployed,
         "deploy.yml",
@@ -235,57 +350,307 @@ def test_failed_health_gate_rolls_back_the_canary_and_stops(deployed: Path, bund
         "-e",
         f"rover_deploy_bundle={bundles['gate-fails']}",
         "-e",
-        "rover_health_timeout_s=30",
+        "rover_health_timeout_s=20",
     )
     assert run.rc != 0
     assert "health gate FAILED" in run.text
-    assert f"rolled back to release {good}" in run.text
-    canary, other = car(deployed, "car1"), car(deployed, "car2")
-    # The canary is back on the previous release and serving it.
+    assert f"rolled back to release {good}, which is running" in run.text
+    # The reason is the runtime's own (`rover-runtime check` as the service user): the model's output
+    # does not match its manifest.
+    line = _recap_line(run, "car1")
+    assert "the manifest says [1, 9, 2]" in line, line
+    # The canary is back on the last good release and serving it; the failed release is recorded as bad.
     assert current_release(canary) == good
-    assert canary.service("rover-runtime").is_running, journal(canary)
-    m: dict[str, Any] = {}
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        # The restarted service writes its first metrics file a moment after it starts.
-        if canary.file("/run/rover/metrics.json").exists:
-            m = metrics(canary)
-            if m["bundle"]["content_hash"] == good and m["healthy"]:
-                break
-        time.sleep(1)
-    assert m, f"no metrics file within 30 s\n{journal(canary)}"
-    assert m["bundle"]["content_hash"] == good
-    assert m["healthy"]
-    # The bad release stays on the canary (for inspection) but is not active.
-    assert canary.file(f"{RELEASES}/releases/{bad}").is_directory
-    # The rollout stopped after the canary: the other car was never touched.
-    assert "car2" not in run.recap() or run.recap()["car2"]["ok"] == 0
-    assert current_release(other) == good
-    assert not other.file(f"{RELEASES}/releases/{bad}").exists
+    _wait_running(canary, good)
+    bad = [r for r, info in releases(canary).items() if info["bundle"] == content_hash(bundles["gate-fails"])]
+    assert len(bad) == 1
+    assert releases(canary)[bad[0]]["state"] == "bad"
+    assert "the manifest says [1, 9, 2]" in releases(canary)[bad[0]]["reason"]
+    assert line.startswith(
+        f"FAILED: car1: health gate FAILED on release {bad[0]} (rolled back to release {good}"
+    )
+    # The rollout stopped after the canary.
+    assert _recap_line(run, "car2").startswith("not attempted")
+    assert current_release(other) == other_before
+    assert not other.file(f"{RELEASES}/bundles/{content_hash(bundles['gate-fails'])}").exists
 
-
-def test_rollback_playbook_back_one_and_to_a_named_release(deployed: Path, bundles: dict[str, Path]) -> None:
-    a, b = content_hash(bundles["a"]), content_hash(bundles["b"])
-    run = run_playbook(deployed, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={bundles['b']}")
-    assert run.rc == 0, run.stdout[-4000:]
-    assert all(current_release(car(deployed, n)) == b for n in CARS)
-
-    run = run_playbook(deployed, "rollback.yml", "--limit", "car2")
-    assert run.rc == 0, run.stdout[-4000:]
-    assert current_release(car(deployed, "car2")) == a
-    assert current_release(car(deployed, "car1")) == b  # not in --limit: untouched
-    assert metrics(car(deployed, "car2"))["bundle"]["content_hash"] == a
-
-    run = run_playbook(deployed, "rollback.yml", "--limit", "car2", "-e", f"rover_rollback_release={b[:10]}")
-    assert run.rc == 0, run.stdout[-4000:]
-    assert current_release(car(deployed, "car2")) == b
-
+    # A good release on top; rollback.yml then goes to the newest GOOD release before it, never the bad one.
     run = run_playbook(
-        deployed, "rollback.yml", "--limit", "car2", "-e", "rover_rollback_release=ffffnothere"
+        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['b']}"
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    b_release = current_release(canary)
+    run = run_playbook(deployed, "rollback.yml", *FORCE, "--limit", "car1")
+    assert run.rc == 0, run.stdout[-4000:]
+    assert current_release(canary) == good
+    _wait_running(canary, good)
+    # A bad release named explicitly is refused.
+    run = run_playbook(
+        deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={bad[0]}"
     )
     assert run.rc != 0
-    assert '"ffffnothere" matches 0 releases' in run.text
-    assert current_release(car(deployed, "car2")) == b
+    assert "not rolling back to it" in run.text
+    assert current_release(canary) == good
+    # Forward again to b by name.
+    run = run_playbook(
+        deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={b_release[:8]}"
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    assert current_release(canary) == b_release
+
+
+def test_rollback_needs_a_limit_or_the_whole_fleet_named(deployed: Path) -> None:
+    before = {name: current_release(car(deployed, name)) for name in ALL_CARS}
+    run = run_playbook(deployed, "rollback.yml", *FORCE)
+    assert run.rc != 0
+    assert "name them with --limit" in run.text
+    assert {name: current_release(car(deployed, name)) for name in ALL_CARS} == before
+    run = run_playbook(
+        deployed, "rollback.yml", *FORCE, "--limit", "car2", "-e", "rover_rollback_release=ffffnothere"
+    )
+    assert run.rc != 0
+    assert "ffffnothere" in run.text
+
+
+def _broken_source(tmp_path: Path) -> Path:
+    """A copy of the rover_runtime sources whose control loop raises at start (a broken runtime release)."""
+    source = tmp_path / "broken-source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(
+        REPO / "rover_runtime", source / "rover_runtime", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    loop = source / "rover_runtime" / "control_loop.py"
+    text = loop.read_text()
+    marker = '        """Run until request_stop() (or max_cycles); always leaves the car neutral."""\n'
+    assert marker in text
+    loop.write_text(
+        text.replace(marker, marker + '        raise RuntimeError("broken runtime release (test)")\n')
+    )
+    return source
+
+
+def test_broken_runtime_is_rolled_back_with_its_release(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same model and config with a broken rover_runtime: a new release, which fails its gate; the
+    rollback brings back the old runtime too (each release holds its own code)."""
+    host = car(deployed, "car1")
+    good = current_release(host)
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "--limit",
+        "car1",
+        "-e",
+        f"rover_deploy_bundle={bundles['b']}",
+        "-e",
+        f"rover_runtime_service_source={_broken_source(tmp_path)}",
+        "-e",
+        "rover_health_timeout_s=20",
+    )
+    assert run.rc != 0
+    assert "broken runtime release (test)" in run.text, run.stdout[-3000:]  # from the journal
+    assert f"rolled back to release {good}, which is running" in run.text
+    assert current_release(host) == good
+    _wait_running(host, good)
+    environ = host.check_output(f"tr '\\0' '\\n' < /proc/{metrics(host)['pid']}/environ")
+    assert f"PYTHONPATH={RELEASES}/releases/{good}/lib" in environ.splitlines()
+
+
+def test_three_cars_in_one_batch_one_failing(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """One batch of three; car2's serial port is wrong, so its gate fails (serial never connects): car2 is
+    rolled back and reported failed, car1 and car3 are deployed, and the recap names each."""
+    overlay = tmp_path / "car2-broken.yml"
+    overlay.write_text("all:\n  hosts:\n    car2:\n      rover_runtime_service_serial_port: /dev/ttyNOPE\n")
+    before = current_release(car(deployed, "car2"))
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "-i",
+        str(overlay),
+        "-e",
+        f"rover_deploy_bundle={bundles['c']}",
+        "-e",
+        '{"rover_deploy_serial": [3]}',
+        "-e",
+        "rover_health_timeout_s=20",
+    )
+    assert run.rc != 0
+    for name in ("car1", "car3"):
+        assert _recap_line(run, name).startswith("ok: deployed release"), _recap_line(run, name)
+        assert current_bundle(car(deployed, name)) == content_hash(bundles["c"])
+    line = _recap_line(run, "car2")
+    assert line.startswith("FAILED"), line
+    assert "serial" in line, line
+    assert current_release(car(deployed, "car2")) == before
+
+
+def test_car_interrupted_after_its_switch_is_gated_by_the_rerun(
+    deployed: Path, bundles: dict[str, Path]
+) -> None:
+    """`--tags rover_release` switches without restarting (what a run interrupted after its switch leaves);
+    the car is then stopped. The next full run restarts it onto `current` and gates it."""
+    host = car(deployed, "car1")
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "--limit",
+        "car1",
+        "--tags",
+        "rover_release",
+        "-e",
+        f"rover_deploy_bundle={bundles['a']}",
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    switched = current_release(host)
+    assert metrics(host)["release"]["id"] != switched  # still the old process
+    host.check_output("systemctl stop rover-runtime")
+    run = run_playbook(
+        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['a']}"
+    )
+    assert run.rc == 0, run.stdout[-4000:]
+    assert "restarted and gated" in _recap_line(run, "car1"), _recap_line(run, "car1")
+    _wait_running(host, switched)
+    assert releases(host)[switched]["state"] == "good"
+
+
+def test_tags_run_each_phase_alone(deployed: Path, bundles: dict[str, Path]) -> None:
+    for tag in ("rover_runtime_service", "rover_release", "rover_health"):
+        run = run_playbook(
+            deployed,
+            "deploy.yml",
+            *FORCE,
+            "--limit",
+            "car1",
+            "--tags",
+            tag,
+            "-e",
+            f"rover_deploy_bundle={bundles['a']}",
+        )
+        assert run.rc == 0, (tag, run.stdout[-4000:])
+    assert "gated" in _recap_line(run, "car1")  # --tags rover_health gates the car even when nothing changed
+
+
+def test_concurrent_deploys_to_one_car_are_refused(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    first = subprocess.Popen(
+        playbook_command(
+            deployed,
+            "deploy.yml",
+            *FORCE,
+            "--limit",
+            "car1",
+            "-e",
+            f"rover_deploy_bundle={bundles['b']}",
+            "-e",
+            "rover_health_soak_s=20",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=playbook_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not host.file(f"{RELEASES}/.deploy.lock").exists:
+            assert first.poll() is None, "the first deploy ended before it took the lock"
+            assert time.monotonic() < deadline, "the first deploy never took the lock"
+            time.sleep(0.5)
+        second = run_playbook(
+            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['c']}"
+        )
+        assert second.rc != 0
+        assert "deploy lock held by" in second.text
+        assert "another deploy is running on this car" in second.text
+    finally:
+        out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-4000:]
+    assert current_bundle(host) == content_hash(bundles["b"])
+    assert leftovers(host) == []
+
+
+def test_full_disk_during_the_push_leaves_the_old_release_serving(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The car's bundle store fills up while the new bundle is copied: the deploy fails with the error, the
+    old release keeps running, and nothing half-written stays behind."""
+    host = car(deployed, "car1")
+    before = current_release(host)
+    store = f"{RELEASES}/bundles"
+    pid = container_pid(deployed, "car1")
+    enter = ["nsenter", "-t", str(pid), "-m", "--", "sh", "-c"]
+    # A full file system over the bundle store, holding the bundles it had.
+    subprocess.run(
+        [
+            *enter,
+            f"mkdir -p /run/fullfs && mount -t tmpfs -o size=256k tmpfs /run/fullfs && "
+            f"cp -a {store}/. /run/fullfs/ && mount --bind /run/fullfs {store} && "
+            f"(dd if=/dev/zero of={store}/.filler bs=4k 2>/dev/null || true)",
+        ],
+        check=True,
+    )
+    try:
+        big = make_bundle(tmp_path / "big", chunk_size=15)
+        run = run_playbook(
+            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={big}"
+        )
+        assert run.rc != 0
+        assert "No space left on device" in run.text, run.stdout[-3000:]
+        assert current_release(host) == before
+        assert host.service("rover-runtime").is_running
+        assert metrics(host)["release"]["id"] == before
+        assert leftovers(host) == []
+    finally:
+        subprocess.run([*enter, f"umount {store}; umount /run/fullfs; rmdir /run/fullfs"], check=False)
+    run = run_playbook(deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={big}")
+    assert run.rc == 0, run.stdout[-4000:]
+
+
+def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car2")
+    _wipe(deployed, "car2")
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        "--limit",
+        "car2",
+        "-e",
+        f"rover_deploy_bundle={bundles['gate-fails']}",
+        "-e",
+        "rover_health_timeout_s=20",
+    )
+    assert run.rc != 0
+    assert "no release that passed its gate to roll back to, so the service was stopped" in run.text
+    assert not host.service("rover-runtime").is_running
+    assert releases(host)[current_release(host)]["state"] == "bad"
+    run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
+    assert run.rc == 0, run.stdout[-4000:]
+    _wait_running(host, current_release(host))
+
+
+def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: dict[str, Path]) -> None:
+    host = car(deployed, "car1")
+    states = {info["state"] for info in releases(host).values()}
+    assert "bad" in states  # from the failed gates above
+    for bundle in ("a", "b", "c"):
+        run = run_playbook(
+            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles[bundle]}"
+        )
+        assert run.rc == 0, run.stdout[-4000:]
+    kept = releases(host)
+    assert len(kept) == 3  # rover_release_keep
+    assert all(info["state"] == "good" for info in kept.values()), kept
+    # Bundles no kept release uses are gone.
+    used = {info["bundle"] for info in kept.values()}
+    assert set(host.run(f"ls -A {RELEASES}/bundles").stdout.split()) == used
 
 
 def test_crash_loop_never_leaves_the_service_failed(deployed: Path) -> None:
@@ -324,14 +689,13 @@ def _refused_on_the_car(deployed: Path, run: Any, bundle: Path, reason: str) -> 
     assert "failed verification on the car and was not activated" in run.text, run.stdout[-4000:]
     assert reason in run.text, run.stdout[-4000:]
     canary = car(deployed, "car1")
-    before = current_release(canary)
-    assert before != content_hash(bundle)
-    assert not canary.file(f"{RELEASES}/releases/{content_hash(bundle)}").exists
-    assert not canary.file(f"{RELEASES}/releases/.incoming-{content_hash(bundle)}").exists
-    assert metrics(canary)["bundle"]["content_hash"] == before
-    # The rollout stopped at the canary: the second car never saw the bundle.
-    assert "car2" not in run.recap() or run.recap()["car2"]["ok"] == 0
-    assert not car(deployed, "car2").file(f"{RELEASES}/releases/{content_hash(bundle)}").exists
+    assert current_bundle(canary) != content_hash(bundle)
+    assert not canary.file(f"{RELEASES}/bundles/{content_hash(bundle)}").exists
+    assert leftovers(canary) == []
+    assert metrics(canary)["bundle"]["content_hash"] == current_bundle(canary)
+    # The rollout stopped at the canary: the other cars never saw the bundle.
+    assert _recap_line(run, "car2").startswith("not attempted")
+    assert not car(deployed, "car2").file(f"{RELEASES}/bundles/{content_hash(bundle)}").exists
 
 
 @pytest.mark.parametrize("name", CARS)
@@ -344,7 +708,7 @@ def test_release_carries_the_controllers_signature(deployed: Path, name: str) ->
     assert public in allowed.content_string
     check = host.run(
         "ssh-keygen -Y verify -f /etc/rover/allowed_signers -I rover-controller -n rover-bundle "
-        f"-s {RELEASES}/current/manifest.json.sig < {RELEASES}/current/manifest.json"
+        f"-s {RELEASES}/current/bundle/manifest.json.sig < {RELEASES}/current/bundle/manifest.json"
     )
     assert check.rc == 0, check.stderr
     assert 'Good "rover-bundle" signature for rover-controller' in check.stdout + check.stderr
@@ -400,7 +764,7 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
         "rover_release_activate=false",
     )
     assert run.rc == 0, run.stdout[-4000:]
-    assert car(deployed, "car1").file(f"{RELEASES}/releases/{content_hash(signed)}/manifest.json.sig").exists
+    assert car(deployed, "car1").file(f"{RELEASES}/bundles/{content_hash(signed)}/manifest.json.sig").exists
     assert current_release(car(deployed, "car1")) == before
     # The same signature with the manifest changed afterwards (its file hashes still match: only the
     # signature can tell): refused.

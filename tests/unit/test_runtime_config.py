@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +82,85 @@ def test_seed_flag_aliases_map_to_config_keys() -> None:
 def test_run_with_a_bad_flag_value_exits_2_naming_the_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", "--policy-stub", "--rate", "-5"]) == 2
     assert "config control.rate_hz: must be > 0, got -5" in capsys.readouterr().err
+
+
+def make_release(root: Path, name: str, bundle: str = "bundle") -> Path:
+    """/opt/rover/releases/<name>/ in miniature: runtime.toml naming a relative bundle, release.json."""
+    release = root / "releases" / name
+    release.mkdir(parents=True)
+    (release / "runtime.toml").write_text(f'[policy]\nbundle = "{bundle}"\n')
+    (release / "release.json").write_text(json.dumps({"id": name}) + "\n")
+    return release
+
+
+def test_source_is_the_resolved_config_file(tmp_path: Path) -> None:
+    release = make_release(tmp_path, "r1")
+    (tmp_path / "current").symlink_to(release.relative_to(tmp_path))
+    config = load_config(tmp_path / "current" / "runtime.toml")
+    assert config.source == str((release / "runtime.toml").resolve())
+    assert "current" not in config.source
+    assert load_config().source == ""  # no file, no source
+    assert load_config(None, {"policy.stub": True}).source == ""
+
+
+def test_relative_bundle_is_pinned_to_the_release_the_symlink_named(tmp_path: Path) -> None:
+    old = make_release(tmp_path, "r1")
+    new = make_release(tmp_path, "r2")
+    current = tmp_path / "current"
+    current.symlink_to(old)
+    config = load_config(current / "runtime.toml")
+    assert config.policy.bundle == str(old.resolve() / "bundle")
+    current.unlink()
+    current.symlink_to(new)  # `current` switched after start: the loaded config still names r1
+    assert config.policy.bundle == str(old.resolve() / "bundle")
+    assert load_config(current / "runtime.toml").policy.bundle == str(new.resolve() / "bundle")
+
+
+def test_relative_bundle_with_subdirectories_and_dots(tmp_path: Path) -> None:
+    release = make_release(tmp_path, "r1", bundle="../shared/model")
+    config = load_config(release / "runtime.toml")
+    assert config.policy.bundle == str(release.resolve() / "../shared/model")
+
+
+def test_absolute_bundle_and_cli_override_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = make_release(tmp_path, "r1", bundle="/srv/bundles/abc")
+    assert load_config(release / "runtime.toml").policy.bundle == "/srv/bundles/abc"
+    relative = make_release(tmp_path, "r2")
+    monkeypatch.chdir(tmp_path)
+    # A --bundle override keeps its meaning (as given, relative to the working directory).
+    args = cli.build_parser().parse_args(["run", "--config", str(relative / "runtime.toml"), "--bundle", "b"])
+    config = load_config(args.config, cli._overrides(args))
+    assert config.policy.bundle == "b"
+    assert config.source == str((relative / "runtime.toml").resolve())
+
+
+def test_config_without_a_bundle_keeps_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "rover.toml"
+    path.write_text("[policy]\nstub = true\n")
+    config = load_config(path)
+    assert config.policy.bundle == load_config(None, {"policy.stub": True}).policy.bundle
+    assert config.source == str(path.resolve())
+
+
+def test_a_non_string_bundle_is_still_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "rover.toml"
+    path.write_text("[policy]\nbundle = 3.5\n")
+    with pytest.raises(ConfigError, match=r"config policy\.bundle: must be a string"):
+        load_config(path)
+
+
+def test_python_m_rover_runtime_is_the_console_script() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "rover_runtime", "run", "--policy-stub", "--rate", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert done.returncode == 2  # the exit status is propagated
+    assert "rover-runtime: config control.rate_hz: must be > 0, got -5" in done.stderr

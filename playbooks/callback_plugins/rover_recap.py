@@ -1,0 +1,82 @@
+"""Ansible callback `rover_recap`: after a deploy, rollback or benchmark run, one line per car saying what
+happened to it: done (and what), SKIPPED (and why: a driving car), FAILED (and why), or not attempted
+because the rollout stopped before its batch. Ansible's own PLAY RECAP counts tasks; this names cars.
+
+The playbooks record each car's outcome in the fact `rover_deploy_outcome` ("started" first, a final text
+when the car is done); a car still at "started" when the run ends failed or was interrupted. Enabled in
+ansible.cfg (callbacks_enabled); prints nothing for playbooks that record no outcome (provisioning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = """
+    name: rover_recap
+    type: aggregate
+    short_description: one line per car at the end of a deploy, rollback or benchmark
+    description:
+      - Names the cars that were done, skipped (with the reason), failed (with the reason) or not attempted.
+    requirements:
+      - enable in ansible.cfg callbacks_enabled
+"""
+
+OUTCOME = "rover_deploy_outcome"
+FAILED_MESSAGE_LIMIT = 700
+
+
+class CallbackModule(CallbackBase):  # type: ignore[misc]
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "rover_recap"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.outcomes: dict[str, str] = {}
+        self.failures: dict[str, str] = {}
+
+    def v2_playbook_on_play_start(self, play: Any) -> None:
+        inventory = play.get_variable_manager()._inventory
+        # All the play's hosts within --limit, not only the current serial batch.
+        for host in inventory.get_hosts(play.hosts, ignore_restrictions=True):
+            name = host.get_name()
+            if name != "localhost" and name not in self.targets:
+                self.targets.append(name)
+
+    def v2_runner_on_ok(self, result: Any) -> None:
+        facts = result._result.get("ansible_facts") or {}
+        if OUTCOME in facts:
+            self.outcomes[result._host.get_name()] = " ".join(str(facts[OUTCOME]).split())
+
+    def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
+        if not ignore_errors:
+            self.failures[result._host.get_name()] = _message(result._result)
+
+    def v2_runner_on_unreachable(self, result: Any) -> None:
+        self.failures[result._host.get_name()] = "unreachable: " + _message(result._result)
+
+    def v2_playbook_on_stats(self, stats: Any) -> None:
+        if not self.outcomes:
+            return
+        self._display.banner("ROVER RECAP")
+        for name in self.targets:
+            outcome = self.outcomes.get(name)
+            if outcome is None:
+                line = "not attempted: the rollout stopped before this car's batch"
+            elif outcome == "started":
+                reason = self.failures.get(name, "interrupted before it finished")
+                line = f"FAILED: {reason[:FAILED_MESSAGE_LIMIT]}"
+            elif outcome.startswith("skipped:"):
+                line = "SKIPPED:" + outcome.removeprefix("skipped:")
+            else:
+                line = f"ok: {outcome}"
+            self._display.display(f"{name}: {line}")
+
+
+def _message(result: dict[str, Any]) -> str:
+    text = str(result.get("msg") or result.get("stderr") or result.get("stdout") or "failed")
+    return " ".join(text.split())

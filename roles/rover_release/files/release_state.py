@@ -1,0 +1,732 @@
+#!/usr/bin/env python3
+"""Keep the release state of a car: the deploy lock, publishing, `current`, health states and pruning.
+
+Run by the `rover_release` role on the car, as root, through ``ansible.builtin.script`` with
+/usr/bin/python3 (3.11 on bookworm, 3.13 on trixie). Standard library only, one file.
+
+Layout under the root R (``--root``, default /opt/rover)::
+
+    R/bundles/<content_hash>/             verified model bundles (manifest.json + files), shared by releases
+    R/bundles/.incoming-<hash>-<run>/     staging of a bundle
+    R/releases/<id>/                      one release:
+        bundle -> ../../bundles/<hash>    relative symlink to its bundle
+        lib/, bin/rover-runtime           runtime code
+        runtime.toml                      runtime configuration
+        release.json                      written by Ansible, read-only here:
+                                          {"id", "bundle", "runtime", "config_sha256", "created_at"}
+        status.json                       owned by this script:
+                                          {"state": "new"|"good"|"bad", "reason", "activated_at", "gated_at"}
+    R/releases/.incoming-<id>-<run>/      staging of a release
+    R/current -> releases/<id>            relative symlink, the active release
+    R/.deploy.lock/owner.json             the deploy lock: {"run", "owner", "since"}
+
+A release without status.json is "new"; one whose release.json is missing or unreadable is "bad" (reason
+"release.json unreadable: ...") and is never a rollback target. Every file is written atomically (a temporary
+file in the same directory, flushed and fsynced, os.replace, then the directory fsynced), `current` is
+switched by renaming a temporary symlink over it. Commands that change something take an flock(2) on R for
+their few milliseconds, so two invocations never interleave (the deploy lock itself is the directory).
+
+    release_state.py [--root R] status
+    release_state.py [--root R] lock --run RUN --owner TEXT --stale-after SECONDS [--break]
+    release_state.py [--root R] unlock --run RUN
+    release_state.py [--root R] publish --from REL_PATH --to REL_PATH
+    release_state.py [--root R] switch --to ID
+    release_state.py [--root R] mark --id ID --state good|bad [--reason TEXT]
+    release_state.py [--root R] rollback-target [--to PREFIX]
+    release_state.py [--root R] prune --keep N --run RUN --stale-after SECONDS
+
+Every command prints exactly one JSON object on stdout. Exit 0 on success (commands that can change
+something report "changed"); exit 1 on a refusal or error, with {"error": "<sentence>"} on stdout and the
+sentence on stderr; exit 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ROOT = "/opt/rover"
+STATES = ("new", "good", "bad")
+STAGING_PREFIX = ".incoming-"
+LOCK_DIR = ".deploy.lock"
+OWNER_FILE = "owner.json"
+BREAK_HINT = "if it was interrupted, pass -e rover_release_break_lock=true"
+MUTEX_TIMEOUT_S = 30.0
+
+JSON = dict[str, Any]
+
+
+class Refusal(Exception):
+    """A refusal or an error with a sentence for the operator (exit 1)."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _utc(ts: float | None) -> str:
+    if ts is None:
+        return "an unknown time"
+    return datetime.datetime.fromtimestamp(ts, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _opt_number(value: object) -> float | None:
+    """``value`` as a float if it is a finite JSON number (not a bool), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return _opt_number(value) is not None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: JSON) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, os.replace, fsync the dir."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_json_object(path: Path) -> JSON:
+    """The JSON object in ``path``; ValueError/OSError with a short reason otherwise."""
+    with path.open(encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object but {type(data).__name__}")
+    return data
+
+
+def _lexists(path: Path) -> bool:
+    return path.is_symlink() or path.exists()
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def _check_name(kind: str, value: str) -> str:
+    """A release id, run id or prefix: one plain path component."""
+    if not value or value in {".", ".."} or "/" in value or "\0" in value or value.startswith("."):
+        raise Refusal(f"invalid {kind} {value!r}: it must be a plain name without '/' and not start with '.'")
+    return value
+
+
+@contextlib.contextmanager
+def _root_mutex(root: Path) -> Iterator[None]:
+    """flock(2) on R while one command changes things (released when the command ends)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + MUTEX_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Refusal(
+                        f"another release_state.py command has held {root} for more than "
+                        f"{MUTEX_TIMEOUT_S:.0f} s; check for a hung process on the car and try again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- releases
+
+
+@dataclass
+class Release:
+    id: str
+    path: Path
+    state: str
+    reason: str
+    activated_at: float | None
+    gated_at: float | None
+    created_at: float | None
+    bundle: str | None
+    readable: bool
+    status_ok: bool
+
+    def summary(self) -> JSON:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "reason": self.reason,
+            "activated_at": self.activated_at,
+            "gated_at": self.gated_at,
+            "created_at": self.created_at,
+            "bundle": self.bundle,
+        }
+
+
+def read_release(path: Path) -> Release:
+    """Read releases/<id>: release.json (its identity) and status.json (its state). Never raises."""
+    rid = path.name
+    created_at: float | None = None
+    bundle: str | None = None
+    release_error = ""
+    try:
+        meta = _read_json_object(path / "release.json")
+        if not isinstance(meta.get("bundle"), str) or not meta["bundle"]:
+            raise ValueError('"bundle" is missing or not a string')
+        if not _is_number(meta.get("created_at")):
+            raise ValueError('"created_at" is missing or not a number')
+        if meta.get("id") != rid:
+            raise ValueError(f'"id" is {meta.get("id")!r}, not the directory name {rid!r}')
+        created_at = float(meta["created_at"])
+        bundle = meta["bundle"]
+    except FileNotFoundError:
+        release_error = "release.json unreadable: the file is missing"
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        release_error = f"release.json unreadable: {exc}"
+
+    state, reason = "new", ""
+    activated_at: float | None = None
+    gated_at: float | None = None
+    status_ok = False
+    try:
+        status = _read_json_object(path / "status.json")
+        if status.get("state") not in STATES:
+            raise ValueError(f'"state" is {status.get("state")!r}, not one of {", ".join(STATES)}')
+        state = status["state"]
+        raw_reason = status.get("reason")
+        reason = raw_reason if isinstance(raw_reason, str) else ""
+        activated_at = _opt_number(status.get("activated_at"))
+        gated_at = _opt_number(status.get("gated_at"))
+        status_ok = True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        state, reason = "new", f"status.json unreadable: {exc}; state unknown"
+
+    if release_error:
+        state, reason = "bad", release_error
+    return Release(
+        id=rid,
+        path=path,
+        state=state,
+        reason=reason,
+        activated_at=activated_at,
+        gated_at=gated_at,
+        created_at=created_at,
+        bundle=bundle,
+        readable=not release_error,
+        status_ok=status_ok,
+    )
+
+
+def list_releases(root: Path) -> list[Release]:
+    rdir = root / "releases"
+    if not rdir.is_dir():
+        return []
+    found = [read_release(p) for p in rdir.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    return sorted(found, key=lambda r: r.id)
+
+
+def list_staging(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for sub in ("releases", "bundles"):
+        d = root / sub
+        if d.is_dir():
+            found.extend(p for p in d.iterdir() if p.name.startswith(STAGING_PREFIX))
+    return sorted(found)
+
+
+def read_current(root: Path) -> tuple[str | None, bool]:
+    """(id `current` points at or None, whether that release directory is missing)."""
+    link = root / "current"
+    if not link.is_symlink():
+        return None, False
+    rid = link.readlink().name
+    if not rid:
+        return None, True
+    return rid, not (root / "releases" / rid).is_dir()
+
+
+def _desc(value: float | None) -> float:
+    """Sort key: newest first, None last."""
+    return -value if value is not None else math.inf
+
+
+def _status_order(r: Release) -> tuple[int, float, str]:
+    if r.activated_at is not None:
+        return (0, -r.activated_at, r.id)
+    return (1, _desc(r.created_at), r.id)
+
+
+def _newest_good(releases: list[Release], current: str | None) -> Release | None:
+    good = [r for r in releases if r.state == "good" and r.readable and r.id != current]
+    good.sort(key=lambda r: (_desc(r.activated_at), r.id))
+    return good[0] if good else None
+
+
+def _listing(releases: list[Release]) -> str:
+    return ", ".join(f"{r.id} ({r.state})" for r in releases) or "none"
+
+
+def _get_release(root: Path, rid: str, action: str) -> Release:
+    _check_name("release id", rid)
+    path = root / "releases" / rid
+    if not path.is_dir():
+        raise Refusal(
+            f"release {rid} is not on this car (releases: {_listing(list_releases(root))}); "
+            f"publish it before you {action} it"
+        )
+    release = read_release(path)
+    if not release.readable:
+        raise Refusal(f"release {rid} cannot be used, its {release.reason}; deploy it again or remove {path}")
+    return release
+
+
+def _write_status(
+    release: Release, state: str, reason: str, activated_at: float | None, gated_at: float | None
+) -> None:
+    write_json_atomic(
+        release.path / "status.json",
+        {"state": state, "reason": reason, "activated_at": activated_at, "gated_at": gated_at},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+
+def read_lock(root: Path) -> JSON | None:
+    """The lock owner dict, or None when no lock. An unreadable owner.json gives run/owner None and the
+    directory's mtime as "since", plus "error"."""
+    ldir = root / LOCK_DIR
+    if not ldir.is_dir():
+        return None
+    try:
+        owner = _read_json_object(ldir / OWNER_FILE)
+        if not isinstance(owner.get("run"), str) or not isinstance(owner.get("owner"), str):
+            raise ValueError('"run" or "owner" is missing or not a string')
+        if not _is_number(owner.get("since")):
+            raise ValueError('"since" is missing or not a number')
+        return {"run": owner["run"], "owner": owner["owner"], "since": float(owner["since"])}
+    except FileNotFoundError:
+        error = "owner.json is missing"
+    except (OSError, ValueError) as exc:
+        error = f"owner.json unreadable: {exc}"
+    try:
+        mtime: float | None = ldir.stat().st_mtime
+    except OSError:
+        mtime = None
+    return {"run": None, "owner": None, "since": mtime, "error": error}
+
+
+def cmd_lock(root: Path, run: str, owner: str, stale_after: float, brk: bool) -> JSON:
+    _check_name("run id", run)
+    root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    ldir = root / LOCK_DIR
+    with _root_mutex(root):
+        broke: JSON | None = None
+        try:
+            ldir.mkdir(mode=0o700)
+        except FileExistsError:
+            held = read_lock(root)
+            if held is None:  # not a directory: a stray file in the way
+                raise Refusal(f"{ldir} exists but is not a directory; remove it and deploy again") from None
+            if held["run"] == run:
+                return {"changed": False, "lock": held}
+            now = time.time()
+            since = held["since"]
+            age = now - since if since is not None else math.inf
+            if age < stale_after and not brk:
+                who = (
+                    f"{held['owner']} (run {held['run']})"
+                    if held["run"] is not None
+                    else f"an unknown owner ({held['error']})"
+                )
+                raise Refusal(
+                    f"deploy lock held by {who} since {_utc(since)}, {round(age)} s ago: another deploy is "
+                    f"running on this car. Wait for it to finish; {BREAK_HINT}"
+                ) from None
+            shutil.rmtree(ldir)
+            ldir.mkdir(mode=0o700)
+            broke = held
+        mine = {"run": run, "owner": owner, "since": time.time()}
+        write_json_atomic(ldir / OWNER_FILE, mine)
+        _fsync_dir(root)
+        result: JSON = {"changed": True, "lock": mine}
+        if broke is not None:  # only on a takeover (Ansible tests `broke is defined`)
+            result["broke"] = broke
+        return result
+
+
+def cmd_unlock(root: Path, run: str) -> JSON:
+    _check_name("run id", run)
+    if not root.is_dir():
+        return {"changed": False, "lock": None}
+    with _root_mutex(root):
+        held = read_lock(root)
+        if held is None or held["run"] != run:
+            return {"changed": False, "lock": held}
+        shutil.rmtree(root / LOCK_DIR)
+        _fsync_dir(root)
+        return {"changed": True, "lock": None}
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_status(root: Path) -> JSON:
+    releases = list_releases(root)
+    current, missing = read_current(root)
+    target = _newest_good(releases, current)
+    return {
+        "current": current,
+        "current_missing": missing,
+        "releases": [r.summary() for r in sorted(releases, key=_status_order)],
+        "rollback_target": target.id if target else None,
+        "staging": [str(p.relative_to(root)) for p in list_staging(root)],
+        "lock": read_lock(root),
+    }
+
+
+def _relative(root: Path, arg: str, what: str) -> Path:
+    rel = Path(arg)
+    if not arg or rel.is_absolute() or ".." in rel.parts or not rel.parts or "\0" in arg:
+        raise Refusal(
+            f"publish --{what} {arg!r} is not a path relative to {root} without '..'; "
+            "pass e.g. releases/.incoming-<id>-<run>"
+        )
+    return root / rel
+
+
+def _fsync_tree(top: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+        d = Path(dirpath)
+        for name in filenames:
+            p = d / name
+            if p.is_file() and not p.is_symlink():
+                _fsync_file(p)
+        _fsync_dir(d)
+
+
+def cmd_publish(root: Path, src_arg: str, dst_arg: str) -> JSON:
+    src = _relative(root, src_arg, "from")
+    dst = _relative(root, dst_arg, "to")
+    if src == dst:
+        raise Refusal(
+            f"publish --from and --to are both {src_arg}; pass the staging directory and the target"
+        )
+    if not root.is_dir():
+        raise Refusal(f"{root} does not exist; stage the release there before publishing it")
+    with _root_mutex(root):
+        if _lexists(dst):
+            if _lexists(src):
+                _remove(src)
+                _fsync_dir(src.parent)
+            return {"changed": False, "path": dst_arg}
+        if not src.is_dir() or src.is_symlink():
+            raise Refusal(f"nothing to publish: {src_arg} is not a directory under {root}; stage it again")
+        if not dst.parent.is_dir():
+            raise Refusal(f"cannot publish to {dst_arg}: {dst.parent} does not exist")
+        _fsync_tree(src)
+        try:
+            src.rename(dst)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and _lexists(dst):
+                _remove(src)
+                _fsync_dir(src.parent)
+                return {"changed": False, "path": dst_arg}
+            raise
+        _fsync_dir(dst.parent)
+        if src.parent != dst.parent:
+            _fsync_dir(src.parent)
+        return {"changed": True, "path": dst_arg}
+
+
+def cmd_switch(root: Path, rid: str) -> JSON:
+    release = _get_release(root, rid, "switch to")
+    link = root / "current"
+    want = f"releases/{rid}"
+    with _root_mutex(root):
+        if _lexists(link) and not link.is_symlink():
+            raise Refusal(f"{link} is not a symlink; move it away before switching releases")
+        previous, _missing = read_current(root)
+        if link.is_symlink() and str(link.readlink()) == want:
+            return {"changed": False, "previous": previous, "current": rid}
+        tmp = root / f".current-{secrets.token_hex(8)}.tmp"
+        tmp.symlink_to(want)
+        try:
+            tmp.replace(link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(root)
+        release = read_release(release.path)
+        if release.status_ok:
+            _write_status(release, release.state, release.reason, time.time(), release.gated_at)
+        else:  # no status.json yet (or an unreadable one): a release never gated
+            _write_status(release, "new", "", time.time(), None)
+        return {"changed": True, "previous": previous, "current": rid}
+
+
+def cmd_mark(root: Path, rid: str, state: str, reason: str) -> JSON:
+    release = _get_release(root, rid, "mark")
+    with _root_mutex(root):
+        release = read_release(release.path)
+        changed = not release.status_ok or release.state != state or release.reason != reason
+        now = time.time()
+        _write_status(release, state, reason, release.activated_at, now)
+        return {"changed": changed, "id": rid, "state": state, "reason": reason, "gated_at": now}
+
+
+def cmd_rollback_target(root: Path, prefix: str | None) -> JSON:
+    releases = list_releases(root)
+    current, _missing = read_current(root)
+    if prefix is None:
+        target = _newest_good(releases, current)
+        if target is None:
+            raise Refusal(f"no good release to roll back to (releases: {_listing(releases)})")
+        return {"target": target.id, "current": current}
+    _check_name("release prefix", prefix)
+    matches = [r for r in releases if r.id.startswith(prefix)]
+    if not matches:
+        raise Refusal(
+            f"no release on this car starts with {prefix!r} (releases: {_listing(releases)}); "
+            "pass one of these ids or a unique prefix of one"
+        )
+    if len(matches) > 1:
+        raise Refusal(
+            f"{prefix!r} matches {len(matches)} releases ({', '.join(r.id for r in matches)}); "
+            f"pass a longer prefix (releases: {_listing(releases)})"
+        )
+    target = matches[0]
+    if not target.readable:
+        raise Refusal(f"release {target.id} is unusable, its {target.reason}; not rolling back to it")
+    if target.state == "bad":
+        raise Refusal(
+            f"release {target.id} failed its health gate on {_utc(target.gated_at)}: "
+            f"{target.reason or 'no reason recorded'}; not rolling back to it"
+        )
+    return {"target": target.id, "current": current}
+
+
+def _rank(releases: list[Release], current: str | None) -> list[Release]:
+    cur = [r for r in releases if r.id == current]
+    rest = [r for r in releases if r.id != current]
+    good = sorted((r for r in rest if r.state == "good"), key=lambda r: (_desc(r.activated_at), r.id))
+    new = sorted((r for r in rest if r.state == "new"), key=lambda r: (_desc(r.created_at), r.id))
+    bad = sorted((r for r in rest if r.state == "bad"), key=lambda r: (_desc(r.activated_at), r.id))
+    return cur + good + new + bad
+
+
+def _bundle_refs(path: Path) -> set[str]:
+    """Bundle hashes a release (or release staging) dir refers to: release.json and the bundle symlink."""
+    refs: set[str] = set()
+    with contextlib.suppress(OSError, ValueError):
+        bundle = _read_json_object(path / "release.json").get("bundle")
+        if isinstance(bundle, str) and bundle:
+            refs.add(bundle)
+    link = path / "bundle"
+    if link.is_symlink():
+        refs.add(link.readlink().name)
+    return refs
+
+
+def cmd_prune(root: Path, keep: int, run: str, stale_after: float) -> JSON:
+    _check_name("run id", run)
+    if not root.is_dir():
+        return {"changed": False, "removed": [], "kept": []}
+    removed: list[str] = []
+    with _root_mutex(root):
+        current, _missing = read_current(root)
+        ranked = _rank(list_releases(root), current)
+        kept, drop = ranked[:keep], ranked[keep:]
+        for r in drop:
+            _remove(r.path)
+            removed.append(f"releases/{r.id}")
+
+        now = time.time()
+        staging_left: list[Path] = []
+        for p in list_staging(root):
+            if p.name.endswith(f"-{run}"):
+                staging_left.append(p)
+                continue
+            try:
+                age = now - p.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > stale_after:
+                _remove(p)
+                removed.append(str(p.relative_to(root)))
+            else:
+                staging_left.append(p)
+
+        referenced: set[str] = set()
+        for r in kept:
+            referenced |= _bundle_refs(r.path)
+        for p in staging_left:
+            if p.parent.name == "releases":
+                referenced |= _bundle_refs(p)
+        bdir = root / "bundles"
+        if bdir.is_dir():
+            for b in sorted(bdir.iterdir()):
+                if b.name.startswith(".") or b.name in referenced:
+                    continue
+                _remove(b)
+                removed.append(f"bundles/{b.name}")
+
+        for sub in ("releases", "bundles"):
+            if removed and (root / sub).is_dir():
+                _fsync_dir(root / sub)
+        return {"changed": bool(removed), "removed": removed, "kept": [r.id for r in kept]}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 (the current release is always kept)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="release_state.py", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--root", default=DEFAULT_ROOT, help=f"the release root on the car (default {DEFAULT_ROOT})"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # --root is accepted after the subcommand too (SUPPRESS keeps a value given before it).
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--root", default=argparse.SUPPRESS, help="the release root on the car")
+        return p
+
+    add("status", "releases, their states, current, staging and the lock")
+    p = add("lock", "take the deploy lock")
+    p.add_argument("--run", required=True)
+    p.add_argument("--owner", required=True)
+    p.add_argument("--stale-after", type=_non_negative, required=True, metavar="SECONDS")
+    p.add_argument("--break", dest="brk", action="store_true", help="take the lock even if it is fresh")
+    p = add("unlock", "release the deploy lock if this run holds it")
+    p.add_argument("--run", required=True)
+    p = add("publish", "rename a staging directory into place (paths relative to the root)")
+    p.add_argument("--from", dest="src", required=True)
+    p.add_argument("--to", dest="dst", required=True)
+    p = add("switch", "point current at a release")
+    p.add_argument("--to", dest="id", required=True)
+    p = add("mark", "record a release's health gate result")
+    p.add_argument("--id", required=True)
+    p.add_argument("--state", choices=("good", "bad"), required=True)
+    p.add_argument("--reason", default="")
+    p = add("rollback-target", "the release to roll back to")
+    p.add_argument("--to", dest="prefix", default=None, help="a release id or a unique prefix of one")
+    p = add("prune", "remove old releases, stale staging and orphaned bundles")
+    p.add_argument("--keep", type=_at_least_one, required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--stale-after", type=_non_negative, required=True, metavar="SECONDS")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> JSON:
+    root = Path(os.path.abspath(args.root))  # noqa: PTH100 - no symlink resolution wanted
+    command: str = args.command
+    if command == "status":
+        return cmd_status(root)
+    if command == "lock":
+        return cmd_lock(root, args.run, args.owner, args.stale_after, args.brk)
+    if command == "unlock":
+        return cmd_unlock(root, args.run)
+    if command == "publish":
+        return cmd_publish(root, args.src, args.dst)
+    if command == "switch":
+        return cmd_switch(root, args.id)
+    if command == "mark":
+        return cmd_mark(root, args.id, args.state, args.reason)
+    if command == "rollback-target":
+        return cmd_rollback_target(root, args.prefix)
+    if command == "prune":
+        return cmd_prune(root, args.keep, args.run, args.stale_after)
+    raise Refusal(f"unknown command {command!r}")  # argparse already refuses it
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_command(args)
+    except Refusal as exc:
+        message = str(exc)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = (
+            f"{args.command} failed: {exc.strerror or exc}{where}; check the file system and the "
+            "permissions on the car, then run the deploy again"
+        )
+    except Exception as exc:
+        message = f"{args.command} failed unexpectedly: {type(exc).__name__}: {exc}"
+    else:
+        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+        return 0
+    sys.stdout.write(json.dumps({"error": message}, sort_keys=True) + "\n")
+    sys.stderr.write(f"release_state: {message}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
