@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_helpers import car, content_hash, current_release, run_playbook
+from deploy_helpers import car, content_hash, current_bundle, run_playbook
 from quantize_helpers import tiny_bundle
 
 from simfleet.testing import running_fleet
@@ -66,10 +66,10 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
             "-e", "rover_deploy_force=true", timeout=3600,
         )  # fmt: skip
         assert run.rc == 0, run.stdout[-6000:]
-        assert current_release(host) == content_hash(bundle)
+        assert current_bundle(host) == content_hash(bundle)
         check = host.run(
-            "sudo -u rover /opt/rover/venv/bin/rover-runtime check --config /etc/rover/runtime.toml "
-            "--skip-serial --deadline-ms 120000"
+            "sudo -u rover /opt/rover/current/bin/rover-runtime check "
+            "--config /opt/rover/current/runtime.toml --skip-serial --deadline-ms 120000"
         )
         os_release = host.check_output(". /etc/os-release && echo $VERSION_CODENAME")
 

@@ -1,17 +1,31 @@
-"""playbooks/benchmark.yml against two simulated cars: every car benchmarked with its service stopped and
-restored, the JSON fetched into a run folder, and a fleet report built from the cars' own figures."""
+"""playbooks/benchmark.yml against the simulated fleet: every car benchmarked with its service stopped and
+restored, the JSON fetched into a run folder, and a fleet report built from the cars' own figures; a
+driving car is skipped (and reported) unless forced."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from deploy_helpers import car, fleet_inventory, make_bundle, run_playbook
+import yaml
+from deploy_helpers import car, fleet_inventory, journal, make_bundle, metrics, run_playbook
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
+# The cars the report's figures are checked on (the session's fleet may have more: every car is benchmarked).
 CARS = ("car1", "car2")
+# A simulated car drives all the time (its policy commands throttle): benchmarking it, which stops its
+# runtime, needs force.
+FORCE = ("-e", "rover_benchmark_force=true")
+
+
+def fleet_cars(inventory: Path) -> set[str]:
+    """Every car of the simulated fleet's inventory (group `rovers`)."""
+    return set(yaml.safe_load(inventory.read_text())["all"]["children"]["rovers"]["hosts"])
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +48,7 @@ def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Pa
     run = run_playbook(
         inventory,
         "benchmark.yml",
+        *FORCE,
         "-e",
         f"rover_benchmark_output_dir={tmp_path}",
         "-e",
@@ -59,8 +74,52 @@ def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Pa
         assert f"{data['latency_ms']['p95']:.2f}" in row
         assert f"{data['throughput_fps']:.1f}" in row
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["hosts"]) == set(CARS)
-    assert set(json.loads((run_dir / "limits.json").read_text())["hosts"]) == set(CARS)
+    assert set(summary["hosts"]) == fleet_cars(inventory)
+    assert set(json.loads((run_dir / "limits.json").read_text())["hosts"]) == fleet_cars(inventory)
     assert car(inventory, "car1").service("rover-runtime").is_running
     assert not car(inventory, "car2").service("rover-runtime").is_running
     car(inventory, "car2").check_output("systemctl start rover-runtime")
+
+
+def _wait_driving(host: Any, timeout: float = 60) -> None:
+    """Until the car's runtime says it is driving (its metrics file is written about once per second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if host.file("/run/rover/metrics.json").exists and metrics(host).get("driving"):
+            return
+        time.sleep(1)
+    raise AssertionError(f"not driving within {timeout} s\n{journal(host)}")
+
+
+def test_benchmark_skips_a_driving_car_without_force(fleet_with_release: Path, tmp_path: Path) -> None:
+    """Without force the driving car1 is skipped, named in the ROVER RECAP, and not failed; car2 (stopped,
+    so not driving) is benchmarked, which gives the run a report (a few inferences keep it short)."""
+    inventory = fleet_with_release
+    driving, parked = car(inventory, "car1"), car(inventory, "car2")
+    _wait_driving(driving)
+    parked.check_output("systemctl stop rover-runtime")
+    try:
+        run = run_playbook(
+            inventory,
+            "benchmark.yml",
+            "-e",
+            f"rover_benchmark_output_dir={tmp_path}",
+            "-e",
+            "rover_benchmark_iterations=5",
+            "-e",
+            "rover_benchmark_warmup=1",
+        )
+    finally:
+        parked.check_output("systemctl start rover-runtime")
+    assert run.rc == 0, run.stdout[-4000:]
+    recap = run.stdout.split("ROVER RECAP")[-1]
+    line = re.search(r"^car1: (.*)$", recap, re.MULTILINE)
+    assert line, run.stdout[-3000:]
+    assert line.group(1).startswith("SKIPPED: driving"), line.group(1)
+    assert "rover_benchmark_force=true" in line.group(1)
+    assert re.search(r"^car2: ok: benchmarked", recap, re.MULTILINE), recap
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "car1.json").exists()
+    assert (run_dir / "car2.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["missing_hosts"] == []
+    assert driving.service("rover-runtime").is_running

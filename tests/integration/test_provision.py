@@ -21,9 +21,10 @@ from deploy_helpers import (
     PlaybookRun,
     car,
     content_hash,
-    current_release,
+    current_bundle,
     make_bundle,
     metrics,
+    releases,
     run_playbook,
 )
 
@@ -403,7 +404,7 @@ def test_mixed_fleet_second_run_changes_nothing(mixed_run: PlaybookRun, mixed_fl
 def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     mixed_run: PlaybookRun, mixed_fleet: FleetState, tmp_path: Path
 ) -> None:
-    """The runtime wheel installs and runs on both Pythons; the unit gets RestartSteps only where systemd
+    """The release's runtime code runs on both Pythons; the unit gets RestartSteps only where systemd
     has it (>= 254: trixie). A TorchScript bundle is refused on the trixie car (no torch) before anything
     there changes, and runs on the bookworm car."""
     inventory = Path(mixed_fleet.inventory)
@@ -413,13 +414,14 @@ def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     assert run.rc == 0, run.stdout[-6000:]
     for name, (release, _) in MIXED.items():
         host = car(inventory, name)
-        assert current_release(host) == content_hash(onnx), name
+        assert current_bundle(host) == content_hash(onnx), name
         steps = host.check_output("systemctl show -p RestartSteps --value rover-runtime")
         assert steps == ("5" if release == "trixie" else ""), (name, steps)
 
     torch_bundle = write_tiny_bundle(tmp_path / "torch", "torchscript")
     unit = "/etc/systemd/system/rover-runtime.service"
-    before = car(inventory, "car1").check_output(f"stat -c '%Y' {unit} /opt/rover/venv/.rover-runtime-wheel")
+    before = car(inventory, "car1").check_output(f"stat -c '%Y' {unit} {RELEASES}/releases")
+    releases_before = releases(car(inventory, "car1"))
     # car1 (trixie) is the canary: refused, so the rollout stops before car2.
     run = run_playbook(inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={torch_bundle}")
     assert run.rc != 0
@@ -430,16 +432,17 @@ def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     ]
     trixie, bookworm = car(inventory, "car1"), car(inventory, "car2")
     assert run.recap()["car1"]["changed"] == 0
-    assert current_release(trixie) == content_hash(onnx)
-    assert not trixie.file(f"{RELEASES}/releases/{content_hash(torch_bundle)}").exists
-    assert trixie.check_output(f"stat -c '%Y' {unit} /opt/rover/venv/.rover-runtime-wheel") == before
-    assert current_release(bookworm) == content_hash(onnx)
+    assert current_bundle(trixie) == content_hash(onnx)
+    assert not trixie.file(f"{RELEASES}/bundles/{content_hash(torch_bundle)}").exists
+    assert releases(trixie) == releases_before
+    assert trixie.check_output(f"stat -c '%Y' {unit} {RELEASES}/releases") == before
+    assert current_bundle(bookworm) == content_hash(onnx)
 
     run = run_playbook(
         inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={torch_bundle}", "--limit", "car2"
     )
     assert run.rc == 0, run.stdout[-6000:]
-    assert current_release(bookworm) == content_hash(torch_bundle)
+    assert current_bundle(bookworm) == content_hash(torch_bundle)
     assert metrics(bookworm)["bundle"]["content_hash"] == content_hash(torch_bundle)
 
 
