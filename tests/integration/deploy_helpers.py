@@ -39,8 +39,9 @@ class PlaybookRun:
 
     @property
     def text(self) -> str:
-        """The output with all whitespace runs collapsed (Ansible wraps long messages)."""
-        return " ".join(self.stdout.split())
+        """The output with all whitespace runs collapsed (Ansible wraps long messages; YAML's double-quoted
+        style folds them with a backslash at the end of the line)."""
+        return " ".join(re.sub(r"\\\n\s*", "", self.stdout).split())
 
     def recap(self) -> dict[str, dict[str, int]]:
         """PLAY RECAP counters per host."""

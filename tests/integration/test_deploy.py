@@ -638,8 +638,18 @@ def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, 
 
 def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
-    states = {info["state"] for info in releases(host).values()}
-    assert "bad" in states  # from the failed gates above
+    run = run_playbook(
+        deployed,
+        "deploy.yml",
+        *FORCE,
+        "--limit",
+        "car1",
+        "-e",
+        f"rover_deploy_bundle={bundles['gate-fails']}",
+    )
+    assert run.rc != 0
+    bad = [r for r, info in releases(host).items() if info["state"] == "bad"]
+    assert bad, releases(host)
     for bundle in ("a", "b", "c"):
         run = run_playbook(
             deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles[bundle]}"
@@ -648,6 +658,7 @@ def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: di
     kept = releases(host)
     assert len(kept) == 3  # rover_release_keep
     assert all(info["state"] == "good" for info in kept.values()), kept
+    assert not set(bad) & set(kept)
     # Bundles no kept release uses are gone.
     used = {info["bundle"] for info in kept.values()}
     assert set(host.run(f"ls -A {RELEASES}/bundles").stdout.split()) == used
