@@ -374,6 +374,14 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     assert current_release(other) == other_before
     assert not other.file(f"{RELEASES}/bundles/{content_hash(bundles['gate-fails'])}").exists
 
+    # The failed release named explicitly is refused (while it is still on the car: cleanup removes bad
+    # releases first).
+    run = run_playbook(
+        deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={bad[0]}"
+    )
+    assert run.rc != 0
+    assert "not rolling back to it" in run.text
+    assert current_release(canary) == good
     # A good release on top; rollback.yml then goes to the newest GOOD release before it, never the bad one.
     run = run_playbook(
         deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['b']}"
@@ -384,13 +392,6 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     assert run.rc == 0, run.stdout[-4000:]
     assert current_release(canary) == good
     _wait_running(canary, good)
-    # A bad release named explicitly is refused.
-    run = run_playbook(
-        deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={bad[0]}"
-    )
-    assert run.rc != 0
-    assert "not rolling back to it" in run.text
-    assert current_release(canary) == good
     # Forward again to b by name.
     run = run_playbook(
         deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={b_release[:8]}"
