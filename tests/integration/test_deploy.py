@@ -18,6 +18,7 @@ import pytest
 from deploy_helpers import (
     RELEASES,
     REPO,
+    PlaybookRun,
     car,
     container_pid,
     content_hash,
@@ -100,6 +101,13 @@ def _wait_running(host: Any, release: str, timeout: float = 60) -> dict[str, Any
                 return m
         time.sleep(1)
     raise AssertionError(f"not running {release} within {timeout} s: {m.get('release')}\n{journal(host)}")
+
+
+def _deploy_car1(inventory: Path, bundle: Path, *args: str) -> PlaybookRun:
+    """deploy.yml of `bundle` to car1 alone, forced (a simulated car always drives)."""
+    return run_playbook(
+        inventory, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundle}", *args
+    )
 
 
 def _recap_line(run: Any, name: str) -> str:
@@ -288,14 +296,9 @@ def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[st
 def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
     first = current_release(host)
-    run = run_playbook(
+    run = _deploy_car1(
         deployed,
-        "deploy.yml",
-        *FORCE,
-        "--limit",
-        "car1",
-        "-e",
-        f"rover_deploy_bundle={bundles['a']}",
+        bundles["a"],
         "-e",
         "rover_runtime_service_rate_hz=25",
     )
@@ -308,9 +311,7 @@ def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str
     assert m["loop"]["rate_hz_target"] == 25.0
     assert releases(host)[second]["state"] == "good"
     # Back to the old config: the old release again (same bundle, runtime and config = same id), not rebuilt.
-    run = run_playbook(
-        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['a']}"
-    )
+    run = _deploy_car1(deployed, bundles["a"])
     assert run.rc == 0, run.stdout[-4000:]
     assert current_release(host) == first
     assert _wait_running(host, first)["loop"]["rate_hz_target"] == 30.0
@@ -319,14 +320,9 @@ def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str
 def test_config_the_runtime_refuses_never_reaches_the_car(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
     before = current_release(host)
-    run = run_playbook(
+    run = _deploy_car1(
         deployed,
-        "deploy.yml",
-        *FORCE,
-        "--limit",
-        "car1",
-        "-e",
-        f"rover_deploy_bundle={bundles['a']}",
+        bundles["a"],
         "-e",
         "rover_runtime_service_rate_hz=5000",
     )
@@ -383,9 +379,7 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     assert "not rolling back to it" in run.text
     assert current_release(canary) == good
     # A good release on top; rollback.yml then goes to the newest GOOD release before it, never the bad one.
-    run = run_playbook(
-        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['b']}"
-    )
+    run = _deploy_car1(deployed, bundles["b"])
     assert run.rc == 0, run.stdout[-4000:]
     b_release = current_release(canary)
     run = run_playbook(deployed, "rollback.yml", *FORCE, "--limit", "car1")
@@ -439,14 +433,9 @@ def test_broken_runtime_is_rolled_back_with_its_release(
     rollback brings back the old runtime too (each release holds its own code)."""
     host = car(deployed, "car1")
     good = current_release(host)
-    run = run_playbook(
+    run = _deploy_car1(
         deployed,
-        "deploy.yml",
-        *FORCE,
-        "--limit",
-        "car1",
-        "-e",
-        f"rover_deploy_bundle={bundles['b']}",
+        bundles["b"],
         "-e",
         f"rover_runtime_service_source={_broken_source(tmp_path)}",
         "-e",
@@ -513,9 +502,7 @@ def test_car_interrupted_after_its_switch_is_gated_by_the_rerun(
     switched = current_release(host)
     assert metrics(host)["release"]["id"] != switched  # still the old process
     host.check_output("systemctl stop rover-runtime")
-    run = run_playbook(
-        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['a']}"
-    )
+    run = _deploy_car1(deployed, bundles["a"])
     assert run.rc == 0, run.stdout[-4000:]
     assert "restarted and gated" in _recap_line(run, "car1"), _recap_line(run, "car1")
     _wait_running(host, switched)
@@ -565,9 +552,7 @@ def test_concurrent_deploys_to_one_car_are_refused(deployed: Path, bundles: dict
             assert first.poll() is None, "the first deploy ended before it took the lock"
             assert time.monotonic() < deadline, "the first deploy never took the lock"
             time.sleep(0.5)
-        second = run_playbook(
-            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles['c']}"
-        )
+        second = _deploy_car1(deployed, bundles["c"])
         assert second.rc != 0
         assert "deploy lock held by" in second.text
         assert "another deploy is running on this car" in second.text
@@ -600,9 +585,7 @@ def test_full_disk_during_the_push_leaves_the_old_release_serving(
     )
     try:
         big = make_bundle(tmp_path / "big", chunk_size=15)
-        run = run_playbook(
-            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={big}"
-        )
+        run = _deploy_car1(deployed, big)
         assert run.rc != 0
         assert "No space left on device" in run.text, run.stdout[-3000:]
         assert current_release(host) == before
@@ -611,7 +594,7 @@ def test_full_disk_during_the_push_leaves_the_old_release_serving(
         assert leftovers(host) == []
     finally:
         subprocess.run([*enter, f"umount {store}; umount /run/fullfs; rmdir /run/fullfs"], check=False)
-    run = run_playbook(deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={big}")
+    run = _deploy_car1(deployed, big)
     assert run.rc == 0, run.stdout[-4000:]
 
 
@@ -639,22 +622,12 @@ def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, 
 
 def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
-    run = run_playbook(
-        deployed,
-        "deploy.yml",
-        *FORCE,
-        "--limit",
-        "car1",
-        "-e",
-        f"rover_deploy_bundle={bundles['gate-fails']}",
-    )
+    run = _deploy_car1(deployed, bundles["gate-fails"])
     assert run.rc != 0
     bad = [r for r, info in releases(host).items() if info["state"] == "bad"]
     assert bad, releases(host)
     for bundle in ("a", "b", "c"):
-        run = run_playbook(
-            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundles[bundle]}"
-        )
+        run = _deploy_car1(deployed, bundles[bundle])
         assert run.rc == 0, run.stdout[-4000:]
     kept = releases(host)
     assert len(kept) == 3  # rover_release_keep
