@@ -32,6 +32,19 @@ def fleet_inventory(request: Any) -> Path:
     return Path(request.getfixturevalue("sim_fleet").inventory)
 
 
+# Lines that end one task result in ansible-playbook's default output.
+NEXT_RESULT = (
+    "TASK [",
+    "PLAY",
+    "RUNNING HANDLER",
+    "ok: [",
+    "changed: [",
+    "fatal: [",
+    "failed: [",
+    "skipping: [",
+)
+
+
 @dataclass
 class PlaybookRun:
     rc: int
@@ -42,6 +55,25 @@ class PlaybookRun:
         """The output with all whitespace runs collapsed (Ansible wraps long messages; YAML's double-quoted
         style folds them with a backslash at the end of the line)."""
         return " ".join(re.sub(r"\\\n\s*", "", self.stdout).split())
+
+    def report(self, tail: int = 3000) -> str:
+        """For a failed assertion: every failed task (its TASK line and its whole result, however long the
+        run) and then the end of the output."""
+        failures: list[str] = []
+        task = ""
+        lines = self.stdout.splitlines()
+        for index, line in enumerate(lines):
+            if line.startswith("TASK ["):
+                task = line
+            elif line.startswith(("fatal: [", "failed: [")):
+                block = [line]
+                for more in lines[index + 1 :]:
+                    if more.startswith(NEXT_RESULT):
+                        break
+                    block.append(more)
+                failures.append("\n".join([task, *block[:80]]))
+        head = "\n\n".join(failures) if failures else "(no failed task in the output)"
+        return f"failed tasks:\n{head}\n\n... output ends with:\n{self.stdout[-tail:]}"
 
     def recap(self) -> dict[str, dict[str, int]]:
         """PLAY RECAP counters per host."""

@@ -50,7 +50,7 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
         )
 
         run = run_playbook(inventory, "provision.yml", "-i", str(slow), timeout=3600)
-        assert run.rc == 0, run.stdout[-6000:]
+        assert run.rc == 0, run.report()
         host = car(inventory, name)
         report = host.check_output(
             "/opt/rover/venv/bin/python -c 'import json, platform, sys, torch, onnxruntime; "
@@ -65,7 +65,7 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
             inventory, "deploy.yml", "-i", str(slow), "-e", f"rover_deploy_bundle={bundle}",
             "-e", "rover_deploy_force=true", timeout=3600,
         )  # fmt: skip
-        assert run.rc == 0, run.stdout[-6000:]
+        assert run.rc == 0, run.report()
         assert current_bundle(host) == content_hash(bundle)
         check = host.run(
             "sudo -u rover /opt/rover/current/bin/rover-runtime check "

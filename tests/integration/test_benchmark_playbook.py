@@ -32,12 +32,12 @@ def fleet_cars(inventory: Path) -> set[str]:
 def fleet_with_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     inventory = fleet_inventory(request)
     run = run_playbook(inventory, "provision.yml", timeout=1800)
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     bundle = make_bundle(tmp_path_factory.mktemp("bench") / "bundle", chunk_size=10)
     run = run_playbook(
         inventory, "deploy.yml", "-e", f"rover_deploy_bundle={bundle}", "-e", "rover_deploy_force=true"
     )
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     return inventory
 
 
@@ -56,7 +56,7 @@ def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Pa
         "-e",
         "rover_benchmark_warmup=5",
     )
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     (run_dir,) = (tmp_path / "runs").iterdir()
     report = (run_dir / "report.md").read_text()
     html = (run_dir / "report.html").read_text()
@@ -111,10 +111,10 @@ def test_benchmark_skips_a_driving_car_without_force(fleet_with_release: Path, t
         )
     finally:
         parked.check_output("systemctl start rover-runtime")
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     recap = run.stdout.split("ROVER RECAP")[-1]
     line = re.search(r"^car1: (.*)$", recap, re.MULTILINE)
-    assert line, run.stdout[-3000:]
+    assert line, run.report()
     assert line.group(1).startswith("SKIPPED: driving"), line.group(1)
     assert "rover_benchmark_force=true" in line.group(1)
     assert re.search(r"^car2: ok: benchmarked", recap, re.MULTILINE), recap

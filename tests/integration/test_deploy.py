@@ -66,7 +66,7 @@ def fleet(request: pytest.FixtureRequest) -> Path:
     """The simulated fleet, provisioned (playbooks/provision.yml; a no-op when already done)."""
     inventory = fleet_inventory(request)
     run = run_playbook(inventory, "provision.yml", timeout=1800)
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     return inventory
 
 
@@ -86,7 +86,7 @@ def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
         _wipe(fleet, name)
     # A stopped car is not driving: the first deploy needs no force.
     run = run_playbook(fleet, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     return fleet
 
 
@@ -112,7 +112,7 @@ def _deploy_car1(inventory: Path, bundle: Path, *args: str) -> PlaybookRun:
 
 def _recap_line(run: Any, name: str) -> str:
     match = re.search(rf"^{name}: (.*)$", run.stdout.split("ROVER RECAP")[-1], re.MULTILINE)
-    assert match, run.stdout[-3000:]
+    assert match, run.report()
     return match.group(1)
 
 
@@ -227,7 +227,7 @@ def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, P
     before = host.check_output(f"stat -L -c '%i %Y' {model}")
     pid = metrics(host)["pid"]
     run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     recap = run.recap()
     assert all(recap[name]["changed"] == 0 for name in ALL_CARS), recap
     for name in ALL_CARS:
@@ -241,7 +241,7 @@ def test_driving_car_is_skipped_and_reported_not_failed(deployed: Path, bundles:
     assert metrics(host)["driving"] is True
     before = {name: current_release(car(deployed, name)) for name in ALL_CARS}
     run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
-    assert run.rc == 0, run.stdout[-4000:]  # a skip is not a failure: the rollout went on
+    assert run.rc == 0, run.report()  # a skip is not a failure: the rollout went on
     for name in ALL_CARS:
         assert _recap_line(run, name).startswith("SKIPPED: driving"), _recap_line(run, name)
         assert current_release(car(deployed, name)) == before[name]
@@ -252,7 +252,7 @@ def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundl
     host = car(deployed, "car1")
     before = current_release(host)
     run = run_playbook(deployed, "deploy.yml", "--check", *FORCE, "-e", f"rover_deploy_bundle={bundles['b']}")
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert run.recap()["car1"]["changed"] > 0
     assert current_release(host) == before
     assert not host.file(f"{RELEASES}/bundles/{content_hash(bundles['b'])}").exists
@@ -302,7 +302,7 @@ def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str
         "-e",
         "rover_runtime_service_rate_hz=25",
     )
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     second = current_release(host)
     assert second != first
     assert "0 bundle bytes sent" in _recap_line(run, "car1")  # the model was on the car already
@@ -312,7 +312,7 @@ def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str
     assert releases(host)[second]["state"] == "good"
     # Back to the old config: the old release again (same bundle, runtime and config = same id), not rebuilt.
     run = _deploy_car1(deployed, bundles["a"])
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert current_release(host) == first
     assert _wait_running(host, first)["loop"]["rate_hz_target"] == 30.0
 
@@ -330,7 +330,7 @@ def test_config_the_runtime_refuses_never_reaches_the_car(deployed: Path, bundle
     assert (
         "runtime.toml refused by the runtime of this release: config control.rate_hz: must be <= 1000"
         in run.text
-    ), run.stdout[-3000:]
+    ), run.report()
     assert current_release(host) == before
     assert leftovers(host) == []
 
@@ -380,17 +380,17 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     assert current_release(canary) == good
     # A good release on top; rollback.yml then goes to the newest GOOD release before it, never the bad one.
     run = _deploy_car1(deployed, bundles["b"])
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     b_release = current_release(canary)
     run = run_playbook(deployed, "rollback.yml", *FORCE, "--limit", "car1")
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert current_release(canary) == good
     _wait_running(canary, good)
     # Forward again to b by name.
     run = run_playbook(
         deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={b_release[:8]}"
     )
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert current_release(canary) == b_release
 
 
@@ -442,7 +442,7 @@ def test_broken_runtime_is_rolled_back_with_its_release(
         "rover_health_timeout_s=20",
     )
     assert run.rc != 0
-    assert "broken runtime release (test)" in run.text, run.stdout[-3000:]  # from the journal
+    assert "broken runtime release (test)" in run.text, run.report()  # from the journal
     assert f"rolled back to release {good}, which is running" in run.text
     assert current_release(host) == good
     _wait_running(host, good)
@@ -498,12 +498,12 @@ def test_car_interrupted_after_its_switch_is_gated_by_the_rerun(
         "-e",
         f"rover_deploy_bundle={bundles['a']}",
     )
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     switched = current_release(host)
     assert metrics(host)["release"]["id"] != switched  # still the old process
     host.check_output("systemctl stop rover-runtime")
     run = _deploy_car1(deployed, bundles["a"])
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert "restarted and gated" in _recap_line(run, "car1"), _recap_line(run, "car1")
     _wait_running(host, switched)
     assert releases(host)[switched]["state"] == "good"
@@ -522,7 +522,7 @@ def test_tags_run_each_phase_alone(deployed: Path, bundles: dict[str, Path]) -> 
             "-e",
             f"rover_deploy_bundle={bundles['a']}",
         )
-        assert run.rc == 0, (tag, run.stdout[-4000:])
+        assert run.rc == 0, (tag, run.report())
     assert "gated" in _recap_line(run, "car1")  # --tags rover_health gates the car even when nothing changed
 
 
@@ -587,7 +587,7 @@ def test_full_disk_during_the_push_leaves_the_old_release_serving(
         big = make_bundle(tmp_path / "big", chunk_size=15)
         run = _deploy_car1(deployed, big)
         assert run.rc != 0
-        assert "No space left on device" in run.text, run.stdout[-3000:]
+        assert "No space left on device" in run.text, run.report()
         assert current_release(host) == before
         assert host.service("rover-runtime").is_running
         assert metrics(host)["release"]["id"] == before
@@ -595,7 +595,7 @@ def test_full_disk_during_the_push_leaves_the_old_release_serving(
     finally:
         subprocess.run([*enter, f"umount {store}; umount /run/fullfs; rmdir /run/fullfs"], check=False)
     run = _deploy_car1(deployed, big)
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
 
 
 def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, Path]) -> None:
@@ -616,7 +616,7 @@ def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, 
     assert not host.service("rover-runtime").is_running
     assert releases(host)[current_release(host)]["state"] == "bad"
     run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     _wait_running(host, current_release(host))
 
 
@@ -628,7 +628,7 @@ def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: di
     assert bad, releases(host)
     for bundle in ("a", "b", "c"):
         run = _deploy_car1(deployed, bundles[bundle])
-        assert run.rc == 0, run.stdout[-4000:]
+        assert run.rc == 0, run.report()
     kept = releases(host)
     assert len(kept) == 3  # rover_release_keep
     assert all(info["state"] == "good" for info in kept.values()), kept
@@ -670,9 +670,9 @@ def test_crash_loop_never_leaves_the_service_failed(deployed: Path) -> None:
 
 def _refused_on_the_car(deployed: Path, run: Any, bundle: Path, reason: str) -> None:
     """The canary refused `bundle` on the car with one line naming `reason`; nothing was switched."""
-    assert run.rc != 0, run.stdout[-4000:]
-    assert "failed verification on the car and was not activated" in run.text, run.stdout[-4000:]
-    assert reason in run.text, run.stdout[-4000:]
+    assert run.rc != 0, run.report()
+    assert "failed verification on the car and was not activated" in run.text, run.report()
+    assert reason in run.text, run.report()
     canary = car(deployed, "car1")
     assert current_bundle(canary) != content_hash(bundle)
     assert not canary.file(f"{RELEASES}/bundles/{content_hash(bundle)}").exists
@@ -748,7 +748,7 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
         "-e",
         "rover_release_activate=false",
     )
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert car(deployed, "car1").file(f"{RELEASES}/bundles/{content_hash(signed)}/manifest.json.sig").exists
     assert current_release(car(deployed, "car1")) == before
     # The same signature with the manifest changed afterwards (its file hashes still match: only the

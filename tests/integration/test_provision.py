@@ -63,8 +63,8 @@ def provision(fleet: FleetState, *args: str, extra: Path | None = None) -> Playb
 def assert_ok(run: PlaybookRun, hosts: list[str]) -> None:
     recap = run.recap()
     for name in hosts:
-        assert recap[name]["failed"] == 0, run.stdout[-4000:]
-        assert recap[name]["unreachable"] == 0, run.stdout[-4000:]
+        assert recap[name]["failed"] == 0, run.report()
+        assert recap[name]["unreachable"] == 0, run.report()
 
 
 def changed_on_cars(run: PlaybookRun) -> list[str]:
@@ -84,7 +84,7 @@ def error_lines(run: PlaybookRun) -> list[str]:
 @pytest.fixture(scope="module")
 def first_run(sim_fleet: FleetState) -> PlaybookRun:
     run = provision(sim_fleet)
-    assert run.rc == 0, run.stdout[-6000:]
+    assert run.rc == 0, run.report()
     return run
 
 
@@ -97,17 +97,17 @@ def test_first_run_provisions_every_car(first_run: PlaybookRun, sim_fleet: Fleet
 
 def test_second_run_changes_nothing(first_run: PlaybookRun, sim_fleet: FleetState) -> None:
     second = provision(sim_fleet)
-    assert second.rc == 0, second.stdout[-4000:]
+    assert second.rc == 0, second.report()
     assert_ok(second, cars(sim_fleet))
     for name in cars(sim_fleet):
-        assert second.recap()[name]["changed"] == 0, second.stdout[-6000:]
+        assert second.recap()[name]["changed"] == 0, second.report()
 
 
 def test_check_mode_runs_and_reports_no_change(first_run: PlaybookRun, sim_fleet: FleetState) -> None:
     check = provision(sim_fleet, "--check")
-    assert check.rc == 0, check.stdout[-4000:]
+    assert check.rc == 0, check.report()
     for name in cars(sim_fleet):
-        assert check.recap()[name]["changed"] == 0, check.stdout[-6000:]
+        assert check.recap()[name]["changed"] == 0, check.report()
 
 
 def free_port() -> int:
@@ -287,7 +287,7 @@ def test_warm_car_gets_a_warning_and_its_reading_is_recorded(
         local_fact = host.check_output("/etc/ansible/facts.d/rover_thermal.fact")
     finally:
         set_thermal(sim_fleet.name, name, DEFAULT_THERMAL)
-    assert run.rc == 0, run.stdout[-4000:]
+    assert run.rc == 0, run.report()
     assert f"WARNING: {name}: 72.5 °C (warn at 70.0, limit 80.0)" in " ".join(run.stdout.split())
     assert '"status": "warn", "temp_c": 72.5' in local_fact
 
@@ -359,7 +359,7 @@ def test_mixed_fleet_car_without_a_wheel_stops_the_run_before_any_change(
 @pytest.fixture(scope="module")
 def mixed_run(mixed_fleet: FleetState) -> PlaybookRun:
     run = provision(mixed_fleet)
-    assert run.rc == 0, run.stdout[-6000:]
+    assert run.rc == 0, run.report()
     return run
 
 
@@ -396,9 +396,9 @@ def test_mixed_fleet_is_provisioned_in_one_run(mixed_run: PlaybookRun, mixed_fle
 
 def test_mixed_fleet_second_run_changes_nothing(mixed_run: PlaybookRun, mixed_fleet: FleetState) -> None:
     second = provision(mixed_fleet)
-    assert second.rc == 0, second.stdout[-4000:]
+    assert second.rc == 0, second.report()
     for name in cars(mixed_fleet):
-        assert second.recap()[name]["changed"] == 0, second.stdout[-6000:]
+        assert second.recap()[name]["changed"] == 0, second.report()
 
 
 def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
@@ -411,7 +411,7 @@ def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     force = ("-e", "rover_deploy_force=true")  # a simulated car always drives
     onnx = make_bundle(tmp_path / "onnx", chunk_size=10)
     run = run_playbook(inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={onnx}")
-    assert run.rc == 0, run.stdout[-6000:]
+    assert run.rc == 0, run.report()
     for name, (release, _) in MIXED.items():
         host = car(inventory, name)
         assert current_bundle(host) == content_hash(onnx), name
@@ -441,7 +441,7 @@ def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     run = run_playbook(
         inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={torch_bundle}", "--limit", "car2"
     )
-    assert run.rc == 0, run.stdout[-6000:]
+    assert run.rc == 0, run.report()
     assert current_bundle(bookworm) == content_hash(torch_bundle)
     assert metrics(bookworm)["bundle"]["content_hash"] == content_hash(torch_bundle)
 
