@@ -1,16 +1,20 @@
 """Control-loop timing and failsafe reaction, measured against the firmware simulator over a real pty.
 
-Prints one JSON document:
-- `timing`: for each rate, the loop with the stub policy, the synthetic camera (640x480) and the real
-  SerialLink: absolute period error p50/p95/p99/max, deadline misses, achieved rate, and the loop's own
-  work per cycle (everything but inference, which runs in the worker thread) median/p99.
+The vehicle is built as `rover-runtime run` builds it (`rover_runtime.drive.build_vehicle`: every part on),
+with the real demo bundle (`make demo` writes out/bundles/static-int8-onnx; or --bundle, or --stub) and
+synthetic 640x480 cameras, one per camera the bundle takes. Prints one JSON document:
+- `timing`: for each rate (and with SCHED_FIFO when asked): absolute period error p50/p95/p99/max, deadline
+  misses, achieved rate, and the loop's own work per cycle (every part; inference runs in its worker
+  thread) p50/p99.
 - `failsafe_stall`: the policy stalls; when does neutral reach the wire (the simulator's log, monotonic
-  clock)? Once with a fresh chunk needed every step (n_action_steps = 1), once in the default chunk mode
-  where the stall is detected by failsafe.inference_timeout_s.
+  clock)? Measured from the moment the stall is detected (failsafe.inference_timeout_s), in periods.
+- `camera_loss`: the camera's driver raises (an unplugged camera); neutral on the wire after, in periods.
+- `link_loss`: the firmware stops answering (its process SIGSTOPped); neutral on the wire after the
+  acknowledgements are older than serial.max_ack_age_s, in periods.
 - `sigkill`: `rover-runtime run` killed with SIGKILL while driving; when does the firmware go neutral by its
   own timeout?
 
-    python benchmarks/control_loop.py [--cycles 3000] [--rates 30,100] [--output FILE]
+    python benchmarks/control_loop.py [--cycles 3000] [--rates 30,100] [--bundle DIR | --stub] [--output FILE]
 """
 
 from __future__ import annotations
@@ -23,84 +27,25 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from vehicle_rig import (
+    DEMO_BUNDLE,
+    NEUTRAL_US,
+    PolicySource,
+    SimProcess,
+    sim_config,
+    start_vehicle,
+    stop_vehicle,
+    wait_driving,
+)
 
-from rover_runtime.camera import Camera, SyntheticSource
-from rover_runtime.config import load_config, make_serial_link
-from rover_runtime.control_loop import ControlLoop
 from rover_runtime.metrics import write_json_atomic
 from rover_runtime.policy import StubPolicy
-
-NEUTRAL_US = 1500
-
-
-class SimProcess:
-    """The firmware simulator in its own process, on a pty linked at `tty`."""
-
-    def __init__(self, work: Path, name: str) -> None:
-        self.tty = work / f"{name}.tty"
-        self.log = work / f"{name}.jsonl"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rover_runtime.firmware_sim",
-                "--pty-link",
-                str(self.tty),
-                "--log",
-                str(self.log),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not self.tty.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("firmware simulator did not start")
-            time.sleep(0.05)
-
-    def entries(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=5)
-
-
-def _config(port: Path, rate: float, **extra: Any) -> Any:
-    values = {
-        "control.rate_hz": rate,
-        "camera.source": "synthetic",
-        "serial.port": str(port),
-        "metrics.path": "",
-        "policy.stub": True,
-    }
-    values.update(extra)
-    return load_config(None, values)
-
-
-def _start_loop(config: Any, policy: StubPolicy) -> tuple[ControlLoop, threading.Thread, Camera, Any]:
-    camera = Camera(SyntheticSource(640, 480, fps=30), retry_interval_s=1.0)
-    link = make_serial_link(config.serial)
-    link.open()
-    camera.start()
-    loop = ControlLoop(config, policy, camera, link, record_timings=True)
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    return loop, thread, camera, link
-
-
-def _stop_loop(loop: ControlLoop, thread: threading.Thread, camera: Camera, link: Any) -> None:
-    loop.request_stop()
-    thread.join(timeout=10)
-    link.close()
-    camera.close()
 
 
 def _ms(values: NDArray[np.float64]) -> dict[str, float]:
@@ -114,19 +59,22 @@ def _ms(values: NDArray[np.float64]) -> dict[str, float]:
 
 
 def measure_timing(
-    work: Path, rate: float, cycles: int, stub_latency_ms: float, priority: int = 0
+    work: Path, rate: float, cycles: int, policies: PolicySource, priority: int = 0
 ) -> dict[str, Any]:
     sim = SimProcess(work, f"timing{rate:g}")
     try:
-        config = _config(sim.tty, rate, **{"control.realtime_priority": priority})
-        policy = StubPolicy(chunk_size=20, latency_s=stub_latency_ms / 1000)
-        loop, thread, camera, link = _start_loop(config, policy)
-        while loop.cycles < cycles + 10:
+        config = sim_config(sim.tty, rate, **{"control.realtime_priority": priority})
+        run = start_vehicle(config, policies.make())
+        wait_driving(run)
+        start = run.vehicle.cycles
+        while run.vehicle.cycles < start + cycles:
             time.sleep(0.2)
-        _stop_loop(loop, thread, camera, link)
-        assert loop.record is not None
-        wake = np.asarray(loop.record.wake[10:])  # skip start-up
-        work_s = np.asarray(loop.record.work[10:])
+        snapshot = run.vehicle.snapshot()
+        stop_vehicle(run)
+        record = run.vehicle.record
+        assert record is not None
+        wake = np.asarray(record.wake[start:])
+        work_s = np.asarray(record.work[start:])
         errors = np.abs(np.diff(wake) - 1.0 / rate)
         return {
             "rate_hz": rate,
@@ -134,61 +82,94 @@ def measure_timing(
             "cycles": len(wake),
             "achieved_rate_hz": round((len(wake) - 1) / (wake[-1] - wake[0]), 4),
             "period_error_abs_ms": _ms(errors),
-            "deadline_misses": loop.deadline_misses,
-            "failsafe_cycles": int(np.sum(loop.record.neutral[10:])),
+            "deadline_misses": run.vehicle.deadline_misses,
+            "failsafe_cycles": int(np.sum(record.neutral[start:])),
             "loop_work_ms": _ms(work_s),
-            "stub_latency_ms": stub_latency_ms,
-            "inference_latency_ms": loop.snapshot()["inference"]["latency_ms"],
-            "serial": {k: v for k, v in vars(link.stats).items() if isinstance(v, int | bool)},
+            "inference": snapshot["inference"],
+            "serial": {k: v for k, v in vars(run.link.stats).items() if isinstance(v, int | bool)},
         }
     finally:
         sim.stop()
 
 
-def measure_stall(
-    work: Path, rate: float, n_action_steps: int, timeout_s: float, repeats: int
-) -> dict[str, Any]:
-    sim = SimProcess(work, f"stall{n_action_steps}")
+def measure_stall(work: Path, rate: float, timeout_s: float, repeats: int) -> dict[str, Any]:
+    """The policy stalls: neutral on the wire after the stall is detected (inference_timeout_s)."""
+    sim = SimProcess(work, "stall")
     period = 1.0 / rate
-    reactions, after_timeout = [], []
+    after_timeout = []
     try:
-        config = _config(
-            sim.tty,
-            rate,
-            **{"control.n_action_steps": n_action_steps, "failsafe.inference_timeout_s": timeout_s},
-        )
+        config = sim_config(sim.tty, rate, **{"failsafe.inference_timeout_s": timeout_s})
         for _ in range(repeats):
             policy = StubPolicy(chunk_size=20, latency_s=0.002)
-            loop, thread, camera, link = _start_loop(config, policy)
-            deadline = time.monotonic() + 5
-            while not loop.driving and time.monotonic() < deadline:
-                time.sleep(0.01)
+            run = start_vehicle(config, policy)
+            wait_driving(run)
             time.sleep(0.5)
-            stalled_at = time.monotonic()
             policy.stall()
-            while policy.stalled_call_started is None or loop.driving:
-                time.sleep(0.005)
-            time.sleep(0.1)
+            while policy.stalled_call_started is None:
+                time.sleep(0.002)
             blocked_at = policy.stalled_call_started
-            entries = [e for e in sim.entries() if e["mono"] > stalled_at]
-            neutral = next(e for e in entries if e["throttle_us"] == NEUTRAL_US and not e["failsafe"])
+            after_timeout.append(sim.neutral_after(blocked_at) - timeout_s)
             policy.release()
-            _stop_loop(loop, thread, camera, link)
-            reactions.append(neutral["mono"] - blocked_at)
-            after_timeout.append(neutral["mono"] - (blocked_at + timeout_s))
-        out: dict[str, Any] = {
+            stop_vehicle(run)
+        return {
             "rate_hz": rate,
-            "n_action_steps": n_action_steps,
             "inference_timeout_s": timeout_s,
             "repeats": repeats,
+            "neutral_after_detection_periods": _periods(after_timeout, period),
         }
-        if n_action_steps == 1:
-            out["neutral_after_stall_periods"] = _periods(reactions, period)
-        else:
-            out["neutral_after_timeout_periods"] = _periods(after_timeout, period)
-        return out
     finally:
         sim.stop()
+
+
+def measure_camera_loss(work: Path, rate: float, policies: PolicySource, repeats: int) -> dict[str, Any]:
+    """The camera's driver raises (unplugged): neutral on the wire after, in periods."""
+    sim = SimProcess(work, "camera")
+    period = 1.0 / rate
+    delays = []
+    try:
+        config = sim_config(sim.tty, rate)
+        for _ in range(repeats):
+            run = start_vehicle(config, policies.make())
+            wait_driving(run)
+            time.sleep(0.5)
+            lost_at = time.monotonic()
+            run.sources[0].fail(OSError(19, "No such device"))
+            delays.append(sim.neutral_after(lost_at))
+            stop_vehicle(run)
+        return {"rate_hz": rate, "repeats": repeats, "neutral_after_loss_periods": _periods(delays, period)}
+    finally:
+        sim.stop()
+
+
+def measure_link_loss(work: Path, rate: float, policies: PolicySource, repeats: int) -> dict[str, Any]:
+    """The firmware stops answering (SIGSTOP): neutral on the wire once the acks are too old, in periods
+    after serial.max_ack_age_s (the detection)."""
+    period = 1.0 / rate
+    after_detection = []
+    for i in range(repeats):
+        sim = SimProcess(work, f"link{i}")
+        try:
+            config = sim_config(sim.tty, rate)
+            max_age = config.serial.max_ack_age_s
+            run = start_vehicle(config, policies.make())
+            wait_driving(run)
+            time.sleep(0.5)
+            sim.proc.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            deadline = stopped_at + 5
+            while run.vehicle.driving and time.monotonic() < deadline:
+                time.sleep(0.002)
+            sim.proc.send_signal(signal.SIGCONT)  # it reads what was written meanwhile and logs it
+            after_detection.append(sim.neutral_after(stopped_at) - max_age)
+            stop_vehicle(run)
+        finally:
+            sim.stop()
+    return {
+        "rate_hz": rate,
+        "repeats": repeats,
+        "max_ack_age_s": max_age,
+        "neutral_after_detection_periods": _periods(after_detection, period),
+    }
 
 
 def _periods(values: list[float], period: float) -> dict[str, float]:
@@ -247,6 +228,8 @@ def main() -> int:
     )
     parser.add_argument("--cycles", type=int, default=3000)
     parser.add_argument("--rates", default="30,100")
+    parser.add_argument("--bundle", type=Path, help=f"the bundle to drive (default: {DEMO_BUNDLE})")
+    parser.add_argument("--stub", action="store_true", help="drive the stub policy instead of a bundle")
     parser.add_argument("--stub-latency-ms", type=float, default=5.0)
     parser.add_argument("--stall-repeats", type=int, default=5)
     parser.add_argument(
@@ -254,6 +237,10 @@ def main() -> int:
     )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    bundle = None if args.stub else (args.bundle or DEMO_BUNDLE)
+    if bundle is not None and not (bundle / "manifest.json").is_file():
+        parser.error(f"no bundle at {bundle}: run `make demo` first, or pass --bundle DIR or --stub")
+    policies = PolicySource(bundle, args.stub_latency_ms)
     with tempfile.TemporaryDirectory(prefix="rover-bench-") as tmp:
         work = Path(tmp)
         report = {
@@ -261,15 +248,15 @@ def main() -> int:
             "architecture": platform.machine(),
             "cpu_count": os.cpu_count(),
             "load_average_before": os.getloadavg(),
+            "policy": policies.describe(),
             "timing": [
-                measure_timing(work, float(r), args.cycles, args.stub_latency_ms, priority)
+                measure_timing(work, float(r), args.cycles, policies, priority)
                 for priority in sorted({0, args.realtime_priority})
                 for r in args.rates.split(",")
             ],
-            "failsafe_stall": [
-                measure_stall(work, 30.0, 1, 0.5, args.stall_repeats),
-                measure_stall(work, 30.0, 20, 0.1, args.stall_repeats),
-            ],
+            "failsafe_stall": measure_stall(work, 30.0, 0.1, args.stall_repeats),
+            "camera_loss": measure_camera_loss(work, 30.0, policies, args.stall_repeats),
+            "link_loss": measure_link_loss(work, 30.0, policies, args.stall_repeats),
             "sigkill": measure_sigkill(work),
             "load_average_after": os.getloadavg(),
         }

@@ -22,6 +22,10 @@ from rover_runtime.config import ConfigError, RuntimeConfig, load_config, make_s
 log = logging.getLogger("rover_runtime")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# How long `run` waits at start for the firmware to identify itself (an Arduino resets on open: ~1.5 s).
+IDENTIFY_TIMEOUT_S = 3.0
+# The active release's config on a car the deploy set up.
+ACTIVE_CONFIG = Path("/opt/rover/current/runtime.toml")
 
 
 def _setup_logging(level: str, stream: Any = None) -> None:
@@ -36,7 +40,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, help="TOML config file (defaults: rover_runtime/default_config.toml)"
     )
-    parser.add_argument("--bundle", help="model bundle directory (policy.bundle)")
+    parser.add_argument(
+        "--bundle", "--checkpoint", dest="bundle", help="model bundle directory (policy.bundle)"
+    )
     parser.add_argument("--policy-stub", action="store_true", help="drive a stub policy instead of a bundle")
     parser.add_argument(
         "--camera",
@@ -51,8 +57,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate", "--control_freq", dest="rate", type=float, help="control rate Hz (control.rate_hz)"
     )
-    parser.add_argument("--mode", choices=("chunk", "ensemble"), help="control.mode")
-    parser.add_argument("--threads", type=int, help="inference threads, 0 = all cores (policy.threads)")
+    parser.add_argument("--mode", choices=("auto", "chunk", "ensemble"), help="control.mode")
+    parser.add_argument(
+        "--threads", type=int, help="inference threads, 0 = every core but one (policy.threads)"
+    )
     parser.add_argument(
         "--engine", help="quantized engine: auto, qnnpack, x86, fbgemm, onednn (policy.engine)"
     )
@@ -100,26 +108,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(run)
 
     bench = sub.add_parser("benchmark", help="time the policy on this host; prints JSON")
-    bench.add_argument("--bundle", help="model bundle directory")
+    bench.add_argument("--bundle", "--checkpoint", dest="bundle", help="model bundle directory")
     bench.add_argument("--policy-stub", action="store_true", help="time the stub policy (no bundle)")
     bench.add_argument("--iterations", type=int, default=1000)
     bench.add_argument("--warmup", type=int, default=50)
     bench.add_argument("--threads", type=int, default=0, help="inference threads, 0 = all cores")
     bench.add_argument("--engine", default="auto")
     bench.add_argument("--frame-size", default="640x480", help="camera frame WxH fed to preprocessing")
+    bench.add_argument(
+        "--config",
+        type=Path,
+        help="the car's runtime config, for the driving measurement (default: the active release's, "
+        f"{ACTIVE_CONFIG}, when it exists; without one only inference is timed)",
+    )
+    bench.add_argument(
+        "--drive-s",
+        type=float,
+        default=10.0,
+        help="seconds of driving at the control rate through the config's cameras and serial line, after a "
+        "2 s warm-up (0 = skip); the commands written are neutral unless --live",
+    )
+    bench.add_argument(
+        "--live", action="store_true", help="while driving, send the policy's commands: THE CAR MOVES"
+    )
     bench.add_argument("--output", type=Path, help="also write the JSON here (atomically)")
 
     check = sub.add_parser(
         "check", help="self-test: bundle, one inference, serial, thermal; JSON + exit status"
     )
     check.add_argument("--config", type=Path, help="TOML config file for defaults")
-    check.add_argument("--bundle", help="model bundle directory (default: policy.bundle)")
+    check.add_argument(
+        "--bundle", "--checkpoint", dest="bundle", help="model bundle directory (default: policy.bundle)"
+    )
     check.add_argument("--serial-port", "--arduino_port", dest="serial_port", help="(default: serial.port)")
     check.add_argument(
         "--deadline-ms", type=float, default=500.0, help="one inference must finish within this"
     )
     check.add_argument("--max-temp-c", type=float, default=80.0, help="fail above this SoC temperature")
     check.add_argument("--skip-serial", action="store_true", help="do not test the serial device")
+    check.add_argument(
+        "--cameras",
+        action="store_true",
+        help="also capture from every camera for a second (real frame rate, frame age); needs the devices, "
+        "so not while the service runs",
+    )
     check.add_argument("--threads", type=int, help="inference threads")
     check.add_argument("--engine", help="quantized engine")
     check.add_argument("--output", type=Path, help="also write the JSON here (atomically)")
@@ -152,21 +184,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_runtime(config: RuntimeConfig, max_cycles: int | None = None) -> int:
-    """Load the policy (a bad bundle is refused before the serial line is touched), then drive."""
-    from rover_runtime.camera import Camera, make_source  # noqa: PLC0415 - keep `--help` fast
-    from rover_runtime.control_loop import ControlLoop  # noqa: PLC0415
+    """Load the policy and match its inputs to the car (a bad bundle, or one asking for a camera or state the
+    car cannot supply, is refused before the serial line is touched), identify the firmware (another
+    protocol version, or a missing sensor, is refused), then drive."""
+    from rover_runtime import protocol  # noqa: PLC0415 - keep `--help` fast
+    from rover_runtime.drive import InputError, build_vehicle, plan_inputs  # noqa: PLC0415
     from rover_runtime.metrics import MetricsWriter  # noqa: PLC0415
+    from rover_runtime.parts.car import missing_features  # noqa: PLC0415
     from rover_runtime.policy import Policy, PolicyError, StubPolicy, load_policy  # noqa: PLC0415
     from rover_runtime.sd_notify import Notifier  # noqa: PLC0415
+    from rover_runtime.vehicle import Vehicle  # noqa: PLC0415
 
     stop = threading.Event()
-    loop_holder: list[ControlLoop] = []
+    holder: list[Vehicle] = []
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: stopping (neutral, close, exit 0)", signal.Signals(signum).name)
         stop.set()
-        for loop in loop_holder:
-            loop.request_stop()
+        for vehicle in holder:
+            vehicle.request_stop()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -187,52 +223,74 @@ def run_runtime(config: RuntimeConfig, max_cycles: int | None = None) -> int:
         try:
             policy = load_policy(config.policy.bundle, config.policy.engine, config.policy.threads)
         except (BundleError, PolicyError) as exc:
-            log.error("refusing the bundle, the car stays untouched: %s", exc)
-            print(f"rover-runtime: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return _refuse(f"refusing the bundle, the car stays untouched: {exc}")
         log.info(
-            "policy loaded: %s %s engine=%s threads=%d",
+            "policy loaded: %s %s engine=%s threads=%d, cameras %s, state %s",
             policy.info.backend,
             policy.info.mode,
             policy.info.engine,
             policy.info.threads,
+            ", ".join(policy.info.image_keys),
+            ", ".join(policy.info.state_names),
         )
+    try:
+        plan = plan_inputs(config, policy.info.image_keys, policy.info.state_names)
+    except InputError as exc:
+        return _refuse(f"refusing the bundle, the car stays untouched: {exc}")
     if stop.is_set():
         return EXIT_OK
 
     link = make_serial_link(config.serial)
-    camera = Camera(make_source(config.camera), retry_interval_s=config.camera.retry_interval_s)
-    loop = ControlLoop(config, policy, camera, link, notifier=notifier)
-    loop_holder.append(loop)
+    notifier.status("identifying the firmware")
+    firmware = link.ping(timeout_s=IDENTIFY_TIMEOUT_S)
+    if firmware is None:
+        log.warning(
+            "the firmware on %s did not identify itself within %.0f s; not driving until it does",
+            config.serial.port,
+            IDENTIFY_TIMEOUT_S,
+        )
+    elif firmware.protocol != protocol.PROTOCOL_VERSION:
+        link.close()
+        return _refuse(
+            f"the firmware on {config.serial.port} ({firmware.describe()}) speaks protocol "
+            f"{firmware.protocol}, this runtime {protocol.PROTOCOL_VERSION}: flash firmware/rover_car from "
+            "this release (make -C firmware upload); not driving"
+        )
+    elif missing := missing_features(plan.needed_features, firmware):
+        link.close()
+        return _refuse(f"the car cannot supply the bundle's inputs: {'; '.join(missing)}; not driving")
+    vehicle = build_vehicle(config, policy, link, plan=plan, notifier=notifier)
+    holder.append(vehicle)
     metrics = (
-        MetricsWriter(Path(config.metrics.path), loop.snapshot, config.metrics.interval_s)
+        MetricsWriter(Path(config.metrics.path), vehicle.snapshot, config.metrics.interval_s)
         if config.metrics.path
         else None
     )
     try:
-        if not link.open():
-            log.warning("serial port %s not available yet; the loop keeps retrying", config.serial.port)
-        camera.start()
         if metrics is not None:
             metrics.start()
         if stop.is_set():
-            loop.request_stop()
-        log.info("control loop at %g Hz, mode %s", config.control.rate_hz, config.control.mode)
-        loop.run(max_cycles=max_cycles)
+            vehicle.request_stop()
+        log.info("control loop at %g Hz", config.control.rate_hz)
+        vehicle.run(max_cycles=max_cycles)
     finally:
         link.close()
-        camera.close()
         if metrics is not None:
             metrics.close()
         notifier.close()
         log.info(
-            "stopped after %d cycles: %d deadline misses, %d failsafes, %d inference errors",
-            loop.cycles,
-            loop.deadline_misses,
-            loop.failsafe_count,
-            loop.inference_errors,
+            "stopped after %d cycles: %d deadline misses, %d failsafes",
+            vehicle.cycles,
+            vehicle.deadline_misses,
+            vehicle.failsafe_count,
         )
     return EXIT_OK
+
+
+def _refuse(message: str) -> int:
+    log.error("%s", message)
+    print(f"rover-runtime: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 # --- benchmark / check -------------------------------------------------------------------------------
@@ -248,6 +306,7 @@ def _emit(report: dict[str, Any], output: Path | None) -> None:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from rover_runtime.benchmark import run_benchmark  # noqa: PLC0415
+    from rover_runtime.drive import InputError  # noqa: PLC0415
     from rover_runtime.policy import PolicyError  # noqa: PLC0415
 
     _setup_logging("WARNING", sys.stderr)  # stdout is the JSON report
@@ -259,10 +318,22 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"rover-runtime benchmark: --frame-size must be WxH, got {args.frame_size!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for name in ("iterations", "warmup", "threads"):
+    for name in ("iterations", "warmup", "threads", "drive_s"):
         minimum = 1 if name == "iterations" else 0
         if getattr(args, name) < minimum:
-            print(f"rover-runtime benchmark: --{name} must be >= {minimum}", file=sys.stderr)
+            flag = name.replace("_", "-")
+            print(f"rover-runtime benchmark: --{flag} must be >= {minimum}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    config_path = args.config or (ACTIVE_CONFIG if ACTIVE_CONFIG.is_file() else None)
+    drive_config = None
+    if config_path is not None and args.drive_s > 0:
+        overrides: dict[str, Any] = {"policy.threads": args.threads, "policy.engine": args.engine}
+        if args.bundle is not None:
+            overrides["policy.bundle"] = args.bundle
+        try:
+            drive_config = load_config(config_path, overrides)
+        except ConfigError as exc:
+            print(f"rover-runtime benchmark: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
         report = run_benchmark(
@@ -272,8 +343,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             threads=args.threads,
             engine=args.engine,
             frame_size=(width, height),
+            drive_config=drive_config,
+            drive_s=args.drive_s,
+            live=args.live,
         )
-    except (BundleError, PolicyError) as exc:
+    except (BundleError, PolicyError, InputError) as exc:
         print(f"rover-runtime benchmark: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _emit(report, args.output)
@@ -299,7 +373,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"rover-runtime check: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     report = run_check(
-        config, deadline_ms=args.deadline_ms, max_temp_c=args.max_temp_c, test_serial=not args.skip_serial
+        config,
+        deadline_ms=args.deadline_ms,
+        max_temp_c=args.max_temp_c,
+        test_serial=not args.skip_serial,
+        test_camera=args.cameras,
     )
     _emit(report, args.output)
     return EXIT_OK if report["ok"] else EXIT_FAILED

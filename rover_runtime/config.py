@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-CONTROL_MODES = ("chunk", "ensemble")
+CONTROL_MODES = ("auto", "chunk", "ensemble")
 CAMERA_SOURCES = ("device", "file", "synthetic")
 ENGINES = ("auto", "qnnpack", "x86", "fbgemm", "onednn")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -74,6 +74,14 @@ class SerialSettings:
     reconnect_interval_s: float
     steering_limits: tuple[float, float]
     throttle_limits: tuple[float, float]
+    max_ack_age_s: float
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    steering_rate: float
+    throttle_rate: float
+    ramp_s: float
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,11 @@ class RuntimeConfig:
     policy: PolicyConfig
     metrics: MetricsConfig
     logging: LoggingConfig
+    smoothing: SmoothingConfig
+    # [cameras]: camera name (the bundle's image key, or its last dotted part) -> device or video file.
+    cameras: tuple[tuple[str, str], ...] = ()
+    # [state]: state name (the bundle's inputs.state_names) -> the source that supplies it.
+    state: tuple[tuple[str, str], ...] = ()
     # The config file this was loaded from, resolved (symlinks followed); "" when there was none.
     source: str = ""
 
@@ -118,7 +131,10 @@ _SECTIONS: dict[str, type] = {
     "policy": PolicyConfig,
     "metrics": MetricsConfig,
     "logging": LoggingConfig,
+    "smoothing": SmoothingConfig,
 }
+# Tables whose keys are the user's names (cameras, state names): string values, no fixed key set.
+_NAME_TABLES = ("cameras", "state")
 
 
 def make_serial_link(settings: SerialSettings) -> Any:
@@ -133,6 +149,7 @@ def make_serial_link(settings: SerialSettings) -> Any:
             reconnect_interval_s=settings.reconnect_interval_s,
             steering_limits=settings.steering_limits,
             throttle_limits=settings.throttle_limits,
+            max_ack_age_s=settings.max_ack_age_s,
         )
     )
 
@@ -187,7 +204,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"config {section}: must be a table")
         for key, value in values.items():
-            if key not in base[section]:
+            if key not in base[section] and section not in _NAME_TABLES:
                 raise ConfigError(f"config {section}.{key}: unknown key")
             base[section][key] = value
 
@@ -202,9 +219,22 @@ def validate_config(raw: dict[str, Any]) -> RuntimeConfig:
                 raise ConfigError(f"config {section}.{f.name}: missing")
             kwargs[f.name] = _coerce(f"{section}.{f.name}", values[f.name], str(f.type))
         built[section] = cls(**kwargs)
+    for table in _NAME_TABLES:
+        built[table] = _name_table(table, raw.get(table, {}))
     config = RuntimeConfig(**built)
     _check_ranges(config)
     return config
+
+
+def _name_table(table: str, values: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for name, raw in values.items():
+        # `front = 0` is as good as `front = "0"`
+        value = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config {table}.{name}: must be a non-empty string, got {raw!r}")
+        out.append((name, value))
+    return tuple(sorted(out))
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
@@ -291,6 +321,10 @@ def _check_ranges(c: RuntimeConfig) -> None:
     _positive("serial.baudrate", c.serial.baudrate)
     _positive("serial.heartbeat_interval_s", c.serial.heartbeat_interval_s)
     _positive("serial.reconnect_interval_s", c.serial.reconnect_interval_s)
+    _positive("serial.max_ack_age_s", c.serial.max_ack_age_s)
+    _not_negative("smoothing.steering_rate", c.smoothing.steering_rate)
+    _not_negative("smoothing.throttle_rate", c.smoothing.throttle_rate)
+    _not_negative("smoothing.ramp_s", c.smoothing.ramp_s)
     _choice("policy.engine", c.policy.engine, ENGINES)
     _not_negative("policy.threads", c.policy.threads)
     if not c.policy.stub and not c.policy.bundle:

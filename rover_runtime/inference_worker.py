@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferenceRequest:
-    frame: Frame
-    steering: float
-    throttle: float
+    frames: tuple[Frame, ...]  # one per camera, in the policy's image order
+    state: tuple[float, ...]  # in the policy's state order
     origin: int  # the step the chunk's first entry is for
     submitted: float  # time.monotonic()
 
@@ -108,7 +107,7 @@ class InferenceWorker:
             chunk: NDArray[Any] | None = None
             error: str | None = None
             try:
-                chunk = self.policy.predict(request.frame.image, request.steering, request.throttle)
+                chunk = self.policy.predict([frame.image for frame in request.frames], request.state)
             except Exception as exc:  # a failing policy must not kill the loop: counted, reported
                 error = f"{type(exc).__name__}: {exc}"
             latency = time.monotonic() - start

@@ -1,11 +1,14 @@
 """The policy: a verified bundle run by TorchScript or ONNX Runtime, or a stub for loop tests.
 
 `load_policy` opens the bundle through `rover_runtime.bundle.open_bundle` (schema and every sha256 checked
-before anything is loaded), checks that its inputs are what the car supplies (state [steering, throttle],
-one camera), loads the model, and runs one warm-up inference whose output shape must match the manifest.
-Any mismatch raises PolicyError (or BundleError) with a message naming the problem.
+before anything is loaded), loads the model, and runs one warm-up inference on the manifest's input shapes
+(its state vector and every camera it lists) whose output shape must match the manifest. Any mismatch
+raises PolicyError (or BundleError) with a message naming the problem. Which car inputs feed the state and
+the cameras is the vehicle's business (`rover_runtime.parts`), not the policy's.
 
-`predict(image_bgr, steering, throttle)` returns the chunk as float32 [chunk_size, 2] = [steering, throttle].
+`predict(images_bgr, state)` takes one BGR frame per camera in the order of `PolicyInfo.image_keys` and the
+state values in the order of `PolicyInfo.state_names`, and returns the chunk as float32 [chunk_size, 2] =
+[steering, throttle].
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +31,8 @@ from rover_runtime.preprocess import preprocess_image, preprocess_state
 
 log = logging.getLogger(__name__)
 
-STATE_NAMES = ("steering", "throttle")
+# The action columns the car drives, and the names a bundle may give them.
+ACTION_ALIASES = (("steering", "steer", "angle"), ("throttle",))
 
 
 class PolicyError(Exception):
@@ -45,12 +50,14 @@ class PolicyInfo:
     n_action_steps: int
     temporal_ensemble_coeff: float | None
     threads: int
+    image_keys: tuple[str, ...] = ("observation.images.front",)  # one frame per camera, in this order
+    state_names: tuple[str, ...] = ("steering", "throttle")
 
 
 class Policy(Protocol):
     info: PolicyInfo
 
-    def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]: ...
+    def predict(self, images_bgr: Sequence[NDArray[Any]], state: Sequence[float]) -> NDArray[Any]: ...
 
 
 def resolve_engine(requested: str, manifest_engine: str | None, machine: str | None = None) -> str | None:
@@ -63,28 +70,35 @@ def resolve_engine(requested: str, manifest_engine: str | None, machine: str | N
     return manifest_engine
 
 
-def resolve_threads(threads: int) -> int:
-    return threads if threads > 0 else (os.cpu_count() or 1)
+def resolve_threads(threads: int, cpu_count: int | None = None) -> int:
+    """`threads`, or for 0 every core but one (left to the control loop and camera threads), at least 1."""
+    if threads > 0:
+        return threads
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+def action_columns(names: Sequence[str]) -> list[int]:
+    """The indices of the steering and throttle columns among the bundle's action names (by name or a
+    known alias; the first two columns when the bundle names neither)."""
+    columns = []
+    for position, aliases in enumerate(ACTION_ALIASES):
+        found = [i for i, name in enumerate(names) if name.lower() in aliases]
+        columns.append(found[0] if found else position)
+    return columns
 
 
 class BundlePolicy:
     def __init__(self, bundle: Bundle, engine: str, threads: int) -> None:
         m = bundle.manifest
-        if m.inputs.state_dim != len(STATE_NAMES):
-            raise PolicyError(
-                f"bundle {bundle.root}: inputs.state_dim is {m.inputs.state_dim}; this runtime supplies "
-                f"the state [steering, throttle] (2)"
-            )
-        if len(m.inputs.images) != 1:
-            raise PolicyError(
-                f"bundle {bundle.root}: inputs.images lists {len(m.inputs.images)} cameras; the car has one"
-            )
-        names = m.outputs.action_names
         if m.outputs.action_dim < 2:
             raise PolicyError(f"bundle {bundle.root}: outputs.action_dim is {m.outputs.action_dim}, need 2")
-        self._columns = [names.index(n) if n in names else i for i, n in enumerate(STATE_NAMES)]
+        if not m.inputs.images:
+            raise PolicyError(f"bundle {bundle.root}: inputs.images is empty; the car drives from cameras")
+        self._columns = action_columns(m.outputs.action_names)
         self.bundle = bundle
-        self.image_spec = m.inputs.images[0]
+        self.image_specs = m.inputs.images
+        self.value_range = m.inputs.image_value_range
         self.threads = resolve_threads(threads)
         self.engine = resolve_engine(engine, m.engine)
         self._run: Any = self._load_torch() if m.model_format == "torchscript" else self._load_onnx()
@@ -98,6 +112,8 @@ class BundlePolicy:
             n_action_steps=m.outputs.n_action_steps,
             temporal_ensemble_coeff=m.outputs.temporal_ensemble_coeff,
             threads=self.threads,
+            image_keys=tuple(spec.key for spec in m.inputs.images),
+            state_names=m.inputs.state_names,
         )
         self._warm_up()
 
@@ -123,9 +139,9 @@ class BundlePolicy:
             raise PolicyError(f"bundle {self.bundle.root}: TorchScript model does not load: {exc}") from exc
         module.eval()
 
-        def run(state: NDArray[Any], image: NDArray[Any]) -> NDArray[Any]:
+        def run(state: NDArray[Any], images: Sequence[NDArray[Any]]) -> NDArray[Any]:
             with torch.inference_mode():
-                out = module(torch.from_numpy(state), torch.from_numpy(image))
+                out = module(torch.from_numpy(state), *(torch.from_numpy(image) for image in images))
             return np.asarray(out.detach().numpy())
 
         return run
@@ -147,26 +163,43 @@ class BundlePolicy:
         except Exception as exc:
             raise PolicyError(f"bundle {self.bundle.root}: ONNX model does not load: {exc}") from exc
         names = [i.name for i in session.get_inputs()]
-        if len(names) != 2:
+        expected = 1 + len(self.image_specs)
+        if len(names) != expected:
             raise PolicyError(
-                f"bundle {self.bundle.root}: the ONNX model has {len(names)} inputs, "
-                "expected 2 (state, image)"
+                f"bundle {self.bundle.root}: the ONNX model has {len(names)} inputs, expected {expected} "
+                f"(the state and {len(self.image_specs)} camera(s), as the manifest lists)"
             )
 
-        def run(state: NDArray[Any], image: NDArray[Any]) -> NDArray[Any]:
-            return np.asarray(session.run(None, {names[0]: state, names[1]: image})[0])
+        def run(state: NDArray[Any], images: Sequence[NDArray[Any]]) -> NDArray[Any]:
+            feed = {names[0]: state, **dict(zip(names[1:], images, strict=True))}
+            return np.asarray(session.run(None, feed)[0])
 
         return run
 
+    def preprocess(
+        self, images_bgr: Sequence[NDArray[Any]], state: Sequence[float]
+    ) -> tuple[NDArray[Any], list[NDArray[Any]]]:
+        """Camera frames and state values -> the model's inputs (state, one image tensor per camera)."""
+        if len(images_bgr) != len(self.image_specs):
+            raise ValueError(f"got {len(images_bgr)} images, the bundle takes {len(self.image_specs)}")
+        if len(state) != self.bundle.manifest.inputs.state_dim:
+            raise ValueError(f"got {len(state)} state values, the bundle takes {self.info.state_names}")
+        images = [
+            preprocess_image(image, spec, self.value_range)
+            for image, spec in zip(images_bgr, self.image_specs, strict=True)
+        ]
+        return preprocess_state(state), images
+
     def _warm_up(self) -> None:
-        _, height, width = self.image_spec.shape
-        image = np.zeros((height, width, 3), dtype=np.uint8)
+        frames = [np.zeros((spec.shape[1], spec.shape[2], 3), dtype=np.uint8) for spec in self.image_specs]
+        state_dim = self.bundle.manifest.inputs.state_dim
+        shapes = ", ".join(f"image [1, {', '.join(map(str, spec.shape))}]" for spec in self.image_specs)
         try:
-            out = self._run(preprocess_state(0.0, 0.0), preprocess_image(image, self.image_spec))
+            out = self._run(*self.preprocess(frames, [0.0] * state_dim))
         except Exception as exc:
             raise PolicyError(
                 f"bundle {self.bundle.root}: the model fails on the manifest's input shapes "
-                f"(state [1, 2], image [1, {', '.join(map(str, self.image_spec.shape))}]): {exc}"
+                f"(state [1, {state_dim}], {shapes}): {exc}"
             ) from exc
         outputs = self.bundle.manifest.outputs
         expected = (1, outputs.chunk_size, outputs.action_dim)
@@ -176,12 +209,12 @@ class BundlePolicy:
                 f"the manifest says {list(expected)}"
             )
 
-    def infer(self, state: NDArray[Any], image: NDArray[Any]) -> NDArray[Any]:
+    def infer(self, state: NDArray[Any], images: Sequence[NDArray[Any]]) -> NDArray[Any]:
         """Raw model call on preprocessed inputs: [1, chunk, action_dim]."""
-        return np.asarray(self._run(state, image))
+        return np.asarray(self._run(state, images))
 
-    def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]:
-        out = self._run(preprocess_state(steering, throttle), preprocess_image(image_bgr, self.image_spec))
+    def predict(self, images_bgr: Sequence[NDArray[Any]], state: Sequence[float]) -> NDArray[Any]:
+        out = self._run(*self.preprocess(images_bgr, state))
         return np.ascontiguousarray(out[0][:, self._columns], dtype=np.float32)
 
 
@@ -207,7 +240,15 @@ class StubPolicy:
     """
 
     def __init__(
-        self, chunk_size: int = 20, latency_s: float = 0.005, throttle: float = 0.2, n_action_steps: int = 0
+        self,
+        chunk_size: int = 20,
+        latency_s: float = 0.005,
+        throttle: float = 0.2,
+        n_action_steps: int = 0,
+        *,
+        image_keys: tuple[str, ...] = ("observation.images.front",),
+        state_names: tuple[str, ...] = ("steering", "throttle"),
+        temporal_ensemble_coeff: float | None = None,
     ) -> None:
         self.latency_s = latency_s
         self.throttle = throttle
@@ -225,9 +266,13 @@ class StubPolicy:
             model_bytes=0,
             chunk_size=chunk_size,
             n_action_steps=n_action_steps or chunk_size,
-            temporal_ensemble_coeff=None,
+            temporal_ensemble_coeff=temporal_ensemble_coeff,
             threads=1,
+            image_keys=image_keys,
+            state_names=state_names,
         )
+        self.last_state: tuple[float, ...] = ()  # what the last call was given
+        self.last_image_count = 0
 
     def stall(self) -> None:
         self._go.clear()
@@ -239,7 +284,8 @@ class StubPolicy:
         with self._lock:
             self._failures = count
 
-    def predict(self, image_bgr: NDArray[Any], steering: float, throttle: float) -> NDArray[Any]:
+    def predict(self, images_bgr: Sequence[NDArray[Any]], state: Sequence[float]) -> NDArray[Any]:
+        self.last_state, self.last_image_count = tuple(float(v) for v in state), len(images_bgr)
         if not self._go.is_set():
             self.stalled_call_started = time.monotonic()
         self._go.wait()

@@ -12,14 +12,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_LINE_LENGTH = 63  # characters before the newline; longer lines are rejected as garbage
 SEQ_MODULO = 1 << 16  # sequence numbers are 0..65535 and wrap to 0
 MILLI_MAX = 1000  # steering/throttle on the wire: integers in [-1000, 1000]
 NEUTRAL_US = 1500
+HALF_RANGE_US = 500  # the sketch's HALF_RANGE_US: microseconds for a full +-1 command
 
 FLAG_FAILSAFE = 0x01  # ack flag: outputs are held neutral by the firmware's failsafe
 FLAG_LIMITED = 0x02  # ack flag: the firmware limited a value to its own microsecond limits
+FLAG_RC = 0x04  # ack flag: the transmitter side decides the outputs (manual mode, or the receiver lost)
+
+# The modes the RC receiver's switch selects (R line, field `mode`), by wire number.
+MODE_NAMES = {
+    0: "pi_only",  # no receiver fitted: the Pi's commands drive
+    1: "manual",  # the driver's sticks pass straight through; the Pi is ignored
+    2: "autopilot",  # the Pi drives; if it goes quiet, the driver's sticks take over
+    3: "autopilot_neutral_fallback",  # the Pi drives; if it goes quiet, neutral
+    4: "rc_lost",  # a receiver channel has no valid signal: neutral
+}
+MODE_MANUAL = 1
+MODE_RC_LOST = 4
+# V line `features` bits: what the firmware has fitted.
+FEATURE_RECEIVER = 0x01
+FEATURE_WHEEL = 0x02
+FEATURE_BATTERY = 0x04
+FEATURE_NAMES = {FEATURE_RECEIVER: "receiver", FEATURE_WHEEL: "wheel_speed", FEATURE_BATTERY: "battery"}
 
 
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -145,25 +163,61 @@ class Telemetry:
 
 
 @dataclass(frozen=True)
+class RcStatus:
+    """`R,<mode>,<rc_steer_us>,<rc_throttle_us>,<rc_switch_us>,<wheel_mmps>,<battery_mv>`: sent after every
+    `T`: the mode the receiver's switch selects, the receiver's pulse widths (0: no valid signal) and the
+    sensors (0: not fitted)."""
+
+    mode: int
+    rc_steer_us: int
+    rc_throttle_us: int
+    rc_switch_us: int
+    wheel_mmps: int
+    battery_mv: int
+
+    @property
+    def mode_name(self) -> str:
+        return MODE_NAMES[self.mode]
+
+    def payload(self) -> str:
+        fields = (
+            self.mode,
+            self.rc_steer_us,
+            self.rc_throttle_us,
+            self.rc_switch_us,
+            self.wheel_mmps,
+            self.battery_mv,
+        )
+        return "R," + ",".join(str(f) for f in fields)
+
+
+@dataclass(frozen=True)
 class Version:
-    """`V,<seq>,<protocol>,<name>,<version>`: reply to a ping."""
+    """`V,<seq>,<protocol>,<name>,<version>,<features>`: reply to a ping; `features` is a bit set of
+    FEATURE_* (what is fitted: receiver, wheel speed sensor, battery measurement)."""
 
     seq: int
     protocol: int
     name: str
     version: str
+    features: int = 0
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(name for bit, name in FEATURE_NAMES.items() if self.features & bit)
 
     def describe(self) -> str:
-        return f"{self.name} {self.version} (protocol {self.protocol})"
+        fitted = ", ".join(self.feature_names) or "no receiver or sensors"
+        return f"{self.name} {self.version} (protocol {self.protocol}; {fitted})"
 
     def payload(self) -> str:
-        return f"V,{self.seq},{self.protocol},{self.name},{self.version}"
+        return f"V,{self.seq},{self.protocol},{self.name},{self.version},{self.features}"
 
 
-Message = Command | Heartbeat | Ping | Ack | Telemetry | Version
+Message = Command | Heartbeat | Ping | Ack | Telemetry | RcStatus | Version
 
 _U32 = (1 << 32) - 1
-_FIELD_COUNTS = {"C": 4, "H": 2, "P": 2, "A": 5, "T": 7, "V": 5}
+_FIELD_COUNTS = {"C": 4, "H": 2, "P": 2, "A": 5, "T": 7, "R": 7, "V": 6}
 
 
 def encode(message: Message) -> bytes:
@@ -177,7 +231,10 @@ def parse_payload(payload: str) -> Message:
     kind = fields[0]
     if kind not in _FIELD_COUNTS:
         raise ProtocolError(f"unknown message type {kind!r}")
-    if len(fields) != _FIELD_COUNTS[kind]:
+    # A version line keeps its first five fields in every protocol version (v1 had no `features`), so a
+    # runtime can tell which protocol an older firmware speaks.
+    counts = (5, 6) if kind == "V" else (_FIELD_COUNTS[kind],)
+    if len(fields) not in counts:
         raise ProtocolError(f"{kind} message needs {_FIELD_COUNTS[kind]} fields, got {len(fields)}")
     seq_max = SEQ_MODULO - 1
     if kind == "C":
@@ -206,6 +263,15 @@ def parse_payload(payload: str) -> Message:
             rx_ok=_int_field(fields[5], "rx_ok", 0, _U32),
             rx_bad=_int_field(fields[6], "rx_bad", 0, _U32),
         )
+    if kind == "R":
+        return RcStatus(
+            mode=_int_field(fields[1], "mode", 0, max(MODE_NAMES)),
+            rc_steer_us=_int_field(fields[2], "rc_steer_us", 0, 65535),
+            rc_throttle_us=_int_field(fields[3], "rc_throttle_us", 0, 65535),
+            rc_switch_us=_int_field(fields[4], "rc_switch_us", 0, 65535),
+            wheel_mmps=_int_field(fields[5], "wheel_mmps", 0, 65535),
+            battery_mv=_int_field(fields[6], "battery_mv", 0, 65535),
+        )
     if not fields[3] or not fields[4]:
         raise ProtocolError("V message has an empty name or version")
     return Version(
@@ -213,6 +279,7 @@ def parse_payload(payload: str) -> Message:
         protocol=_int_field(fields[2], "protocol", 0, 65535),
         name=fields[3],
         version=fields[4],
+        features=_int_field(fields[5], "features", 0, 255) if len(fields) > 5 else 0,
     )
 
 
@@ -230,6 +297,11 @@ def to_milli(value: float) -> int:
     if not math.isfinite(value):
         return 0
     return max(-MILLI_MAX, min(MILLI_MAX, round(value * MILLI_MAX)))
+
+
+def us_to_normalized(us: int, half_range_us: int = HALF_RANGE_US) -> float:
+    """A pulse width reported by the firmware -> the normalized value in [-1, 1] it corresponds to."""
+    return max(-1.0, min(1.0, (us - NEUTRAL_US) / half_range_us))
 
 
 def milli_to_us(milli: int, center_us: int = NEUTRAL_US, half_range_us: int = 500) -> int:

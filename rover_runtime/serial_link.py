@@ -3,8 +3,13 @@
 `SerialLink` never raises for I/O problems: a missing or vanished device marks the link disconnected and is
 counted; reconnect attempts (rate-limited by `reconnect_interval_s`) happen inside `send_command` and `poll`,
 so a control loop only has to keep calling them. Values are clamped to the configured limits before they
-are sent, and `send_command` returns what was actually sent. Neutral is sent on (re)connect and on close; if
-the link dies, the firmware's own watchdog puts the car in neutral within its timeout.
+are sent; `send_command` returns what was written, or None when nothing was. Neutral is sent on (re)connect
+and on close; if the link dies, the firmware's own watchdog puts the car in neutral within its timeout.
+
+After every (re)connect the link asks the firmware who it is (`P`, repeated every 250 ms while the board
+boots) and keeps the answer in `firmware`. `faults()` says, in words, why the link cannot be trusted to
+drive the car right now: disconnected, firmware not identified or speaking another protocol version, no
+acknowledgement for longer than `max_ack_age_s`, or the firmware's own failsafe engaged.
 
 Not thread-safe by design beyond a lock around each public call: one control loop owns the link.
 """
@@ -23,7 +28,7 @@ from pathlib import Path
 import serial
 
 from rover_runtime import protocol
-from rover_runtime.protocol import Telemetry
+from rover_runtime.protocol import RcStatus, Telemetry, Version
 
 __all__ = ["SerialConfig", "SerialLink", "SerialStats", "Telemetry"]
 
@@ -48,6 +53,7 @@ class SerialConfig:
     reconnect_interval_s: float = 1.0
     steering_limits: tuple[float, float] = (-1.0, 1.0)
     throttle_limits: tuple[float, float] = (-0.5, 0.5)
+    max_ack_age_s: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("steering_limits", "throttle_limits"):
@@ -56,8 +62,11 @@ class SerialConfig:
                 raise ValueError(f"serial.{name} must satisfy -1 <= low <= high <= 1, got ({low}, {high})")
         if self.baudrate <= 0:
             raise ValueError(f"serial.baudrate must be positive, got {self.baudrate}")
-        if self.heartbeat_interval_s <= 0 or self.reconnect_interval_s <= 0:
-            raise ValueError("serial.heartbeat_interval_s and serial.reconnect_interval_s must be positive")
+        if self.heartbeat_interval_s <= 0 or self.reconnect_interval_s <= 0 or self.max_ack_age_s <= 0:
+            raise ValueError(
+                "serial.heartbeat_interval_s, serial.reconnect_interval_s and serial.max_ack_age_s must be "
+                "positive"
+            )
 
 
 @dataclass
@@ -77,6 +86,10 @@ class SerialStats:
     last_ack: protocol.Ack | None = None
     last_rx_monotonic: float | None = None  # time.monotonic() of the last valid line from the firmware
     firmware_failsafe_seen: int = 0  # acks or telemetry reporting the firmware's failsafe active
+    last_rc: RcStatus | None = None  # the receiver's mode and pulses, wheel speed and battery (R line)
+    last_ack_monotonic: float | None = None
+    firmware: str | None = None  # the identified firmware, e.g. "rover_car 2.0.0 (protocol 2; receiver)"
+    unsent_commands: int = 0  # commands that could not be written (port closed, write failed or timed out)
 
 
 def _clamp(value: float, limits: tuple[float, float]) -> tuple[float, bool]:
@@ -102,7 +115,10 @@ class SerialLink:
         self._last_attempt = -math.inf
         self._ever_connected = False
         self._warned_missing = False
-        self._versions: dict[int, protocol.Version] = {}
+        self._firmware: Version | None = None
+        self._last_ping = -math.inf
+        self._connected_at = -math.inf
+        self._status_failsafe = False  # the newest ack or telemetry says the firmware's failsafe is on
 
     # ---- public API ----
     @property
@@ -114,8 +130,14 @@ class SerialLink:
         with self._lock:
             return self._connect(automatic=False)
 
-    def send_command(self, steering: float, throttle: float) -> tuple[float, float]:
-        """Clamps and sends one command; returns the values actually sent (after clamping and rounding)."""
+    @property
+    def firmware(self) -> Version | None:
+        """The firmware's answer to the last ping on the current connection (None: not identified yet)."""
+        return self._firmware
+
+    def send_command(self, steering: float, throttle: float) -> tuple[float, float] | None:
+        """Clamps and sends one command; returns the values written (after clamping and rounding), or None
+        when nothing was written (no port, write failed or timed out)."""
         with self._lock:
             steer, steer_clamped = _clamp(steering, self.config.steering_limits)
             thr, thr_clamped = _clamp(throttle, self.config.throttle_limits)
@@ -123,55 +145,74 @@ class SerialLink:
                 self._stats.clamped += 1
             steer_milli, thr_milli = protocol.to_milli(steer), protocol.to_milli(thr)
             self._maybe_reconnect()
-            if self._write(protocol.Command(self._next_seq(), steer_milli, thr_milli)):
-                self._stats.commands_sent += 1
+            if not self._write(protocol.Command(self._next_seq(), steer_milli, thr_milli)):
+                self._stats.unsent_commands += 1
+                return None
+            self._stats.commands_sent += 1
             return steer_milli / protocol.MILLI_MAX, thr_milli / protocol.MILLI_MAX
 
-    def send_neutral(self) -> None:
+    def send_neutral(self) -> bool:
+        """Sends neutral (0, 0: never clamped); True when it was written."""
         with self._lock:
             self._maybe_reconnect()
-            if self._write(protocol.Command(self._next_seq(), 0, 0)):
-                self._stats.commands_sent += 1
+            if not self._write(protocol.Command(self._next_seq(), 0, 0)):
+                self._stats.unsent_commands += 1
+                return False
+            self._stats.commands_sent += 1
+            return True
 
     def poll(self) -> None:
-        """Non-blocking: reads what has arrived, parses it, and sends a heartbeat if one is due."""
+        """Non-blocking: reads what has arrived, parses it, sends a heartbeat if one is due and, until the
+        firmware has answered on this connection, a ping every 250 ms."""
         with self._lock:
             self._maybe_reconnect()
             self._read_available()
+            self._maybe_ping()
             due = time.monotonic() - self._last_write >= self.config.heartbeat_interval_s
             if self._port is not None and due and self._write(protocol.Heartbeat(self._next_seq())):
                 self._stats.heartbeats_sent += 1
 
-    def ping(self, timeout_s: float = 1.0) -> str | None:
-        """Asks the firmware for its version; returns e.g. 'rover_car 1.0.0 (protocol 1)', or None."""
+    def ping(self, timeout_s: float = 1.0) -> Version | None:
+        """Opens the port if needed and waits up to `timeout_s` for the firmware to identify itself (an
+        Arduino that resets on open answers after about 1.5 s); the firmware's version line, or None."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             if not self._connect(automatic=False):
                 return None
-            seqs: set[int] = set()
-            next_ping = time.monotonic()
-            while time.monotonic() < deadline:
-                if time.monotonic() >= next_ping:
-                    seq = self._next_seq()
-                    if not self._write(protocol.Ping(seq)):
-                        return None
-                    seqs.add(seq)
-                    next_ping = time.monotonic() + _PING_RETRY_S
+            while time.monotonic() < deadline and self._port is not None:
+                self._maybe_ping()
                 self._read_available()
-                for seq in seqs:
-                    if seq in self._versions:
-                        version = self._versions.pop(seq)
-                        if version.protocol != protocol.PROTOCOL_VERSION:
-                            log.warning(
-                                "firmware speaks protocol %d, this runtime %d",
-                                version.protocol,
-                                protocol.PROTOCOL_VERSION,
-                            )
-                        return version.describe()
-                if self._port is None:
-                    return None
+                if self._firmware is not None:
+                    return self._firmware
                 time.sleep(0.005)
-            return None
+            return self._firmware
+
+    def faults(self, now: float | None = None) -> list[str]:
+        """Why the link cannot be trusted to drive the car now, in words ([] when it can)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._port is None:
+                return [f"serial: {self.config.port} not connected"]
+            firmware = self._firmware
+            if firmware is None:
+                waited = now - self._connected_at
+                return [f"serial: the firmware has not identified itself ({waited:.1f}s since connecting)"]
+            if firmware.protocol != protocol.PROTOCOL_VERSION:
+                return [
+                    f"serial: protocol mismatch: the firmware ({firmware.describe()}) speaks protocol "
+                    f"{firmware.protocol}, this runtime {protocol.PROTOCOL_VERSION}"
+                ]
+            faults = []
+            last_ack = self._stats.last_ack_monotonic
+            age = now - max(last_ack if last_ack is not None else -math.inf, self._connected_at)
+            if age > self.config.max_ack_age_s:
+                faults.append(
+                    f"serial: no acknowledgement from the firmware for {age:.2f}s "
+                    f"(max {self.config.max_ack_age_s:g}s)"
+                )
+            if self._status_failsafe:
+                faults.append("firmware failsafe: the Arduino stopped applying the Pi's commands (timeout)")
+            return faults
 
     def close(self) -> None:
         """Sends neutral (when connected) and closes the port."""
@@ -225,6 +266,11 @@ class SerialLink:
         self._rx.clear()
         self._rx_overflow = False
         self._warned_missing = False
+        self._firmware = None  # a replugged board may carry other firmware: identify it again
+        self._stats.firmware = None
+        self._last_ping = -math.inf
+        self._connected_at = time.monotonic()
+        self._status_failsafe = False
         self._stats.connected = True
         if automatic or self._ever_connected:
             self._stats.reconnects += 1
@@ -232,6 +278,13 @@ class SerialLink:
         log.info("serial port %s connected", self.config.port)
         self._write(protocol.Command(self._next_seq(), 0, 0))  # start from a known, neutral state
         return self._port is not None
+
+    def _maybe_ping(self) -> None:
+        if self._port is None or self._firmware is not None:
+            return
+        if time.monotonic() - self._last_ping >= _PING_RETRY_S:
+            self._last_ping = time.monotonic()
+            self._write(protocol.Ping(self._next_seq()))
 
     def _disconnect(self, reason: str | None) -> None:
         if self._port is None:
@@ -296,20 +349,32 @@ class SerialLink:
             self._stats.garbage_lines += 1
             log.debug("garbage from firmware %r: %s", line[:80], exc)
             return
-        if isinstance(message, protocol.Ack):
-            self._stats.last_ack = message
+        now = time.monotonic()
+        if isinstance(message, protocol.Ack | protocol.Telemetry):
+            if isinstance(message, protocol.Ack):
+                self._stats.last_ack = message
+                self._stats.last_ack_monotonic = now
+            else:
+                self._stats.last_telemetry = message
+            self._status_failsafe = message.failsafe
             if message.failsafe:
                 self._stats.firmware_failsafe_seen += 1
-        elif isinstance(message, protocol.Telemetry):
-            self._stats.last_telemetry = message
-            if message.failsafe:
-                self._stats.firmware_failsafe_seen += 1
+        elif isinstance(message, protocol.RcStatus):
+            self._stats.last_rc = message
         elif isinstance(message, protocol.Version):
-            if len(self._versions) >= 16:  # unsolicited versions must not pile up
-                self._versions.clear()
-            self._versions[message.seq] = message
+            if self._firmware is None:
+                self._firmware = message
+                self._stats.firmware = message.describe()
+                log.info("firmware on %s: %s", self.config.port, message.describe())
+                if message.protocol != protocol.PROTOCOL_VERSION:
+                    log.error(
+                        "firmware on %s speaks protocol %d, this runtime %d: it will not drive the car",
+                        self.config.port,
+                        message.protocol,
+                        protocol.PROTOCOL_VERSION,
+                    )
         else:
             self._stats.garbage_lines += 1  # the firmware never sends C/H/P
             return
         self._stats.replies_ok += 1
-        self._stats.last_rx_monotonic = time.monotonic()
+        self._stats.last_rx_monotonic = now

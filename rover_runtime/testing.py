@@ -1,8 +1,9 @@
 """Helpers for the runtime's tests and benchmarks (not used when driving): tiny real bundles.
 
 `write_tiny_bundle` builds a small torch module that follows the bundle calling convention (state
-[B, 2], image [B, 3, H, W] -> action [B, chunk, 2]), saves it as TorchScript or exports it to ONNX, and
-writes a manifest through `rover_runtime.bundle` (file hashes included). Needs torch (and onnx for ONNX).
+[B, state_dim], one image [B, 3, H, W] per camera -> action [B, chunk, 2]), saves it as TorchScript or
+exports it to ONNX, and writes a manifest through `rover_runtime.bundle` (file hashes included). Needs torch
+(and onnx for ONNX).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from rover_runtime.bundle import (
 TINY_IMAGE_SHAPE = (3, 24, 32)
 
 
-def _tiny_module(chunk_size: int, action_dim: int, state_dim: int) -> Any:
+def _tiny_module(chunk_size: int, action_dim: int, state_dim: int, cameras: int) -> Any:
     import torch  # noqa: PLC0415
 
     class TinyPolicy(torch.nn.Module):
@@ -37,11 +38,11 @@ def _tiny_module(chunk_size: int, action_dim: int, state_dim: int) -> Any:
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
             self.pool = torch.nn.AdaptiveAvgPool2d(1)
-            self.head = torch.nn.Linear(4 + state_dim, chunk_size * action_dim)
+            self.head = torch.nn.Linear(4 * cameras + state_dim, chunk_size * action_dim)
 
-        def forward(self, state: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-            features = self.pool(torch.relu(self.conv(image))).flatten(1)
-            out = torch.tanh(self.head(torch.cat([features, state], dim=1))) * 0.5
+        def forward(self, state: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
+            features = [self.pool(torch.relu(self.conv(image))).flatten(1) for image in images]
+            out = torch.tanh(self.head(torch.cat([*features, state], dim=1))) * 0.5
             return out.view(-1, chunk_size, action_dim)
 
     torch.manual_seed(0)
@@ -57,15 +58,24 @@ def write_tiny_bundle(
     manifest_chunk_size: int | None = None,
     state_dim: int = 2,
     image_shape: tuple[int, int, int] = TINY_IMAGE_SHAPE,
+    cameras: tuple[str, ...] = ("front",),
+    state_names: tuple[str, ...] | None = None,
+    temporal_ensemble_coeff: float | None = None,
 ) -> Path:
     """Write a bundle directory at `target` (atomically: built beside it, then renamed).
 
     `manifest_chunk_size` different from `chunk_size` makes a bundle whose manifest does not match its model.
+    `cameras` names its images (`observation.images.<name>`); `state_names` (default steering, throttle,
+    extra...) sets the state's names and, when given, its size.
     """
     import torch  # noqa: PLC0415
 
-    module = _tiny_module(chunk_size, 2, state_dim)
-    example = (torch.zeros(1, state_dim), torch.zeros(1, *image_shape))
+    if state_names is not None:
+        state_dim = len(state_names)
+    names = state_names or ("steering", "throttle", *(f"extra{i}" for i in range(max(0, state_dim - 2))))
+    image_keys = tuple(f"observation.images.{camera}" for camera in cameras)
+    module = _tiny_module(chunk_size, 2, state_dim, len(cameras))
+    example = (torch.zeros(1, state_dim), *(torch.zeros(1, *image_shape) for _ in cameras))
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -81,7 +91,7 @@ def write_tiny_bundle(
                     module,
                     example,
                     str(work / model_file),
-                    input_names=["observation.state", "observation.images.front"],
+                    input_names=["observation.state", *image_keys],
                     output_names=["action"],
                     dynamo=False,
                 )
@@ -105,8 +115,8 @@ def write_tiny_bundle(
             inputs=InputSpec(
                 state_key="observation.state",
                 state_dim=state_dim,
-                state_names=("steering", "throttle", "extra")[:state_dim],
-                images=(ImageInput(key="observation.images.front", shape=image_shape),),
+                state_names=tuple(names[:state_dim]),
+                images=tuple(ImageInput(key=key, shape=image_shape) for key in image_keys),
             ),
             outputs=OutputSpec(
                 action_key="action",
@@ -114,6 +124,7 @@ def write_tiny_bundle(
                 action_dim=2,
                 chunk_size=chunk,
                 n_action_steps=min(n_action_steps, chunk),
+                temporal_ensemble_coeff=temporal_ensemble_coeff,
             ),
             normalization="baked",
             calibration=Calibration(),
@@ -136,7 +147,7 @@ def ensure_tiny_bundle(cache_root: Path, model_format: str = "torchscript") -> P
 
     from rover_runtime.bundle import BundleError, open_bundle  # noqa: PLC0415
 
-    target = cache_root / f"runtime-tiny-{model_format}-torch{torch.__version__}-v1"
+    target = cache_root / f"runtime-tiny-{model_format}-torch{torch.__version__}-v2"
     try:
         open_bundle(target)
     except BundleError:

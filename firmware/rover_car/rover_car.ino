@@ -1,7 +1,14 @@
 // rover_car: the RC car's Arduino (Uno/Nano, ATmega328P). Drives the steering servo and the ESC from the
-// runtime's serial commands (protocol: docs/serial-protocol.md, logic in rover_protocol.h) with its own
-// failsafe: both outputs go to neutral (1500 us) at boot and whenever no valid command or heartbeat arrived
-// within FAILSAFE_TIMEOUT_MS.
+// runtime's serial commands (protocol: docs/serial-protocol.md, logic in rover_protocol.h), with the RC
+// transmitter in charge: the receiver's mode switch selects manual (the driver's sticks pass straight
+// through) or autopilot (the Pi's commands), and what happens when the Pi goes quiet (the driver's sticks, or
+// neutral). Both outputs are neutral (1500 us) at boot, when a receiver channel loses its signal, and when the
+// Pi's commands stop in autopilot with the neutral fallback (no valid command or heartbeat within
+// FAILSAFE_TIMEOUT_MS).
+//
+// Receiver inputs: pins 2, 3 and 4 (steering, throttle, mode switch), measured with the pin-change
+// interrupt of port D. Optional sensors: a wheel hall sensor on pin 5 (WHEEL_MM_PER_PULSE_X100 > 0) and the
+// battery through a divider on A0 (BATTERY_MV_FULL_SCALE > 0); both are reported in the R telemetry line.
 //
 // Outputs: with the Arduino Servo library available (the Arduino IDE ships it) any pins work. Without it
 // (Debian's arduino-core-avr has no Servo library) the sketch drives the pulses itself with Timer1's hardware
@@ -19,6 +26,11 @@
 #define STEER_MAX_US 2000
 #define THROTTLE_MIN_US 1000
 #define THROTTLE_MAX_US 2000
+#define RC_RECEIVER 1            // 0: no receiver fitted, the Pi's commands drive (a bench setup)
+#define RC_TIMEOUT_MS 100        // a receiver channel without a valid pulse this long has lost its signal
+#define WHEEL_MM_PER_PULSE_X100 0  // wheel travel per hall pulse in 1/100 mm (0: no wheel sensor)
+#define WHEEL_WINDOW_MS 100      // wheel speed is pulses counted over this window
+#define BATTERY_MV_FULL_SCALE 0  // battery millivolts at an ADC reading of 1023 (0: not measured)
 // #define ROVER_USE_TIMER1      // force the built-in Timer1 driver even when <Servo.h> exists
 
 #include "rover_protocol.h"
@@ -70,11 +82,79 @@ static void outputs_begin() {
 #endif
 
 static const RoverLimits kLimits = {
-    STEER_MIN_US, STEER_MAX_US, THROTTLE_MIN_US, THROTTLE_MAX_US,
-    HALF_RANGE_US, FAILSAFE_TIMEOUT_MS, TELEMETRY_INTERVAL_MS,
+    STEER_MIN_US,        STEER_MAX_US,          THROTTLE_MIN_US, THROTTLE_MAX_US, HALF_RANGE_US,
+    FAILSAFE_TIMEOUT_MS, TELEMETRY_INTERVAL_MS, RC_RECEIVER,     RC_TIMEOUT_MS,
+    (WHEEL_MM_PER_PULSE_X100 > 0 ? ROVER_FEATURE_WHEEL : 0) | (BATTERY_MV_FULL_SCALE > 0 ? ROVER_FEATURE_BATTERY : 0),
 };
 static RoverCore core;
-static char reply[ROVER_REPLY_MAX];
+static char reply[ROVER_TICK_MAX];
+
+// ---- receiver and wheel inputs (port D pin-change interrupt) ----
+#define RC_FIRST_PIN 2  // PD2, PD3, PD4: steering, throttle, mode switch
+#define WHEEL_PIN 5     // PD5
+static volatile uint8_t rc_last_pins;
+static volatile uint32_t rc_rise_us[ROVER_RC_CHANNELS];
+static volatile uint16_t rc_width_us[ROVER_RC_CHANNELS];
+static volatile uint8_t rc_fresh;  // bit per channel: a new width was measured
+static volatile uint16_t wheel_pulses;
+
+ISR(PCINT2_vect) {
+  uint8_t pins = PIND;
+  uint8_t changed = pins ^ rc_last_pins;
+  rc_last_pins = pins;
+  uint32_t now = micros();
+  for (uint8_t ch = 0; ch < ROVER_RC_CHANNELS; ch++) {
+    uint8_t bit = _BV(RC_FIRST_PIN + ch);
+    if (!(changed & bit)) continue;
+    if (pins & bit) {
+      rc_rise_us[ch] = now;
+    } else {
+      uint32_t width = now - rc_rise_us[ch];
+      rc_width_us[ch] = width > 0xFFFF ? 0xFFFF : (uint16_t)width;
+      rc_fresh |= (uint8_t)(1 << ch);
+    }
+  }
+  if (changed & pins & _BV(WHEEL_PIN)) wheel_pulses++;
+}
+
+static void inputs_begin() {
+  for (uint8_t pin = RC_FIRST_PIN; pin <= WHEEL_PIN; pin++) pinMode(pin, INPUT);
+  rc_last_pins = PIND;
+  PCMSK2 = _BV(PCINT18) | _BV(PCINT19) | _BV(PCINT20) | (WHEEL_MM_PER_PULSE_X100 > 0 ? _BV(PCINT21) : 0);
+  PCICR |= _BV(PCIE2);
+}
+
+static void inputs_poll(uint32_t now_ms) {
+  uint16_t widths[ROVER_RC_CHANNELS];
+  uint8_t fresh;
+  noInterrupts();
+  fresh = rc_fresh;
+  rc_fresh = 0;
+  for (uint8_t ch = 0; ch < ROVER_RC_CHANNELS; ch++) widths[ch] = rc_width_us[ch];
+  interrupts();
+  for (uint8_t ch = 0; ch < ROVER_RC_CHANNELS; ch++) {
+    if (fresh & (1 << ch)) rover_rc_pulse(&core, ch, widths[ch], now_ms);
+  }
+}
+
+static uint32_t sensors_ms;
+
+static void sensors_poll(uint32_t now_ms) {
+  uint32_t elapsed = now_ms - sensors_ms;
+  if (elapsed < WHEEL_WINDOW_MS) return;
+  sensors_ms = now_ms;
+#if WHEEL_MM_PER_PULSE_X100 > 0
+  noInterrupts();
+  uint16_t pulses = wheel_pulses;
+  wheel_pulses = 0;
+  interrupts();
+  uint32_t mmps = (uint32_t)pulses * WHEEL_MM_PER_PULSE_X100 * 10 / elapsed;  // 1/100 mm per ms -> mm/s
+  core.wheel_mmps = mmps > 0xFFFF ? 0xFFFF : (uint16_t)mmps;
+#endif
+#if BATTERY_MV_FULL_SCALE > 0
+  core.battery_mv = (uint16_t)((uint32_t)analogRead(A0) * BATTERY_MV_FULL_SCALE / 1023);
+#endif
+}
 static uint16_t written_steer_us = 0, written_throttle_us = 0;
 
 static void apply_outputs() {
@@ -89,16 +169,19 @@ void setup() {
   rover_init(&core, &kLimits, millis());
   outputs_begin();  // neutral from the first pulse: ESCs arm on a steady neutral
   apply_outputs();
+  inputs_begin();
   Serial.begin(SERIAL_BAUD);
 }
 
 void loop() {
+  inputs_poll(millis());
   while (Serial.available() > 0) {
     char c = (char)Serial.read();
     size_t n = rover_feed(&core, c, millis(), reply);
     apply_outputs();  // a command takes effect before its acknowledgement is sent
     if (n > 0) Serial.write(reply, n);
   }
+  sensors_poll(millis());
   size_t n = rover_tick(&core, millis(), reply);
   apply_outputs();
   if (n > 0) Serial.write(reply, n);

@@ -11,32 +11,61 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROVER_PROTOCOL_VERSION 1
+#define ROVER_PROTOCOL_VERSION 2
 #define ROVER_FIRMWARE_NAME "rover_car"
-#define ROVER_FIRMWARE_VERSION "1.0.0"
+#define ROVER_FIRMWARE_VERSION "2.0.0"
 #define ROVER_MAX_LINE 63    // characters before '\n'; longer lines are rejected
 #define ROVER_REPLY_MAX 72   // a reply line including "*XX\n" and the terminating NUL
+#define ROVER_TICK_MAX (2 * ROVER_REPLY_MAX)  // rover_tick writes up to two lines (T and R)
 #define ROVER_NEUTRAL_US 1500
-#define ROVER_FLAG_FAILSAFE 0x01
-#define ROVER_FLAG_LIMITED 0x02
+#define ROVER_FLAG_FAILSAFE 0x01  // the Pi's link timed out: its commands are not applied (neutral or driver)
+#define ROVER_FLAG_LIMITED 0x02   // the command was limited to the firmware's own microsecond limits
+#define ROVER_FLAG_RC 0x04        // the transmitter side decides the outputs (manual, or receiver lost)
+#define ROVER_FEATURE_RECEIVER 0x01  // V line features: an RC receiver is fitted
+#define ROVER_FEATURE_WHEEL 0x02     // a wheel speed sensor is fitted
+#define ROVER_FEATURE_BATTERY 0x04   // the battery voltage is measured
+
+// RC receiver channels (pulse widths measured by the sketch) and the modes the switch channel selects.
+#define ROVER_RC_STEERING 0
+#define ROVER_RC_THROTTLE 1
+#define ROVER_RC_SWITCH 2
+#define ROVER_RC_CHANNELS 3
+#define ROVER_RC_MIN_US 800       // a pulse outside 800..2200 us is no signal
+#define ROVER_RC_MAX_US 2200
+#define ROVER_RC_SWITCH_LOW_US 1300   // switch below: manual
+#define ROVER_RC_SWITCH_HIGH_US 1700  // switch above: autopilot, neutral fallback; between: manual fallback
+#define ROVER_MODE_PI 0               // no receiver fitted: the Pi's commands drive (bench, simulator)
+#define ROVER_MODE_MANUAL 1           // the driver's sticks pass straight through; the Pi is ignored
+#define ROVER_MODE_AUTO 2             // the Pi drives; when it goes quiet the driver's sticks take over
+#define ROVER_MODE_AUTO_NEUTRAL 3     // the Pi drives; when it goes quiet the outputs go neutral
+#define ROVER_MODE_RC_LOST 4          // a receiver channel has no valid signal: neutral
 
 struct RoverLimits {
   uint16_t steer_min_us, steer_max_us, throttle_min_us, throttle_max_us;
   uint16_t half_range_us;      // microseconds for a full +-1000 command
-  uint16_t timeout_ms;         // failsafe: neutral when no valid C/H line within this time
-  uint16_t telemetry_ms;       // period of the T line
+  uint16_t timeout_ms;         // failsafe: the Pi's commands stop applying when no valid C/H within this time
+  uint16_t telemetry_ms;       // period of the T and R lines
+  uint8_t rc_receiver;         // 1: an RC receiver is fitted and in charge (its switch selects the mode)
+  uint16_t rc_timeout_ms;      // a receiver channel without a valid pulse for this long has lost its signal
+  uint8_t sensors;             // ROVER_FEATURE_WHEEL | ROVER_FEATURE_BATTERY: the sensors fitted
 };
 
 struct RoverCore {
   RoverLimits limits;
-  uint16_t steer_us, throttle_us;
-  uint8_t failsafe;            // 1: outputs held neutral (at boot and after a timeout)
+  uint16_t steer_us, throttle_us;  // the outputs
+  uint16_t pi_steer_us, pi_throttle_us;  // the Pi's last command, as pulse widths
+  uint8_t failsafe;            // 1: the Pi's link timed out (at boot and after a timeout)
+  uint8_t mode;                // ROVER_MODE_*
+  uint8_t from_rc;             // the outputs are decided by the transmitter side
   uint8_t overflow;            // the current line grew past ROVER_MAX_LINE
   uint8_t len;
   uint16_t last_seq;
   uint32_t last_valid_ms;      // last valid C or H
   uint32_t last_telemetry_ms;
   uint32_t rx_ok, rx_bad;
+  uint16_t rc_us[ROVER_RC_CHANNELS];  // last pulse width per receiver channel (0: none yet)
+  uint32_t rc_ms[ROVER_RC_CHANNELS];  // when it was measured
+  uint16_t wheel_mmps, battery_mv;    // sensors (0: not fitted)
   char buf[ROVER_MAX_LINE + 1];
 };
 
@@ -103,14 +132,69 @@ static inline uint16_t rover_clamp_us(long us, uint16_t low, uint16_t high, uint
   return (uint16_t)us;
 }
 
+static inline uint8_t rover_rc_valid(const RoverCore* core, uint8_t channel, uint32_t now_ms) {
+  uint16_t us = core->rc_us[channel];
+  return us >= ROVER_RC_MIN_US && us <= ROVER_RC_MAX_US &&
+         (uint32_t)(now_ms - core->rc_ms[channel]) < core->limits.rc_timeout_ms;
+}
+
+// The mode the receiver selects now.
+static inline uint8_t rover_rc_mode(const RoverCore* core, uint32_t now_ms) {
+  if (!core->limits.rc_receiver) return ROVER_MODE_PI;
+  for (uint8_t ch = 0; ch < ROVER_RC_CHANNELS; ch++) {
+    if (!rover_rc_valid(core, ch, now_ms)) return ROVER_MODE_RC_LOST;
+  }
+  uint16_t sw = core->rc_us[ROVER_RC_SWITCH];
+  if (sw < ROVER_RC_SWITCH_LOW_US) return ROVER_MODE_MANUAL;
+  return sw <= ROVER_RC_SWITCH_HIGH_US ? ROVER_MODE_AUTO : ROVER_MODE_AUTO_NEUTRAL;
+}
+
+// Recomputes the failsafe, the mode and the outputs. Called on every valid line and every tick.
+static inline void rover_update(RoverCore* core, uint32_t now_ms) {
+  if (!core->failsafe && (uint32_t)(now_ms - core->last_valid_ms) >= core->limits.timeout_ms) {
+    core->failsafe = 1;
+  }
+  uint8_t mode = rover_rc_mode(core, now_ms);
+  uint8_t sticks = mode == ROVER_MODE_MANUAL || (mode == ROVER_MODE_AUTO && core->failsafe);
+  uint8_t flags = 0;
+  if (sticks) {
+    core->steer_us = rover_clamp_us(core->rc_us[ROVER_RC_STEERING], core->limits.steer_min_us,
+                                    core->limits.steer_max_us, &flags);
+    core->throttle_us = rover_clamp_us(core->rc_us[ROVER_RC_THROTTLE], core->limits.throttle_min_us,
+                                       core->limits.throttle_max_us, &flags);
+  } else if (mode == ROVER_MODE_RC_LOST || core->failsafe) {
+    core->steer_us = ROVER_NEUTRAL_US;
+    core->throttle_us = ROVER_NEUTRAL_US;
+  } else {
+    core->steer_us = core->pi_steer_us;
+    core->throttle_us = core->pi_throttle_us;
+  }
+  core->mode = mode;
+  core->from_rc = sticks || mode == ROVER_MODE_RC_LOST;
+}
+
+// A pulse width measured on a receiver channel (any width: out-of-range ones count as no signal).
+static inline void rover_rc_pulse(RoverCore* core, uint8_t channel, uint16_t width_us, uint32_t now_ms) {
+  if (channel >= ROVER_RC_CHANNELS) return;
+  core->rc_us[channel] = width_us;
+  core->rc_ms[channel] = now_ms;
+}
+
+static inline uint8_t rover_flags(const RoverCore* core) {
+  return (uint8_t)((core->failsafe ? ROVER_FLAG_FAILSAFE : 0) | (core->from_rc ? ROVER_FLAG_RC : 0));
+}
+
 static inline void rover_init(RoverCore* core, const RoverLimits* limits, uint32_t now_ms) {
   memset(core, 0, sizeof(*core));
   core->limits = *limits;
   core->steer_us = ROVER_NEUTRAL_US;
   core->throttle_us = ROVER_NEUTRAL_US;
+  core->pi_steer_us = ROVER_NEUTRAL_US;
+  core->pi_throttle_us = ROVER_NEUTRAL_US;
   core->failsafe = 1;
   core->last_valid_ms = now_ms;
   core->last_telemetry_ms = now_ms;
+  rover_update(core, now_ms);
 }
 
 // Handles one complete line (without '\n'). Returns the reply length written to out (0: no reply).
@@ -138,18 +222,19 @@ static inline size_t rover_handle_line(RoverCore* core, char* line, size_t n, ui
       core->rx_bad++;
       return 0;
     }
-    uint8_t flags = 0;
+    uint8_t limited = 0;
     uint16_t half = core->limits.half_range_us;
-    core->steer_us = rover_clamp_us(rover_milli_to_us(steer, half), core->limits.steer_min_us,
-                                    core->limits.steer_max_us, &flags);
-    core->throttle_us = rover_clamp_us(rover_milli_to_us(throttle, half), core->limits.throttle_min_us,
-                                       core->limits.throttle_max_us, &flags);
+    core->pi_steer_us = rover_clamp_us(rover_milli_to_us(steer, half), core->limits.steer_min_us,
+                                       core->limits.steer_max_us, &limited);
+    core->pi_throttle_us = rover_clamp_us(rover_milli_to_us(throttle, half), core->limits.throttle_min_us,
+                                          core->limits.throttle_max_us, &limited);
     core->failsafe = 0;
     core->last_valid_ms = now_ms;
     core->last_seq = (uint16_t)seq;
     core->rx_ok++;
+    rover_update(core, now_ms);
     snprintf(out, ROVER_REPLY_MAX, "A,%u,%u,%u,%u", (unsigned)seq, (unsigned)core->steer_us,
-             (unsigned)core->throttle_us, (unsigned)flags);
+             (unsigned)core->throttle_us, (unsigned)(rover_flags(core) | limited));
     return rover_frame(out);
   }
   if (p != end || end[-1] == ',') { core->rx_bad++; return 0; }
@@ -157,14 +242,16 @@ static inline size_t rover_handle_line(RoverCore* core, char* line, size_t n, ui
     core->last_valid_ms = now_ms;
     core->last_seq = (uint16_t)seq;
     core->rx_ok++;
+    rover_update(core, now_ms);
     snprintf(out, ROVER_REPLY_MAX, "A,%u,%u,%u,%u", (unsigned)seq, (unsigned)core->steer_us,
-             (unsigned)core->throttle_us, (unsigned)(core->failsafe ? ROVER_FLAG_FAILSAFE : 0));
+             (unsigned)core->throttle_us, (unsigned)rover_flags(core));
     return rover_frame(out);
   }
   if (kind == 'P') {
     core->rx_ok++;
-    snprintf(out, ROVER_REPLY_MAX, "V,%u,%d,%s,%s", (unsigned)seq, ROVER_PROTOCOL_VERSION, ROVER_FIRMWARE_NAME,
-             ROVER_FIRMWARE_VERSION);
+    unsigned features = (core->limits.rc_receiver ? ROVER_FEATURE_RECEIVER : 0) | core->limits.sensors;
+    snprintf(out, ROVER_REPLY_MAX, "V,%u,%d,%s,%s,%u", (unsigned)seq, ROVER_PROTOCOL_VERSION, ROVER_FIRMWARE_NAME,
+             ROVER_FIRMWARE_VERSION, features);
     return rover_frame(out);
   }
   core->rx_bad++;
@@ -187,20 +274,24 @@ static inline size_t rover_feed(RoverCore* core, char c, uint32_t now_ms, char* 
   return 0;
 }
 
-// Periodic work: the failsafe timeout and the telemetry line. Returns the telemetry length written to out.
+// Periodic work: the failsafe timeout, the mode and outputs, and when due the telemetry lines T and R.
+// out must hold ROVER_TICK_MAX bytes. Returns the length written to out (0: nothing due).
 static inline size_t rover_tick(RoverCore* core, uint32_t now_ms, char* out) {
   out[0] = '\0';
-  if (!core->failsafe && (uint32_t)(now_ms - core->last_valid_ms) >= core->limits.timeout_ms) {
-    core->failsafe = 1;
-    core->steer_us = ROVER_NEUTRAL_US;
-    core->throttle_us = ROVER_NEUTRAL_US;
-  }
+  rover_update(core, now_ms);
   if ((uint32_t)(now_ms - core->last_telemetry_ms) < core->limits.telemetry_ms) return 0;
   core->last_telemetry_ms = now_ms;
   snprintf(out, ROVER_REPLY_MAX, "T,%lu,%u,%u,%u,%lu,%lu", (unsigned long)now_ms, (unsigned)core->steer_us,
            (unsigned)core->throttle_us, (unsigned)core->failsafe, (unsigned long)core->rx_ok,
            (unsigned long)core->rx_bad);
-  return rover_frame(out);
+  size_t n = rover_frame(out);
+  uint16_t rc[ROVER_RC_CHANNELS];
+  for (uint8_t ch = 0; ch < ROVER_RC_CHANNELS; ch++) {
+    rc[ch] = rover_rc_valid(core, ch, now_ms) ? core->rc_us[ch] : 0;
+  }
+  snprintf(out + n, ROVER_REPLY_MAX, "R,%u,%u,%u,%u,%u,%u", (unsigned)core->mode, (unsigned)rc[0],
+           (unsigned)rc[1], (unsigned)rc[2], (unsigned)core->wheel_mmps, (unsigned)core->battery_mv);
+  return n + rover_frame(out + n);
 }
 
 #endif  // ROVER_PROTOCOL_H

@@ -4,6 +4,9 @@
 //   us <milli>                  -> "<us>"          pulse width for a command value (default half range)
 //   accept <hex bytes>          -> "ok" | "bad"    does a freshly booted core accept this line?
 //   step <at_ms> <hex bytes|->  -> output lines, then "."   feed bytes + '\n' (unless "-"), then one tick
+//   boot <at_ms> <rc_receiver>  -> (nothing)       a fresh core, with (1) or without (0) an RC receiver
+//   rc <at_ms> <steer> <throttle> <switch>  -> (nothing)   pulse widths measured on the receiver channels
+//   sensors <wheel_mmps> <battery_mv>       -> (nothing)   sensor readings (and the sensors count as fitted)
 // Bytes are hex-encoded so that CR, '*' and spaces survive the transport.
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +14,7 @@
 
 #include "../rover_car/rover_protocol.h"
 
-static const RoverLimits kDefaults = {1000, 2000, 1000, 2000, 500, 250, 100};
+static const RoverLimits kDefaults = {1000, 2000, 1000, 2000, 500, 250, 100, 0, 100, 0};
 
 static size_t unhex(const char* text, char* out, size_t cap) {
   size_t n = 0;
@@ -26,7 +29,7 @@ static size_t unhex(const char* text, char* out, size_t cap) {
 int main() {
   RoverCore core;
   rover_init(&core, &kDefaults, 0);
-  char line[512], bytes[256], out[ROVER_REPLY_MAX];
+  char line[512], bytes[256], out[ROVER_TICK_MAX];
   while (fgets(line, sizeof line, stdin)) {
     line[strcspn(line, "\n")] = 0;
     char* cmd = strtok(line, " ");
@@ -55,6 +58,20 @@ int main() {
       }
       if (rover_tick(&core, now, out)) fputs(out, stdout);
       printf(".\n");
+    } else if (strcmp(cmd, "boot") == 0) {
+      uint32_t now = (uint32_t)strtoul(strtok(NULL, " "), NULL, 10);
+      RoverLimits limits = kDefaults;
+      limits.rc_receiver = (uint8_t)atoi(strtok(NULL, " "));
+      rover_init(&core, &limits, now);
+    } else if (strcmp(cmd, "rc") == 0) {
+      uint32_t now = (uint32_t)strtoul(strtok(NULL, " "), NULL, 10);
+      for (uint8_t ch = 0; ch < ROVER_RC_CHANNELS; ch++) {
+        rover_rc_pulse(&core, ch, (uint16_t)atoi(strtok(NULL, " ")), now);
+      }
+    } else if (strcmp(cmd, "sensors") == 0) {
+      core.wheel_mmps = (uint16_t)atoi(strtok(NULL, " "));
+      core.battery_mv = (uint16_t)atoi(strtok(NULL, " "));
+      core.limits.sensors = ROVER_FEATURE_WHEEL | ROVER_FEATURE_BATTERY;
     } else {
       fprintf(stderr, "unknown command %s\n", cmd);
       return 2;

@@ -2,6 +2,8 @@
 // Build: gcc -O2 -I/usr/include/simavr -o simavr_run simavr_run.c -lsimavr -lelf   (apt: libsimavr-dev)
 // Usage: simavr_run rover_car.elf, then one command per stdin line:
 //   send <hex bytes>   queue bytes for the UART input (fed as the firmware's receive buffer frees up)
+//   rc <steer_us> <throttle_us> <switch_us>   from now on, an RC receiver's 50 Hz pulses of these widths on
+//                      pins 2, 3 and 4 (PD2-PD4), one after another in each 20 ms frame; 0 = no pulses
 //   run <ms>           advance simulated time; prints every UART line the firmware wrote, then
 //                      "pulses <steer_us> <throttle_us> <period_us>" measured from the edges of pins 9 (PB1)
 //                      and 10 (PB2), "ocr_us <steer_us> <throttle_us>" from Timer1's compare registers, "."
@@ -27,6 +29,22 @@ static int uart_ready = 1;
 static avr_cycle_count_t rise[2];
 static long width_us[2];
 static long period_us;
+static long rc_width_us[3];
+static int rc_level[3];
+static avr_irq_t* rc_pin[3];
+
+// Drives the receiver pins: channel k is high from k * 3000 + 500 us into each 20 ms frame, for its width.
+static void drive_receiver(void) {
+  long t_us = (long)((avr->cycle * 1000000ULL / avr->frequency) % 20000);
+  for (int ch = 0; ch < 3; ch++) {
+    long start = ch * 3000 + 500;
+    int level = rc_width_us[ch] > 0 && t_us >= start && t_us < start + rc_width_us[ch];
+    if (level != rc_level[ch]) {
+      rc_level[ch] = level;
+      avr_raise_irq(rc_pin[ch], level);
+    }
+  }
+}
 
 static void on_uart_out(struct avr_irq_t* irq, uint32_t value, void* param) {
   (void)irq;
@@ -94,6 +112,7 @@ int main(int argc, char** argv) {
   avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('B'), 1), on_pin, (void*)0);
   avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('B'), 2), on_pin, (void*)1);
   avr_irq_t* uart_in = avr_io_getirq(avr, AVR_IOCTL_UART_GETIRQ('0'), UART_IRQ_INPUT);
+  for (int ch = 0; ch < 3; ch++) rc_pin[ch] = avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), 2 + ch);
 
   char cmd[8192];
   while (fgets(cmd, sizeof cmd, stdin)) {
@@ -105,6 +124,11 @@ int main(int argc, char** argv) {
         char pair[3] = {hex[i], hex[i + 1], 0};
         pending[pending_len++] = (uint8_t)strtol(pair, NULL, 16);
       }
+    } else if (strcmp(word, "rc") == 0) {
+      for (int ch = 0; ch < 3; ch++) {
+        char* value = strtok(NULL, " \n");
+        rc_width_us[ch] = value ? strtol(value, NULL, 10) : 0;
+      }
     } else if (strcmp(word, "run") == 0) {
       long ms = strtol(strtok(NULL, " \n"), NULL, 10);
       avr_cycle_count_t end = avr->cycle + (avr_cycle_count_t)ms * (avr->frequency / 1000);
@@ -114,6 +138,7 @@ int main(int argc, char** argv) {
           avr_raise_irq(uart_in, pending[pending_pos++]);
           next_byte = avr->cycle + avr->frequency / 11520;  // one byte time at 115200 baud
         }
+        drive_receiver();
         int state = avr_run(avr);
         if (state == cpu_Done || state == cpu_Crashed) {
           fprintf(stderr, "simulated CPU stopped (state %d)\n", state);

@@ -189,7 +189,7 @@ def test_release_holds_bundle_runtime_and_config(deployed: Path, bundles: dict[s
     assert host.file(f"{base}/bundle").is_symlink
     assert current_bundle(host) == content_hash(bundles["a"])
     # The runtime's code and its launcher, and the rendered config, readable by the service's group only.
-    assert host.file(f"{base}/lib/rover_runtime/control_loop.py").is_file
+    assert host.file(f"{base}/lib/rover_runtime/vehicle.py").is_file
     assert host.file(f"{base}/bin/rover-runtime").mode == 0o755
     config = host.file(f"{base}/runtime.toml")
     assert (config.user, config.group, config.mode) == ("root", "rover", 0o640)
@@ -408,7 +408,7 @@ def test_rollback_needs_a_limit_or_the_whole_fleet_named(deployed: Path) -> None
 
 
 def _broken_source(tmp_path: Path) -> Path:
-    """A copy of the rover_runtime sources whose control loop raises at start (a broken runtime release)."""
+    """A copy of the rover_runtime sources whose vehicle loop raises at start (a broken runtime release)."""
     source = tmp_path / "broken-source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -416,9 +416,9 @@ def _broken_source(tmp_path: Path) -> Path:
     shutil.copytree(
         REPO / "rover_runtime", source / "rover_runtime", ignore=shutil.ignore_patterns("__pycache__")
     )
-    loop = source / "rover_runtime" / "control_loop.py"
+    loop = source / "rover_runtime" / "vehicle.py"
     text = loop.read_text()
-    marker = '        """Run until request_stop() (or max_cycles); always leaves the car neutral."""\n'
+    marker = "    def _loop(self, max_cycles: int | None) -> None:\n"
     assert marker in text
     loop.write_text(
         text.replace(marker, marker + '        raise RuntimeError("broken runtime release (test)")\n')

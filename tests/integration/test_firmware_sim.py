@@ -149,7 +149,9 @@ def test_survives_the_client_closing_and_reopening(sim_250: SimProcess) -> None:
     for round_ in range(3):
         link = SerialLink(SerialConfig(port=str(sim_250.link)))
         assert link.open()
-        assert link.ping(timeout_s=0.5) == "rover_car 1.0.0 (protocol 1)", f"round {round_}"
+        version = link.ping(timeout_s=0.5)
+        assert version is not None, f"round {round_}"
+        assert version.describe() == "rover_car 2.0.0 (protocol 2; wheel_speed, battery)"
         link.send_command(0.1 * (round_ + 1), 0.0)
         deadline = time.monotonic() + 0.5
         while sim_250.status_data()["steer_us"] != 1500 + 50 * (round_ + 1) and time.monotonic() < deadline:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from rover_runtime.firmware_sim import FirmwareSimulator
-from rover_runtime.testing import ensure_tiny_bundle
+from rover_runtime.firmware_sim import FirmwareLimits, FirmwareSimulator, SimulatedSensors
+from rover_runtime.testing import ensure_tiny_bundle, write_tiny_bundle
 
 CACHE = Path(os.environ.get("ROVER_CACHE", "/root/.cache/rover")) / "test-fixtures"
 NEUTRAL = 1500
@@ -110,8 +110,10 @@ def test_bad_bundle_is_refused_before_the_serial_line_is_touched(
 
 @pytest.mark.slow  # imports torch in a subprocess
 def test_bundle_drives_the_car(sim: FirmwareSimulator, bundle: Path, tmp_path: Path) -> None:
+    # The seed's command line, with a bundle where the seed had a .pth.
     proc = runtime(
-        "run", "--bundle", str(bundle), "--camera", "synthetic", "--serial-port", str(tmp_path / "tty"),
+        "run", "--checkpoint", str(bundle), "--camera_id", "synthetic",
+        "--arduino_port", str(tmp_path / "tty"), "--control_freq", "30",
         "--metrics-path", "", "--threads", "1", "--max-cycles", "60",
     )  # fmt: skip
     out, err = proc.communicate(timeout=60)
@@ -160,8 +162,8 @@ def test_check_with_a_corrupt_bundle_does_not_touch_serial(
 def test_benchmark_json(bundle: Path, tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     proc = runtime(
-        "benchmark", "--bundle", str(bundle), "--iterations", "30", "--warmup", "3", "--threads", "1",
-        "--output", str(output),
+        "benchmark", "--checkpoint", str(bundle), "--iterations", "30", "--warmup", "3", "--threads", "1",
+        "--output", str(output), "--drive-s", "0",
     )  # fmt: skip
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -175,6 +177,8 @@ def test_benchmark_json(bundle: Path, tmp_path: Path) -> None:
         assert report[key] > 0, key
     assert report["backend"] == "torch"
     assert report["versions"]["torch"]
+    assert report["driving"] is None
+    assert report["cpu_measured_while"] == "inference flat out"
     assert {
         "temperature_c_before",
         "temperature_c_after",
@@ -186,6 +190,151 @@ def test_benchmark_json(bundle: Path, tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "not a directory" in err
+
+
+@pytest.fixture(scope="module")
+def two_camera_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle from a car with a front and a rear camera whose state adds wheel speed."""
+    pytest.importorskip("onnxruntime")
+    return write_tiny_bundle(
+        tmp_path_factory.mktemp("b2") / "bundle",
+        "onnx",
+        cameras=("front", "rear"),
+        state_names=("steer", "throttle", "speed_mps"),
+    )
+
+
+@pytest.mark.slow  # imports torch in a subprocess
+def test_a_two_camera_wheel_speed_bundle_drives_end_to_end(
+    sim: FirmwareSimulator, two_camera_bundle: Path, tmp_path: Path
+) -> None:
+    """Both cameras feed the policy, the state is assembled from the car's output and the firmware's wheel
+    speed (the simulated car's speed follows its throttle), and the car drives."""
+    metrics = tmp_path / "metrics.json"
+    proc = runtime(
+        "run", "--bundle", str(two_camera_bundle), "--camera", "synthetic",
+        "--serial-port", str(tmp_path / "tty"), "--metrics-path", str(metrics), "--threads", "1",
+    )  # fmt: skip
+    try:
+
+        def moving() -> bool:
+            if not metrics.exists():
+                return False
+            snap = json.loads(metrics.read_text())
+            values = snap["state"]["values"]
+            return bool(snap["driving"] and values and values[2] > 0)
+
+        assert wait_for(moving), proc.stderr
+        snap = json.loads(metrics.read_text())
+        assert set(snap["cameras"]) == {"front", "rear"}
+        assert all(camera["frames"] > 0 for camera in snap["cameras"].values())
+        assert snap["state"]["names"] == ["steer", "throttle", "speed_mps"]
+        assert snap["state"]["sources"] == ["steering", "throttle", "wheel_speed_mps"]
+        # SimulatedSensors: 6 mm/s per us of throttle; serial.throttle_limits 0.5 = 250 us: at most 1.5 m/s.
+        assert 0 < snap["state"]["values"][2] <= 1.5
+        assert snap["bundle"]["image_keys"] == ["observation.images.front", "observation.images.rear"]
+        assert snap["inference"]["completed"] > 0
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+
+
+@pytest.mark.slow  # imports torch in a subprocess
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(
+            ["--camera", "/dev/video-rover-front"],
+            "camera 'rear' (observation.images.rear) has no device: add rear = \"...\" to the config's "
+            "[cameras] table",
+            id="unmapped-camera",
+        ),
+        pytest.param(
+            ["--camera", "synthetic", "--config", "STATE_CONFIG"],
+            "state 'speed_mps'",  # mapped to a source that does not exist
+            id="unknown-state-source",
+        ),
+    ],
+)
+def test_inputs_the_car_cannot_supply_are_refused_by_name(
+    sim: FirmwareSimulator, two_camera_bundle: Path, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    config = tmp_path / "runtime.toml"
+    config.write_text('[state]\nspeed_mps = "odometer"\n')
+    args = [str(config) if a == "STATE_CONFIG" else a for a in args]
+    proc = runtime("run", "--bundle", str(two_camera_bundle), "--serial-port", str(tmp_path / "tty"), *args)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "refusing the bundle, the car stays untouched" in err
+    assert expected.replace("state 'speed_mps'", "[state] speed_mps = 'odometer': no such source") in err
+    assert sim.snapshot()["rx_ok"] == 0  # not a byte arrived
+
+
+@pytest.mark.slow  # imports torch in a subprocess
+def test_a_firmware_without_the_wheel_sensor_the_state_needs_is_refused(
+    two_camera_bundle: Path, tmp_path: Path
+) -> None:
+    no_wheel = SimulatedSensors(wheel_mmps_per_us=0.0)
+    with FirmwareSimulator(pty_link=tmp_path / "tty", sensors=no_wheel) as simulator:
+        proc = runtime(
+            "run", "--bundle", str(two_camera_bundle), "--camera", "synthetic",
+            "--serial-port", str(tmp_path / "tty"),
+        )  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2
+        assert (
+            "the car cannot supply the bundle's inputs: state 'speed_mps' needs a wheel speed sensor, but "
+            "the firmware (rover_car 2.0.0 (protocol 2; battery)) has none fitted; not driving"
+        ) in err
+        assert simulator.snapshot()["throttle_us"] == NEUTRAL
+
+
+def test_a_firmware_speaking_another_protocol_is_refused_at_start(tmp_path: Path) -> None:
+    with FirmwareSimulator(pty_link=tmp_path / "tty", limits=FirmwareLimits(protocol_version=1)) as simulator:
+        proc = runtime(
+            "run", "--policy-stub", "--camera", "synthetic", "--serial-port", str(tmp_path / "tty")
+        )
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2
+        assert "speaks protocol 1, this runtime 2: flash firmware/rover_car from this release" in err
+        assert simulator.snapshot()["throttle_us"] == NEUTRAL
+
+
+@pytest.mark.slow  # imports torch in a subprocess
+def test_benchmark_measures_the_car_driving_at_its_control_rate(
+    sim: FirmwareSimulator, bundle: Path, tmp_path: Path
+) -> None:
+    """CPU (as a share of all cores) and memory while the whole vehicle runs through the config's camera and
+    serial line; the wire stays neutral (not --live)."""
+    config = tmp_path / "runtime.toml"
+    config.write_text(
+        f'[camera]\nsource = "synthetic"\n[serial]\nport = "{tmp_path / "tty"}"\n[metrics]\npath = ""\n'
+    )
+    proc = runtime(
+        "benchmark", "--checkpoint", str(bundle), "--iterations", "20", "--warmup", "2", "--threads", "1",
+        "--config", str(config), "--drive-s", "2",
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    driving = report["driving"]
+    assert driving["live"] is False
+    assert driving["rate_hz_achieved"] == pytest.approx(30.0, rel=0.1)
+    cores = os.cpu_count() or 1
+    assert driving["cpu_percent_of_all_cores"] == pytest.approx(
+        driving["cpu_percent_of_one_core"] / cores, abs=0.2
+    )
+    assert 0 < driving["cpu_percent_of_all_cores"] <= 100
+    assert driving["rss_mb"] > 0
+    assert driving["failsafe"]["active"] is False
+    assert driving["inference"]["completed"] > 0
+    assert report["cpu_measured_while"] == "driving"
+    assert report["cpu_percent"] == driving["cpu_percent_of_one_core"]
+    assert report["peak_rss_mb"] == driving["peak_rss_mb"]
+    moved = [json.loads(line) for line in (tmp_path / "fw.jsonl").read_text().splitlines()]
+    assert all(e["throttle_us"] == NEUTRAL for e in moved)  # the car stayed still
 
 
 def test_systemd_notify_ready_and_watchdog_from_the_process(sim: FirmwareSimulator, tmp_path: Path) -> None:

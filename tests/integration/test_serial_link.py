@@ -59,7 +59,9 @@ def link(link_path: Path) -> Iterator[SerialLink]:
 
 def test_commands_are_acked_and_telemetry_parsed(sim: FirmwareSimulator, link: SerialLink) -> None:
     assert link.open()
-    assert link.ping(timeout_s=0.5) == "rover_car 1.0.0 (protocol 1)"
+    version = link.ping(timeout_s=0.5)
+    assert version is not None
+    assert version.describe() == "rover_car 2.0.0 (protocol 2; wheel_speed, battery)"
     assert link.send_command(0.3, -0.2) == (0.3, -0.2)
     assert wait_until(
         lambda: link.stats.last_ack is not None and link.stats.last_ack.steer_us == 1650, 0.5, link.poll
@@ -142,11 +144,12 @@ def test_garbage_and_partial_lines_from_the_arduino_are_counted(link_path: Path)
 def test_device_missing_at_start_then_appearing(tmp_path: Path, link_path: Path) -> None:
     link = SerialLink(SerialConfig(port=str(link_path), **FAST))  # type: ignore[arg-type]
     assert link.open() is False
-    assert link.send_command(0.2, 0.1) == (0.2, 0.1)  # no exception, nothing sent
-    link.send_neutral()
+    assert link.send_command(0.2, 0.1) is None  # no exception; nothing written, and it says so
+    assert link.send_neutral() is False
     link.poll()
     assert link.ping(timeout_s=0.1) is None
-    assert (link.stats.commands_sent, link.stats.connected) == (0, False)
+    assert (link.stats.commands_sent, link.stats.unsent_commands, link.stats.connected) == (0, 2, False)
+    assert link.faults() == [f"serial: {link_path} not connected"]
     with FirmwareSimulator(pty_link=link_path, status_file=tmp_path / "fw.json") as sim:
         assert wait_until(lambda: link.stats.connected, 1.0, lambda: link.send_command(0.2, 0.1))
         assert link.stats.reconnects == 1
@@ -235,3 +238,91 @@ def test_unplug_mid_run_then_reconnect(
     assert sim.returncode == 0, err.decode()
     assert b"lost" in err, "the simulator noticed the device vanish"
     assert b"reopening" in err
+
+
+class FakeArduino:
+    """The test plays the Arduino on the master side of a pty the link opens."""
+
+    def __init__(self, link_path: Path) -> None:
+        self.master, self.slave = os.openpty()
+        link_path.symlink_to(os.ttyname(self.slave))
+        os.set_blocking(self.master, False)
+
+    def say(self, *messages: protocol.Message) -> None:
+        os.write(self.master, b"".join(protocol.encode(m) for m in messages))
+
+    def heard(self) -> list[protocol.Message]:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            data = os.read(self.master, 65536)
+        return [protocol.parse_line(line) for line in data.split(b"\n") if line]
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def arduino(link_path: Path) -> Iterator[FakeArduino]:
+    fake = FakeArduino(link_path)
+    yield fake
+    fake.close()
+
+
+def _settle(link: SerialLink, seconds: float = 0.05) -> None:
+    wait_until(lambda: False, seconds, link.poll)
+
+
+def test_faults_name_why_the_link_cannot_be_trusted(arduino: FakeArduino, link_path: Path) -> None:
+    link = SerialLink(SerialConfig(port=str(link_path), max_ack_age_s=0.2, heartbeat_interval_s=10.0))
+    assert link.open()
+    link.poll()
+    (fault,) = link.faults()
+    assert fault.startswith("serial: the firmware has not identified itself")
+    pings = [m for m in arduino.heard() if isinstance(m, protocol.Ping)]
+    assert pings, "the link asks the firmware who it is after connecting"
+    arduino.say(protocol.Version(pings[-1].seq, 2, "rover_car", "2.0.0", 0))
+    _settle(link)
+    assert link.firmware is not None
+    assert link.firmware.protocol == 2
+    arduino.say(protocol.Ack(1, 1500, 1500, 0))
+    _settle(link)
+    assert link.faults() == []
+    time.sleep(0.25)  # no acknowledgement for longer than max_ack_age_s
+    (fault,) = link.faults()
+    assert fault.startswith("serial: no acknowledgement from the firmware for 0.")
+    assert fault.endswith("s (max 0.2s)")
+    arduino.say(protocol.Ack(2, 1500, 1500, protocol.FLAG_FAILSAFE))
+    _settle(link)
+    assert link.faults() == ["firmware failsafe: the Arduino stopped applying the Pi's commands (timeout)"]
+    arduino.say(protocol.Telemetry(100, 1600, 1500, False, 5, 0))  # the newest word: not in failsafe
+    _settle(link)
+    assert link.faults() == []
+    link.close()
+
+
+def test_an_older_firmware_is_named_with_its_protocol(arduino: FakeArduino, link_path: Path) -> None:
+    link = SerialLink(SerialConfig(port=str(link_path), heartbeat_interval_s=10.0))
+    assert link.open()
+    link.poll()
+    pings = [m for m in arduino.heard() if isinstance(m, protocol.Ping)]
+    os.write(arduino.master, protocol.frame(f"V,{pings[-1].seq},1,rover_car,1.0.0"))  # a protocol 1 line
+    _settle(link)
+    (fault,) = link.faults()
+    assert fault == (
+        "serial: protocol mismatch: the firmware (rover_car 1.0.0 (protocol 1; no receiver or sensors)) "
+        "speaks protocol 1, this runtime 2"
+    )
+    link.close()
+
+
+def test_garbage_alone_never_makes_a_sound_link(arduino: FakeArduino, link_path: Path) -> None:
+    link = SerialLink(SerialConfig(port=str(link_path), heartbeat_interval_s=10.0))
+    assert link.open()
+    for _ in range(50):
+        os.write(arduino.master, bytes(range(256)) + b"\nA,1,1500,1500,0*00\n")
+        link.poll()
+    assert link.stats.garbage_lines >= 50
+    assert link.stats.replies_ok == 0
+    assert link.faults()[0].startswith("serial: the firmware has not identified itself")
+    link.close()

@@ -1,8 +1,8 @@
 """roles/rover_health/files/gate.py: the deploy's health gate, judged on metrics the real runtime writes.
 
 The gate is a standalone stdlib script (it must not import rover_runtime), loaded here by path. The metrics
-dicts come from a real ControlLoop.snapshot() (stub policy, synthetic camera, a fake serial link), plus what
-MetricsWriter adds, so a key renamed in the runtime breaks these tests rather than the deploy.
+dicts come from a real Vehicle.snapshot() (stub policy, synthetic camera, a serial link not yet open), plus
+what MetricsWriter adds, so a key renamed in the runtime breaks these tests rather than the deploy.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Any
 import pytest
 
 from rover_runtime.camera import Camera, SyntheticSource
-from rover_runtime.config import load_config
-from rover_runtime.control_loop import ControlLoop
+from rover_runtime.config import RuntimeConfig, load_config, make_serial_link
+from rover_runtime.drive import build_vehicle
 from rover_runtime.policy import StubPolicy
 from rover_runtime.sd_notify import Notifier
-from rover_runtime.serial_link import SerialStats
 
 GATE_PATH = Path(__file__).resolve().parents[2] / "roles" / "rover_health" / "files" / "gate.py"
 RELEASE = "r-2024-abc123"
@@ -46,25 +45,17 @@ def _load_gate() -> ModuleType:
 gate = _load_gate()
 
 
-class FakeLink:
-    def __init__(self) -> None:
-        self._stats = SerialStats(connected=True, replies_ok=120, commands_sent=130)
-
-    @property
-    def stats(self) -> SerialStats:
-        return self._stats
-
-    def send_command(self, steering: float, throttle: float) -> tuple[float, float]:
-        return steering, throttle
-
-    def send_neutral(self) -> None:
-        pass
-
-    def poll(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def snapshot_of(config: RuntimeConfig, last_rx_age_s: float | None = None) -> dict[str, Any]:
+    """The snapshot of a vehicle built as `rover-runtime run` builds it (not started: the link is closed)."""
+    link = make_serial_link(config.serial)
+    link.stats.replies_ok, link.stats.commands_sent = 120, 130
+    if last_rx_age_s is not None:
+        link.stats.last_rx_monotonic = time.monotonic() - last_rx_age_s
+    camera = Camera(SyntheticSource(64, 48, fps=30), retry_interval_s=1.0, name="front")
+    vehicle = build_vehicle(
+        config, StubPolicy(chunk_size=10), link, cameras=[camera], notifier=Notifier(environ={})
+    )
+    return vehicle.snapshot()
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +67,8 @@ def runtime_snapshot(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
     (release / "runtime.toml").write_text('[policy]\nstub = true\nbundle = "bundle"\n[metrics]\npath = ""\n')
     (release / "release.json").write_text(json.dumps({"id": RELEASE}))
     (root / "current").symlink_to(release)
-    config = load_config(root / "current" / "runtime.toml")
-    link = FakeLink()
-    link.stats.last_rx_monotonic = time.monotonic() - 0.25
-    camera = Camera(SyntheticSource(64, 48, fps=30), retry_interval_s=1.0)
-    loop = ControlLoop(config, StubPolicy(chunk_size=10), camera, link, notifier=Notifier(environ={}))
-    snap = loop.snapshot()
+    config = load_config(root / "current" / "runtime.toml", {"serial.port": str(root / "no-tty")})
+    snap = snapshot_of(config, last_rx_age_s=0.25)
     snap["release_dir"] = str(release.resolve())  # for the test below only
     return snap
 
@@ -98,9 +85,7 @@ def test_snapshot_reports_the_release_it_started_from_and_the_reply_age(
 
 def test_snapshot_without_a_release_or_a_reply() -> None:
     config = load_config(None, {"policy.stub": True, "metrics.path": ""})
-    link = FakeLink()
-    camera = Camera(SyntheticSource(64, 48, fps=30), retry_interval_s=1.0)
-    snap = ControlLoop(config, StubPolicy(), camera, link, notifier=Notifier(environ={})).snapshot()
+    snap = snapshot_of(config)
     assert snap["release"] == {"id": None, "config": None}
     assert snap["serial"]["last_rx_age_s"] is None
 
@@ -117,7 +102,7 @@ def healthy(runtime_snapshot: dict[str, Any]) -> dict[str, Any]:
     m["loop"]["cycles"] = 900
     m["inference"]["completed"] = 45
     m["inference"]["latency_ms"]["p95"] = 38.2
-    m["camera"].update(connected=True, frames=880, frame_age_s=0.02)
+    m["cameras"]["front"].update(connected=True, frames=880, frame_age_s=0.02)
     m["serial"].update(connected=True, last_rx_age_s=0.08)
     m["bundle"]["content_hash"] = "f" * 64
     m["thermal"] = {"temperature_c": 52.0, "throttled": "0x0", "throttled_now": False}
@@ -161,18 +146,18 @@ def test_an_empty_or_odd_metrics_object_does_not_raise() -> None:
 
 def test_a_camera_error_is_reported_in_the_runtimes_words(healthy: dict[str, Any]) -> None:
     healthy["healthy"] = False
-    healthy["failsafe"].update(active=True, reasons=["camera stale: newest frame 3.10s old (max 0.5s)"])
-    healthy["camera"].update(connected=False, last_error="/dev/video0: no frames for 3.1s")
+    healthy["failsafe"].update(active=True, reasons=["camera front stale: newest frame 3.10s old (max 0.5s)"])
+    healthy["cameras"]["front"].update(connected=False, last_error="/dev/video0: no frames for 3.1s")
     problems = gate.sample_problems(healthy, expect(), NOW)
     assert problems == [
-        "failsafe active (neutral): camera stale: newest frame 3.10s old (max 0.5s)",
-        "camera error: /dev/video0: no frames for 3.1s",
+        "failsafe active (neutral): camera front stale: newest frame 3.10s old (max 0.5s)",
+        "camera front error: /dev/video0: no frames for 3.1s",
         "unhealthy: neutral for longer than failsafe.unhealthy_after_s",
     ]
 
 
 def test_an_old_camera_error_is_not_blamed_when_the_camera_works(healthy: dict[str, Any]) -> None:
-    healthy["camera"]["last_error"] = "/dev/video0: no frames for 1.2s"  # recovered since
+    healthy["cameras"]["front"]["last_error"] = "/dev/video0: no frames for 1.2s"  # recovered since
     healthy["failsafe"].update(active=True, reasons=["inference failed"])
     healthy["inference"]["errors"] = 7
     problems = gate.sample_problems(healthy, expect(), NOW)

@@ -42,7 +42,10 @@ def test_valid_lines_parse_and_round_trip(case: dict[str, Any]) -> None:
     message = protocol.parse_line(case["line"].encode())
     assert _as_dict(message) == case["message"]
     line = case["line"]
-    assert protocol.encode(message).decode() == line[:-2] + line[-2:].upper() + "\n"  # senders use upper case
+    if case.get("round_trip", True):
+        assert (
+            protocol.encode(message).decode() == line[:-2] + line[-2:].upper() + "\n"
+        )  # senders use upper case
 
 
 @pytest.mark.parametrize("case", VECTORS["invalid_lines"], ids=lambda c: c["why"])
@@ -96,14 +99,30 @@ def test_frame_refuses_payloads_that_cannot_be_framed() -> None:
         protocol.frame("V,1,1," + "x" * 70 + ",1")
 
 
-def test_firmware_core_follows_the_session_vectors() -> None:
-    core = FirmwareCore(FirmwareLimits(), now_ms=0)
-    for step in VECTORS["firmware_session"]["steps"]:
+# The timed sessions: without a receiver (the Pi drives), and with one (its switch decides).
+SESSIONS = {"firmware_session": False, "rc_session": True}
+
+
+@pytest.mark.parametrize("session", SESSIONS)
+def test_firmware_core_follows_the_session_vectors(session: str) -> None:
+    core = FirmwareCore(FirmwareLimits(rc_receiver=SESSIONS[session]), now_ms=0)
+    for step in VECTORS[session]["steps"]:
+        for channel, width in enumerate(step.get("rc", ())):
+            core.rc_pulse(channel, width, step["at_ms"])
+        if "sensors" in step:
+            core.wheel_mmps, core.battery_mv = step["sensors"]
         out = core.feed(step["send"].encode() + b"\n", step["at_ms"]) if step["send"] is not None else []
         telemetry = core.tick(step["at_ms"])
         if telemetry is not None:
             out.append(telemetry)
-        assert [line.decode().rstrip("\n") for line in out] == step["expect"], step
+        assert [line for chunk in out for line in chunk.decode().splitlines()] == step["expect"], step
+
+
+def test_every_telemetry_line_is_followed_by_the_rc_line() -> None:
+    for session in SESSIONS:
+        for step in VECTORS[session]["steps"]:
+            kinds = [line[0] for line in step["expect"] if line[0] in "TR"]
+            assert kinds in ([], ["T", "R"]), step
 
 
 def test_firmware_core_accepts_only_its_own_valid_lines() -> None:
@@ -197,11 +216,16 @@ def test_sketch_accepts_and_rejects_like_the_vectors(protocol_host: Path) -> Non
     assert out == expected + ["bad"] * len(invalid)
 
 
-def test_sketch_follows_the_session_vectors(protocol_host: Path) -> None:
-    steps = VECTORS["firmware_session"]["steps"]
-    commands = [
-        f"step {s['at_ms']} {s['send'].encode().hex() if s['send'] is not None else '-'}" for s in steps
-    ]
+@pytest.mark.parametrize("session", SESSIONS)
+def test_sketch_follows_the_session_vectors(protocol_host: Path, session: str) -> None:
+    steps = VECTORS[session]["steps"]
+    commands = [f"boot 0 {int(SESSIONS[session])}"]
+    for s in steps:
+        if "rc" in s:
+            commands.append(f"rc {s['at_ms']} {' '.join(map(str, s['rc']))}")
+        if "sensors" in s:
+            commands.append(f"sensors {' '.join(map(str, s['sensors']))}")
+        commands.append(f"step {s['at_ms']} {s['send'].encode().hex() if s['send'] is not None else '-'}")
     out = _run_host(protocol_host, commands)
     per_step: list[list[str]] = [[]]
     for line in out:
@@ -268,18 +292,34 @@ def _simavr_session(build: Path, commands: list[str]) -> list[dict[str, Any]]:
     return runs[:-1]
 
 
-def test_sketch_runs_on_a_simulated_atmega328p(firmware_build: Path) -> None:
-    def send(line: str) -> str:
-        return f"send {(line + chr(10)).encode().hex()}"
+def _send(line: str) -> str:
+    return f"send {(line + chr(10)).encode().hex()}"
 
+
+def _command(seq: int, steering: int, throttle: int) -> str:
+    return _send(protocol.encode(protocol.Command(seq, steering, throttle)).decode().strip())
+
+
+def _near(measured: list[int], expected: list[int], tolerance_us: int = 8) -> bool:
+    """Receiver pulses pass through as the sketch measured them: micros() has 4 us steps, plus ISR latency."""
+    return all(abs(m - e) <= tolerance_us for m, e in zip(measured, expected, strict=True))
+
+
+def _lines(run: dict[str, Any], kind: type[protocol.Message]) -> list[Any]:
+    messages = [protocol.parse_line(line.encode()) for line in run["uart"]]
+    return [m for m in messages if isinstance(m, kind)]
+
+
+def test_sketch_runs_on_a_simulated_atmega328p(firmware_build: Path) -> None:
     runs = _simavr_session(
         firmware_build,
         [
+            "rc 1500 1500 2000",  # the transmitter on, its switch on autopilot
             "run 100",
-            send("P,7*F3"),
-            send("C,3,0,0*00"),  # bad checksum: ignored, counted
+            _send("P,7*F3"),
+            _send("C,3,0,0*00"),  # bad checksum: ignored, counted
             "run 20",
-            send("C,1,500,-251*52"),
+            _send("C,1,500,-251*52"),
             "run 40",
             "run 60",
             "run 300",
@@ -287,17 +327,23 @@ def test_sketch_runs_on_a_simulated_atmega328p(firmware_build: Path) -> None:
     )
     boot, pinged, commanded, driving, silent = runs
     assert boot["pulses"] == [1500, 1500, 20000]  # neutral from the first pulse, 50 Hz
-    assert all(t.split(",")[4] == "1" for t in boot["uart"] if t.startswith("T,"))  # failsafe at boot
-    assert "V,7,1,rover_car,1.0.0*79" in pinged["uart"]
+    assert all(t.failsafe for t in _lines(boot, protocol.Telemetry))  # the Pi's link is timed out at boot
+    assert "V,7,2,rover_car,2.0.0,1*C1" in pinged["uart"]  # features: a receiver
     assert commanded["uart"][0] == "A,1,1750,1375,0*FD"
     assert commanded["ocr_us"] == [1750, 1375]
     assert driving["ocr_us"] == [1750, 1375]
-    telemetry = [protocol.parse_line(t.encode()) for t in driving["uart"]]
+    telemetry = _lines(driving, protocol.Telemetry)
     assert telemetry
-    assert all(isinstance(t, protocol.Telemetry) and not t.failsafe and t.rx_bad == 1 for t in telemetry)
-    assert silent["ocr_us"] == [1500, 1500]  # no command for 300 ms: failsafe
-    last = protocol.parse_line(silent["uart"][-1].encode())
-    assert isinstance(last, protocol.Telemetry)
+    assert all(not t.failsafe and t.rx_bad == 1 for t in telemetry)
+    # The receiver's pulses, measured by the sketch's pin-change interrupt (4 us resolution of micros()).
+    (rc, *_) = _lines(driving, protocol.RcStatus)
+    assert rc.mode_name == "autopilot_neutral_fallback"
+    assert [
+        abs(v - w) <= 8
+        for v, w in zip((rc.rc_steer_us, rc.rc_throttle_us, rc.rc_switch_us), (1500, 1500, 2000), strict=True)
+    ] == [True] * 3
+    assert silent["ocr_us"] == [1500, 1500]  # no command for 300 ms: neutral (the switch's fallback)
+    last = _lines(silent, protocol.Telemetry)[-1]
     assert (last.failsafe, last.steer_us, last.throttle_us, last.rx_ok, last.rx_bad) == (
         True,
         1500,
@@ -305,3 +351,54 @@ def test_sketch_runs_on_a_simulated_atmega328p(firmware_build: Path) -> None:
         2,
         1,
     )
+
+
+def test_the_transmitter_is_in_charge_on_a_simulated_atmega328p(firmware_build: Path) -> None:
+    """The mode switch on the receiver pins: manual passes the sticks through and ignores the Pi; autopilot
+    obeys the Pi; when the Pi goes quiet the middle position hands the car to the sticks and the high one
+    stops it; without the receiver's pulses the car stops whatever the Pi says."""
+    runs = _simavr_session(
+        firmware_build,
+        [
+            "rc 1600 1700 1000",  # manual, the driver steering right with some throttle
+            "run 150",
+            _command(1, -500, -500),
+            "run 20",
+            "rc 1600 1700 2000",  # switch to autopilot (neutral fallback)
+            "run 50",
+            _command(2, -500, 200),
+            "run 20",
+            "run 400",  # the Pi goes quiet
+            "rc 1600 1700 1500",  # middle: autopilot, the driver takes over when the Pi is quiet
+            "run 100",
+            _command(3, 300, 100),
+            "run 20",
+            "rc 0 0 0",  # the transmitter off: no pulses
+            _command(4, 300, 100),
+            "run 20",
+            "run 150",
+            _command(5, 300, 100),
+            "run 20",
+        ],
+    )
+    manual, manual_cmd, _switched, auto_cmd, quiet, middle, middle_cmd, lost_soon, lost, lost_cmd = runs
+    assert _near(manual["ocr_us"], [1600, 1700])
+    assert _lines(manual, protocol.RcStatus)[-1].mode_name == "manual"
+    (ack,) = _lines(manual_cmd, protocol.Ack)
+    assert ack.flags == protocol.FLAG_RC  # the Pi is ignored
+    assert _near([ack.steer_us, ack.throttle_us], [1600, 1700])
+    assert _near(manual_cmd["ocr_us"], [1600, 1700])
+    (ack,) = _lines(auto_cmd, protocol.Ack)
+    assert (ack.steer_us, ack.throttle_us, ack.flags) == (1250, 1600, 0)
+    assert auto_cmd["ocr_us"] == [1250, 1600]
+    assert quiet["ocr_us"] == [1500, 1500]  # the Pi quiet for 250 ms with the switch high: neutral
+    assert _lines(quiet, protocol.Telemetry)[-1].failsafe
+    assert _near(middle["ocr_us"], [1600, 1700])  # switch in the middle while the Pi is quiet: the sticks
+    assert _lines(middle, protocol.RcStatus)[-1].mode_name == "autopilot"
+    (ack,) = _lines(middle_cmd, protocol.Ack)
+    assert (ack.steer_us, ack.throttle_us, ack.flags) == (1650, 1550, 0)  # the Pi speaks again: it drives
+    assert lost_soon["ocr_us"] == [1650, 1550]  # pulses stopped 20 ms ago: not yet lost
+    assert lost["ocr_us"] == [1500, 1500]
+    assert _lines(lost, protocol.RcStatus)[-1].mode_name == "rc_lost"
+    (ack,) = _lines(lost_cmd, protocol.Ack)
+    assert (ack.steer_us, ack.throttle_us, ack.flags) == (1500, 1500, protocol.FLAG_RC)

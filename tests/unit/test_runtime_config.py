@@ -17,7 +17,9 @@ from rover_runtime.config import ConfigError, default_config_text, load_config
 def test_defaults_load_and_match_the_documented_file() -> None:
     config = load_config()
     assert config.control.rate_hz == 30.0
-    assert config.control.mode == "chunk"
+    assert config.control.mode == "auto"  # temporal ensembling follows the bundle
+    assert config.policy.threads == 0  # every core but one
+    assert (config.cameras, config.state) == ((), ())
     assert config.serial.port == "/dev/rover-arduino"
     assert config.serial.throttle_limits == (-0.5, 0.5)
     assert config.metrics.path == "/run/rover/metrics.json"
@@ -28,19 +30,31 @@ def test_defaults_load_and_match_the_documented_file() -> None:
 
 def test_file_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "rover.toml"
-    path.write_text('[control]\nrate_hz = 50\nmode = "ensemble"\n[camera]\ndevice = 2\n')
+    path.write_text(
+        '[control]\nrate_hz = 50\nmode = "ensemble"\n[camera]\ndevice = 2\n'
+        '[cameras]\nrear = 4\nfront = "/dev/v4l/by-id/front"\n[state]\nvelocity = "wheel_speed_mps"\n'
+    )
     config = load_config(path, {"control.rate_hz": 100.0})
     assert config.control.rate_hz == 100.0  # the override wins over the file
     assert config.control.mode == "ensemble"
     assert config.camera.device == "2"  # an integer index is accepted as the device
     assert config.control.period_s == pytest.approx(0.01)
+    assert config.cameras == (("front", "/dev/v4l/by-id/front"), ("rear", "4"))
+    assert config.state == (("velocity", "wheel_speed_mps"),)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[control]\nrate_hz = -5\n", "config control.rate_hz: must be > 0, got -5"),
-        ('[control]\nmode = "fast"\n', "config control.mode: must be one of chunk, ensemble, got 'fast'"),
+        (
+            '[control]\nmode = "fast"\n',
+            "config control.mode: must be one of auto, chunk, ensemble, got 'fast'",
+        ),
+        ("[cameras]\nrear = true\n", "config cameras.rear: must be a non-empty string, got True"),
+        ('[state]\nspeed = ""\n', "config state.speed: must be a non-empty string"),
+        ("[smoothing]\nsteering_rate = -1\n", "config smoothing.steering_rate: must be >= 0, got -1"),
+        ("[serial]\nmax_ack_age_s = 0\n", "config serial.max_ack_age_s: must be > 0, got 0"),
         ("[control]\nrate = 30\n", "config control.rate: unknown key"),
         ("[motors]\nx = 1\n", "config: unknown section [motors]"),
         ('[camera]\nwidth = "wide"\n', "config camera.width: must be an integer, got 'wide'"),

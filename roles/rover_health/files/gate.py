@@ -178,13 +178,20 @@ def _state_problems(metrics: dict[str, Any]) -> list[str]:
 def _fault_details(metrics: dict[str, Any], reasons: list[str]) -> list[str]:
     """What the runtime knows about the failsafe's causes beyond its reasons."""
     details: list[str] = []
-    camera_connected = lookup(metrics, "camera.connected")
-    camera_error = lookup(metrics, "camera.last_error")
-    camera_blamed = any(r.startswith("camera") for r in reasons) or camera_connected is False
-    if camera_blamed and isinstance(camera_error, str) and camera_error:
-        details.append(f"camera error: {camera_error}")
-    elif camera_blamed and camera_connected is False:
-        details.append("camera not connected")
+    cameras = lookup(metrics, "cameras")
+    if not isinstance(cameras, dict):  # a runtime from before several cameras: one "camera" section
+        single = lookup(metrics, "camera")
+        cameras = {"": single} if isinstance(single, dict) else {}
+    for name, camera in sorted(cameras.items()):
+        if not isinstance(camera, dict):
+            continue
+        connected, error = camera.get("connected"), camera.get("last_error")
+        label = f"camera {name}" if name else "camera"
+        blamed = any(r.startswith(label) for r in reasons) or connected is False
+        if blamed and isinstance(error, str) and error:
+            details.append(f"{label} error: {error}")
+        elif blamed and connected is False:
+            details.append(f"{label} not connected")
     errors = _number(lookup(metrics, "inference.errors"))
     if errors and any(r.startswith("inference") for r in reasons):
         details.append(f"inference errors so far: {int(errors)} (the exceptions are in the journal)")
