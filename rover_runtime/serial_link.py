@@ -53,7 +53,7 @@ class SerialConfig:
     reconnect_interval_s: float = 1.0
     steering_limits: tuple[float, float] = (-1.0, 1.0)
     throttle_limits: tuple[float, float] = (-0.5, 0.5)
-    max_ack_age_s: float = 0.3
+    max_ack_age_s: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("steering_limits", "throttle_limits"):

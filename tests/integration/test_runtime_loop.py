@@ -294,9 +294,9 @@ def test_acks_that_stop_under_a_garbage_flood_drop_health_and_stop_the_watchdog(
         flooder.start()
         muted_at = time.monotonic()
         assert wait_for(lambda: not rig.vehicle.driving, timeout=2.0)
-        assert time.monotonic() - muted_at < 0.3 + 0.1  # serial.max_ack_age_s plus a few periods
+        assert time.monotonic() - muted_at < 0.5 + 0.15  # serial.max_ack_age_s plus a few periods
         assert any("no acknowledgement from the firmware" in r for r in rig.vehicle.failsafe_reasons)
-        time.sleep(max(0.0, muted_at + 1.0 - time.monotonic()))  # past max_ack_age + unhealthy_after_s
+        time.sleep(max(0.0, muted_at + 1.2 - time.monotonic()))  # past max_ack_age + unhealthy_after_s
         _datagrams(sock)
         assert not rig.vehicle.healthy(time.monotonic())
         time.sleep(0.3)
