@@ -73,6 +73,13 @@ def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Pa
         assert f"| {data['latency_ms']['mean']:.2f}" in row
         assert f"{data['latency_ms']['p95']:.2f}" in row
         assert f"{data['throughput_fps']:.1f}" in row
+        # CPU and memory as the seed's table means them: the car driving at its control rate through its
+        # own (synthetic) camera and serial line, the wire kept neutral; the report divides by the cores.
+        assert data["cpu_measured_while"] == "driving"
+        assert data["driving"]["live"] is False
+        assert data["driving"]["failsafe"]["active"] is False, data["driving"]["failsafe"]
+        assert data["driving"]["rate_hz_achieved"] > 20
+        assert f"{data['cpu_percent'] / data['cpu_count']:.1f}" in row
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["hosts"]) == fleet_cars(inventory)
     assert set(json.loads((run_dir / "limits.json").read_text())["hosts"]) == fleet_cars(inventory)

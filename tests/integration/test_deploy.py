@@ -39,6 +39,8 @@ from deploy_helpers import (
     signing_key,
 )
 
+from rover_runtime.testing import write_tiny_bundle
+
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 CARS = ("car1", "car2")
@@ -315,6 +317,53 @@ def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str
     assert run.rc == 0, run.report()
     assert current_release(host) == first
     assert _wait_running(host, first)["loop"]["rate_hz_target"] == 30.0
+
+
+def test_a_two_camera_wheel_speed_bundle_drives_a_simulated_car(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A bundle from a car with a front and a rear camera whose state adds wheel speed: deployed, gated, and
+    driven by the simulated car (synthetic cameras; the simulated firmware reports wheel speed)."""
+    host = car(deployed, "car1")
+    first = current_release(host)
+    bundle = write_tiny_bundle(
+        tmp_path / "two-cameras",
+        "onnx",
+        cameras=("front", "rear"),
+        state_names=("steer", "throttle", "speed_mps"),
+    )
+    run = _deploy_car1(deployed, bundle)
+    assert run.rc == 0, run.report()
+    second = current_release(host)
+    m = _wait_running(host, second)
+    assert set(m["cameras"]) == {"front", "rear"}
+    assert m["state"]["names"] == ["steer", "throttle", "speed_mps"]
+    assert m["state"]["sources"] == ["steering", "throttle", "wheel_speed_mps"]
+    deadline = time.monotonic() + 30
+    while not (m["driving"] and m["state"]["values"] and m["state"]["values"][2] > 0):
+        assert time.monotonic() < deadline, m
+        time.sleep(1)
+        m = metrics(host)
+    assert "wheel_speed" in m["serial"]["firmware"]
+    run = _deploy_car1(deployed, bundles["a"])  # back to bundle a: its release again, not rebuilt
+    assert run.rc == 0, run.report()
+    assert current_release(host) == first
+
+
+def test_a_bundle_asking_for_a_state_the_car_cannot_supply_never_reaches_current(
+    deployed: Path, tmp_path: Path
+) -> None:
+    host = car(deployed, "car1")
+    first = current_release(host)
+    bundle = write_tiny_bundle(tmp_path / "odometer", "onnx", state_names=("steer", "throttle", "odometer"))
+    run = _deploy_car1(deployed, bundle)
+    assert run.rc != 0
+    assert (
+        "the bundle asks for inputs this car's runtime.toml cannot supply: the bundle's state cannot be "
+        "supplied: state 'odometer' has no source" in run.text
+    ), run.report()
+    assert current_release(host) == first
+    assert leftovers(host) == []
 
 
 def test_config_the_runtime_refuses_never_reaches_the_car(deployed: Path, bundles: dict[str, Path]) -> None:
