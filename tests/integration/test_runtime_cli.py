@@ -143,6 +143,32 @@ def test_check_passes_with_firmware_and_fails_without(
     assert json.loads(out)["checks"]["serial"]["ok"] is False
 
 
+@pytest.mark.slow  # imports torch in a subprocess
+def test_check_reports_each_cameras_real_frame_rate_and_age(
+    sim: FirmwareSimulator, two_camera_bundle: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "runtime.toml"
+    config.write_text('[camera]\nsource = "synthetic"\nfps = 20.0\n')
+    proc = runtime(
+        "check", "--config", str(config), "--bundle", str(two_camera_bundle), "--serial-port",
+        str(tmp_path / "tty"), "--max-temp-c", "200", "--cameras",
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=60)
+    report = json.loads(out)
+    assert proc.returncode == 0, err
+    assert report["checks"]["inputs"]["cameras"] == {
+        "front": {"key": "observation.images.front", "device": None},
+        "rear": {"key": "observation.images.rear", "device": None},
+    }
+    for name in ("front", "rear"):
+        camera = report["checks"]["cameras"][name]
+        assert camera["ok"] is True
+        assert 15 <= camera["fps"] <= 25
+        assert camera["frame_age_s"] <= 0.2
+        assert camera["timestamps"] == "driver"  # the synthetic source knows its capture time
+    assert "wheel_speed" in report["checks"]["serial"]["firmware"]
+
+
 def test_check_with_a_corrupt_bundle_does_not_touch_serial(
     sim: FirmwareSimulator, bundle: Path, tmp_path: Path
 ) -> None:
