@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -335,6 +336,13 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"rover-runtime benchmark: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+    if drive_config is not None and (running := _running_runtime(Path(drive_config.metrics.path))):
+        print(
+            f"rover-runtime benchmark: the car's runtime is running ({running}): stop it first "
+            "(systemctl stop rover-runtime), or pass --drive-s 0 to time inference only",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     try:
         report = run_benchmark(
             args.bundle,
@@ -352,6 +360,24 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     _emit(report, args.output)
     return EXIT_OK
+
+
+def _running_runtime(metrics_path: Path) -> str | None:
+    """"pid N, metrics PATH" when a runtime process that wrote `metrics_path` in the last 5 s is alive."""
+    try:
+        data = json.loads(metrics_path.read_text())
+        pid, written = int(data["pid"]), float(data["time_unix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if time.time() - written > 5.0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return f"pid {pid}, metrics {metrics_path}"
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

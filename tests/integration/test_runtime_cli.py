@@ -363,6 +363,28 @@ def test_benchmark_measures_the_car_driving_at_its_control_rate(
     assert all(e["throttle_us"] == NEUTRAL for e in moved)  # the car stayed still
 
 
+def test_benchmark_will_not_drive_beside_a_running_runtime(sim: FirmwareSimulator, tmp_path: Path) -> None:
+    """Two processes on one serial line would fight over the car: the driving measurement refuses to start
+    while the car's runtime is running, and says how to proceed."""
+    metrics = tmp_path / "metrics.json"
+    config = tmp_path / "runtime.toml"
+    config.write_text(
+        f'[camera]\nsource = "synthetic"\n[serial]\nport = "{tmp_path / "tty"}"\n'
+        f'[metrics]\npath = "{metrics}"\n[policy]\nstub = true\n'
+    )
+    service = runtime("run", "--config", str(config))
+    try:
+        assert wait_for(metrics.exists)
+        bench = runtime("benchmark", "--policy-stub", "--iterations", "5", "--config", str(config))
+        _, err = bench.communicate(timeout=60)
+        assert bench.returncode == 2
+        assert f"the car's runtime is running (pid {service.pid}, metrics {metrics}): stop it first" in err
+        assert "or pass --drive-s 0 to time inference only" in err
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.communicate(timeout=10)
+
+
 def test_systemd_notify_ready_and_watchdog_from_the_process(sim: FirmwareSimulator, tmp_path: Path) -> None:
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
