@@ -116,7 +116,7 @@ class Running:
 def start_vehicle(config: RuntimeConfig, policy: Policy, extra_parts: tuple[Part, ...] = ()) -> Running:
     sources = [SyntheticSource(640, 480, fps=30) for _ in policy.info.image_keys]
     cameras = [
-        Camera(source, retry_interval_s=1.0, name=key.rsplit(".", 1)[-1])
+        Camera(source, retry_interval_s=1.0, name=key.rsplit(".", 1)[-1], nice=config.control.background_nice)
         for source, key in zip(sources, policy.info.image_keys, strict=True)
     ]
     link = make_serial_link(config.serial)

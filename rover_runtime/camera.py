@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rover_runtime.config import CameraConfig
+from rover_runtime.threads import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,11 @@ class Camera:
 
     MAX_BACKOFF_FACTOR = 8
 
-    def __init__(self, source: FrameSource, retry_interval_s: float = 1.0, name: str = "front") -> None:
+    def __init__(
+        self, source: FrameSource, retry_interval_s: float = 1.0, name: str = "front", nice: int = 0
+    ) -> None:
         self.source = source
+        self.nice = nice  # the capture thread's nice value (rover_runtime.threads)
         self.name = name
         self.retry_interval_s = retry_interval_s
         self._lock = threading.Lock()
@@ -306,6 +310,7 @@ class Camera:
         self._connected = False
 
     def _run(self) -> None:
+        lower_this_thread(self.nice)
         name = self.source.name
         last_good = time.monotonic()
         while not self._stop.is_set():

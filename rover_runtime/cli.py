@@ -363,7 +363,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _running_runtime(metrics_path: Path) -> str | None:
-    """"pid N, metrics PATH" when a runtime process that wrote `metrics_path` in the last 5 s is alive."""
+    """ "pid N, metrics PATH" when a runtime process that wrote `metrics_path` in the last 5 s is alive."""
     try:
         data = json.loads(metrics_path.read_text())
         pid, written = int(data["pid"]), float(data["time_unix"])

@@ -39,6 +39,7 @@ class ControlConfig:
     request_margin_steps: int
     spin_s: float
     realtime_priority: int
+    background_nice: int
 
     @property
     def period_s(self) -> float:
@@ -295,6 +296,8 @@ def _check_ranges(c: RuntimeConfig) -> None:
         raise ConfigError(
             f"config control.realtime_priority: must be 0-99, got {c.control.realtime_priority}"
         )
+    if not 0 <= c.control.background_nice <= 19:
+        raise ConfigError(f"config control.background_nice: must be 0-19, got {c.control.background_nice}")
     if c.control.spin_s >= c.control.period_s:
         raise ConfigError(f"config control.spin_s: must be shorter than the period, got {c.control.spin_s:g}")
     _positive("failsafe.inference_timeout_s", c.failsafe.inference_timeout_s)

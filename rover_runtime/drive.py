@@ -87,7 +87,12 @@ def _plan_cameras(config: RuntimeConfig, image_keys: Sequence[str], problems: li
 
 def make_cameras(config: RuntimeConfig, plan: InputPlan) -> list[Camera]:
     return [
-        Camera(make_source(config.camera, c.device), config.camera.retry_interval_s, name=c.name)
+        Camera(
+            make_source(config.camera, c.device),
+            config.camera.retry_interval_s,
+            name=c.name,
+            nice=config.control.background_nice,
+        )
         for c in plan.cameras
     ]
 
@@ -129,6 +134,7 @@ def build_vehicle(
                 request_margin_steps=config.control.request_margin_steps,
                 inference_timeout_s=config.failsafe.inference_timeout_s,
                 period_s=period,
+                background_nice=config.control.background_nice,
             ),
             [camera.name for camera in cams],
         ),

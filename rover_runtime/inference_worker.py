@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from rover_runtime.camera import Frame
 from rover_runtime.policy import Policy
+from rover_runtime.threads import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class InferenceWorker:
-    def __init__(self, policy: Policy, history: int = 500) -> None:
+    def __init__(self, policy: Policy, history: int = 500, nice: int = 0) -> None:
         self.policy = policy
+        self.nice = nice
         self._cond = threading.Condition()
         self._request: InferenceRequest | None = None  # waiting or running
         self._result: InferenceResult | None = None
@@ -95,6 +97,7 @@ class InferenceWorker:
         return (math.ceil(p95 / period_s) if p95 is not None else 1) + margin
 
     def _run(self) -> None:
+        lower_this_thread(self.nice)
         while True:
             with self._cond:
                 while self._request is None and not self._closing:

@@ -41,6 +41,7 @@ class PilotSettings:
     request_margin_steps: int
     inference_timeout_s: float
     period_s: float
+    background_nice: int = 0  # the inference thread's nice value (rover_runtime.threads)
 
 
 def queue_mode(settings: PilotSettings, info: PolicyInfo) -> str:
@@ -74,7 +75,7 @@ class PilotPart:
         self.cameras = tuple(cameras)  # in the policy's image order
         self.mode = queue_mode(settings, policy.info)
         self.queue = make_action_queue(settings, policy.info)
-        self.worker = InferenceWorker(policy)
+        self.worker = InferenceWorker(policy, nice=settings.background_nice)
         self._faulted = True  # start as after a fault: nothing to clear, nothing submitted yet
         self._discard_before = 0.0
         self._failed = False
