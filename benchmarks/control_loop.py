@@ -9,8 +9,9 @@ synthetic 640x480 cameras, one per camera the bundle takes. Prints one JSON docu
 - `failsafe_stall`: the policy stalls; when does neutral reach the wire (the simulator's log, monotonic
   clock)? Measured from the moment the stall is detected (failsafe.inference_timeout_s), in periods.
 - `camera_loss`: the camera's driver raises (an unplugged camera); neutral on the wire after, in periods.
-- `link_loss`: the firmware stops answering (its process SIGSTOPped); neutral on the wire after the
-  acknowledgements are older than serial.max_ack_age_s, in periods.
+- `link_loss`: the firmware stops answering (the simulator muted by SIGUSR1; it still applies and logs what
+  it receives); neutral on the wire after the acknowledgements are older than serial.max_ack_age_s, in
+  periods.
 - `sigkill`: `rover-runtime run` killed with SIGKILL while driving; when does the firmware go neutral by its
   own timeout?
 
@@ -142,8 +143,8 @@ def measure_camera_loss(work: Path, rate: float, policies: PolicySource, repeats
 
 
 def measure_link_loss(work: Path, rate: float, policies: PolicySource, repeats: int) -> dict[str, Any]:
-    """The firmware stops answering (SIGSTOP): neutral on the wire once the acks are too old, in periods
-    after serial.max_ack_age_s (the detection)."""
+    """The firmware stops answering (the simulator muted by SIGUSR1; it still logs what it receives): neutral
+    on the wire after the acknowledgements are older than serial.max_ack_age_s (the detection), in periods."""
     period = 1.0 / rate
     after_detection = []
     for i in range(repeats):
@@ -154,13 +155,9 @@ def measure_link_loss(work: Path, rate: float, policies: PolicySource, repeats: 
             run = start_vehicle(config, policies.make())
             wait_driving(run)
             time.sleep(0.5)
-            sim.proc.send_signal(signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            deadline = stopped_at + 5
-            while run.vehicle.driving and time.monotonic() < deadline:
-                time.sleep(0.002)
-            sim.proc.send_signal(signal.SIGCONT)  # it reads what was written meanwhile and logs it
-            after_detection.append(sim.neutral_after(stopped_at) - max_age)
+            sim.proc.send_signal(signal.SIGUSR1)
+            muted_at = time.monotonic()
+            after_detection.append(sim.neutral_after(muted_at) - max_age)
             stop_vehicle(run)
         finally:
             sim.stop()

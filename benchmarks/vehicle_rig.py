@@ -63,7 +63,6 @@ class SimProcess:
         raise RuntimeError("no neutral on the wire within 5 s")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=5)
 

@@ -370,8 +370,13 @@ class FirmwareSimulator:
         self.stop()
 
     def mute(self, muted: bool = True) -> None:
-        """Stop (or resume) writing anything to the runtime: acks and telemetry stop, commands still apply."""
+        """Stop (or resume) writing anything to the runtime: acks and telemetry stop, commands still apply.
+        From the CLI: SIGUSR1 toggles it."""
         self._muted = muted
+
+    @property
+    def muted(self) -> bool:
+        return self._muted
 
     def inject(self, data: bytes) -> None:
         """Write raw bytes to the runtime (garbage, hand-made lines), even while muted."""
@@ -631,8 +636,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("signal %d: stopping", signum)
         sim.request_stop()
 
+    def _toggle_mute(signum: int, frame: FrameType | None) -> None:
+        sim.mute(not sim.muted)
+        log.info("SIGUSR1: %s", "muted (no acks, no telemetry)" if sim.muted else "answering again")
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGUSR1, _toggle_mute)
     sim.run()
     return 0
 
