@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 4096
 _WRITE_TIMEOUT_S = 0.02  # a stalled peer must not stall the control loop for long
 _PING_RETRY_S = 0.25  # an Arduino that resets on open misses the first pings while it boots
+_SENT_HISTORY = 256  # write times kept for matching acks (8 s of commands at 30 Hz)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class SerialStats:
     last_rx_monotonic: float | None = None  # time.monotonic() of the last valid line from the firmware
     firmware_failsafe_seen: int = 0  # acks or telemetry reporting the firmware's failsafe active
     last_rc: RcStatus | None = None  # the receiver's mode and pulses, wheel speed and battery (R line)
+    # When the newest acknowledged command or heartbeat was written (time.monotonic()): the firmware has
+    # confirmed everything up to then. Its age is how stale the firmware's confirmation is.
     last_ack_monotonic: float | None = None
     firmware: str | None = None  # the identified firmware, e.g. "rover_car 2.0.0 (protocol 2; receiver)"
     unsent_commands: int = 0  # commands that could not be written (port closed, write failed or timed out)
@@ -116,6 +119,7 @@ class SerialLink:
         self._ever_connected = False
         self._warned_missing = False
         self._firmware: Version | None = None
+        self._sent_at: dict[int, float] = {}  # seq -> when it was written, for the recent C and H lines
         self._last_ping = -math.inf
         self._connected_at = -math.inf
         self._status_failsafe = False  # the newest ack or telemetry says the firmware's failsafe is on
@@ -205,7 +209,7 @@ class SerialLink:
             faults = []
             last_ack = self._stats.last_ack_monotonic
             age = now - max(last_ack if last_ack is not None else -math.inf, self._connected_at)
-            if age > self.config.max_ack_age_s:
+            if age >= self.config.max_ack_age_s:
                 faults.append(
                     f"serial: no acknowledgement from the firmware for {age:.2f}s "
                     f"(max {self.config.max_ack_age_s:g}s)"
@@ -267,6 +271,7 @@ class SerialLink:
         self._rx_overflow = False
         self._warned_missing = False
         self._firmware = None  # a replugged board may carry other firmware: identify it again
+        self._sent_at.clear()
         self._stats.firmware = None
         self._last_ping = -math.inf
         self._connected_at = time.monotonic()
@@ -313,6 +318,10 @@ class SerialLink:
             self._disconnect(reason=f"write failed: {exc}")
             return False
         self._last_write = time.monotonic()
+        if isinstance(message, protocol.Command | protocol.Heartbeat):
+            self._sent_at[message.seq] = self._last_write
+            if len(self._sent_at) > _SENT_HISTORY:
+                del self._sent_at[next(iter(self._sent_at))]
         return True
 
     def _read_available(self) -> None:
@@ -353,7 +362,9 @@ class SerialLink:
         if isinstance(message, protocol.Ack | protocol.Telemetry):
             if isinstance(message, protocol.Ack):
                 self._stats.last_ack = message
-                self._stats.last_ack_monotonic = now
+                sent = self._sent_at.pop(message.seq, None)
+                if sent is not None:  # an ack of something this connection did not send does not count
+                    self._stats.last_ack_monotonic = max(sent, self._stats.last_ack_monotonic or sent)
             else:
                 self._stats.last_telemetry = message
             self._status_failsafe = message.failsafe

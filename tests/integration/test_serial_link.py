@@ -285,15 +285,22 @@ def test_faults_name_why_the_link_cannot_be_trusted(arduino: FakeArduino, link_p
     _settle(link)
     assert link.firmware is not None
     assert link.firmware.protocol == 2
-    arduino.say(protocol.Ack(1, 1500, 1500, 0))
-    _settle(link)
+
+    def ack_a_command(flags: int = 0) -> None:
+        assert link.send_command(0.1, 0.0) is not None
+        (command,) = [m for m in arduino.heard() if isinstance(m, protocol.Command)]
+        arduino.say(protocol.Ack(command.seq, 1550, 1500, flags))
+        _settle(link)
+
+    ack_a_command()
     assert link.faults() == []
-    time.sleep(0.25)  # no acknowledgement for longer than max_ack_age_s
+    arduino.say(protocol.Ack(999, 1500, 1500, 0))  # an ack of nothing this link sent does not count
+    time.sleep(0.25)  # the newest acknowledged command is older than max_ack_age_s
+    _settle(link)
     (fault,) = link.faults()
     assert fault.startswith("serial: no acknowledgement from the firmware for 0.")
     assert fault.endswith("s (max 0.2s)")
-    arduino.say(protocol.Ack(2, 1500, 1500, protocol.FLAG_FAILSAFE))
-    _settle(link)
+    ack_a_command(protocol.FLAG_FAILSAFE)
     assert link.faults() == ["firmware failsafe: the Arduino stopped applying the Pi's commands (timeout)"]
     arduino.say(protocol.Telemetry(100, 1600, 1500, False, 5, 0))  # the newest word: not in failsafe
     _settle(link)
