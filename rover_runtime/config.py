@@ -24,6 +24,8 @@ CONTROL_MODES = ("auto", "chunk", "ensemble")
 CAMERA_SOURCES = ("device", "file", "synthetic")
 ENGINES = ("auto", "qnnpack", "x86", "fbgemm", "onednn")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# A command at least every 200 ms: the firmware's own failsafe fires after 250 ms without one.
+MIN_RATE_HZ = 5.0
 
 
 class ConfigError(ValueError):
@@ -286,6 +288,11 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _check_ranges(c: RuntimeConfig) -> None:
     _positive("control.rate_hz", c.control.rate_hz)
+    if c.control.rate_hz < MIN_RATE_HZ:
+        raise ConfigError(
+            f"config control.rate_hz: must be >= {MIN_RATE_HZ:g}, got {c.control.rate_hz:g}: the firmware "
+            "puts the car in neutral when no command arrived for 250 ms, so a slower loop makes it stutter"
+        )
     if c.control.rate_hz > 1000:
         raise ConfigError(f"config control.rate_hz: must be <= 1000, got {c.control.rate_hz:g}")
     _choice("control.mode", c.control.mode, CONTROL_MODES)

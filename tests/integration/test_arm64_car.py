@@ -28,7 +28,11 @@ ARM64_PORT = int(os.environ.get("SIMFLEET_TEST_BASE_PORT", "2321")) + 90
 EMULATED_CAR_VARS = {
     "rover_health_timeout_s": 900,
     "rover_health_check_deadline_ms": 120000,
-    "rover_runtime_service_rate_hz": 2.0,
+    # 10 Hz: the emulated loop's work (~30 ms p99) fits, and a command every 100 ms keeps the firmware's
+    # 250 ms failsafe from firing; an emulated inference takes ~0.5 s, so it may run for 5 s before it counts
+    # as stalled.
+    "rover_runtime_service_rate_hz": 10.0,
+    "rover_runtime_service_extra_config": {"failsafe": {"inference_timeout_s": 5.0}},
     "rover_runtime_service_timeout_start_sec": 900,
     "rover_runtime_service_watchdog_sec": 120,
     # qemu-user cannot create an IPC namespace for the service (226/NAMESPACE).

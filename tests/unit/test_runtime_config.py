@@ -48,6 +48,10 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     [
         ("[control]\nrate_hz = -5\n", "config control.rate_hz: must be > 0, got -5"),
         (
+            "[control]\nrate_hz = 2\n",
+            "config control.rate_hz: must be >= 5, got 2: the firmware puts the car",
+        ),
+        (
             '[control]\nmode = "fast"\n',
             "config control.mode: must be one of auto, chunk, ensemble, got 'fast'",
         ),
