@@ -21,7 +21,6 @@ synthetic 640x480 cameras, one per camera the bundle takes. Prints one JSON docu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -39,13 +38,13 @@ from vehicle_rig import (
     NEUTRAL_US,
     PolicySource,
     SimProcess,
+    emit_report,
     sim_config,
     start_vehicle,
     stop_vehicle,
     wait_driving,
 )
 
-from rover_runtime.metrics import write_json_atomic
 from rover_runtime.policy import StubPolicy
 
 
@@ -257,9 +256,7 @@ def main() -> int:
             "sigkill": measure_sigkill(work),
             "load_average_after": os.getloadavg(),
         }
-    print(json.dumps(report, indent=2))
-    if args.output:
-        write_json_atomic(args.output, report)
+    emit_report(report, args.output)
     return 0
 
 

@@ -24,10 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vehicle_rig import DEMO_BUNDLE, PolicySource, SimProcess, sim_config, start_vehicle, stop_vehicle
+from vehicle_rig import (
+    DEMO_BUNDLE,
+    PolicySource,
+    SimProcess,
+    emit_report,
+    sim_config,
+    start_vehicle,
+    stop_vehicle,
+)
 
 from rover_runtime.benchmark import rss_mb
-from rover_runtime.metrics import write_json_atomic
 from rover_runtime.vehicle import Cycle
 
 
@@ -132,9 +139,7 @@ def main() -> int:
         "deadline_misses": sum(m["deadline_misses"] for m in minutes),
         "per_minute": minutes,
     }
-    print(json.dumps(report, indent=2))
-    if args.output:
-        write_json_atomic(args.output, report)
+    emit_report(report, args.output)
     return 0
 
 

@@ -16,11 +16,21 @@ from typing import Any
 from rover_runtime.camera import Camera, SyntheticSource
 from rover_runtime.config import RuntimeConfig, load_config, make_serial_link
 from rover_runtime.drive import build_vehicle
+from rover_runtime.metrics import write_json_atomic
 from rover_runtime.policy import Policy, StubPolicy, load_policy
 from rover_runtime.serial_link import SerialLink
 from rover_runtime.vehicle import Part, Vehicle
 
 NEUTRAL_US = 1500
+
+
+def emit_report(report: dict[str, Any], output: Path | None) -> None:
+    """A benchmark's JSON on stdout, and atomically in `output` when given."""
+    print(json.dumps(report, indent=2))
+    if output is not None:
+        write_json_atomic(output, report)
+
+
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "out" / "bundles" / "static-int8-onnx"
 
 

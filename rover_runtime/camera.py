@@ -264,6 +264,12 @@ class Camera:
             return None if self._latest is None else self._latest.timestamp
 
     @property
+    def health(self) -> tuple[bool, int, str | None]:
+        """(connected, frames, last_error): what the control loop checks every cycle, without building
+        `stats` (which also computes the frame rate)."""
+        return self._connected, self._frames, self._last_error
+
+    @property
     def stats(self) -> CameraStats:
         with self._lock:
             recent = list(self._recent)

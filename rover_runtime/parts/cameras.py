@@ -28,14 +28,12 @@ class CameraPart:
         name = self.camera.name
         stamp = self.camera.latest_timestamp()
         self._age = None if stamp is None else cycle.now - stamp
-        stats = self.camera.stats
-        if not stats.connected and stats.frames:
-            cycle.fault(f"camera {name} lost: {stats.last_error or 'disconnected'}")
+        connected, frames, last_error = self.camera.health
+        if not connected and frames:
+            cycle.fault(f"camera {name} lost: {last_error or 'disconnected'}")
             return
         if self._age is None:
-            cycle.fault(
-                f"camera {name}: no frame yet" + (f" ({stats.last_error})" if stats.last_error else "")
-            )
+            cycle.fault(f"camera {name}: no frame yet" + (f" ({last_error})" if last_error else ""))
             return
         if self._age > self.max_age_s:
             cycle.fault(f"camera {name} stale: newest frame {self._age:.2f}s old (max {self.max_age_s:g}s)")
