@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from quantization.backends import BACKENDS
 from quantization.errors import QuantizationError
 
 EXIT_BAD_INPUT = 2
@@ -45,6 +46,7 @@ def _quantize(args: argparse.Namespace) -> int:
             per_channel=args.per_channel,
             observer=args.observer,
             onnx_calibration=args.onnx_calibration,
+            onnx_variant=args.onnx_int8,
         )
     )
     m = bundle.manifest
@@ -57,6 +59,12 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"calibration: {m.calibration.succeeded}/{m.calibration.requested} samples succeeded")
         for failure in m.calibration.failures:
             print(f"  failed: {failure}")
+    if m.delegation is not None:
+        d = m.delegation
+        print(
+            f"delegated to {d.delegate}: {d.nodes_delegated} of {d.nodes_delegated + d.nodes_not_delegated} "
+            f"compute nodes ({d.fraction:.0%}); outside: {', '.join(d.not_delegated) or 'none'}"
+        )
     if m.mode != "fp32":
         print(
             f"layers left in float ({len(m.calibration.float_layers)}): "
@@ -123,7 +131,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="write an FP32 or INT8 model bundle from a LeRobot ACT checkpoint")
     q.add_argument("--policy", type=Path, required=True, help="LeRobot ACT checkpoint directory")
     q.add_argument("--mode", choices=("fp32", "dynamic", "static"), required=True)
-    q.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    q.add_argument("--backend", choices=tuple(BACKENDS), default="torch",
+                   help="torch (TorchScript), onnxruntime (ONNX) or executorch (.pte, XNNPACK)")  # fmt: skip
     q.add_argument("--calibration-dataset", type=Path, required=True, help="LeRobotDataset directory")
     q.add_argument(
         "--calibration-samples", type=int, default=200, help="static: frames drawn from training episodes"
@@ -137,6 +146,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     q.add_argument("--observer", choices=("histogram", "minmax"), default="histogram",
                    help="torch static: activation observer")  # fmt: skip
     q.add_argument("--onnx-calibration", choices=("minmax", "percentile", "entropy"), default="minmax")
+    q.add_argument("--onnx-int8", choices=("u8s8", "s8s8", "u8s8_float_attention", "s8s8_float_attention"),
+                   default="u8s8", help="ONNX static: activation type, and whether the attention's "
+                   "activation x activation MatMuls are quantized (docs/quantization.md)")  # fmt: skip
     q.set_defaults(handler=_quantize)
 
     c = sub.add_parser("compare", help="accuracy, latency and size of bundles on held-out episodes")

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-import torch
 
 from quantization.act_inference import ACTION_KEY, ModelSpec
 from quantization.calibration import (
@@ -31,7 +29,7 @@ from quantization.calibration import (
 )
 from quantization.dataset_split import train_and_heldout_episodes
 from quantization.errors import QuantizationError
-from quantization.quantize_torch import set_engine
+from rover_runtime.backends import ModelError, load_model
 from rover_runtime.bundle import Bundle, open_bundle
 
 log = logging.getLogger(__name__)
@@ -42,38 +40,17 @@ DEFAULT_MAX_SAMPLES = 200
 
 
 class BundleRunner:
-    """Runs a bundle's model (TorchScript or ONNX) on positional float32 inputs; returns a numpy array."""
+    """Runs a bundle's model with the car's own backend (rover_runtime.backends) on positional inputs."""
 
     def __init__(self, bundle: Bundle, threads: int) -> None:
         self.bundle = bundle
-        manifest = bundle.manifest
-        self.names = [manifest.inputs.state_key, *(img.key for img in manifest.inputs.images)]
-        if manifest.model_format == "torchscript":
-            torch.set_num_threads(threads)
-            if manifest.engine:
-                set_engine(manifest.engine)
-            jit_load: Any = torch.jit.load
-            self._torch = jit_load(str(bundle.model_path), map_location="cpu")
-            self._torch.eval()
-            self._ort = None
-        else:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            self._ort = ort.InferenceSession(
-                str(bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-            self._torch = None
+        try:
+            self._model = load_model(bundle, threads, bundle.manifest.engine)
+        except ModelError as exc:
+            raise QuantizationError(str(exc)) from exc
 
     def __call__(self, inputs: tuple[Any, ...]) -> Any:
-        if self._torch is not None:
-            if self.bundle.manifest.engine:
-                torch.backends.quantized.engine = self.bundle.manifest.engine
-            with torch.inference_mode():
-                return self._torch(*inputs).numpy()
-        assert self._ort is not None
-        feeds = {name: t.numpy() for name, t in zip(self.names, inputs, strict=True)}
-        return self._ort.run(None, feeds)[0]
+        return self._model.run([np.asarray(t) for t in inputs])
 
 
 def measure_latency(

@@ -1,6 +1,7 @@
 """The `demo` command: this stage end to end on the embedded demo dataset and policy.
 
-demo dataset -> trained demo ACT -> bundles (FP32/dynamic/static torch, FP32/static ONNX Runtime) ->
+demo dataset -> trained demo ACT -> bundles (FP32/dynamic/static torch, FP32/static ONNX Runtime, FP32/static
+ExecuTorch XNNPACK) ->
 compare on the held-out episodes -> report. Datasets, policies and bundles are cached under the cache root
 keyed by their inputs (and the quantization code), and so is the comparison (by the bundles, the dataset,
 the settings and the host), so a second run reuses all of it.
@@ -36,10 +37,12 @@ DEMO_VARIANTS = (
     ("static-int8-torch", "static", "torch"),
     ("fp32-onnx", "fp32", "onnxruntime"),
     ("static-int8-onnx", "static", "onnxruntime"),
+    ("fp32-executorch", "fp32", "executorch"),
+    ("static-int8-executorch", "static", "executorch"),
 )
 _CODE_FILES = (
-    "act_inference.py", "calibration.py", "export.py", "policy_loading.py", "quantize.py",
-    "quantize_onnx.py", "quantize_torch.py",
+    "act_inference.py", "backends.py", "calibration.py", "export.py", "policy_loading.py", "quantize.py",
+    "quantize_executorch.py", "quantize_onnx.py", "quantize_torch.py",
 )  # fmt: skip
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quantization import __version__
+from quantization.backends import backend_for
 from quantization.bundle_writer import check_output, write_bundle
 from quantization.calibration import (
     DEFAULT_SAMPLES,
@@ -34,14 +34,12 @@ from rover_runtime.bundle import (
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = {"torch": ("model.pt", "torchscript"), "onnxruntime": ("model.onnx", "onnx")}
-
 
 @dataclass(frozen=True)
 class QuantizeRequest:
     policy: Path
     mode: str  # fp32, dynamic, static
-    backend: str  # torch, onnxruntime
+    backend: str  # torch, onnxruntime, executorch (quantization.backends)
     dataset: Path
     output: Path
     samples: int = DEFAULT_SAMPLES
@@ -50,13 +48,13 @@ class QuantizeRequest:
     per_channel: bool = False  # torch static: per-channel weights (ONNX static is always per-channel)
     observer: str = "histogram"  # torch static activation observer
     onnx_calibration: str = "minmax"
+    onnx_variant: str = "u8s8"  # ONNX static: quantization.quantize_onnx.ONNX_VARIANTS
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("fp32", "dynamic", "static"):
             raise QuantizationError(f"unknown mode {self.mode!r} (fp32, dynamic or static)")
-        if self.backend not in MODEL_FILES:
-            raise QuantizationError(f"unknown backend {self.backend!r} (torch or onnxruntime)")
+        backend_for(self.backend, self.mode)
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the produced model (part of the demo's cache key)."""
@@ -64,10 +62,13 @@ class QuantizeRequest:
             "mode": self.mode,
             "backend": self.backend,
             "samples": self.samples if self.mode == "static" else 0,
-            "engine": self.engine if self.backend == "torch" and self.mode != "fp32" else None,
+            "engine": self.engine
+            if backend_for(self.backend, self.mode).uses_engine and self.mode != "fp32"
+            else None,
             "per_channel": self.per_channel,
             "observer": self.observer,
             "onnx_calibration": self.onnx_calibration,
+            "onnx_variant": self.onnx_variant,
             "seed": self.seed,
         }
 
@@ -89,10 +90,9 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
 
     from quantization.act_inference import build_inference_model, inference_parameter_count, model_spec  # noqa: PLC0415
     from quantization.policy_loading import load_policy  # noqa: PLC0415
-    from quantization.quantize_torch import set_engine  # noqa: PLC0415
 
-    if request.backend == "torch" and request.mode != "fp32":
-        set_engine(request.engine)
+    backend = backend_for(request.backend, request.mode)
+    write = backend.writer()
     loaded = load_policy(request.policy)
     spec = model_spec(loaded.config)
     names = check_dataset_features(request.dataset, spec)
@@ -100,14 +100,13 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
     if request.mode == "static":
         calibration = draw_calibration_set(request.dataset, spec, request.samples, seed=request.seed)
     model = build_inference_model(loaded.policy, loaded.preprocessor, loaded.postprocessor)
-    model_file, model_format = MODEL_FILES[request.backend]
 
     def write_model(path: Path) -> Manifest:
-        floats = _write_model(request, model, spec, calibration, path)
+        written = write(request, model, spec, calibration, path)
         return Manifest(
             schema_version=SCHEMA_VERSION,
-            model_file=model_file,
-            model_format=model_format,
+            model_file=backend.model_file,
+            model_format=backend.model_format,
             mode=request.mode,
             backend=request.backend,
             engine=request.settings()["engine"],
@@ -145,7 +144,7 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
                 failures=tuple(calibration.failures) if calibration else (),
                 dataset=str(request.dataset.absolute()),
                 episodes=calibration.episodes if calibration else (),
-                float_layers=tuple(floats),
+                float_layers=written.float_layers,
             ),
             files=(),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -156,51 +155,14 @@ def quantize_policy(request: QuantizeRequest) -> Bundle:
                 "torch": str(torch.__version__),
                 "onnx": _version("onnx"),
                 "onnxruntime": _version("onnxruntime"),
+                "executorch": _version("executorch"),
+                "torchao": _version("torchao"),
                 "settings": ", ".join(f"{k}={v}" for k, v in request.settings().items()),
             },
+            delegation=written.delegation,
         )
 
-    bundle = write_bundle(output, model_file, write_model, force=request.force)
+    bundle = write_bundle(output, backend.model_file, write_model, force=request.force)
     if calibration is not None:
         log.info(calibration.summary())
     return bundle
-
-
-def _write_model(
-    request: QuantizeRequest, model: Any, spec: Any, calibration: CalibrationSet | None, path: Path
-) -> list[str]:
-    """Write the model file; return the names of the layers left in float."""
-    from quantization.export import export_onnx, export_torchscript, input_names  # noqa: PLC0415
-    from quantization.quantize_onnx import float_nodes, quantize_dynamic_matmul, quantize_static_qdq  # noqa: PLC0415
-    from quantization.quantize_torch import StaticOptions, float_layers, quantize_dynamic, quantize_static  # noqa: PLC0415
-
-    example = spec.example_inputs(1)
-    if request.backend == "torch":
-        if request.mode == "fp32":
-            export_torchscript(model, example, path)
-            return []
-        if request.mode == "dynamic":
-            qmodel = quantize_dynamic(model, request.engine)
-        else:
-            assert calibration is not None
-            options = StaticOptions(per_channel=request.per_channel, observer=request.observer)
-            qmodel = quantize_static(model, calibration.inputs, request.engine, options)
-        export_torchscript(qmodel, example, path)
-        return float_layers(qmodel)
-    if request.mode == "fp32":
-        export_onnx(model, spec, example, path)
-        return []
-    work = path.parent / ".work"
-    work.mkdir()
-    try:
-        fp32_path = export_onnx(model, spec, example, work / "fp32.onnx")
-        if request.mode == "dynamic":
-            quantize_dynamic_matmul(fp32_path, path)
-        else:
-            assert calibration is not None
-            quantize_static_qdq(
-                fp32_path, path, input_names(spec), calibration.inputs, method=request.onnx_calibration
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return float_nodes(path)

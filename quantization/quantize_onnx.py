@@ -1,18 +1,22 @@
 """ONNX Runtime INT8 quantization of the exported ACT.
 
-- static: QDQ format, U8S8 (uint8 activations, int8 weights), per-channel weights, calibrated on the same
-  dataset samples as the torch backend (MinMax by default; Percentile / Entropy selectable).
+- static: QDQ format, per-channel INT8 weights, calibrated on the same dataset samples as the torch backend
+  (MinMax by default; Percentile / Entropy selectable). Activations are uint8 (U8S8) or int8 (S8S8), and the
+  attention's activation x activation MatMuls (scores and weighted sum) are quantized or left in float: the
+  `QdqVariant`s, compared in docs/quantization.md; `DEFAULT_VARIANT` is the one chosen there.
 - dynamic: INT8 weights on MatMul/Gemm only (quantizing the convolutions dynamically is slower here).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from onnxruntime.quantization import (
@@ -25,12 +29,56 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from quantization.act_inference import ModelSpec
+from quantization.backends import WrittenModel
 from quantization.errors import QuantizationError
+from quantization.export import export_onnx, input_names
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from quantization.calibration import CalibrationSet
+    from quantization.quantize import QuantizeRequest
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 _COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class QdqVariant:
+    name: str
+    activations: str  # "u8" or "s8"
+    attention_matmuls: str  # "int8" (quantized) or "float" (activation x activation MatMuls left in float)
+
+
+ONNX_VARIANTS = (
+    QdqVariant("u8s8", "u8", "int8"),
+    QdqVariant("s8s8", "s8", "int8"),
+    QdqVariant("u8s8_float_attention", "u8", "float"),
+    QdqVariant("s8s8_float_attention", "s8", "float"),
+)
+VARIANTS_BY_NAME = {v.name: v for v in ONNX_VARIANTS}
+DEFAULT_VARIANT = VARIANTS_BY_NAME["u8s8"]
+
+
+def variant_named(name: str) -> QdqVariant:
+    if name not in VARIANTS_BY_NAME:
+        raise QuantizationError(f"unknown ONNX INT8 variant {name!r} ({', '.join(VARIANTS_BY_NAME)})")
+    return VARIANTS_BY_NAME[name]
+
+
+def activation_matmuls(model_path: Path) -> list[str]:
+    """The MatMul nodes whose two inputs are both activations (no initializer): attention's QK^T and AV."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type == "MatMul" and not any(i in constants for i in node.input[:2])
+    ]
 
 
 class _SampleReader:
@@ -63,6 +111,7 @@ def quantize_static_qdq(
     *,
     method: str = "minmax",
     exclude_nodes: Sequence[str] = (),
+    variant: QdqVariant = DEFAULT_VARIANT,
 ) -> None:
 
     if method not in CALIBRATION_METHODS:
@@ -81,17 +130,25 @@ def quantize_static_qdq(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".onnx-prep-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        log.info("ONNX static QDQ U8S8 per-channel, %s calibration on %d samples", method, len(samples))
+        exclude = list(exclude_nodes)
+        if variant.attention_matmuls == "float":
+            exclude += activation_matmuls(prepared)
+        log.info(
+            "ONNX static QDQ %s per-channel, %s calibration on %d samples (%d nodes left in float)",
+            variant.name, method, len(samples), len(exclude),
+        )  # fmt: skip
         quantize_static(
             str(prepared),
             str(out_path),
             Reader(input_names, samples),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QUInt8 if variant.activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate,
-            nodes_to_exclude=list(exclude_nodes),
+            nodes_to_exclude=exclude,
+            # S8S8 with symmetric activations is what ORT's Arm kernels prefer.
+            extra_options={"ActivationSymmetric": variant.activations == "s8"},
         )
 
 
@@ -130,3 +187,32 @@ def float_nodes(model_path: Path) -> list[str]:
             others[node.op_type] += 1
     names.extend(f"{count} {op} node(s) (float)" for op, count in sorted(others.items()))
     return names
+
+
+def write_model(
+    request: QuantizeRequest,
+    model: nn.Module,
+    spec: ModelSpec,
+    calibration: CalibrationSet | None,
+    path: Path,
+) -> WrittenModel:
+    """The onnxruntime backend: FP32 ONNX, then dynamic MatMul INT8 or static QDQ INT8 from it."""
+    example = spec.example_inputs(1)
+    if request.mode == "fp32":
+        export_onnx(model, spec, example, path)
+        return WrittenModel()
+    work = path.parent / ".work"
+    work.mkdir()
+    try:
+        fp32_path = export_onnx(model, spec, example, work / "fp32.onnx")
+        if request.mode == "dynamic":
+            quantize_dynamic_matmul(fp32_path, path)
+        else:
+            assert calibration is not None
+            quantize_static_qdq(
+                fp32_path, path, input_names(spec), calibration.inputs, method=request.onnx_calibration,
+                variant=variant_named(request.onnx_variant),
+            )  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return WrittenModel(float_layers=tuple(float_nodes(path)))

@@ -19,14 +19,21 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.ao import quantization as _tq
 
-from quantization.act_inference import InferenceACT
+from quantization.act_inference import InferenceACT, ModelSpec
+from quantization.backends import WrittenModel
 from quantization.errors import QuantizationError
+from quantization.export import export_torchscript
+
+if TYPE_CHECKING:
+    from quantization.calibration import CalibrationSet
+    from quantization.quantize import QuantizeRequest
 
 log = logging.getLogger(__name__)
 tq: Any = _tq  # torch.ao.quantization is untyped
@@ -163,3 +170,25 @@ def quantized_layers(model: nn.Module) -> list[str]:
         and "DeQuantize" not in _kind(m)
         and _kind(m).removeprefix("Quantized") != "Quantize"
     ]
+
+
+def write_model(
+    request: QuantizeRequest,
+    model: InferenceACT,
+    spec: ModelSpec,
+    calibration: CalibrationSet | None,
+    path: Path,
+) -> WrittenModel:
+    """The torch backend: TorchScript FP32, or eager-mode dynamic/static INT8 for `request.engine`."""
+    example = spec.example_inputs(1)
+    if request.mode == "fp32":
+        export_torchscript(model, example, path)
+        return WrittenModel()
+    if request.mode == "dynamic":
+        qmodel = quantize_dynamic(model, request.engine)
+    else:
+        assert calibration is not None
+        options = StaticOptions(per_channel=request.per_channel, observer=request.observer)
+        qmodel = quantize_static(model, calibration.inputs, request.engine, options)
+    export_torchscript(qmodel, example, path)
+    return WrittenModel(float_layers=tuple(float_layers(qmodel)))

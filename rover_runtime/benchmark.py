@@ -51,6 +51,7 @@ def versions() -> dict[str, str | None]:
         "opencv": _version("opencv-python-headless") or _version("opencv-python"),
         "torch": _version("torch"),
         "onnxruntime": _version("onnxruntime"),
+        "executorch": _version("rover-executorch"),
         "pyserial": _version("pyserial"),
     }
 

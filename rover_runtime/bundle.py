@@ -30,9 +30,11 @@ MANIFEST_NAME = "manifest.json"
 # The manifest's SSH signature (`ssh-keygen -Y sign -n rover-bundle`): the one file a bundle may hold that the
 # manifest does not list (it signs the manifest, so the manifest cannot record it). Never read here.
 SIGNATURE_NAME = "manifest.json.sig"
-MODEL_FORMATS = ("torchscript", "onnx")
 MODES = ("fp32", "dynamic", "static")
-BACKENDS = ("torch", "onnxruntime")
+# Each backend runs exactly one model format.
+BACKEND_FORMATS = {"torch": "torchscript", "onnxruntime": "onnx", "executorch": "pte"}
+BACKENDS = tuple(BACKEND_FORMATS)
+MODEL_FORMATS = tuple(BACKEND_FORMATS.values())
 _HASH_CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a real manifest is a few kB
 
@@ -90,6 +92,24 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Delegation:
+    """How much of an ExecuTorch program runs in its delegate (XNNPACK); the rest runs in portable kernels.
+
+    `not_delegated` lists "operator: count" for the compute nodes left outside.
+    """
+
+    delegate: str
+    nodes_delegated: int
+    nodes_not_delegated: int
+    not_delegated: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        total = self.nodes_delegated + self.nodes_not_delegated
+        return self.nodes_delegated / total if total else 0.0
+
+
+@dataclass(frozen=True)
 class SourcePolicy:
     path: str
     weights_sha256: str
@@ -117,9 +137,13 @@ class Manifest:
     files: tuple[FileEntry, ...]
     created_at: str
     tool_versions: dict[str, str] = field(default_factory=dict)
+    delegation: Delegation | None = None  # ExecuTorch bundles: what runs in the delegate
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        raw = asdict(self)
+        if raw["delegation"] is None:  # absent, not null: a bundle without one keeps its content hash
+            del raw["delegation"]
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
 
     @property
     def model_bytes(self) -> int:
@@ -396,6 +420,11 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
     model_format = _choice(raw, "model_format", MODEL_FORMATS, where)
     mode = _choice(raw, "mode", MODES, where)
     backend = _choice(raw, "backend", BACKENDS, where)
+    if BACKEND_FORMATS[backend] != model_format:
+        raise BundleError(
+            f"{where}: backend {backend!r} runs model_format {BACKEND_FORMATS[backend]!r}, "
+            f"not {model_format!r}"
+        )
     engine = _get(raw, "engine", (str, type(None)), where)
 
     src = _get(raw, "source", dict, where)
@@ -519,4 +548,22 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         files=tuple(files),
         created_at=_get(raw, "created_at", str, where),
         tool_versions=dict(tool_versions),
+        delegation=_delegation(raw, where),
+    )
+
+
+def _delegation(raw: dict[str, Any], where: str) -> Delegation | None:
+    """The optional `delegation` object (ExecuTorch bundles)."""
+    if raw.get("delegation") is None:
+        return None
+    obj = _get(raw, "delegation", dict, where)
+    w_del = f"{where} delegation"
+    counts = [_get(obj, key, int, w_del) for key in ("nodes_delegated", "nodes_not_delegated")]
+    if min(counts) < 0:
+        raise BundleError(f"{w_del}: node counts must not be negative")
+    return Delegation(
+        delegate=_get(obj, "delegate", str, w_del),
+        nodes_delegated=counts[0],
+        nodes_not_delegated=counts[1],
+        not_delegated=_str_tuple(obj, "not_delegated", w_del),
     )

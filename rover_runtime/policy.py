@@ -1,4 +1,4 @@
-"""The policy: a verified bundle run by TorchScript or ONNX Runtime, or a stub for loop tests.
+"""The policy: a verified bundle run by its backend (torch, ONNX Runtime, ExecuTorch), or a loop-test stub.
 
 `load_policy` opens the bundle through `rover_runtime.bundle.open_bundle` (schema and every sha256 checked
 before anything is loaded), loads the model, and runs one warm-up inference on the manifest's input shapes
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from rover_runtime.backends import ModelError, load_model
 from rover_runtime.bundle import Bundle, BundleError, open_bundle
 from rover_runtime.preprocess import preprocess_image, preprocess_state
 
@@ -41,7 +42,7 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class PolicyInfo:
-    backend: str  # "torch", "onnxruntime" or "stub"
+    backend: str  # a bundle backend ("torch", "onnxruntime", "executorch") or "stub"
     engine: str | None
     mode: str  # fp32 / dynamic / static / stub
     content_hash: str | None
@@ -100,11 +101,14 @@ class BundlePolicy:
         self.image_specs = m.inputs.images
         self.value_range = m.inputs.image_value_range
         self.threads = resolve_threads(threads)
-        self.engine = resolve_engine(engine, m.engine)
-        self._run: Any = self._load_torch() if m.model_format == "torchscript" else self._load_onnx()
+        self.engine = resolve_engine(engine, m.engine)  # torch's quantized engine; other backends ignore it
+        try:
+            self._model = load_model(bundle, self.threads, self.engine)
+        except ModelError as exc:
+            raise PolicyError(str(exc)) from exc
         self.info = PolicyInfo(
-            backend="torch" if m.model_format == "torchscript" else "onnxruntime",
-            engine=self.engine if m.model_format == "torchscript" else None,
+            backend=m.backend,
+            engine=self._model.engine,
             mode=m.mode,
             content_hash=m.content_hash,
             model_bytes=m.model_bytes,
@@ -117,64 +121,8 @@ class BundlePolicy:
         )
         self._warm_up()
 
-    def _load_torch(self) -> Any:
-        try:
-            import torch  # noqa: PLC0415 - the engine is chosen by the bundle
-        except ImportError as exc:
-            raise PolicyError("a TorchScript bundle needs torch (pip install 'rover-fleet[torch]')") from exc
-        torch.set_num_threads(self.threads)
-        if self.engine is not None:
-            supported = torch.backends.quantized.supported_engines
-            if self.engine not in supported:
-                raise PolicyError(
-                    f"config policy.engine: {self.engine!r} is not available in this torch build "
-                    f"(available: {', '.join(e for e in supported if e != 'none')})"
-                )
-            torch.backends.quantized.engine = self.engine
-        try:
-            module = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(self.bundle.model_path), map_location="cpu"
-            )
-        except Exception as exc:
-            raise PolicyError(f"bundle {self.bundle.root}: TorchScript model does not load: {exc}") from exc
-        module.eval()
-
-        def run(state: NDArray[Any], images: Sequence[NDArray[Any]]) -> NDArray[Any]:
-            with torch.inference_mode():
-                out = module(torch.from_numpy(state), *(torch.from_numpy(image) for image in images))
-            return np.asarray(out.detach().numpy())
-
-        return run
-
-    def _load_onnx(self) -> Any:
-        try:
-            import onnxruntime as ort  # noqa: PLC0415
-        except ImportError as exc:
-            raise PolicyError("an ONNX bundle needs onnxruntime (pip install 'rover-fleet[onnx]')") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            session = ort.InferenceSession(
-                str(self.bundle.model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:
-            raise PolicyError(f"bundle {self.bundle.root}: ONNX model does not load: {exc}") from exc
-        names = [i.name for i in session.get_inputs()]
-        expected = 1 + len(self.image_specs)
-        if len(names) != expected:
-            raise PolicyError(
-                f"bundle {self.bundle.root}: the ONNX model has {len(names)} inputs, expected {expected} "
-                f"(the state and {len(self.image_specs)} camera(s), as the manifest lists)"
-            )
-
-        def run(state: NDArray[Any], images: Sequence[NDArray[Any]]) -> NDArray[Any]:
-            feed = {names[0]: state, **dict(zip(names[1:], images, strict=True))}
-            return np.asarray(session.run(None, feed)[0])
-
-        return run
+    def _run(self, state: NDArray[Any], images: Sequence[NDArray[Any]]) -> NDArray[Any]:
+        return self._model.run([state, *images])
 
     def preprocess(
         self, images_bgr: Sequence[NDArray[Any]], state: Sequence[float]

@@ -35,6 +35,8 @@ apt_packages=(
   python3-venv python3-dev build-essential git rsync socat openssh-client iproute2
   mmdebstrap systemd-container qemu-user-static binfmt-support debian-archive-keyring arch-test
   gcc-avr avr-libc binutils-avr arduino-core-avr libsimavr-dev g++
+  # builds the cars' ExecuTorch runtime (roles/rover_python/files/executorch_wheel.py) for the Pi
+  g++-aarch64-linux-gnu
   # FFmpeg 5.1's libraries, which lerobot's video decoder (torchcodec) loads
   libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
 )
@@ -81,5 +83,16 @@ if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; th
 else
   # The venv is shared by clones: point its editable install at this one (fast, no dependencies).
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+fi
+
+# The ExecuTorch runtime a car uses (rover-executorch: executorch's C++ libraries and a C interface, no
+# torch), built from the executorch wheel for this machine, so the controller runs `.pte` bundles as a car does.
+et_result=$("$venv/bin/python" "$here/roles/rover_python/files/executorch_wheel.py" \
+  --arch "$(uname -m)" --out "$cache/runtime-wheels/executorch" | tail -1)
+et_wheel=$("$venv/bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["wheel"])' "$et_result")
+et_stamp="$venv/.rover-executorch"
+if [[ "$(cat "$et_stamp" 2>/dev/null)" != "$(basename "$et_wheel")" ]]; then
+  "$venv/bin/pip" install -q --no-deps --force-reinstall "$et_wheel" 2> >(grep -v 'is ignored: it is neither a file' >&2)
+  basename "$et_wheel" >"$et_stamp"
 fi
 echo "==> venv ready: $venv"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole story on the simulated fleet (run by `make demo` after bootstrap.sh):
-# simulated fleet up -> demo dataset and policy -> quantize (FP32, dynamic, static; torch and ONNX Runtime)
-# -> compare + report -> provision -> deploy -> benchmark -> where the reports are.
+# simulated fleet up -> demo dataset and policy -> quantize (FP32, dynamic, static; torch, ONNX Runtime and
+# ExecuTorch) -> compare + report -> provision -> deploy the report's recommendation -> benchmark -> where
+# the reports are.
 # A second run reuses every cache (image, dataset, policy, bundles, wheelhouse, running fleet) and is fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +10,6 @@ out=$(realpath -m "${OUT:-out}")
 fleet=${ROVER_FLEET:-demo}
 hosts=${ROVER_FLEET_HOSTS:-2}
 inventory=inventory/sim/hosts.yml
-# The bundle the cars run: ONNX Runtime static INT8 is the fastest measured path (docs/quantization.md).
-bundle=${ROVER_DEMO_BUNDLE:-static-int8-onnx}
 started=$SECONDS
 step() { printf '\n==> [%s +%ds] %s\n' "$(date +%H:%M:%S)" $((SECONDS - started)) "$*"; }
 
@@ -24,6 +23,15 @@ fi
 
 step "2/6 demo dataset, demo policy, bundles, comparison, report: python -m quantization demo"
 python -m quantization demo --out "$out"
+
+# The bundle the cars run: the report's recommendation (the fastest INT8 bundle within the accuracy
+# target, report.json), unless ROVER_DEMO_BUNDLE names one.
+bundle=${ROVER_DEMO_BUNDLE:-$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["recommended"] or "")' "$out/report/report.json")}
+if [[ -z $bundle ]]; then
+  echo "error: $out/report/report.json recommends no bundle (no INT8 bundle is within the accuracy target); set ROVER_DEMO_BUNDLE=<name in $out/bundles> to deploy one anyway" >&2
+  exit 1
+fi
+echo "the report recommends $bundle"
 
 step "3/6 provision: ansible-playbook playbooks/provision.yml"
 ansible-playbook -i "$inventory" playbooks/provision.yml

@@ -62,14 +62,35 @@ def test_python_fact_records_the_venvs_engines(host: Any, settings: dict[str, An
         "        return m.version(name)\n"
         "    except m.PackageNotFoundError:\n"
         "        return None\n"
-        "print(json.dumps({'python': sys.version[:4], 'torch': v('torch'), 'onnxruntime': v('onnxruntime')}))"
+        "print(json.dumps({'python': sys.version[:4], 'torch': v('torch'), 'onnxruntime': v('onnxruntime'),"
+        " 'executorch': v('rover-executorch')}))"
     )
     actual = json.loads(host.check_output(f"{python} -c {shlex.quote(probe)}"))
     assert fact["python"] == actual["python"]
     assert fact["torch"] == actual["torch"]
     assert fact["onnxruntime"] == actual["onnxruntime"]
-    assert fact["engines"] == [engine for engine in ("torch", "onnxruntime") if actual[engine]]
+    assert fact["executorch"] == actual["executorch"]
+    assert fact["engines"] == [engine for engine in ("torch", "onnxruntime", "executorch") if actual[engine]]
     assert (actual["torch"] or "").split("+")[0] == (expected_torch(host, settings) or "")
+
+
+def test_executorch_runtime_loads_without_torch(host: Any, settings: dict[str, Any]) -> None:
+    if not settings["rover_python_executorch_version"]:
+        pytest.skip("rover_python_executorch_version is empty: no ExecuTorch runtime on the cars")
+    python = f"{settings['rover_python_venv_dir']}/bin/python"
+    # torch blocked: the car's ExecuTorch runtime is its own C++ libraries, called through ctypes.
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import ctypes, json, rover_executorch\n"
+        "lib = ctypes.CDLL(str(rover_executorch.LIBRARY))\n"
+        "print(json.dumps([rover_executorch.EXECUTORCH_VERSION, lib.rover_et_abi_version()]))"
+    )
+    result = host.run(f"{python} -c {shlex.quote(script)}")
+    assert result.rc == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [
+        settings["rover_python_executorch_version"],
+        1,
+    ]
 
 
 def test_venv_imports_torch_with_qnnpack_engine(host: Any, settings: dict[str, Any]) -> None:

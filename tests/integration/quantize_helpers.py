@@ -18,6 +18,7 @@ from quantization.dataset_split import train_and_heldout_episodes
 from quantization.demo import ensure_bundle
 from quantization.quantize import QuantizeRequest
 from quantization.train_demo import dataset_fingerprint
+from rover_runtime.backends import load_model
 from rover_runtime.bundle import open_bundle
 
 CALIBRATION_SAMPLES = 16
@@ -27,6 +28,8 @@ VARIANTS = {
     "static-torch": ("static", "torch"),
     "fp32-onnx": ("fp32", "onnxruntime"),
     "static-onnx": ("static", "onnxruntime"),
+    "fp32-executorch": ("fp32", "executorch"),
+    "static-executorch": ("static", "executorch"),
 }
 
 
@@ -55,16 +58,19 @@ def heldout_batch(dataset: Path, count: int = 4) -> dict[str, object]:
     return {k: torch.stack([item[k] for item in items]) for k in keys}
 
 
-def run_bundle(bundle_dir: Path, batch: dict[str, torch.Tensor], camera_keys: list[str]) -> np.ndarray:
-    """Run a bundle's model file (TorchScript or ONNX) on a lerobot observation batch."""
+def run_bundle(
+    bundle_dir: Path, batch: dict[str, torch.Tensor], camera_keys: list[str] | None = None
+) -> np.ndarray:
+    """Run a bundle's model with the car's own backend on a lerobot observation batch, one frame at a time
+    (an ExecuTorch program takes batch 1); `camera_keys` default to the manifest's."""
     bundle = open_bundle(bundle_dir)
-    inputs = [batch["observation.state"], *(batch[k] for k in camera_keys)]
-    if bundle.manifest.model_format == "torchscript":
-        module = torch.jit.load(str(bundle.model_path))
-        with torch.no_grad():
-            return module(*inputs).numpy()
-    import onnxruntime as ort  # noqa: PLC0415
-
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
+    model = load_model(bundle, threads=2, engine=bundle.manifest.engine)
+    keys = camera_keys or [img.key for img in bundle.manifest.inputs.images]
+    frames = len(batch["observation.state"])
+    outputs = [
+        model.run(
+            [batch["observation.state"][i : i + 1].numpy(), *(batch[k][i : i + 1].numpy() for k in keys)]
+        )
+        for i in range(frames)
+    ]
+    return np.concatenate(outputs, axis=0)

@@ -1,8 +1,12 @@
 """The emulated arm64 trixie car (qemu-user): the real target architecture and OS of a Pi 5 flashed today.
 
 One car, the whole path a user takes: provision (the aarch64 cp313 wheelhouse built on this x86_64
-controller, installed offline; PyPI's aarch64 CPU torch with qnnpack), deploy the static INT8 ONNX bundle of
-the test policy through the health gate, and one `rover-runtime check` inference on the car.
+controller, installed offline; PyPI's aarch64 CPU torch with qnnpack, ONNX Runtime, and the ExecuTorch runtime
+cross-compiled here), deploy the static INT8 ONNX bundle of the test policy through the health gate, and one
+`rover-runtime check` inference on the car. Then the proof on the target architecture: every INT8 bundle kind
+we ship (ExecuTorch XNNPACK, ONNX Runtime QDQ, torch qnnpack) runs on the same recorded held-out inputs on
+the car, with the car's own backends, and must give the actions it gives on this x86 controller within
+ARM64_TOLERANCE_PCT of the action range.
 Emulation is ~100x slower than a Pi: deadlines are raised for this car only, speed is not judged here.
 """
 
@@ -10,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from deploy_helpers import car, content_hash, current_bundle, run_playbook
-from quantize_helpers import tiny_bundle
+from quantize_helpers import heldout_batch, run_bundle, tiny_bundle
 
+from quantization.calibration import action_range
 from simfleet.testing import running_fleet
 
 pytestmark = [pytest.mark.arm64, pytest.mark.fleet, pytest.mark.slow]
@@ -38,6 +45,46 @@ EMULATED_CAR_VARS = {
     # qemu-user cannot create an IPC namespace for the service (226/NAMESPACE).
     "rover_runtime_service_private_ipc": False,
 }
+
+
+# Every INT8 bundle kind we ship, and the largest difference allowed between its actions on the arm64 car and
+# on x86, in % of the action range: the same program, different kernels (XNNPACK/MLAS/QNNPACK for Arm vs x86);
+# an INT8 rounding step that flips shifts an output by a fraction of a percent, a wrong kernel by far more.
+INT8_KINDS = ("static-executorch", "static-onnx", "static-torch")
+ARM64_TOLERANCE_PCT = 1.0
+PARITY_FRAMES = 4
+# Run on the car with its venv and the release's rover_runtime: a bundle on recorded inputs -> actions (.npy).
+PARITY_SCRIPT = """
+import sys
+import numpy as np
+from rover_runtime.backends import load_model
+from rover_runtime.bundle import open_bundle
+bundle = open_bundle(sys.argv[1])
+data = np.load(sys.argv[2])
+model = load_model(bundle, threads=2, engine=bundle.manifest.engine)
+keys = ["observation.state", *(img.key for img in bundle.manifest.inputs.images)]
+frames = len(data["observation.state"])
+out = np.concatenate([model.run([data[k][i : i + 1] for k in keys]) for i in range(frames)])
+np.save(sys.argv[3], out)
+print(bundle.manifest.backend, out.shape)
+"""
+
+
+def _parity_on_car(host, bundles: dict[str, Path], inputs: Path) -> dict[str, np.ndarray]:
+    """Copy the bundles and the inputs to the car, run each there, bring the actions back."""
+    host.run("rm -rf /tmp/parity && mkdir -p /tmp/parity")
+    host.ansible("ansible.builtin.copy", f"src={inputs} dest=/tmp/parity/inputs.npz", check=False)
+    results = {}
+    for name, bundle in bundles.items():
+        host.ansible("ansible.builtin.copy", f"src={bundle}/ dest=/tmp/parity/{name}/", check=False)
+        run = host.run(
+            "cd /tmp && PYTHONPATH=/opt/rover/current/lib /opt/rover/venv/bin/python "
+            f"-c {shlex.quote(PARITY_SCRIPT)} "
+            f"/tmp/parity/{name} /tmp/parity/inputs.npz /tmp/parity/{name}.npy"
+        )
+        assert run.rc == 0, f"{name} on the arm64 car: {run.stdout}{run.stderr}"
+        results[name] = np.load(__import__("io").BytesIO(host.file(f"/tmp/parity/{name}.npy").content))
+    return results
 
 
 def test_arm64_trixie_car_provisions_deploys_and_infers(
@@ -77,6 +124,12 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
         )
         os_release = host.check_output(". /etc/os-release && echo $VERSION_CODENAME")
 
+        batch = heldout_batch(demo_dataset, PARITY_FRAMES)
+        inputs = tmp_path / "inputs.npz"
+        np.savez(inputs, **{k: v.numpy().astype(np.float32) for k, v in batch.items()})
+        kinds = {name: tiny_bundle(tiny_policy, demo_dataset, name) for name in INT8_KINDS}
+        on_car = _parity_on_car(host, kinds, inputs)
+
     machine, python, torch_version, engines, _ort = json.loads(report.splitlines()[-1])
     assert machine == "aarch64"
     assert python == [3, 13]
@@ -85,10 +138,24 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
     assert torch_version.split("+")[0] == "2.10.0"  # PyPI's aarch64 CPU wheel reports 2.10.0+cpu
     assert "qnnpack" in engines
     assert fact["python"] == "3.13"
-    assert fact["engines"] == ["torch", "onnxruntime"]
+    assert fact["engines"] == ["torch", "onnxruntime", "executorch"]
+    assert any(
+        w.startswith("rover_executorch-1.5.1+rover") and w.endswith("_aarch64.whl") for w in wheels.split()
+    )
     assert check.rc == 0, check.stdout + check.stderr
     result = json.loads(check.stdout)
     assert result["ok"] is True, result
     assert result["checks"]["bundle"]["content_hash"] == content_hash(bundle)
     assert result["checks"]["bundle"]["backend"] == "onnxruntime"
     assert result["checks"]["inference"]["finite"] is True
+
+    # The proof on the target architecture: each INT8 kind's actions on the car match x86's.
+    span = np.asarray(action_range(demo_dataset), dtype=np.float64)
+    for name, bundle_dir in kinds.items():
+        on_x86 = run_bundle(bundle_dir, batch)
+        assert on_car[name].shape == on_x86.shape == (PARITY_FRAMES, 10, 2), name
+        worst_pct = float((np.abs(on_car[name] - on_x86) / span).max() * 100)
+        print(f"{name}: max |arm64 - x86| = {worst_pct:.4f} % of the action range")
+        assert worst_pct <= ARM64_TOLERANCE_PCT, (
+            f"{name}: arm64 differs from x86 by {worst_pct:.3f} % of the range"
+        )

@@ -38,6 +38,7 @@ from deploy_helpers import (
     sign_manifest,
     signing_key,
 )
+from quantize_helpers import tiny_bundle
 
 from rover_runtime.testing import write_tiny_bundle
 
@@ -346,6 +347,30 @@ def test_a_two_camera_wheel_speed_bundle_drives_a_simulated_car(
         m = metrics(host)
     assert "wheel_speed" in m["serial"]["firmware"]
     run = _deploy_car1(deployed, bundles["a"])  # back to bundle a: its release again, not rebuilt
+    assert run.rc == 0, run.report()
+    assert current_release(host) == first
+
+
+def test_an_executorch_bundle_drives_a_simulated_car_without_torch(
+    deployed: Path, bundles: dict[str, Path], tiny_policy: Path, demo_dataset: Path
+) -> None:
+    """The static INT8 ExecuTorch bundle of the test policy on car1 (trixie, no torch): deployed through
+    the gate, and driven by the car's ExecuTorch runtime (rover_executorch)."""
+    host = car(deployed, "car1")
+    first = current_release(host)
+    assert host.run("/opt/rover/venv/bin/python -c 'import torch'").rc != 0  # this car has no torch
+    bundle = tiny_bundle(tiny_policy, demo_dataset, "static-executorch")
+    run = _deploy_car1(deployed, bundle)
+    assert run.rc == 0, run.report()
+    m = _wait_running(host, current_release(host))
+    assert (m["bundle"]["backend"], m["bundle"]["mode"]) == ("executorch", "static")
+    assert m["bundle"]["content_hash"] == content_hash(bundle)
+    deadline = time.monotonic() + 30
+    while not m["driving"]:
+        assert time.monotonic() < deadline, m
+        time.sleep(1)
+        m = metrics(host)
+    run = _deploy_car1(deployed, bundles["a"])
     assert run.rc == 0, run.report()
     assert current_release(host) == first
 

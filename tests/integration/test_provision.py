@@ -383,15 +383,16 @@ def test_mixed_fleet_is_provisioned_in_one_run(mixed_run: PlaybookRun, mixed_fle
         has_torch = host.run("/opt/rover/venv/bin/python -c 'import torch'").rc == 0
         if release == "bookworm":
             assert fact["torch"].split("+")[0] == "2.13.0"
-            assert fact["engines"] == ["torch", "onnxruntime"]
+            assert fact["engines"] == ["torch", "onnxruntime", "executorch"]
             assert has_torch
         else:
             assert fact["torch"] is None
-            assert fact["engines"] == ["onnxruntime"]
+            assert fact["engines"] == ["onnxruntime", "executorch"]
             assert not has_torch
+        assert fact["executorch"].startswith("1.5.1+rover")
     flat = mixed_run.text
     assert "car1: Python 3.13 on x86_64" in flat
-    assert "no torch (no entry in rover_python_torch_versions: ONNX bundles only)" in flat
+    assert "no torch (no entry in rover_python_torch_versions: no TorchScript bundles)" in flat
 
 
 def test_mixed_fleet_second_run_changes_nothing(mixed_run: PlaybookRun, mixed_fleet: FleetState) -> None:
@@ -427,8 +428,9 @@ def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     assert run.rc != 0
     assert error_lines(run) == [
         f"{FAILED} car1: bundle {content_hash(torch_bundle)[:12]} needs torch, which this car's venv"
-        " does not have (Python 3.13 on x86_64: onnxruntime only); deploy an ONNX Runtime "
-        "bundle to it, or give it torch (rover_python_torch_versions) and provision it again"
+        " does not have (Python 3.13 on x86_64 runs onnxruntime, executorch only); deploy a bundle for one"
+        " of those, or install torch on the car (rover_python_torch_versions /"
+        " rover_python_executorch_version) and provision it again"
     ]
     trixie, bookworm = car(inventory, "car1"), car(inventory, "car2")
     assert run.recap()["car1"]["changed"] == 0

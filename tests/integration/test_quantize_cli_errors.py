@@ -157,3 +157,22 @@ def test_bad_arguments_exit_2_in_one_line(capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("error: argument --mode: invalid choice")
+
+
+def test_a_mode_the_backend_lacks_is_one_line(
+    capsys, tiny_policy: Path, demo_dataset: Path, tmp_path: Path
+) -> None:
+    line = _quantize(
+        capsys, tiny_policy, demo_dataset, tmp_path / "out", "--backend", "executorch", "--mode", "dynamic"
+    )
+    assert line == "error: the executorch backend has no 'dynamic' mode (fp32, static)"
+    _assert_no_output(tmp_path / "out")
+
+
+def test_onnx_int8_choices_are_the_variants(capsys) -> None:
+    from quantization.quantize_onnx import VARIANTS_BY_NAME  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--onnx-int8", "int3"])
+    err = capsys.readouterr().err
+    assert all(f"'{name}'" in err for name in VARIANTS_BY_NAME), err

@@ -1,4 +1,4 @@
-"""The FP32 bundles (TorchScript and ONNX) compute what lerobot's ACTPolicy computes, within 1e-4.
+"""The FP32 bundles (TorchScript, ONNX and ExecuTorch) compute what lerobot's ACTPolicy computes, within 1e-4.
 
 The reference is lerobot's own code path: pre-processor -> ACTPolicy.predict_action_chunk / select_action ->
 post-processor, on held-out frames of the demo dataset. The bundles get the raw frames (real units, images
@@ -39,7 +39,7 @@ def reference(tiny_policy: Path, demo_dataset: Path) -> dict[str, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fp32-torch", "fp32-onnx"])
+@pytest.mark.parametrize("name", ["fp32-torch", "fp32-onnx", "fp32-executorch"])
 def test_fp32_bundle_matches_lerobot(name: str, tiny_policy: Path, demo_dataset: Path, reference) -> None:
     bundle_dir = tiny_bundle(tiny_policy, demo_dataset, name)
     out = run_bundle(bundle_dir, reference["batch"], reference["camera_keys"])
@@ -75,40 +75,36 @@ def test_fp32_manifest_records_the_source(tiny_policy: Path, demo_dataset: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fp32-torch", "static-torch", "static-onnx"])
+@pytest.mark.parametrize("name", ["fp32-torch", "static-torch", "static-onnx", "static-executorch"])
 def test_bundle_runs_without_lerobot_or_pickle(name: str, tiny_policy: Path, demo_dataset: Path) -> None:
-    """A fresh interpreter where importing lerobot fails loads and runs the model file."""
+    """A fresh interpreter where importing lerobot fails (and torch too, for the backends a car runs without
+    it) loads and runs the model file with the car's backend."""
     bundle_dir = tiny_bundle(tiny_policy, demo_dataset, name)
     script = textwrap.dedent(
         """
         import sys
         sys.modules["lerobot"] = None  # any import of lerobot now raises ImportError
+        import json
+        from pathlib import Path
+        if json.loads((Path(sys.argv[1]) / "manifest.json").read_text())["backend"] != "torch":
+            sys.modules["torch"] = None  # ONNX Runtime and ExecuTorch bundles run without torch
         import numpy as np
+        from rover_runtime.backends import load_model
         from rover_runtime.bundle import open_bundle
         bundle = open_bundle(sys.argv[1])
         m = bundle.manifest
         state = np.zeros((1, m.inputs.state_dim), np.float32)
         images = [np.full((1, *img.shape), 0.5, np.float32) for img in m.inputs.images]
-        if m.model_format == "torchscript":
-            import torch
-            if m.engine:
-                torch.backends.quantized.engine = m.engine
-            model = torch.jit.load(str(bundle.model_path))
-            out = model(torch.from_numpy(state), *map(torch.from_numpy, images))
-            out = out.detach().numpy()
-        else:
-            import onnxruntime as ort
-            s = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-            out = s.run(None, dict(zip([i.name for i in s.get_inputs()], [state, *images])))[0]
+        out = load_model(bundle, threads=2, engine=m.engine).run([state, *images])
         assert out.shape == (1, m.outputs.chunk_size, m.outputs.action_dim), out.shape
         assert np.isfinite(out).all()
-        print("ok")
+        print("ok", "torch" in sys.modules and sys.modules["torch"] is not None)
         """
     )
     done = subprocess.run([sys.executable, "-c", script, str(bundle_dir)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert done.stdout.strip() == f"ok {name.endswith('-torch')}"
 
 
 def test_nothing_unpickles_with_weights_only_false() -> None:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from quantize_helpers import CALIBRATION_SAMPLES, heldout_batch, tiny_bundle
+from quantize_helpers import CALIBRATION_SAMPLES, heldout_batch, run_bundle, tiny_bundle
 
 from quantization.calibration import action_range
 from rover_runtime.bundle import open_bundle
@@ -18,25 +17,10 @@ from rover_runtime.bundle import open_bundle
 MAX_MAE_PCT_OF_RANGE = 5.0
 
 
-def _predict(bundle_dir: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    bundle = open_bundle(bundle_dir)
-    inputs = [batch["observation.state"], *(batch[img.key] for img in bundle.manifest.inputs.images)]
-    if bundle.manifest.model_format == "torchscript":
-        if bundle.manifest.engine:
-            torch.backends.quantized.engine = bundle.manifest.engine
-        with torch.no_grad():
-            return torch.jit.load(str(bundle.model_path))(*inputs).numpy()
-
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    return session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)})[
-        0
-    ]
-
-
 @pytest.fixture(scope="module")
 def fp32_outputs(tiny_policy: Path, demo_dataset: Path) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     batch = heldout_batch(demo_dataset, 8)
-    return batch, _predict(tiny_bundle(tiny_policy, demo_dataset, "fp32-torch"), batch)
+    return batch, run_bundle(tiny_bundle(tiny_policy, demo_dataset, "fp32-torch"), batch)
 
 
 def _action_range(dataset: Path) -> np.ndarray:
@@ -45,12 +29,12 @@ def _action_range(dataset: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dynamic-torch", "static-torch", "static-onnx"])
+@pytest.mark.parametrize("name", ["dynamic-torch", "static-torch", "static-onnx", "static-executorch"])
 def test_int8_bundle_stays_close_to_fp32(
     name: str, tiny_policy: Path, demo_dataset: Path, fp32_outputs
 ) -> None:
     batch, reference = fp32_outputs
-    out = _predict(tiny_bundle(tiny_policy, demo_dataset, name), batch)
+    out = run_bundle(tiny_bundle(tiny_policy, demo_dataset, name), batch)
     mae_pct = (np.abs(out - reference).mean(axis=(0, 1)) / _action_range(demo_dataset) * 100).mean()
     assert out.shape == reference.shape
     assert 0 < mae_pct <= MAX_MAE_PCT_OF_RANGE  # quantized (not identical) yet close

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from rover_runtime.bundle import (
     SIGNATURE_NAME,
     BundleError,
     Calibration,
+    Delegation,
     ImageInput,
     InputSpec,
     Manifest,
@@ -191,6 +193,22 @@ def test_missing_manifest_is_refused(bundle_dir: Path) -> None:
         (lambda m: m["files"].append(dict(m["files"][0])), r"files\[1\]: model\.onnx is listed twice"),
         (lambda m: m.update(normalization="none"), "key 'normalization' must be one of"),
         (lambda m: m["inputs"]["images"][0].update(shape=[96, 128, 3]), "3 channels first"),
+        (
+            lambda m: m.update(backend="executorch"),
+            "backend 'executorch' runs model_format 'pte', not 'onnx'",
+        ),
+        (
+            lambda m: m.update(
+                delegation={
+                    "delegate": "XnnpackBackend",
+                    "nodes_delegated": -1,
+                    "nodes_not_delegated": 0,
+                    "not_delegated": [],
+                }
+            ),
+            "delegation: node counts must not be negative",
+        ),
+        (lambda m: m.update(delegation={"delegate": "XnnpackBackend"}), "missing key 'nodes_delegated'"),
     ],
 )
 def test_bad_schema_is_refused_naming_the_key(bundle_dir: Path, edit, message: str) -> None:
@@ -394,3 +412,17 @@ def test_commands_refuse_a_bad_bundle_without_a_traceback(
         assert proc.stdout == ""
         assert proc.stderr.count("\n") == 1
         assert message in proc.stderr
+
+
+def test_delegation_is_optional_and_round_trips(bundle_dir: Path) -> None:
+    before = open_bundle(bundle_dir).manifest
+    assert before.delegation is None
+    assert "delegation" not in json.loads(
+        before.to_json()
+    )  # absent, so older bundles keep their content hash
+    delegation = Delegation("XnnpackBackend", 90, 10, ("aten_native_layer_norm_default: 10",))
+    write_manifest(bundle_dir, replace(before, delegation=delegation))
+    after = open_bundle(bundle_dir).manifest
+    assert after.delegation == delegation
+    assert after.delegation.fraction == 0.9
+    assert after.content_hash != before.content_hash
