@@ -132,11 +132,13 @@ def check_delegation(delegation: Delegation) -> None:
     heavy = [entry for entry in delegation.not_delegated if _is_heavy(entry)]
     fraction = delegation.fraction
     if heavy or fraction < MIN_DELEGATED_FRACTION:
+        heavy_count = sum(int(entry.rsplit(":", 1)[1]) for entry in heavy)
         raise QuantizationError(
-            f"the ExecuTorch export left the model mostly outside XNNPACK: {delegation.nodes_delegated} of "
+            f"the ExecuTorch export leaves too much outside XNNPACK: {delegation.nodes_delegated} of "
             f"{delegation.nodes_delegated + delegation.nodes_not_delegated} compute nodes delegated "
-            f"({fraction:.0%}, need {MIN_DELEGATED_FRACTION:.0%} and every convolution/linear/matmul); "
-            f"outside: {', '.join(delegation.not_delegated[:12]) or 'none'}"
+            f"({fraction:.0%}), {heavy_count} convolution/linear/matmul nodes outside; refused below "
+            f"{MIN_DELEGATED_FRACTION:.0%} or with any of those outside. Outside: "
+            f"{', '.join(delegation.not_delegated[:12]) or 'none'}"
         )
 
 
