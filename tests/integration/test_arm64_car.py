@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from deploy_helpers import car, content_hash, current_bundle, run_playbook
+from deploy_helpers import car, container_pid, content_hash, current_bundle, run_playbook
 from quantize_helpers import heldout_batch, run_bundle, tiny_bundle
 
 from quantization.calibration import action_range
@@ -70,20 +71,23 @@ print(bundle.manifest.backend, out.shape)
 """
 
 
-def _parity_on_car(host, bundles: dict[str, Path], inputs: Path) -> dict[str, np.ndarray]:
-    """Copy the bundles and the inputs to the car, run each there, bring the actions back."""
-    host.run("rm -rf /tmp/parity && mkdir -p /tmp/parity")
-    host.ansible("ansible.builtin.copy", f"src={inputs} dest=/tmp/parity/inputs.npz", check=False)
+def _parity_on_car(host, car_root: Path, bundles: dict[str, Path], inputs: Path) -> dict[str, np.ndarray]:
+    """Put the bundles and the inputs into the car's file system (`car_root`: its root as this machine sees
+    it), run each bundle there with the car's Python, read the actions back."""
+    work = car_root / "tmp" / "parity"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy(inputs, work / "inputs.npz")
     results = {}
     for name, bundle in bundles.items():
-        host.ansible("ansible.builtin.copy", f"src={bundle}/ dest=/tmp/parity/{name}/", check=False)
+        shutil.copytree(bundle, work / name)
         run = host.run(
             "cd /tmp && PYTHONPATH=/opt/rover/current/lib /opt/rover/venv/bin/python "
             f"-c {shlex.quote(PARITY_SCRIPT)} "
             f"/tmp/parity/{name} /tmp/parity/inputs.npz /tmp/parity/{name}.npy"
         )
         assert run.rc == 0, f"{name} on the arm64 car: {run.stdout}{run.stderr}"
-        results[name] = np.load(__import__("io").BytesIO(host.file(f"/tmp/parity/{name}.npy").content))
+        results[name] = np.load(work / f"{name}.npy")
     return results
 
 
@@ -128,7 +132,7 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
         inputs = tmp_path / "inputs.npz"
         np.savez(inputs, **{k: v.numpy().astype(np.float32) for k, v in batch.items()})
         kinds = {name: tiny_bundle(tiny_policy, demo_dataset, name) for name in INT8_KINDS}
-        on_car = _parity_on_car(host, kinds, inputs)
+        on_car = _parity_on_car(host, Path(f"/proc/{container_pid(inventory, name)}/root"), kinds, inputs)
 
     machine, python, torch_version, engines, _ort = json.loads(report.splitlines()[-1])
     assert machine == "aarch64"
