@@ -6,7 +6,7 @@ cross-compiled here), deploy the static INT8 ONNX bundle of the test policy thro
 `rover-runtime check` inference on the car. Then the proof on the target architecture: every INT8 bundle kind
 we ship (ExecuTorch XNNPACK, ONNX Runtime QDQ, torch qnnpack) runs on the same recorded held-out inputs on
 the car, with the car's own backends, and must give the actions it gives on this x86 controller within
-ARM64_TOLERANCE_PCT of the action range.
+ARM64_TOLERANCE_MEAN_PCT / ARM64_TOLERANCE_MAX_PCT of the action range.
 Emulation is ~100x slower than a Pi: deadlines are raised for this car only, speed is not judged here.
 """
 
@@ -48,11 +48,14 @@ EMULATED_CAR_VARS = {
 }
 
 
-# Every INT8 bundle kind we ship, and the largest difference allowed between its actions on the arm64 car and
-# on x86, in % of the action range: the same program, different kernels (XNNPACK/MLAS/QNNPACK for Arm vs x86);
-# an INT8 rounding step that flips shifts an output by a fraction of a percent, a wrong kernel by far more.
+# Every INT8 bundle kind we ship, and the difference allowed between its actions on the arm64 car and on x86,
+# in % of the action range (mean over the chunk, and the largest single value): the same program, different
+# kernels (XNNPACK, MLAS, QNNPACK for Arm vs x86). Where the kernels requantize differently, an activation
+# rounded one INT8 step the other way moves an action by about 1 % of the range in this small policy (ONNX
+# Runtime static INT8: 1.16 % at most, measured); a wrong kernel, layout or scale is off by tens of percent.
 INT8_KINDS = ("static-executorch", "static-onnx", "static-torch")
-ARM64_TOLERANCE_PCT = 1.0
+ARM64_TOLERANCE_MEAN_PCT = 0.3
+ARM64_TOLERANCE_MAX_PCT = 3.0
 PARITY_FRAMES = 4
 # Run on the car with its venv and the release's rover_runtime: a bundle on recorded inputs -> actions (.npy).
 PARITY_SCRIPT = """
@@ -155,11 +158,16 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
 
     # The proof on the target architecture: each INT8 kind's actions on the car match x86's.
     span = np.asarray(action_range(demo_dataset), dtype=np.float64)
+    report = {}
     for name, bundle_dir in kinds.items():
         on_x86 = run_bundle(bundle_dir, batch)
         assert on_car[name].shape == on_x86.shape == (PARITY_FRAMES, 10, 2), name
-        worst_pct = float((np.abs(on_car[name] - on_x86) / span).max() * 100)
-        print(f"{name}: max |arm64 - x86| = {worst_pct:.4f} % of the action range")
-        assert worst_pct <= ARM64_TOLERANCE_PCT, (
-            f"{name}: arm64 differs from x86 by {worst_pct:.3f} % of the range"
-        )
+        diff_pct = np.abs(on_car[name] - on_x86) / span * 100
+        report[name] = (float(diff_pct.mean()), float(diff_pct.max()))
+    print("arm64 vs x86, % of the action range (mean, max):", report)
+    beyond = {
+        name: stats
+        for name, stats in report.items()
+        if stats[0] > ARM64_TOLERANCE_MEAN_PCT or stats[1] > ARM64_TOLERANCE_MAX_PCT
+    }
+    assert not beyond, f"arm64 differs from x86 beyond the tolerance (mean, max % of the range): {beyond}"
