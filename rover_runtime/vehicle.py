@@ -121,6 +121,7 @@ class Vehicle:
         self.holds: tuple[str, ...] = ()
         self._failsafe_since: float | None = time.monotonic()
         self.driving = False
+        self._last_driving_at: float | None = None  # when a cycle last drove (for `driving_age_s`)
         self.ready = False
 
     # --- control -----------------------------------------------------------------------------------
@@ -217,6 +218,8 @@ class Vehicle:
             log.info("not driving: %s", "; ".join(cycle.holds))
         self.holds = tuple(cycle.holds)
         self.driving = bool(cycle.values.get(DRIVING)) and not cycle.faults and not cycle.holds
+        if self.driving:
+            self._last_driving_at = cycle.now
 
     # --- status ------------------------------------------------------------------------------------
 
@@ -229,6 +232,8 @@ class Vehicle:
             "ready": self.ready,
             "healthy": self.healthy(now),
             "driving": self.driving,
+            # Seconds since a cycle last drove (null: never): a car in a brief failsafe is still on the road.
+            "driving_age_s": None if self._last_driving_at is None else round(now - self._last_driving_at, 3),
             "loop": {
                 "rate_hz_target": self.settings.rate_hz,
                 "cycles": self.cycles,

@@ -155,11 +155,14 @@ def rig_factory(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
 
 
 def test_drives_then_leaves_the_car_neutral(rig_factory: Callable[..., Rig]) -> None:
-    rig = rig_factory().start()
+    rig = rig_factory()
+    assert rig.vehicle.snapshot()["driving_age_s"] is None  # never drove
+    rig.start()
     assert wait_for(rig.driving_on_wire)
     assert wait_for(lambda: rig.vehicle.driving)  # set just after the command is written
     snap = rig.vehicle.snapshot()
     assert snap["driving"] is True
+    assert 0 <= snap["driving_age_s"] < 0.5
     assert snap["serial"]["connected"] is True
     assert snap["inference"]["completed"] > 0
     rig.stop()
@@ -304,6 +307,8 @@ def test_acks_that_stop_under_a_garbage_flood_drop_health_and_stop_the_watchdog(
         snap = rig.vehicle.snapshot()
         assert snap["healthy"] is False
         assert snap["driving"] is False
+        # It drove until the acks stopped: the deploy's driving guard still sees a car on the road.
+        assert 1.0 < snap["driving_age_s"] < 3.0
         assert snap["serial"]["garbage_lines"] > 100
         cycles = rig.vehicle.cycles
         time.sleep(0.2)
