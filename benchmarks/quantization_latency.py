@@ -5,12 +5,13 @@ action dim 2, batch 1, `--threads` threads, all paths measured in the same run:
 lerobot FP32 `predict_action_chunk` (no_grad), TorchScript FP32, torch dynamic INT8, torch static INT8
 (static backbone + dynamic linears), ONNX Runtime FP32, ONNX Runtime static QDQ (U8S8 and S8S8, with the
 attention's activation x activation MatMuls quantized or left in float), ExecuTorch XNNPACK FP32 and PT2E
-static INT8 (run by the car's runtime, rover_executorch, without torch).
+static INT8 (run by the car's runtime, rover_executorch, without torch). Every path is loaded first, then
+timed in `--rounds` interleaved rounds, so a machine whose speed drifts skews every figure alike.
 The torch INT8 paths use this host's fast engine (x86/fbgemm on x86; the Raspberry Pi runs qnnpack).
 Prints JSON, including the targets: ExecuTorch INT8 median <= 0.20x lerobot FP32, best INT8 <= 0.15x,
 every INT8 file <= 40 MB.
 
-    python benchmarks/quantization_latency.py [--threads 2] [--runs 100] [--calibration-samples 16]
+    python benchmarks/quantization_latency.py [--threads 2] [--runs 100] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from lerobot.policies.act.modeling_act import ACTPolicy
 from lerobot.policies.factory import make_pre_post_processors
 
 from quantization.act_inference import build_inference_model, model_spec
-from quantization.compare import measure_latency
+from quantization.compare import measure_latencies
 from quantization.export import export_onnx, export_torchscript, input_names
-from quantization.quantize_executorch import lower_to_pte, quantize_static_pt2e
+from quantization.quantize_executorch import export_program
 from quantization.quantize_onnx import ONNX_VARIANTS, quantize_static_qdq
 from quantization.quantize_torch import quantize_dynamic, quantize_static
 from rover_runtime.backends.executorch_model import open_program
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the runs are split into")
     parser.add_argument("--calibration-samples", type=int, default=16)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(1)
     calibration = [(torch.randn(1, 2, generator=gen), torch.rand(1, 3, SIZE, SIZE, generator=gen))
                    for _ in range(args.calibration_samples)]  # fmt: skip
-    results: dict[str, dict[str, Any]] = {}
+    runners: dict[str, Any] = {}
+    file_bytes: dict[str, int] = {}
 
     normalized = pre({"observation.state": example[0], IMAGE_KEY: example[1]})
 
@@ -95,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             return policy.predict_action_chunk(normalized)
 
-    results["lerobot_fp32"] = measure_latency(lerobot_fp32, example, args.runs)
-    checkpoint_bytes = sum(p.numel() * 4 for p in policy.parameters())
-    results["lerobot_fp32"]["file_bytes"] = checkpoint_bytes
+    runners["lerobot_fp32"] = lerobot_fp32
+    file_bytes["lerobot_fp32"] = sum(p.numel() * 4 for p in policy.parameters())
 
     with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
         work = Path(tmp)
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     return m(*inputs)
 
-            results[name] = measure_latency(run, example, args.runs)
-            results[name]["file_bytes"] = path.stat().st_size
+            runners[name] = run
+            file_bytes[name] = path.stat().st_size
 
         import onnxruntime as ort  # noqa: PLC0415
 
@@ -137,24 +139,24 @@ def main(argv: list[str] | None = None) -> int:
             def run_ort(inputs: tuple[Any, ...], s: Any = session, n: list[str] = names) -> Any:
                 return s.run(None, {k: t.numpy() for k, t in zip(n, inputs, strict=True)})
 
-            results[name] = measure_latency(run_ort, example, args.runs)
-            results[name]["file_bytes"] = path.stat().st_size
+            runners[name] = run_ort
+            file_bytes[name] = path.stat().st_size
 
         delegations = {}
-        et_models = {
-            "executorch_fp32": model,
-            "executorch_static_int8": quantize_static_pt2e(model, example, calibration),
-        }
-        for name, module in et_models.items():
+        for name, samples in (("executorch_fp32", None), ("executorch_static_int8", calibration)):
             path = work / f"{name}.pte"
-            delegations[name] = asdict(lower_to_pte(module, example, path))
+            delegations[name] = asdict(export_program(model, example, path, samples))
             program = open_program(path, args.threads)
 
             def run_et(inputs: tuple[Any, ...], p: Any = program) -> Any:
                 return p.run([t.numpy() for t in inputs])
 
-            results[name] = measure_latency(run_et, example, args.runs)
-            results[name]["file_bytes"] = path.stat().st_size
+            runners[name] = run_et
+            file_bytes[name] = path.stat().st_size
+
+        results = measure_latencies(runners, example, args.runs, rounds=args.rounds)
+    for name, size in file_bytes.items():
+        results[name]["file_bytes"] = size
 
     base = results["lerobot_fp32"]["median_ms"]
     for r in results.values():
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "best_int8_median_le_0.15x": results[best]["ratio_vs_lerobot_fp32"] <= 0.15,
             "every_int8_file_le_40MB": all(v["file_bytes"] <= 40e6 for v in int8.values()),
+            # Dynamic INT8 keeps the convolutions in float (torch's dynamic Conv2d measured 1.7 % of the
+            # action range on the demo policy, 5x the accuracy target): the static files are the INT8 ones.
+            "every_static_int8_file_le_40MB": all(
+                v["file_bytes"] <= 40e6 for k, v in int8.items() if "static" in k
+            ),
             "largest_int8_file_mb": max(v["file_bytes"] for v in int8.values()) / 1e6,
             "smallest_int8_file_mb": smallest / 1e6,
         },

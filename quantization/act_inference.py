@@ -5,7 +5,8 @@ Same weights, same arithmetic, different structure, so that it exports and quant
   input projection from `quantize_dynamic`);
 - image tokens are concatenated as one tensor instead of lerobot's per-token list/stack;
 - constants are precomputed: the latent token (the VAE latent is zero at inference, so its projection is
-  the bias), the 2-D sinusoidal image position embedding, the decoder's zero input;
+  the bias), the position embeddings (learned and 2-D sinusoidal), and, because the decoder's input is all
+  zeros, the first decoder layer's self-attention block and its cross-attention queries;
 - the VAE encoder (training only) is dropped;
 - the ResNet backbone's FrozenBatchNorm2d layers are folded into the preceding convolutions, and residual
   additions use `FloatFunctional` so the backbone can be statically quantized;
@@ -192,8 +193,12 @@ class Attention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """(L, B, D) queries over (S, B, D) keys/values -> (L, B, D)."""
-        q_len = query.shape[0]
-        q = self.q_proj(query).reshape(q_len, -1, self.head_dim).transpose(0, 1)
+        return self.attend(self.q_proj(query), key, value)
+
+    def attend(self, projected_query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """The attention of already projected (L, B, D) queries over (S, B, D) keys/values."""
+        q_len = projected_query.shape[0]
+        q = projected_query.reshape(q_len, -1, self.head_dim).transpose(0, 1)
         k = self.k_proj(key).reshape(key.shape[0], -1, self.head_dim).transpose(0, 1)
         v = self.v_proj(value).reshape(value.shape[0], -1, self.head_dim).transpose(0, 1)
         weights = torch.softmax(torch.bmm(q * self.scale, k.transpose(1, 2)), dim=-1)
@@ -240,9 +245,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    start_x: Tensor
+    start_skip: Tensor
+    start_query: Tensor
+
     def __init__(self, layer: Any) -> None:
         super().__init__()
-        self.self_attn = Attention(layer.self_attn)
+        self.self_attn: Attention | None = Attention(layer.self_attn)
         self.cross_attn = Attention(layer.multihead_attn)
         self.linear1 = _copy_linear(layer.linear1)
         self.linear2 = _copy_linear(layer.linear2)
@@ -251,8 +260,24 @@ class DecoderLayer(nn.Module):
         self.norm3 = layer.norm3
         self.pre_norm = bool(layer.pre_norm)
         self.activation = _activation_name(layer.activation)
+        self.constant_start = False
 
-    def forward(self, x: Tensor, memory: Tensor, pos: Tensor, memory_pos: Tensor) -> Tensor:
+    def fold_zero_input(self, pos: Tensor) -> None:
+        """Precompute what does not depend on the observation when this layer's input is all zeros (ACT's
+        first decoder layer at inference): the self-attention block and the cross-attention's projected
+        queries become constants ((L, 1, D) buffers), and their weights are dropped."""
+        with torch.no_grad():
+            x, skip = self._self_block(torch.zeros_like(pos), pos)
+            query = self.cross_attn.q_proj(x + pos)
+        self.register_buffer("start_x", x.clone())
+        self.register_buffer("start_skip", skip.clone())
+        self.register_buffer("start_query", query.clone())
+        self.self_attn = None
+        del self.cross_attn.q_proj
+        self.constant_start = True
+
+    def _self_block(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.self_attn is not None
         skip = x
         if self.pre_norm:
             x = self.norm1(x)
@@ -264,7 +289,18 @@ class DecoderLayer(nn.Module):
         else:
             x = self.norm1(x)
             skip = x
-        x = skip + self.cross_attn(x + pos, memory + memory_pos, memory)
+        return x, skip
+
+    def forward(self, x: Tensor, memory: Tensor, pos: Tensor, memory_pos: Tensor) -> Tensor:
+        if self.constant_start:
+            batch = memory.shape[1]
+            skip = self.start_skip.expand(-1, batch, -1)
+            query = self.start_query.expand(-1, batch, -1)
+            x = self.start_x.expand(-1, batch, -1)
+        else:
+            x, skip = self._self_block(x, pos)
+            query = self.cross_attn.q_proj(x + pos)
+        x = skip + self.cross_attn.attend(query, memory + memory_pos, memory)
         if self.pre_norm:
             skip = x
             x = self.norm3(x)
@@ -283,12 +319,6 @@ def _copy_linear(src: Any) -> nn.Linear:
     return dst
 
 
-def _copy_embedding(src: Any) -> nn.Embedding:
-    dst = nn.Embedding(src.num_embeddings, src.embedding_dim)
-    dst.load_state_dict(src.state_dict())
-    return dst
-
-
 def _activation_name(fn: Any) -> str:
     name = getattr(fn, "__name__", "")
     if name not in ("relu", "gelu", "glu"):
@@ -299,10 +329,9 @@ def _activation_name(fn: Any) -> str:
 class InferenceACT(nn.Module):
     """ACT at inference: real-unit state and [0, 1] images in, real-unit action chunk out."""
 
-    pos_1d_index: Tensor
-    decoder_pos_index: Tensor
     latent_token: Tensor
-    image_pos: Tensor
+    encoder_pos: Tensor
+    decoder_pos: Tensor
     decoder_zeros: Tensor
 
     def __init__(
@@ -328,10 +357,6 @@ class InferenceACT(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(layer) for layer in act.decoder.layers)
         self.decoder_norm = act.decoder.norm
         self.action_head = _copy_linear(act.action_head)
-        self.pos_1d = _copy_embedding(act.encoder_1d_feature_pos_embed)
-        self.decoder_pos = _copy_embedding(act.decoder_pos_embed)
-        self.register_buffer("pos_1d_index", torch.arange(act.encoder_1d_feature_pos_embed.num_embeddings))
-        self.register_buffer("decoder_pos_index", torch.arange(self.chunk_size))
         with torch.no_grad():
             # The VAE latent is all zeros at inference: its projection is the bias alone.
             latent = act.encoder_latent_input_proj(torch.zeros(1, act.config.latent_dim))
@@ -341,27 +366,32 @@ class InferenceACT(nn.Module):
                 features = act.backbone(torch.zeros(1, *shape))["feature_map"]
                 pos = act.encoder_cam_feat_pos_embed(features)  # (1, D, h, w)
                 cam_pos.append(pos.flatten(2).permute(2, 0, 1))  # (h*w, 1, D)
-            self.register_buffer("image_pos", torch.cat(cam_pos, dim=0).clone())
+            pos_1d = act.encoder_1d_feature_pos_embed.weight.unsqueeze(1)  # (2, 1, D): latent, state
+            self.register_buffer("encoder_pos", torch.cat([pos_1d, *cam_pos], dim=0).clone())
+            decoder_pos = act.decoder_pos_embed.weight[: self.chunk_size].unsqueeze(1)  # (chunk, 1, D)
+            self.register_buffer("decoder_pos", decoder_pos.clone())
         self.register_buffer("decoder_zeros", torch.zeros(self.chunk_size, 1, self.dim))
+        for first in self.decoder_layers[:1]:
+            assert isinstance(first, DecoderLayer)
+            first.fold_zero_input(self.decoder_pos)  # its input is all zeros
 
     def forward(self, state: Tensor, *images: Tensor) -> Tensor:
         batch = state.shape[0]
         tokens = [
             self.latent_token.expand(1, batch, self.dim),
-            self.state_proj(self.state_norm(state)).unsqueeze(0),
+            self.state_proj(self.state_norm(state)).reshape(1, batch, self.dim),
         ]
         for i, norm in enumerate(self.image_norms):
             features = self.image_encoder(norm(images[i]))  # (B, D, h, w)
             tokens.append(features.flatten(2).permute(2, 0, 1))  # (h*w, B, D)
         x = torch.cat(tokens, dim=0)
-        pos = torch.cat([self.pos_1d(self.pos_1d_index).unsqueeze(1), self.image_pos], dim=0)
+        pos = self.encoder_pos
         for enc in self.encoder_layers:
             x = enc(x, pos)
         memory = self.encoder_norm(x)
-        decoder_pos = self.decoder_pos(self.decoder_pos_index).unsqueeze(1)
         y = self.decoder_zeros.expand(self.chunk_size, batch, self.dim)
         for dec in self.decoder_layers:
-            y = dec(y, memory, decoder_pos, pos)
+            y = dec(y, memory, self.decoder_pos, pos)
         y = self.decoder_norm(y).transpose(0, 1)  # (B, chunk, D)
         actions: Tensor = self.action_unnorm(self.action_head(y))
         return actions

@@ -13,6 +13,7 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,18 +59,43 @@ def measure_latency(
 ) -> dict[str, Any]:
     for _ in range(warmup):
         run(inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(inputs)
-        times.append((time.perf_counter() - start) * 1000)
-    times.sort()
+    return _latency_summary([_time_ms(run, inputs) for _ in range(runs)], warmup)
+
+
+def measure_latencies(
+    runners: Mapping[str, Any],
+    inputs: tuple[Any, ...],
+    runs: int,
+    rounds: int = 5,
+    warmup: int = DEFAULT_WARMUP,
+) -> dict[str, dict[str, Any]]:
+    """Time several paths on the same inputs in `rounds` interleaved rounds of `runs / rounds` each, so a
+    machine whose speed drifts during the measurement (other tenants, clocks) skews every path alike."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(inputs)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    per_round = max(1, -(-runs // rounds))
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].extend(_time_ms(run, inputs) for _ in range(per_round))
+    return {name: _latency_summary(t, warmup) for name, t in times.items()}
+
+
+def _time_ms(run: Any, inputs: tuple[Any, ...]) -> float:
+    start = time.perf_counter()
+    run(inputs)
+    return (time.perf_counter() - start) * 1000
+
+
+def _latency_summary(times: list[float], warmup: int) -> dict[str, Any]:
+    times = sorted(times)
     return {
         "median_ms": statistics.median(times),
         "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
         "mean_ms": statistics.fmean(times),
         "min_ms": times[0],
-        "runs": runs,
+        "runs": len(times),
         "warmup": warmup,
     }
 

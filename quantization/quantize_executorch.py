@@ -150,13 +150,25 @@ def write_model(
     path: Path,
 ) -> WrittenModel:
     """The executorch backend: an XNNPACK-lowered `.pte`, FP32 or PT2E static INT8."""
-    example = spec.example_inputs(1)
-    model.eval()
+    samples = None
     if request.mode == "static":
         assert calibration is not None
-        model = quantize_static_pt2e(model, example, calibration.inputs)
-    delegation = lower_to_pte(model, example, path)
+        samples = calibration.inputs
+    delegation = export_program(model, spec.example_inputs(1), path, samples)
     return WrittenModel(float_layers=delegation.not_delegated, delegation=delegation)
+
+
+def export_program(
+    model: nn.Module,
+    example: tuple[Tensor, ...],
+    path: Path,
+    calibration_samples: Sequence[tuple[Any, ...]] | None = None,
+) -> Delegation:
+    """The `.pte` of `model` at `path`: FP32, or PT2E static INT8 when `calibration_samples` are given."""
+    model.eval()
+    if calibration_samples is not None:
+        model = quantize_static_pt2e(model, example, calibration_samples)
+    return lower_to_pte(model, example, path)
 
 
 def _is_heavy(entry: str) -> bool:

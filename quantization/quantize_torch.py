@@ -4,9 +4,8 @@
   the feed-forward layers, the state projection and the action head).
 - static: the image encoder (ResNet trunk with batch norm folded, conv+ReLU fused, and ACT's 1x1 input
   projection) gets INT8 weights and activations between a QuantStub and a DeQuantStub, calibrated on
-  dataset samples; the transformer's linears get dynamic INT8; the position embeddings get
-  `float_qparams_weight_only_qconfig` (INT8 weights with float per-row parameters). Whatever stays float
-  (LayerNorms, the attention core, normalization constants) is listed by `float_layers`.
+  dataset samples; the transformer's linears get dynamic INT8. Whatever stays float (LayerNorms, the
+  attention core, the precomputed position embeddings and constants) is listed by `float_layers`.
 
 The qconfig and the quantized engine must match the machine that runs the model: `qnnpack` for the
 Raspberry Pi (the default); `x86`/`fbgemm` are faster on an x86 host.
@@ -93,7 +92,7 @@ def quantize_static(
     engine: str = DEFAULT_ENGINE,
     options: StaticOptions | None = None,
 ) -> nn.Module:
-    """Static INT8 image encoder + dynamic INT8 linears + weight-only INT8 embeddings."""
+    """Static INT8 image encoder + dynamic INT8 linears."""
     if not calibration_inputs:
         raise QuantizationError("static quantization needs at least one calibration sample")
     options = options or StaticOptions()
@@ -103,8 +102,6 @@ def quantize_static(
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)
     tq.fuse_modules(encoder, encoder.fusion_groups(), inplace=True)
     encoder.qconfig = static_qconfig(engine, options)
-    for emb in (qmodel.pos_1d, qmodel.decoder_pos):
-        emb.qconfig = tq.float_qparams_weight_only_qconfig
     tq.prepare(qmodel, inplace=True)
     log.info("calibrating on %d samples", len(calibration_inputs))
     with torch.no_grad():
@@ -115,10 +112,9 @@ def quantize_static(
     tq.convert(qmodel, inplace=True)
     qmodel = tq.quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8)
     log.info(
-        "static INT8: %d convolutions static, %d linears dynamic, %d embeddings weight-only",
+        "static INT8: %d convolutions static, %d linears dynamic",
         _count(qmodel, "Conv"),
         _count(qmodel, "DynamicQuantizedLinear"),
-        _count(qmodel, "QuantizedEmbedding"),
     )
     result: nn.Module = qmodel
     return result

@@ -47,7 +47,12 @@ def test_dynamic_quantizes_every_linear_including_attention(tiny_policy: Path, d
     names = {f.split(" ")[0] for f in dynamic}
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
         assert f"encoder_layers.0.self_attn.{proj}" in names
+    # The first decoder layer's input is all zeros: its self-attention and cross-attention queries are
+    # precomputed constants, so only the cross-attention's key/value/output projections remain.
+    for proj in ("k_proj", "v_proj", "out_proj"):
         assert f"decoder_layers.0.cross_attn.{proj}" in names
+    assert not any(name.startswith(("decoder_layers.0.self_attn", "decoder_layers.0.cross_attn.q_proj"))
+                   for name in names)  # fmt: skip
     assert {"state_proj", "action_head", "encoder_layers.0.linear1", "decoder_layers.0.linear2"} <= names
     assert not [
         f for f in manifest.calibration.float_layers if "(Linear: float)" in f
