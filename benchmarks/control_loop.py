@@ -14,6 +14,8 @@ synthetic 640x480 cameras, one per camera the bundle takes. Prints one JSON docu
   periods.
 - `sigkill`: `rover-runtime run` killed with SIGKILL while driving; when does the firmware go neutral by its
   own timeout?
+- `recorder`: the black box off and on, back to back at 30 Hz: the loop's work p99 growth, steps recorded
+  and dropped, frames missing, megabytes recorded per minute of driving.
 
     python benchmarks/control_loop.py [--cycles 3000] [--rates 30,100] [--bundle DIR | --stub] [--output FILE]
 """
@@ -59,11 +61,21 @@ def _ms(values: NDArray[np.float64]) -> dict[str, float]:
 
 
 def measure_timing(
-    work: Path, rate: float, cycles: int, policies: PolicySource, priority: int = 0
+    work: Path,
+    rate: float,
+    cycles: int,
+    policies: PolicySource,
+    priority: int = 0,
+    *,
+    recording: bool = False,
 ) -> dict[str, Any]:
-    sim = SimProcess(work, f"timing{rate:g}")
+    sim = SimProcess(work, f"timing{rate:g}{'-record' if recording else ''}")
+    recordings = work / f"recordings-{rate:g}-{priority}"
     try:
-        config = sim_config(sim.tty, rate, **{"control.realtime_priority": priority})
+        extra: dict[str, Any] = {"control.realtime_priority": priority}
+        if recording:
+            extra |= {"record.enabled": True, "record.directory": str(recordings), "record.min_free_mb": 0.0}
+        config = sim_config(sim.tty, rate, **extra)
         run = start_vehicle(config, policies.make())
         wait_driving(run)
         start = run.vehicle.cycles
@@ -76,9 +88,10 @@ def measure_timing(
         wake = np.asarray(record.wake[start:])
         work_s = np.asarray(record.work[start:])
         errors = np.abs(np.diff(wake) - 1.0 / rate)
-        return {
+        result = {
             "rate_hz": rate,
             "realtime_priority": priority,
+            "recorder": snapshot.get("recorder"),
             "cycles": len(wake),
             "achieved_rate_hz": round((len(wake) - 1) / (wake[-1] - wake[0]), 4),
             "period_error_abs_ms": _ms(errors),
@@ -88,8 +101,28 @@ def measure_timing(
             "inference": snapshot["inference"],
             "serial": {k: v for k, v in vars(run.link.stats).items() if isinstance(v, int | bool)},
         }
+        if recording:
+            result["recorded_bytes"] = sum(f.stat().st_size for f in recordings.rglob("*") if f.is_file())
+        return result
     finally:
         sim.stop()
+
+
+def measure_recorder(work: Path, rate: float, cycles: int, policies: PolicySource) -> dict[str, Any]:
+    """The same loop with the black box off and on, back to back: what recording costs the loop."""
+    off = measure_timing(work, rate, cycles, policies)
+    on = measure_timing(work, rate, cycles, policies, recording=True)
+    recorder = on["recorder"] or {}
+    return {
+        "rate_hz": rate,
+        "off": off,
+        "on": on,
+        "loop_work_p99_growth_ms": round(on["loop_work_ms"]["p99"] - off["loop_work_ms"]["p99"], 4),
+        "steps_recorded": recorder.get("steps_written"),
+        "steps_dropped": recorder.get("steps_dropped"),
+        "frames_missing": recorder.get("frames_missing"),
+        "recorded_mb_per_minute": round(on["recorded_bytes"] / 1e6 / (on["cycles"] / rate / 60), 2),
+    }
 
 
 def measure_stall(work: Path, rate: float, timeout_s: float, repeats: int) -> dict[str, Any]:
@@ -250,6 +283,7 @@ def main() -> int:
                 for priority in sorted({0, args.realtime_priority})
                 for r in args.rates.split(",")
             ],
+            "recorder": measure_recorder(work, 30.0, args.cycles, policies),
             "failsafe_stall": measure_stall(work, 30.0, 0.1, args.stall_repeats),
             "camera_loss": measure_camera_loss(work, 30.0, policies, args.stall_repeats),
             "link_loss": measure_link_loss(work, 30.0, policies, args.stall_repeats),

@@ -109,6 +109,19 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class RecordConfig:
+    enabled: bool
+    directory: str
+    car: str
+    max_gb: float
+    min_free_mb: float
+    episode_max_s: float
+    end_after_s: float
+    queue_s: float
+    jpeg_quality: int
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     control: ControlConfig
     failsafe: FailsafeConfig
@@ -118,6 +131,7 @@ class RuntimeConfig:
     metrics: MetricsConfig
     logging: LoggingConfig
     smoothing: SmoothingConfig
+    record: RecordConfig
     # [cameras]: camera name (the bundle's image key, or its last dotted part) -> device or video file.
     cameras: tuple[tuple[str, str], ...] = ()
     # [state]: state name (the bundle's inputs.state_names) -> the source that supplies it.
@@ -135,6 +149,7 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "logging": LoggingConfig,
     "smoothing": SmoothingConfig,
+    "record": RecordConfig,
 }
 # Tables whose keys are the user's names (cameras, state names): string values, no fixed key set.
 _NAME_TABLES = ("cameras", "state")
@@ -343,3 +358,12 @@ def _check_ranges(c: RuntimeConfig) -> None:
     _positive("policy.stub_chunk_size", c.policy.stub_chunk_size)
     _positive("metrics.interval_s", c.metrics.interval_s)
     _choice("logging.level", c.logging.level, LOG_LEVELS)
+    if c.record.enabled and not c.record.directory:
+        raise ConfigError("config record.directory: must name a directory when record.enabled = true")
+    _positive("record.max_gb", c.record.max_gb)
+    _not_negative("record.min_free_mb", c.record.min_free_mb)
+    _positive("record.episode_max_s", c.record.episode_max_s)
+    _not_negative("record.end_after_s", c.record.end_after_s)
+    _positive("record.queue_s", c.record.queue_s)
+    if not 1 <= c.record.jpeg_quality <= 100:
+        raise ConfigError(f"config record.jpeg_quality: must be 1-100, got {c.record.jpeg_quality}")

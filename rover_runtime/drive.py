@@ -2,7 +2,8 @@
 matched to what the car has.
 
 Order of the parts (each sees what the earlier ones wrote; see `rover_runtime.parts`):
-serial in -> cameras -> transmitter -> state -> policy -> smoothing -> serial out.
+serial in -> cameras -> transmitter -> state -> policy -> smoothing -> serial out -> recorder (when
+`record.enabled`).
 
 `plan_inputs` checks, before anything moves, that every camera the bundle lists has a device and every
 entry of its state a source, and raises InputError naming every input the car cannot supply.
@@ -20,10 +21,12 @@ from rover_runtime.config import RuntimeConfig
 from rover_runtime.parts.cameras import CameraPart
 from rover_runtime.parts.car import CarInput, CarOutput
 from rover_runtime.parts.pilot import PilotPart, PilotSettings
+from rover_runtime.parts.recorder import RecorderPart
 from rover_runtime.parts.smoothing import SmoothingPart, SmoothingSettings
 from rover_runtime.parts.state import Source, StatePart, StateSourceError, needed_features, resolve_sources
 from rover_runtime.parts.transmitter import TransmitterPart
-from rover_runtime.policy import Policy
+from rover_runtime.policy import Policy, PolicyInfo
+from rover_runtime.recording import CameraSpec, EpisodeInfo, Recorder, RecorderSettings, default_car_name
 from rover_runtime.sd_notify import Notifier
 from rover_runtime.serial_link import SerialLink
 from rover_runtime.vehicle import Part, Vehicle, VehicleSettings
@@ -147,6 +150,7 @@ def build_vehicle(
             )
         ),
         CarOutput(link, neutral_only=neutral_only),
+        *([make_recorder_part(config, info, plan)] if config.record.enabled else []),
         *extra_parts,
     ]
     settings = VehicleSettings(
@@ -170,6 +174,33 @@ def build_vehicle(
         },
     }
     return Vehicle(parts, settings, notifier=notifier, info=static, record_timings=record_timings)
+
+
+def make_recorder_part(config: RuntimeConfig, info: PolicyInfo, plan: InputPlan) -> RecorderPart:
+    """The black box for this config: episodes at the bundle's image sizes, named for this car and release."""
+    record = config.record
+    shapes = dict(zip(info.image_keys, info.image_shapes, strict=True))
+    episode = EpisodeInfo(
+        car=record.car or default_car_name(),
+        release=release_info(config.source)["id"],
+        bundle=info.content_hash,
+        cameras=tuple(CameraSpec(c.name, c.key, shapes[c.key]) for c in plan.cameras),
+        state_names=info.state_names,
+        action_names=info.action_names,
+    )
+    settings = RecorderSettings(
+        directory=Path(record.directory),
+        max_bytes=int(record.max_gb * 1e9),
+        min_free_bytes=int(record.min_free_mb * 1e6),
+        episode_max_s=record.episode_max_s,
+        end_after_s=record.end_after_s,
+        min_steps=max(1, int(config.control.rate_hz)),  # a recovered episode keeps at least a second
+        queue_steps=max(1, int(record.queue_s * config.control.rate_hz)),
+        jpeg_quality=record.jpeg_quality,
+        fps=config.control.rate_hz,
+        nice=config.control.background_nice,
+    )
+    return RecorderPart(Recorder(settings), episode, record.end_after_s)
 
 
 def release_info(config_source: str) -> dict[str, str | None]:

@@ -22,18 +22,34 @@ from rover_runtime.thermal import read_thermal
 log = logging.getLogger(__name__)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
+    """Replace `path` with `data` as JSON in one rename: readers see the old file or the new one, never a
+    part. `durable`: also fsync the file and its directory, so the new file survives a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
             json.dump(data, stream, indent=1, sort_keys=True, default=str)
             stream.write("\n")
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
         Path(tmp).chmod(0o644)
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MetricsWriter:

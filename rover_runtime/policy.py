@@ -53,6 +53,8 @@ class PolicyInfo:
     threads: int
     image_keys: tuple[str, ...] = ("observation.images.front",)  # one frame per camera, in this order
     state_names: tuple[str, ...] = ("steering", "throttle")
+    image_shapes: tuple[tuple[int, int, int], ...] = ((3, 96, 128),)  # (3, H, W) per camera, same order
+    action_names: tuple[str, ...] = ("steering", "throttle")
 
 
 class Policy(Protocol):
@@ -118,6 +120,8 @@ class BundlePolicy:
             threads=self.threads,
             image_keys=tuple(spec.key for spec in m.inputs.images),
             state_names=m.inputs.state_names,
+            image_shapes=tuple(spec.shape for spec in m.inputs.images),
+            action_names=m.outputs.action_names,
         )
         self._warm_up()
 
@@ -218,6 +222,7 @@ class StubPolicy:
             threads=1,
             image_keys=image_keys,
             state_names=state_names,
+            image_shapes=tuple((3, 96, 128) for _ in image_keys),
         )
         self.last_state: tuple[float, ...] = ()  # what the last call was given
         self.last_image_count = 0

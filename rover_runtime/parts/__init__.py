@@ -9,6 +9,7 @@
 | PilotPart (`inference`) | pilot.py | `image.*`, `state` | `pilot.action` |
 | SmoothingPart (`smoothing`) | smoothing.py | `pilot.action`, `car.steering`, `car.throttle` | `command` |
 | CarOutput (`command`) | car.py | `command` | `command.sent`, `driving` |
+| RecorderPart (`recorder`), when `record.enabled` | recorder.py | all of the above | episodes on disk |
 
 The values (`rover_runtime.vehicle.Cycle.values`), fresh every cycle:
 - `car.steering`, `car.throttle` (float): what the car outputs now, from the firmware's last acknowledgement

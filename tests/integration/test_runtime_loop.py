@@ -433,3 +433,48 @@ def test_an_empty_action_queue_does_not_throw_away_the_running_inference(
     assert snap["inference"]["dropped_results"] == 0
     assert rig.vehicle.failsafe_count == failsafes
     assert rig.pilot.worker.completed >= 8
+
+
+def test_the_black_box_records_autopilot_takeover_and_manual(
+    rig_factory: Callable[..., Rig], tmp_path: Path
+) -> None:
+    """The recorder in the real loop: an episode begins with the driving modes, marks the driver's takeover,
+    records what the car applied (the driver's sticks in manual) and frames at the bundle's size, and ends
+    when the receiver's signal is lost."""
+    from rover_runtime.recording import EPISODES, FRAMES_SUFFIX, decode_jpeg, finished_episodes  # noqa: PLC0415
+
+    rig = rig_factory(
+        sim_limits=FirmwareLimits(rc_receiver=True),
+        **{"record.enabled": True, "record.directory": str(tmp_path / "rec"), "record.end_after_s": 0.3},
+    )
+    rig.set_receiver(1500, 1500, 1500)  # autopilot: the Pi drives
+    rig.start()
+    assert wait_for(rig.driving_on_wire)
+    time.sleep(0.5)
+    rig.set_receiver(1900, 1700, 1000)  # the driver grabs the transmitter: manual
+    assert wait_for(lambda: rig.outputs()[:2] == (1900, 1700))
+    time.sleep(0.5)
+    rig.set_receiver(1500, 1500, 1500)  # back to the Pi
+    assert wait_for(rig.driving_on_wire)
+    time.sleep(0.3)
+    (rig.tmp_path / "rc.json").unlink()  # the transmitter switched off: the episode ends
+    episodes_dir = tmp_path / "rec" / EPISODES
+    assert wait_for(lambda: len(finished_episodes(episodes_dir)) == 1, timeout=5)
+    (episode,) = finished_episodes(episodes_dir)
+    meta = json.loads((episode / "episode.json").read_text())
+    lines = [json.loads(line) for line in (episode / "steps.jsonl").read_text().splitlines()]
+    assert meta["end_reason"] == "mode"
+    assert meta["steps"] == len(lines) >= 50  # about 1.3 s at 50 Hz
+    assert meta["modes"]["autopilot"] >= 20
+    assert meta["modes"]["manual"] >= 10
+    assert len(meta["takeovers"]) == 1
+    start, end = meta["takeovers"][0]
+    manual = lines[start:end]
+    assert all(line["driver"] for line in manual)
+    assert [0.8, 0.4] in [line["applied"] for line in manual]  # the driver's sticks, as the car applied them
+    assert all(line["command"] is not None for line in lines[: start - 1])  # the Pi's commands before
+    offset, length, _ = lines[-1]["frames"]["front"]
+    frames = (episode / f"front{FRAMES_SUFFIX}").read_bytes()
+    assert decode_jpeg(frames[offset : offset + length]).shape == (96, 128, 3)  # the bundle's size
+    assert wait_for(lambda: rig.vehicle.snapshot()["recorder"]["episodes_finished"] == 1)
+    assert rig.vehicle.snapshot()["recorder"]["steps_dropped"] == 0

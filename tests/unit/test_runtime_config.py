@@ -56,6 +56,13 @@ def test_file_then_overrides(tmp_path: Path) -> None:
             "config control.mode: must be one of auto, chunk, ensemble, got 'fast'",
         ),
         ("[cameras]\nrear = true\n", "config cameras.rear: must be a non-empty string, got True"),
+        (
+            '[record]\nenabled = true\ndirectory = ""\n',
+            "config record.directory: must name a directory when record.enabled = true",
+        ),
+        ("[record]\njpeg_quality = 0\n", "config record.jpeg_quality: must be 1-100, got 0"),
+        ("[record]\nmax_gb = 0\n", "config record.max_gb: must be > 0, got 0"),
+        ("[record]\nenabled = 1\n", "config record.enabled: must be true or false, got 1"),
         ('[state]\nspeed = ""\n', "config state.speed: must be a non-empty string"),
         ("[smoothing]\nsteering_rate = -1\n", "config smoothing.steering_rate: must be >= 0, got -1"),
         ("[serial]\nmax_ack_age_s = 0\n", "config serial.max_ack_age_s: must be > 0, got 0"),
