@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.typing import NDArray
 
+from rover_runtime.bundle import sha256_file
 from rover_runtime.metrics import fsync_directory, write_json_atomic
 from rover_runtime.threads import lower_this_thread
 
@@ -54,6 +55,7 @@ EPISODES = "episodes"
 PARTIAL = ".partial"
 STEPS_FILE = "steps.jsonl"
 EPISODE_FILE = "episode.json"
+SEQUENCE_FILE = ".sequence"  # the last episode number used
 FRAMES_SUFFIX = ".jpg.bin"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -243,6 +245,7 @@ class Recorder:
         if self.stats.stopped_reason is not None:
             return
         self._sequence += 1
+        (self.episodes_dir / SEQUENCE_FILE).write_text(f"{self._sequence}\n")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         name = f"{stamp}-{_SAFE_NAME.sub('_', info.car)}-{self._sequence:06d}"
         self._episode = _EpisodeWriter(self.episodes_dir / f"{name}{PARTIAL}", info, self.settings)
@@ -638,8 +641,11 @@ def _free_bytes(path: Path) -> int:
 
 
 def _next_sequence(episodes_dir: Path) -> int:
-    """Continue the episode numbering after the highest one on disk (names stay unique across restarts)."""
+    """Continue the episode numbering after the highest one on disk or in the counter file (names stay
+    unique across restarts, and after collect removed the delivered episodes)."""
     highest = 0
+    with contextlib.suppress(OSError, ValueError):
+        highest = int((episodes_dir / SEQUENCE_FILE).read_text())
     for path in episodes_dir.iterdir():
         match = re.search(r"-(\d{6})(?:\.partial)?$", path.name)
         if match:
@@ -649,3 +655,69 @@ def _next_sequence(episodes_dir: Path) -> int:
 
 def default_car_name() -> str:
     return socket.gethostname()
+
+
+# --- reading finished episodes (the controller's side: collect, merge, report) -------------------------
+
+
+class EpisodeError(ValueError):
+    """A finished episode that cannot be used; the message names the episode and the problem."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    path: Path
+    meta: dict[str, Any]  # episode.json
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def info(self) -> EpisodeInfo:
+        return _info_from_json(self.meta)
+
+    def steps(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.path / STEPS_FILE).read_bytes().splitlines()]
+
+    def frame(self, camera: str, entry: Sequence[int]) -> NDArray[Any]:
+        """A step's frame (BGR), from its `frames[camera]` entry."""
+        offset, length, crc = entry
+        with (self.path / (camera + FRAMES_SUFFIX)).open("rb") as stream:
+            stream.seek(offset)
+            data = stream.read(length)
+        if zlib.crc32(data) != crc:
+            raise EpisodeError(f"episode {self.name}: frame at {offset} of camera {camera} fails its CRC")
+        return decode_jpeg(data)
+
+
+def open_episode(path: Path, *, verify: bool = True) -> Episode:
+    """A finished episode, its files checked against episode.json's sizes and sha256 (`verify`)."""
+    meta_path = path / EPISODE_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError as exc:
+        raise EpisodeError(f"episode {path.name}: no {EPISODE_FILE} (not a finished episode)") from exc
+    except (OSError, ValueError) as exc:
+        raise EpisodeError(f"episode {path.name}: {EPISODE_FILE} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise EpisodeError(f"episode {path.name}: format {found!r}, this tool reads {FORMAT_VERSION}")
+    try:
+        files = dict(meta["files"])
+        _info_from_json(meta)
+        int(meta["steps"])
+        float(meta["fps"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EpisodeError(f"episode {path.name}: {EPISODE_FILE} lacks {exc}") from exc
+    if verify:
+        for name, entry in files.items():
+            target = path / name
+            if not target.is_file():
+                raise EpisodeError(f"episode {path.name}: {name} is missing")
+            size = target.stat().st_size
+            if size != entry["bytes"]:
+                raise EpisodeError(f"episode {path.name}: {name} has {size} bytes, {entry['bytes']} recorded")
+            if sha256_file(target) != entry["sha256"]:
+                raise EpisodeError(f"episode {path.name}: {name} does not match its sha256 (corrupt)")
+    return Episode(path, meta)

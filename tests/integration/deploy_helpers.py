@@ -229,3 +229,23 @@ def new_signing_key(target: Path) -> Path:
         capture_output=True,
     )
     return target
+
+
+def provision_and_deploy(request: Any, tmp_path_factory: Any, *deploy_args: str) -> Path:
+    """The session's fleet provisioned and running a release of a tiny bundle (forced past the driving
+    guard: simulated cars drive all the time); `deploy_args` go to deploy.yml. Returns the inventory."""
+    inventory = fleet_inventory(request)
+    run = run_playbook(inventory, "provision.yml", timeout=1800)
+    assert run.rc == 0, run.report()
+    bundle = make_bundle(tmp_path_factory.mktemp("release") / "bundle", chunk_size=10)
+    run = run_playbook(
+        inventory,
+        "deploy.yml",
+        "-e",
+        f"rover_deploy_bundle={bundle}",
+        "-e",
+        "rover_deploy_force=true",
+        *deploy_args,
+    )
+    assert run.rc == 0, run.report()
+    return inventory

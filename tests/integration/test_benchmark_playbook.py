@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import car, fleet_inventory, journal, make_bundle, metrics, run_playbook
+from deploy_helpers import car, journal, metrics, provision_and_deploy, run_playbook
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -30,15 +30,7 @@ def fleet_cars(inventory: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def fleet_with_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    inventory = fleet_inventory(request)
-    run = run_playbook(inventory, "provision.yml", timeout=1800)
-    assert run.rc == 0, run.report()
-    bundle = make_bundle(tmp_path_factory.mktemp("bench") / "bundle", chunk_size=10)
-    run = run_playbook(
-        inventory, "deploy.yml", "-e", f"rover_deploy_bundle={bundle}", "-e", "rover_deploy_force=true"
-    )
-    assert run.rc == 0, run.report()
-    return inventory
+    return provision_and_deploy(request, tmp_path_factory)
 
 
 def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Path, tmp_path: Path) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from fleet_drives.cli import main
+
+sys.exit(main())

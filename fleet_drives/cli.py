@@ -1,0 +1,74 @@
+"""The fleet's drives on the controller.
+
+python -m fleet_drives verify [--publish] EPISODE_DIR
+    check a fetched episode's files against its episode.json (sizes, sha256); --publish renames a verified
+    `<name>.partial` directory to `<name>` (what playbooks/collect.yml does after fetching it)
+python -m fleet_drives merge --store DIR --output DATASET [--force]
+    the collected episodes as one LeRobotDataset; prints a JSON summary (episodes, frames, steps left
+    out, episodes skipped and why); exit 1 when an episode was skipped, 2 when nothing could be merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fleet_drives.merge import DEFAULT_TASK, MergeError, find_episodes, merge_episodes
+from rover_runtime.recording import PARTIAL, EpisodeError, open_episode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fleet_drives",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="check a fetched episode against its checksums")
+    verify.add_argument("episode", type=Path)
+    verify.add_argument("--publish", action="store_true", help="rename a verified NAME.partial to NAME")
+    merge = sub.add_parser("merge", help="merge collected episodes into one LeRobotDataset")
+    merge.add_argument(
+        "--store", type=Path, required=True, help="the collect store: <store>/<car>/<episode>/"
+    )
+    merge.add_argument("--output", type=Path, required=True, help="the LeRobotDataset directory to write")
+    merge.add_argument("--repo-id", default="rover/fleet_drives")
+    merge.add_argument("--task", default=DEFAULT_TASK)
+    merge.add_argument("--force", action="store_true", help="replace an existing output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "verify":
+        return _verify(args.episode, publish=args.publish)
+    if not args.store.is_dir():
+        print(f"error: no collect store at {args.store}", file=sys.stderr)
+        return 2
+    try:
+        result = merge_episodes(
+            find_episodes(args.store), args.output, repo_id=args.repo_id, task=args.task, force=args.force
+        )
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    json.dump(result.to_json(), sys.stdout, indent=2)
+    print()
+    return 1 if result.skipped else 0
+
+
+def _verify(path: Path, *, publish: bool) -> int:
+    try:
+        episode = open_episode(path)
+    except EpisodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if publish and path.name.endswith(PARTIAL):
+        final = path.with_name(path.name.removesuffix(PARTIAL))
+        if final.exists():
+            print(f"error: {final} already exists", file=sys.stderr)
+            return 2
+        path.rename(final)
+        path = final
+    print(json.dumps({"episode": str(path), "steps": episode.meta["steps"], "car": episode.meta["car"]}))
+    return 0

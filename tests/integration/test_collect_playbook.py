@@ -1,0 +1,127 @@
+"""playbooks/collect.yml against the simulated fleet: the cars' black boxes record while they drive (a car
+without a receiver records all the time), collect fetches only the new finished episodes verified by
+checksum, a second run moves nothing, a corrupt episode is skipped with its error, an unreachable car is
+reported while the others complete, and the merged dataset loads with lerobot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_helpers import car, provision_and_deploy, run_playbook
+
+pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+
+EPISODES = "/var/lib/rover/recordings/episodes"
+# Short episodes, so that a test sees several finish (the default is 60 s).
+RECORD = json.dumps({"rover_runtime_service_extra_config": {"record": {"episode_max_s": 2.0}}})
+
+
+def finished(host: object, minimum: int) -> list[str]:
+    names: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        out = host.run(f"ls {EPISODES} 2>/dev/null")  # type: ignore[attr-defined]
+        names = sorted(n for n in out.stdout.split() if not n.endswith(".partial"))
+        if len(names) >= minimum:
+            return names
+        time.sleep(1)
+    status = host.run(  # type: ignore[attr-defined]
+        'python3 -c \'import json; d = json.load(open("/run/rover/metrics.json")); '
+        'print(d.get("recorder"), d.get("rc"), d.get("failsafe"))\'; '
+        "journalctl -u rover-runtime -n 30 --no-pager"
+    )
+    raise AssertionError(
+        f"only {names} finished on the car; metrics and journal:\n{status.stdout}{status.stderr}"
+    )
+
+
+@pytest.fixture(scope="module")
+def recorded_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    inventory = provision_and_deploy(request, tmp_path_factory, "-e", RECORD)
+    for name in ("car1", "car2"):
+        finished(car(inventory, name), 2)
+    return inventory
+
+
+def test_collect_brings_new_episodes_home_once_and_skips_a_corrupt_one(
+    recorded_fleet: Path, tmp_path: Path
+) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
+
+    inventory = recorded_fleet
+    car1, car2 = car(inventory, "car1"), car(inventory, "car2")
+    for host in (car1, car2):  # parked: nothing new is recorded between the two runs
+        host.check_output("systemctl stop rover-runtime")
+    try:
+        on_car1, on_car2 = finished(car1, 2), finished(car2, 2)
+        bad = on_car2[0]
+        car2.check_output(
+            f"python3 -c \"p='{EPISODES}/{bad}/steps.jsonl'; d=bytearray(open(p,'rb').read()); "
+            f"d[5]^=1; open(p,'wb').write(bytes(d))\""
+        )  # one bit flipped on the car's card
+        store, dataset = tmp_path / "store", tmp_path / "dataset"
+        args = ("-e", f"rover_collect_store={store}", "-e", f"rover_collect_dataset={dataset}")
+        run = run_playbook(inventory, "collect.yml", "--limit", "car1,car2", *args)
+        assert run.rc == 0, run.report()
+        assert sorted(p.name for p in (store / "car1").iterdir()) == on_car1
+        home2 = sorted(p.name for p in (store / "car2").iterdir())
+        assert f"{bad}.partial" in home2  # kept for a look, never published
+        assert sorted(n for n in home2 if not n.endswith(".partial")) == on_car2[1:]
+        assert f"episode {bad}.partial: steps.jsonl does not match its sha256 (corrupt)" in run.text
+        merge = json.loads((tmp_path / "merge.json").read_text())
+        assert merge["episodes"] == len(on_car1) + len(on_car2) - 1
+        rows = [
+            json.loads(line) for line in (dataset / "meta" / "rover_episodes.jsonl").read_text().splitlines()
+        ]
+        assert {r["car"] for r in rows} == {
+            car1.check_output("hostname").strip(),
+            car2.check_output("hostname").strip(),
+        }
+        assert all(r["release"] for r in rows)
+        assert len(LeRobotDataset("rover/fleet_drives", root=dataset)) == merge["frames"] > 0
+
+        again = run_playbook(inventory, "collect.yml", "--limit", "car1,car2", *args)
+        assert again.rc == 0, again.report()
+        assert again.text.count("collected 0 new episode(s), 0 bytes") == 2, again.stdout[-3000:]
+
+        removed = run_playbook(
+            inventory, "collect.yml", "--limit", "car1", *args, "-e", "rover_collect_remove=true"
+        )
+        assert removed.rc == 0, removed.report()
+        assert car1.run(f"ls {EPISODES}").stdout.split() == []  # delivered, verified, deleted
+        assert len(finished(car2, 2)) == len(on_car2)  # not asked: nothing removed
+    finally:
+        for host in (car1, car2):
+            host.run("systemctl start rover-runtime")
+
+
+def test_an_unreachable_car_is_reported_and_the_others_complete(recorded_fleet: Path, tmp_path: Path) -> None:
+    finished(car(recorded_fleet, "car1"), 1)  # (an earlier test may have collected and removed its episodes)
+    inventory = yaml.safe_load(recorded_fleet.read_text())
+    rovers = inventory["all"]["children"]["rovers"]["hosts"]
+    rovers["car9"] = {**rovers["car1"], "ansible_port": 1}  # nothing listens there: a car out of range
+    extended = tmp_path / "hosts.yml"
+    extended.write_text(yaml.safe_dump(inventory))
+    for name in ("group_vars", "host_vars"):
+        if (recorded_fleet.parent / name).exists():
+            (tmp_path / name).symlink_to(recorded_fleet.parent / name)
+    store = tmp_path / "store"
+    run = run_playbook(
+        extended,
+        "collect.yml",
+        "--limit",
+        "car1,car9",
+        "-e",
+        f"rover_collect_store={store}",
+        "-e",
+        f"rover_collect_dataset={tmp_path / 'dataset'}",
+    )
+    assert run.rc == 4, run.report()  # ansible-playbook's "some hosts were unreachable"
+    assert "car9" in run.text
+    assert "unreachable" in run.text
+    assert list((store / "car1").iterdir())  # car1 completed
+    assert (tmp_path / "dataset" / "meta" / "info.json").is_file()  # and the merge ran

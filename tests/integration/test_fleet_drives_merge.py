@@ -1,0 +1,141 @@
+"""Recorded episodes from two cars -> one LeRobotDataset with lerobot's writer, loaded back by lerobot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet_drives.merge import SIDECAR, MergeError, find_episodes, merge_episodes
+from rover_runtime.recording import (
+    FRAMES_SUFFIX,
+    CameraSpec,
+    EpisodeInfo,
+    Recorder,
+    RecorderSettings,
+    StepRecord,
+    finished_episodes,
+)
+
+SHAPE = (3, 48, 64)
+
+
+def record(
+    store: Path, car: str, steps: int, *, takeover: tuple[int, int] | None = None, shape=SHAPE
+) -> Path:
+    """One episode recorded by the car's own Recorder, moved into the collect store's layout."""
+    directory = store.parent / f"disk-of-{car}"  # the car's own disk: its episode numbers go on
+    rec = Recorder(
+        RecorderSettings(
+            directory=directory, max_bytes=10**9, min_free_bytes=0, episode_max_s=600.0, end_after_s=1.0,
+            min_steps=1, queue_steps=10_000, jpeg_quality=95, fps=10.0,
+        )
+    )  # fmt: skip
+    info = EpisodeInfo(
+        car=car,
+        release=f"release-{car}",
+        bundle="b" * 64,
+        cameras=(CameraSpec("front", "observation.images.front", shape),),
+        state_names=("steering", "throttle"),
+    )
+    rec.start()
+    rec.begin(info)
+    for i in range(steps):
+        driver = takeover is not None and takeover[0] <= i < takeover[1]
+        image = np.zeros((shape[1], shape[2], 3), np.uint8)
+        image[:, :, 2] = 200  # red in BGR
+        rec.record(
+            StepRecord(
+                step=i, monotonic=10.0 + i / 10, wall=1.79e9 + i / 10,
+                mode="manual" if driver else "autopilot", driver=driver, state=(0.1 * (i % 5), 0.2),
+                policy_action=(0.0, 0.2), command=None if driver else (0.0, 0.2),
+                applied=(0.5, 0.3) if driver else (0.0, 0.2), faults=(),
+                images={"front": None if i == 3 else image},
+            )
+        )  # fmt: skip
+    rec.stop()
+    episode = finished_episodes(directory / "episodes")[-1]
+    target = store / car / episode.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(episode, target)
+    return target
+
+
+@pytest.mark.slow
+def test_the_fleet_drives_become_one_lerobot_dataset(tmp_path: Path) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
+
+    store = tmp_path / "store"
+    store.mkdir()
+    record(store, "car1", 20, takeover=(8, 14))
+    record(store, "car2", 15)
+    corrupt = record(store, "car2", 12)
+    frames_file = corrupt / f"front{FRAMES_SUFFIX}"
+    data = bytearray(frames_file.read_bytes())
+    data[100] ^= 0xFF  # one flipped bit on the way home
+    frames_file.write_bytes(bytes(data))
+    other = record(store, "car1", 10, shape=(3, 24, 32))  # another bundle's resolution
+
+    episodes = find_episodes(store)
+    assert len(episodes) == 4
+    result = merge_episodes(episodes, tmp_path / "dataset")
+    assert result.episodes == 2
+    assert result.frames == 19 + 14  # the step without a frame is left out of each
+    assert result.steps_left_out == 2
+    errors = {Path(s["episode"]).name: s["error"] for s in result.skipped}
+    assert "does not match its sha256 (corrupt)" in errors[corrupt.name]
+    assert "cameras" in errors[other.name]
+
+    dataset = LeRobotDataset("rover/fleet_drives", root=tmp_path / "dataset")
+    assert dataset.num_episodes == 2
+    assert len(dataset) == 33
+    item = dataset[0]
+    image = item["observation.images.front"]
+    assert tuple(image.shape) == (3, 48, 64)
+    assert float(image[0].mean()) > 0.7 > float(image[2].mean())  # red stays red (BGR -> RGB)
+    takeover = [float(dataset[i]["takeover"]) for i in range(19)]
+    # steps 8-13 of the recording; the frameless step 3 is left out, so frames 7-12
+    assert [i for i, t in enumerate(takeover) if t] == list(range(7, 13))
+    assert [float(v) for v in dataset[8]["action"]] == pytest.approx([0.5, 0.3])  # the driver's sticks
+    rows = [json.loads(line) for line in (tmp_path / "dataset" / "meta" / SIDECAR).read_text().splitlines()]
+    assert [(r["car"], r["release"], r["frames"]) for r in rows] == [
+        ("car1", "release-car1", 19),
+        ("car2", "release-car2", 14),
+    ]
+    assert rows[0]["takeovers"] == [[7, 13]]
+    assert rows[0]["modes"] == {"autopilot": 14, "manual": 6}
+
+
+def test_the_merge_refuses_to_overwrite_and_reports_when_nothing_is_usable(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / "car1" / "20260101T000000Z-car1-000001").mkdir(parents=True)
+    (store / "car1" / "20260101T000000Z-car1-000001" / "episode.json").write_text("{not json")
+    with pytest.raises(MergeError, match="no usable episode among 1: episode 20260101T000000Z-car1-000001: "):
+        merge_episodes(find_episodes(store), tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MergeError, match="already exists"):
+        merge_episodes(find_episodes(store), tmp_path / "out")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet_drives",
+            "merge",
+            "--store",
+            str(store),
+            "--output",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "episode.json is unreadable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o2").exists()
