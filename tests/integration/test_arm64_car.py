@@ -45,6 +45,9 @@ EMULATED_CAR_VARS = {
     "rover_runtime_service_watchdog_sec": 120,
     # qemu-user cannot create an IPC namespace for the service (226/NAMESPACE).
     "rover_runtime_service_private_ipc": False,
+    # The black box's JPEG encoding is ~100x slower emulated and would compete with the emulated inference
+    # for the 2 cores; the recorder is tested on the amd64 cars.
+    "rover_runtime_service_record_enabled": False,
 }
 
 
