@@ -38,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--repo-id", default="rover/fleet_drives")
     merge.add_argument("--task", default=DEFAULT_TASK)
     merge.add_argument("--force", action="store_true", help="replace an existing output directory")
+    report = sub.add_parser("report", help="the drive report: the drives against the training dataset")
+    report.add_argument("--store", type=Path, required=True)
+    report.add_argument("--training", type=Path, required=True, help="the training LeRobotDataset directory")
+    report.add_argument("--output", type=Path, required=True, help="the report's directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "verify":
         return _verify(args.episode, publish=args.publish)
+    if args.command == "report":
+        return _report(args.store, args.training, args.output)
     if not args.store.is_dir():
         print(f"error: no collect store at {args.store}", file=sys.stderr)
         return 2
@@ -71,4 +77,16 @@ def _verify(path: Path, *, publish: bool) -> int:
         path.rename(final)
         path = final
     print(json.dumps({"episode": str(path), "steps": episode.meta["steps"], "car": episode.meta["car"]}))
+    return 0
+
+
+def _report(store: Path, training: Path, output: Path) -> int:
+    from fleet_drives.report import write_report  # noqa: PLC0415 - matplotlib and lerobot: only here
+
+    if not (training / "meta" / "info.json").is_file():
+        print(f"error: {training} is not a LeRobotDataset (no meta/info.json)", file=sys.stderr)
+        return 2
+    document = write_report(find_episodes(store), training, output)
+    print(json.dumps({"report": str(output / "report.md"), "groups": len(document["groups"]),
+                      "skipped": document["skipped"]}))  # fmt: skip
     return 0

@@ -11,30 +11,17 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from fleet_report.evaluate import evaluate
+from fleet_report.files import write_text_atomic
 from fleet_report.limits import LimitsError, load_limits
 from fleet_report.plot import plot_latency
 from fleet_report.render import Report, to_html, to_markdown
 from fleet_report.results import ResultError, load_run
 
 log = logging.getLogger("fleet_report")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        Path(tmp).chmod(0o644)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_report(run_dir: Path, limits_file: Path | None, hosts: list[str] | None) -> Report:
@@ -53,8 +40,8 @@ def build_report(run_dir: Path, limits_file: Path | None, hosts: list[str] | Non
         missing_hosts=missing,
         plot_file=plot.name,
     )
-    _write_atomic(run_dir / "report.md", to_markdown(report))
-    _write_atomic(run_dir / "report.html", to_html(report))
+    write_text_atomic(run_dir / "report.md", to_markdown(report))
+    write_text_atomic(run_dir / "report.html", to_html(report))
     summary = {
         "ok": report.ok,
         "missing_hosts": list(missing),
@@ -69,7 +56,7 @@ def build_report(run_dir: Path, limits_file: Path | None, hosts: list[str] | Non
             for v in verdicts
         },
     }
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return report
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fleet_report.files import save_figure
 from fleet_report.results import HostResult
 
 
@@ -44,13 +43,4 @@ def plot_latency(results: list[HostResult], target: Path, limit_p95_ms: float | 
     ax.set_title("Policy latency per car (measured on each car)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        Path(tmp).replace(target)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return save_figure(fig, target)

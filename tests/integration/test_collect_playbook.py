@@ -48,7 +48,7 @@ def recorded_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 
 def test_collect_brings_new_episodes_home_once_and_skips_a_corrupt_one(
-    recorded_fleet: Path, tmp_path: Path
+    recorded_fleet: Path, tmp_path: Path, demo_dataset: Path
 ) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
 
@@ -65,7 +65,8 @@ def test_collect_brings_new_episodes_home_once_and_skips_a_corrupt_one(
         )  # one bit flipped on the car's card
         store, dataset = tmp_path / "store", tmp_path / "dataset"
         args = ("-e", f"rover_collect_store={store}", "-e", f"rover_collect_dataset={dataset}")
-        run = run_playbook(inventory, "collect.yml", "--limit", "car1,car2", *args)
+        training = ("-e", f"rover_collect_training_dataset={demo_dataset}")
+        run = run_playbook(inventory, "collect.yml", "--limit", "car1,car2", *args, *training)
         assert run.rc == 0, run.report()
         assert sorted(p.name for p in (store / "car1").iterdir()) == on_car1
         home2 = sorted(p.name for p in (store / "car2").iterdir())
@@ -82,6 +83,10 @@ def test_collect_brings_new_episodes_home_once_and_skips_a_corrupt_one(
             car2.check_output("hostname").strip(),
         }
         assert all(r["release"] for r in rows)
+        report = json.loads((tmp_path / "report" / "report.json").read_text())  # the drive report
+        assert {g["car"] for g in report["groups"]} == {r["car"] for r in rows}
+        assert sum(g["frames"] for g in report["groups"]) >= merge["frames"]
+        assert (tmp_path / "report" / "actions.png").is_file()
         assert len(LeRobotDataset("rover/fleet_drives", root=dataset)) == merge["frames"] > 0
 
         again = run_playbook(inventory, "collect.yml", "--limit", "car1,car2", *args)

@@ -139,3 +139,42 @@ def test_the_merge_refuses_to_overwrite_and_reports_when_nothing_is_usable(tmp_p
     assert "episode.json is unreadable" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow
+def test_the_drive_report_compares_the_drives_with_the_training_data(
+    demo_dataset: Path, tmp_path: Path
+) -> None:
+    from fleet_drives.report import write_report  # noqa: PLC0415
+
+    store = tmp_path / "store"
+    store.mkdir()
+    record(store, "car1", 30, takeover=(10, 20))  # 3 s at 10 Hz, 1 s of it the driver's
+    record(store, "car2", 20)
+    broken = record(store, "car2", 10)
+    (broken / "steps.jsonl").write_text("garbage\n")
+    document = write_report(find_episodes(store), demo_dataset, tmp_path / "report")
+    groups = {g["car"]: g for g in document["groups"]}
+    one = groups["car1"]
+    assert (one["episodes"], one["frames"], one["takeovers"]) == (1, 30, 1)
+    assert one["takeover_seconds_mean"] == pytest.approx(1.0)
+    assert one["modes"] == {
+        "autopilot": pytest.approx(20 / 30, abs=1e-4),
+        "manual": pytest.approx(10 / 30, abs=1e-4),
+    }
+    throttle = next(d for d in one["dimensions"] if d["kind"] == "action" and d["name"] == "throttle")
+    # Applied throttle 0.2 (the Pi) and 0.3 (the driver): slower than anything in the demo's training
+    # (0.47-0.81), which is what the report is there to show.
+    assert throttle["road"]["mean"] == pytest.approx((20 * 0.2 + 10 * 0.3) / 30, abs=1e-3)
+    assert throttle["training"]["p05"] > 0.4
+    assert throttle["outside_range"] == 1.0
+    steering = next(d for d in one["dimensions"] if d["kind"] == "action" and d["name"] == "steering")
+    # Steering 0.0 (the Pi) is inside the training's -1.0..0.37; the driver's 0.5 (a third) is not.
+    assert steering["outside_range"] == pytest.approx(10 / 30, abs=1e-4)
+    assert groups["car2"]["episodes"] == 1
+    assert [s["episode"] for s in document["skipped"]] == [str(broken)]
+    report = tmp_path / "report"
+    markdown = (report / "report.md").read_text()
+    assert "| car1 | release-car1 | 1 | 0.1 | 67% | 33% | 1 | 1.0 |" in markdown
+    assert "release-car2" in (report / "report.html").read_text()
+    assert (report / "actions.png").read_bytes()[:4] == b"\x89PNG"
