@@ -5,7 +5,8 @@ driver's takeovers (how many, how long), failsafe steps, and for every state and
 on-road mean, std, 5th and 95th percentiles beside the training dataset's, with the share of on-road values
 outside the training range ([min, max]) and outside its 1-99 % band ([q01, q99]; about 2 % when the road
 looks like the training data). A plot per action dimension overlays the on-road distributions on the
-training one. Written as report.md, report.html, report.json and actions.png, from the store's files only.
+training one; another shows the inference latency and the SoC temperature over the drives. Written as
+report.md, report.html, report.json, actions.png and timeline.png, from the store's files only.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class Group:
     fault_steps: int = 0
     state: list[list[float]] = field(default_factory=list)
     action: list[list[float]] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)  # unix time of each step with a reading below
+    latency_ms: list[float | None] = field(default_factory=list)
+    temp_c: list[float | None] = field(default_factory=list)
 
 
 def load_training(root: Path) -> Training:
@@ -101,6 +105,9 @@ def _add(group: Group, episode: Episode, steps: list[dict[str, Any]]) -> None:
             group.state.append(line["state"])
         if line["applied"] is not None:
             group.action.append(line["applied"])
+        group.wall.append(float(line["wall"]))
+        group.latency_ms.append(line.get("latency_ms"))
+        group.temp_c.append(line.get("temp_c"))
 
 
 def compare(group: Group, training: Training) -> dict[str, Any]:
@@ -142,7 +149,20 @@ def compare(group: Group, training: Training) -> dict[str, Any]:
         "takeover_seconds_mean": round(float(np.mean(takeovers)), 2) if takeovers else None,
         "takeover_seconds_total": round(float(np.sum(takeovers)), 2),
         "fault_share": round(group.fault_steps / max(group.frames, 1), 4),
+        "latency_ms": _percentiles([v for v in group.latency_ms if v is not None]),
+        "temperature_c": _percentiles([v for v in group.temp_c if v is not None]),
         "dimensions": dims,
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "max": None}
+    array = np.asarray(values, np.float64)
+    return {
+        "p50": round(float(np.percentile(array, 50)), 3),
+        "p95": round(float(np.percentile(array, 95)), 3),
+        "max": round(float(array.max()), 3),
     }
 
 
@@ -170,6 +190,7 @@ def write_report(episode_dirs: Sequence[Path], training_root: Path, output: Path
     document = {"training": str(training_root), "groups": rows, "skipped": skipped}
     output.mkdir(parents=True, exist_ok=True)
     _plot_actions(groups, training, output / "actions.png")
+    _plot_timeline(groups, output / "timeline.png")
     write_text_atomic(output / "report.json", json.dumps(document, indent=2) + "\n")
     write_text_atomic(output / "report.md", to_markdown(document))
     write_text_atomic(output / "report.html", to_html(document))
@@ -178,7 +199,7 @@ def write_report(episode_dirs: Sequence[Path], training_root: Path, output: Path
 
 def _table(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["car", "release", "episodes", "minutes", "autopilot", "manual", "takeovers", "takeover s (mean)",
-            "takeovers/h", "failsafe"]  # fmt: skip
+            "takeovers/h", "failsafe", "latency p50/p95 (ms)", "temperature max (°C)"]  # fmt: skip
     rows = []
     for g in document["groups"]:
         auto = sum(v for k, v in g["modes"].items() if k.startswith("autopilot") or k == "pi_only")
@@ -186,7 +207,8 @@ def _table(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             g["car"], g["release"], str(g["episodes"]), f"{g['minutes']:.1f}", f"{auto:.0%}",
             f"{g['modes'].get('manual', 0):.0%}", str(g["takeovers"]),
             "-" if g["takeover_seconds_mean"] is None else f"{g['takeover_seconds_mean']:.1f}",
-            f"{g['takeovers_per_hour']:.1f}", f"{g['fault_share']:.1%}",
+            f"{g['takeovers_per_hour']:.1f}", f"{g['fault_share']:.1%}", _latency(g["latency_ms"]),
+            "-" if g["temperature_c"]["max"] is None else f"{g['temperature_c']['max']:.1f}",
         ])  # fmt: skip
     return head, rows
 
@@ -203,6 +225,10 @@ def _dim_rows(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _band(train), _pct(d["outside_range"]), _pct(d["outside_q01_q99"]),
             ])  # fmt: skip
     return head, rows
+
+
+def _latency(s: dict[str, float | None]) -> str:
+    return "-" if s["p50"] is None else f"{s['p50']:.1f}/{s['p95']:.1f}"
 
 
 def _pm(s: dict[str, float | None]) -> str:
@@ -226,6 +252,7 @@ def to_markdown(document: dict[str, Any]) -> str:
     if document["skipped"]:
         out += ["## Episodes left out", ""] + [f"- {s['error']}" for s in document["skipped"]] + [""]
     out += ["## Actions on the road and in training", "", "![actions](actions.png)", ""]
+    out += ["## Latency and temperature over the drives", "", "![timeline](timeline.png)", ""]
     return "\n".join(out)
 
 
@@ -244,7 +271,9 @@ def to_html(document: dict[str, Any]) -> str:
         "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}</style></head><body>"
         f"<h1>Drive report</h1><p>Training dataset: <code>{e(document['training'])}</code>.</p>{tables}"
         + (f"<h2>Episodes left out</h2><ul>{skipped}</ul>" if skipped else "")
-        + '<h2>Actions on the road and in training</h2><img src="actions.png" alt="actions"></body></html>\n'
+        + '<h2>Actions on the road and in training</h2><img src="actions.png" alt="actions">'
+        + '<h2>Latency and temperature over the drives</h2><img src="timeline.png" alt="timeline">'
+        + "</body></html>\n"
     )
 
 
@@ -266,5 +295,31 @@ def _plot_actions(groups: Sequence[Group], training: Training, target: Path) -> 
                 ax.hist(values, bins=40, density=True, histtype="step", linewidth=1.5, label=label)
         ax.set_title(f"action: {name}")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, target)
+
+
+def _plot_timeline(groups: Sequence[Group], target: Path) -> None:
+    """Inference latency and SoC temperature against the time of day, one line per car and release."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    start = min((min(g.wall) for g in groups if g.wall), default=0.0)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), dpi=100, sharex=True)
+    for g in groups:
+        label = f"{g.car} {g.release[:20]}"
+        for ax, values in ((top, g.latency_ms), (bottom, g.temp_c)):
+            points = [((w - start) / 60, v) for w, v in zip(g.wall, values, strict=True) if v is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), ".", markersize=2, label=label)
+    top.set_ylabel("inference (ms)")
+    bottom.set_ylabel("SoC temperature (°C)")
+    bottom.set_xlabel("minutes since the first recorded step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, markerscale=4)
     fig.tight_layout()
     save_figure(fig, target)

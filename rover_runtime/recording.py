@@ -4,7 +4,8 @@ On disk (`record.directory`):
 
     episodes/<UTC start>-<car>-<seq>/            a finished episode (never changed again)
         episode.json       written last: what, when, which release, counts, segments, every file's sha256
-        steps.jsonl        one JSON line per control step (see `StepRecord`)
+        steps.jsonl        one JSON line per control step (see `StepRecord`; `temp_c`: the SoC temperature,
+                           sampled once a second by the writer)
         <camera>.jpg.bin   the camera's frames at the bundle's resolution, JPEG, back to back; each step
                            line gives its frame's offset, length and CRC-32
     episodes/<...>.partial/                      the episode being written
@@ -109,6 +110,7 @@ class StepRecord:
     applied: tuple[float, float] | None  # what the car outputs (firmware ack): the training action
     faults: tuple[str, ...]
     images: dict[str, NDArray[Any] | None] = field(default_factory=dict)
+    latency_ms: float | None = None  # the newest chunk's inference time
 
 
 @dataclass
@@ -145,6 +147,7 @@ class Recorder:
         settings: RecorderSettings,
         *,
         free_bytes: Callable[[Path], int] | None = None,
+        temperature: Callable[[], float | None] | None = None,
     ) -> None:
         self.settings = settings
         self.episodes_dir = settings.directory / EPISODES
@@ -154,6 +157,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._episode: _EpisodeWriter | None = None
         self._free_bytes = free_bytes or _free_bytes
+        self._temperature = _Sampled(temperature or _soc_temperature, every_s=1.0)
         self._sequence = 0
         self._waiting = 0  # steps queued, not yet taken by the writer
 
@@ -248,7 +252,9 @@ class Recorder:
         (self.episodes_dir / SEQUENCE_FILE).write_text(f"{self._sequence}\n")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         name = f"{stamp}-{_SAFE_NAME.sub('_', info.car)}-{self._sequence:06d}"
-        self._episode = _EpisodeWriter(self.episodes_dir / f"{name}{PARTIAL}", info, self.settings)
+        self._episode = _EpisodeWriter(
+            self.episodes_dir / f"{name}{PARTIAL}", info, self.settings, temperature=self._temperature
+        )
         with self._lock:
             self.stats.recording = True
             self.stats.current_episode = name
@@ -332,9 +338,43 @@ class Recorder:
             self.stats.current_episode = None
 
 
+class _Sampled:
+    """A reading taken at most every `every_s` (the SoC temperature: vcgencmd is a process on a Pi)."""
+
+    def __init__(self, read: Callable[[], float | None], every_s: float) -> None:
+        self.read, self.every_s = read, every_s
+        self._at: float | None = None
+        self._value: float | None = None
+
+    def __call__(self) -> float | None:
+        now = time.monotonic()
+        if self._at is None or now - self._at >= self.every_s:
+            self._at = now
+            try:
+                self._value = self.read()
+            except Exception:  # a sensor that fails gives no reading, never a stopped recorder
+                log.debug("recorder: temperature reading failed", exc_info=True)
+                self._value = None
+        return self._value
+
+
+def _soc_temperature() -> float | None:
+    from rover_runtime.thermal import read_thermal  # noqa: PLC0415
+
+    return read_thermal().temperature_c
+
+
 class _EpisodeWriter:
-    def __init__(self, path: Path, info: EpisodeInfo, settings: RecorderSettings) -> None:
+    def __init__(
+        self,
+        path: Path,
+        info: EpisodeInfo,
+        settings: RecorderSettings,
+        *,
+        temperature: Callable[[], float | None] = lambda: None,
+    ) -> None:
         self.path = path
+        self.temperature = temperature
         self.info = info
         self.settings = settings
         path.mkdir(parents=True)
@@ -392,9 +432,13 @@ class _EpisodeWriter:
             "command": _floats(record.command),
             "applied": _floats(record.applied),
             "faults": list(record.faults),
+            "latency_ms": None if record.latency_ms is None else round(record.latency_ms, 3),
+            "temp_c": self.temperature(),
             "frames": frames,
         }
         self._append(STEPS_FILE, (json.dumps(line, separators=(",", ":")) + "\n").encode())
+        for stream in self._files.values():  # to the kernel at every step: a crash of the process loses
+            stream.flush()  # nothing, a power cut what was not yet on the card (recovery keeps the rest)
         self.steps += 1
         self.duration_s = record.monotonic - self.started_monotonic
         mode = record.mode or "unknown"

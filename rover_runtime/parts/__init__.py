@@ -6,7 +6,7 @@
 | CameraPart (`cameras.<name>`) | cameras.py | its camera's newest frame | `image.<name>` |
 | TransmitterPart (`rc`) | transmitter.py | `car.transmitter`, `car.mode` | a hold while it has the car |
 | StatePart (`state`) | state.py | `car.*` | `state` |
-| PilotPart (`inference`) | pilot.py | `image.*`, `state` | `pilot.action` |
+| PilotPart (`inference`) | pilot.py | `image.*`, `state` | `pilot.action`, `pilot.latency_ms` |
 | SmoothingPart (`smoothing`) | smoothing.py | `pilot.action`, `car.steering`, `car.throttle` | `command` |
 | CarOutput (`command`) | car.py | `command` | `command.sent`, `driving` |
 | RecorderPart (`recorder`), when `record.enabled` | recorder.py | all of the above | episodes on disk |
@@ -20,6 +20,7 @@ The values (`rover_runtime.vehicle.Cycle.values`), fresh every cycle:
 - `image.<camera>` (`camera.Frame`): the camera's newest frame, when fresh;
 - `state` (tuple of float): the policy's state vector, in the bundle's `inputs.state_names` order;
 - `pilot.action` (tuple[float, float] | None): the policy's [steering, throttle] for this step;
+- `pilot.latency_ms` (float | None): how long the newest chunk's inference took;
 - `command` (tuple[float, float]): what to send, after smoothing (neutral when there is a fault or a hold);
 - `command.sent` (tuple[float, float] | None): what was written to the serial line (None: nothing was);
 - `driving` (bool): the Pi's command was written and the car applies it.
@@ -33,6 +34,7 @@ CAR_WHEEL_SPEED = "car.wheel_speed_mps"
 CAR_BATTERY = "car.battery_v"
 STATE = "state"
 PILOT_ACTION = "pilot.action"
+PILOT_LATENCY_MS = "pilot.latency_ms"
 COMMAND = "command"
 COMMAND_SENT = "command.sent"
 

@@ -24,7 +24,7 @@ import numpy as np
 from rover_runtime.action_queue import ActionQueue, ChunkQueue, TemporalEnsembler
 from rover_runtime.camera import Frame
 from rover_runtime.inference_worker import InferenceRequest, InferenceWorker
-from rover_runtime.parts import PILOT_ACTION, STATE, image_key
+from rover_runtime.parts import PILOT_ACTION, PILOT_LATENCY_MS, STATE, image_key
 from rover_runtime.policy import Policy, PolicyInfo
 from rover_runtime.vehicle import Cycle
 
@@ -87,6 +87,7 @@ class PilotPart:
         self.dropped_results = 0
         self.underruns = 0  # times the queue ran dry while nothing was wrong (each episode once)
         self.action: tuple[float, float] | None = None
+        self.latency_ms: float | None = None  # the newest chunk's inference
 
     def start(self) -> None:
         self.worker.start()
@@ -125,6 +126,7 @@ class PilotPart:
                 self._underrun = False
         self.action = None if action is None else (float(action[0]), float(action[1]))
         cycle.values[PILOT_ACTION] = self.action
+        cycle.values[PILOT_LATENCY_MS] = self.latency_ms
         self._maybe_request(cycle)
 
     def _collect(self, step: int) -> None:
@@ -140,6 +142,7 @@ class PilotPart:
             return
         self._failed = False
         self._stall_counted = False
+        self.latency_ms = result.latency_s * 1000
         if result.request.submitted < self._discard_before or result.chunk is None:
             self.dropped_results += 1
             return

@@ -17,6 +17,7 @@ from rover_runtime.parts import (
     CAR_TRANSMITTER,
     COMMAND_SENT,
     PILOT_ACTION,
+    PILOT_LATENCY_MS,
     STATE,
     image_key,
 )
@@ -76,6 +77,7 @@ class RecorderPart:
                 applied=None if steering is None or throttle is None else (steering, throttle),
                 faults=tuple(cycle.faults),
                 images=images,
+                latency_ms=values.get(PILOT_LATENCY_MS),
             )
         )
 

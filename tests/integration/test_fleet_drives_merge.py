@@ -55,7 +55,7 @@ def record(
                 mode="manual" if driver else "autopilot", driver=driver, state=(0.1 * (i % 5), 0.2),
                 policy_action=(0.0, 0.2), command=None if driver else (0.0, 0.2),
                 applied=(0.5, 0.3) if driver else (0.0, 0.2), faults=(),
-                images={"front": None if i == 3 else image},
+                images={"front": None if i == 3 else image}, latency_ms=12.5,
             )
         )  # fmt: skip
     rec.stop()
@@ -178,3 +178,5 @@ def test_the_drive_report_compares_the_drives_with_the_training_data(
     assert "| car1 | release-car1 | 1 | 0.1 | 67% | 33% | 1 | 1.0 |" in markdown
     assert "release-car2" in (report / "report.html").read_text()
     assert (report / "actions.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert one["latency_ms"] == {"p50": 12.5, "p95": 12.5, "max": 12.5}

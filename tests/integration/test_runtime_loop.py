@@ -473,6 +473,7 @@ def test_the_black_box_records_autopilot_takeover_and_manual(
     assert all(line["driver"] for line in manual)
     assert [0.8, 0.4] in [line["applied"] for line in manual]  # the driver's sticks, as the car applied them
     assert all(line["command"] is not None for line in lines[: start - 1])  # the Pi's commands before
+    assert all(0 < line["latency_ms"] < 1000 for line in lines[5:])  # the stub's ~5 ms inferences
     offset, length, _ = lines[-1]["frames"]["front"]
     frames = (episode / f"front{FRAMES_SUFFIX}").read_bytes()
     assert decode_jpeg(frames[offset : offset + length]).shape == (96, 128, 3)  # the bundle's size

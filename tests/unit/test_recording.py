@@ -72,12 +72,13 @@ def step(i: int, *, driver: bool = False, mode: str = "autopilot", image: bool =
         applied=(0.5, 0.4) if driver else (0.3, 0.2),
         faults=(),
         images={"front": frame if image else None},
+        latency_ms=12.5,
     )
 
 
 @pytest.fixture
 def recorder(tmp_path: Path) -> Iterator[Recorder]:
-    rec = Recorder(settings(tmp_path / "rec"))
+    rec = Recorder(settings(tmp_path / "rec"), temperature=lambda: 48.5)
     rec.start()
     yield rec
     rec.stop()
@@ -130,6 +131,7 @@ def test_an_episode_is_written_with_its_frames_checksums_and_takeovers(
     assert image.shape == (48, 64, 3)  # the bundle's resolution, not the camera's
     assert abs(int(image.mean()) - 21) <= 2
     assert lines[25]["frames"] == {"front": None}
+    assert (lines[3]["latency_ms"], lines[3]["temp_c"]) == (12.5, 48.5)
     assert lines[12]["applied"] == [0.5, 0.4]
     assert lines[12]["command"] is None
     assert not list(episodes_dir.glob(f"*{PARTIAL}"))
@@ -178,6 +180,8 @@ CRASHER = textwrap.dedent(
         rec.record(step(i)); i += 1
         time.sleep(1 / 30)
         if i == 60:
+            while rec.snapshot()["steps_written"] < 40 + 60:
+                time.sleep(0.01)
             print("ready", flush=True)
     """
 )
