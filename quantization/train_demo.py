@@ -61,6 +61,8 @@ class TrainConfig:
     # The trained policy's held-out steering MAE must be at most this fraction of the baseline's;
     # None skips the check (tiny test policies).
     max_steering_mae_ratio: float | None = 0.5
+    # Fine-tune this saved ACT policy (its architecture and normalization) instead of training a new one.
+    init_policy: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -147,6 +149,20 @@ def _act_config(features: dict[str, Any], config: TrainConfig) -> Any:
         optimizer_lr_backbone=config.lr,
         optimizer_weight_decay=config.weight_decay,
     )
+
+
+def _check_fits(policy_cfg: Any, dataset_cfg: Any, policy_dir: str, dataset_root: Path) -> None:
+    """A policy can be fine-tuned on a dataset only with the same inputs and outputs (keys and shapes)."""
+
+    def layout(cfg: Any) -> dict[str, tuple[int, ...]]:
+        features = {**cfg.input_features, **cfg.output_features}
+        return {key: tuple(feature.shape) for key, feature in sorted(features.items())}
+
+    if layout(policy_cfg) != layout(dataset_cfg):
+        raise QuantizationError(
+            f"cannot fine-tune {policy_dir} on {dataset_root}: the policy takes {layout(policy_cfg)}, "
+            f"the dataset has {layout(dataset_cfg)}"
+        )
 
 
 def load_act_policy(policy_dir: Path) -> tuple[Any, Any, Any]:
@@ -265,12 +281,18 @@ def _train(dataset_root: Path, policy_dir: Path, config: TrainConfig) -> tuple[d
     repo_id = _repo_id(dataset_root)
     train_eps, _ = train_and_heldout_episodes(dataset_root)
     meta = LeRobotDatasetMetadata(repo_id, root=dataset_root)
-    cfg = _act_config(meta.features, config)
+    if config.init_policy:
+        policy, preprocessor, postprocessor = load_act_policy(Path(config.init_policy))
+        cfg = policy.config
+        _check_fits(cfg, _act_config(meta.features, config), config.init_policy, dataset_root)
+        log.info("fine-tuning %s (its normalization kept)", config.init_policy)
+    else:
+        cfg = _act_config(meta.features, config)
+        policy = ACTPolicy(cfg)
+        preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=meta.stats)
     frames = LeRobotDataset(repo_id, root=dataset_root, episodes=train_eps)
     dataset = ActionChunkDataset(frames, cfg.chunk_size)
-    policy = ACTPolicy(cfg)
     policy.train()
-    preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=meta.stats)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
@@ -419,11 +441,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--init-policy",
+        type=Path,
+        help="fine-tune this saved ACT policy (e.g. on the fleet's drives from playbooks/collect.yml)",
+    )
+    parser.add_argument(
+        "--no-quality-check",
+        action="store_true",
+        help="keep the policy even if it does not beat the mean-action baseline on the held-out episodes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``train-demo``: train, print both held-out errors, return 0 (errors raise QuantizationError)."""
-    config = replace(TrainConfig(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = replace(
+        TrainConfig(),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        init_policy=str(args.init_policy) if args.init_policy else None,
+        max_steering_mae_ratio=None if args.no_quality_check else TrainConfig.max_steering_mae_ratio,
+    )
     result = train_demo_policy(args.dataset, args.out, config, force=args.force)
     print(  # noqa: T201
         f"held-out first-action MAE [steering, throttle]: policy {list(result.policy_mae)}, "

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,34 @@ def test_the_drive_report_compares_the_drives_with_the_training_data(
     assert (report / "actions.png").read_bytes()[:4] == b"\x89PNG"
     assert (report / "timeline.png").read_bytes()[:4] == b"\x89PNG"
     assert one["latency_ms"] == {"p50": 12.5, "p95": 12.5, "max": 12.5}
+
+
+@pytest.mark.slow
+def test_train_demo_fine_tunes_a_policy_on_the_fleet_drives(tiny_policy: Path, tmp_path: Path) -> None:
+    from quantization.errors import QuantizationError  # noqa: PLC0415
+    from quantization.train_demo import TINY_TRAIN_CONFIG, train_demo_policy  # noqa: PLC0415
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for car in ("car1", "car2", "car3"):
+        record(store, car, 40, takeover=(10, 20), shape=(3, 96, 128))  # the demo policy's camera size
+    merge_episodes(find_episodes(store), tmp_path / "drives")
+    config = replace(
+        TINY_TRAIN_CONFIG, steps=3, batch_size=2, init_policy=str(tiny_policy), max_steering_mae_ratio=None
+    )
+    result = train_demo_policy(tmp_path / "drives", tmp_path / "tuned", config)
+    assert (result.policy_dir / "model.safetensors").is_file()
+    metrics = json.loads(result.metrics_path.read_text())
+    assert metrics["train_config"]["init_policy"] == str(tiny_policy)
+    assert metrics["heldout_episodes"] == [2]  # the last of three (no split in a fleet dataset)
+
+    small = tmp_path / "small-store"
+    small.mkdir()
+    record(small, "car1", 20, shape=(3, 48, 64))
+    record(small, "car2", 20, shape=(3, 48, 64))
+    merge_episodes(find_episodes(small), tmp_path / "small")
+    with pytest.raises(
+        QuantizationError, match=r"cannot fine-tune .* the policy takes .*96, 128.* the dataset has .*48, 64"
+    ):
+        train_demo_policy(tmp_path / "small", tmp_path / "nope", config)
+    assert not (tmp_path / "nope").exists()
