@@ -10,6 +10,7 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_cli_hook_reports_a_missing_dataset(tmp_path: Path) -> None:
         ({"steps": 0}, "positive"),
     ],
 )
-def test_bad_train_configs_are_refused(changes: dict[str, int], message: str) -> None:
+def test_bad_train_configs_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(QuantizationError, match=message):
         TrainConfig(**changes)
 
