@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole story on the simulated fleet (run by `make demo` after bootstrap.sh):
 # simulated fleet up -> demo dataset and policy -> quantize (FP32, dynamic, static; torch, ONNX Runtime and
-# ExecuTorch) -> compare + report -> provision -> deploy the report's recommendation -> benchmark -> where
-# the reports are.
+# ExecuTorch) -> compare + report -> provision -> deploy the report's recommendation -> benchmark -> drive
+# (autopilot, the driver taking over with the transmitter, autopilot again; every car's black box records)
+# -> collect the drives into one LeRobotDataset + the drive report -> fine-tune the demo policy on them ->
+# where the reports are.
 # A second run reuses every cache (image, dataset, policy, bundles, wheelhouse, running fleet) and is fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,15 +15,16 @@ inventory=inventory/sim/hosts.yml
 started=$SECONDS
 step() { printf '\n==> [%s +%ds] %s\n' "$(date +%H:%M:%S)" $((SECONDS - started)) "$*"; }
 
-step "1/6 simulated fleet '$fleet' ($hosts cars): python -m simfleet up"
-if python -m simfleet status --name "$fleet" >/dev/null 2>&1; then
+step "1/9 simulated fleet '$fleet' ($hosts cars, RC transmitters): python -m simfleet up --transmitter"
+if python -m simfleet status --name "$fleet" --json 2>/dev/null \
+    | python -c 'import json, sys; sys.exit(0 if all(h["transmitter"] for h in json.load(sys.stdin)["hosts"]) else 1)'; then
   echo "fleet '$fleet' is already up: reusing it"
 else
   python -m simfleet down --name "$fleet" >/dev/null 2>&1 || true
-  python -m simfleet up --name "$fleet" --hosts "$hosts" --inventory "$inventory"
+  python -m simfleet up --name "$fleet" --hosts "$hosts" --inventory "$inventory" --transmitter
 fi
 
-step "2/6 demo dataset, demo policy, bundles, comparison, report: python -m quantization demo"
+step "2/9 demo dataset, demo policy, bundles, comparison, report: python -m quantization demo"
 python -m quantization demo --out "$out"
 
 # The bundle the cars run: the report's recommendation (the fastest INT8 bundle within the accuracy
@@ -33,24 +36,46 @@ if [[ -z $bundle ]]; then
 fi
 echo "the report recommends $bundle"
 
-step "3/6 provision: ansible-playbook playbooks/provision.yml"
+step "3/9 provision: ansible-playbook playbooks/provision.yml"
 ansible-playbook -i "$inventory" playbooks/provision.yml
 
-step "4/6 deploy $bundle: ansible-playbook playbooks/deploy.yml"
+step "4/9 deploy $bundle: ansible-playbook playbooks/deploy.yml"
 # Simulated cars drive all the time (synthetic camera), so the model swap is forced (docs/deploy.md).
 ansible-playbook -i "$inventory" playbooks/deploy.yml \
   -e rover_deploy_bundle="$out/bundles/$bundle" -e rover_deploy_force=true
 
-step "5/6 benchmark every car: ansible-playbook playbooks/benchmark.yml"
+step "5/9 benchmark every car: ansible-playbook playbooks/benchmark.yml"
 # Benchmarking stops the runtime, which a driving car refuses: forced here for the same reason.
 ansible-playbook -i "$inventory" playbooks/benchmark.yml -e rover_benchmark_output_dir="$out/benchmarks" \
   -e rover_benchmark_force=true
 
-step "6/6 done in $((SECONDS - started)) s"
+step "6/9 drive: autopilot, the driver takes over (python -m simfleet transmitter), autopilot again"
+cars=$(python -c 'import json, sys; print(" ".join(h["host"] for h in json.load(sys.stdin)["hosts"]))' \
+  < <(python -m simfleet status --name "$fleet" --json))
+transmitter() { for car in $cars; do python -m simfleet transmitter --name "$fleet" "$car" "$@"; done; }
+transmitter autopilot && sleep "${ROVER_DEMO_DRIVE_S:-15}"
+transmitter manual --steering 0.4 --throttle 0.3 && sleep 6     # the driver grabs the transmitter
+transmitter autopilot && sleep "${ROVER_DEMO_DRIVE_S:-15}"
+transmitter off && sleep 4                                       # switched off: every episode ends
+transmitter autopilot                                            # and the cars drive on
+
+step "7/9 collect the drives and write the drive report: ansible-playbook playbooks/collect.yml"
+training=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["dataset"])' "$out/comparison.json")
+ansible-playbook -i "$inventory" playbooks/collect.yml -e rover_collect_store="$out/drives/store" \
+  -e rover_collect_dataset="$out/drives/dataset" -e rover_collect_training_dataset="$training"
+
+step "8/9 fine-tune the demo policy on the fleet's drives: python -m quantization train-demo --init-policy"
+policy=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"]["path"])' "$out/bundles/$bundle/manifest.json")
+python -m quantization train-demo --dataset "$out/drives/dataset" --init-policy "$policy" \
+  --out "$out/drives/finetuned" --steps "${ROVER_DEMO_FINETUNE_STEPS:-20}" --no-quality-check --force
+
+step "9/9 done in $((SECONDS - started)) s"
 run=$(find "$out/benchmarks/runs" -mindepth 1 -maxdepth 1 -type d | sort | tail -n 1)
 cat <<MSG
 Quantization report:   $out/report/report.md (and report.json; comparison in $out/comparison.json)
 Model bundles:         $out/bundles/
 Fleet benchmark:       $run/report.md, report.html, latency.png
+The fleet's drives:    $out/drives/dataset (LeRobotDataset), drive report $out/drives/report/report.md
+Fine-tuned on them:    $out/drives/finetuned/policy
 The simulated fleet is still up: python -m simfleet status --name $fleet; stop it with make fleet-down.
 MSG

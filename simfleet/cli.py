@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from simfleet.errors import SimFleetError
-from simfleet.fleet import FleetConfig, down, require_state, set_thermal, status, target_for, up
+from simfleet.fleet import (
+    FleetConfig,
+    Transmitter,
+    down,
+    require_state,
+    set_thermal,
+    set_transmitter,
+    status,
+    target_for,
+    up,
+)
 from simfleet.image import DEFAULT_RELEASE, RELEASES
 from simfleet.pi_tools import ThermalReading
 from simfleet.ssh import ssh_run
@@ -54,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_up.add_argument("--base-port", type=int, default=2221, help="sshd port of car1; car N gets base+N-1")
     p_up.add_argument("--inventory", type=Path, default=Path("inventory/sim/hosts.yml"))
+
+    p_up.add_argument(
+        "--transmitter",
+        action="store_true",
+        help="give each car's firmware an RC receiver, its transmitter in autopilot (see `transmitter`)",
+    )
+
+    p_tx = sub.add_parser("transmitter", help="what a car's simulated driver does with the transmitter")
+    p_tx.add_argument("--name", default="sim")
+    p_tx.add_argument("host", help="car1, car2, ...")
+    p_tx.add_argument("mode", choices=["manual", "autopilot", "autopilot_neutral", "off"])
+    p_tx.add_argument("--steering", type=float, default=0.0, help="the steering stick, -1..1 (manual)")
+    p_tx.add_argument("--throttle", type=float, default=0.0, help="the throttle stick, -1..1 (manual)")
 
     p_down = sub.add_parser("down", help="stop every process of the fleet and remove its hosts")
     p_down.add_argument("--name", default="sim")
@@ -104,6 +127,7 @@ def run(argv: list[str]) -> int:
             base_port=args.base_port,
             inventory=args.inventory,
             releases=tuple(r for group in args.release or [[DEFAULT_RELEASE]] for r in group),
+            transmitter=args.transmitter,
         )
         state = up(config)
         boots = ", ".join(f"{h.name} {h.release} {h.boot_seconds} s" for h in state.hosts)
@@ -119,6 +143,8 @@ def run(argv: list[str]) -> int:
         else:
             _print_status(report)
         return 0 if report["hosts"] and report["up"] else 1
+    elif args.command == "transmitter":
+        set_transmitter(args.name, args.host, Transmitter(args.mode, args.steering, args.throttle))
     elif args.command == "set-thermal":
         set_thermal(args.name, args.host, ThermalReading(temp_c=args.temp, throttled=args.throttled))
     elif args.command == "ssh":

@@ -49,6 +49,8 @@ class FleetConfig:
     inventory: Path = Path("inventory/sim/hosts.yml")
     # Debian suites, assigned to car1, car2, ... in turn: ("trixie", "bookworm") mixes them.
     releases: tuple[str, ...] = (DEFAULT_RELEASE,)
+    # Each car's firmware simulator has an RC receiver, its transmitter in autopilot until `transmitter`.
+    transmitter: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -179,8 +181,14 @@ def _start_hosts(
             Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
         )
         save_state(state)
+        if config.transmitter:
+            host.rc_file = str(hdir / "rc.json")
+            write_transmitter(Path(host.rc_file), Transmitter("autopilot"))
         host.firmware = start_firmware_sim(
-            Path(host.serial_controller), Path(host.firmware_status), Path(host.firmware_log)
+            Path(host.serial_controller),
+            Path(host.firmware_status),
+            Path(host.firmware_log),
+            rc_file=Path(host.rc_file) if host.rc_file else None,
         )
         save_state(state)
         host.nspawn = boot(
@@ -299,6 +307,7 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
                 "ssh": ssh_ok,
                 "serial": serial,
                 "firmware_sim": host.firmware is not None and is_alive(host.firmware),
+                "transmitter": bool(host.rc_file),
                 "firmware_status": _read_firmware_status(Path(host.firmware_status)),
                 "boot_seconds": host.boot_seconds,
             }
@@ -324,3 +333,48 @@ def require_state(name: str) -> FleetState:
 def set_thermal(name: str, host_name: str, reading: ThermalReading) -> None:
     state = require_state(name)
     write_thermal(Path(state.host(host_name).root), reading)
+
+
+# The receiver's mode switch pulse per mode (the firmware: < 1300 us manual, <= 1700 us autopilot with the
+# sticks as fallback, above: autopilot with neutral as fallback).
+SWITCH_US = {"manual": 1000, "autopilot": 1500, "autopilot_neutral": 2000}
+
+
+@dataclass(frozen=True)
+class Transmitter:
+    """What the simulated driver does: the switch's mode and the sticks (-1..1); mode "off" = no signal."""
+
+    mode: str
+    steering: float = 0.0
+    throttle: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in (*SWITCH_US, "off"):
+            raise SimFleetError(f"transmitter mode {self.mode!r}: choose {', '.join(SWITCH_US)} or off")
+        for what, value in (("steering", self.steering), ("throttle", self.throttle)):
+            if not -1.0 <= value <= 1.0:
+                raise SimFleetError(f"transmitter {what} {value:g}: must be within -1..1")
+
+
+def write_transmitter(path: Path, transmitter: Transmitter) -> None:
+    """The firmware simulator re-reads the file when it changes; no file = no receiver signal."""
+    if transmitter.mode == "off":
+        path.unlink(missing_ok=True)
+        return
+    pulses = {
+        "steer_us": round(1500 + 500 * transmitter.steering),
+        "throttle_us": round(1500 + 500 * transmitter.throttle),
+        "switch_us": SWITCH_US[transmitter.mode],
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(pulses) + "\n")
+    tmp.replace(path)
+
+
+def set_transmitter(name: str, host_name: str, transmitter: Transmitter) -> None:
+    host = require_state(name).host(host_name)
+    if not host.rc_file:
+        raise SimFleetError(
+            f"{host.name} of fleet {name!r} has no RC receiver: start it with up --transmitter"
+        )
+    write_transmitter(Path(host.rc_file), transmitter)

@@ -47,7 +47,9 @@ def firmware_sim_available() -> bool:
     return importlib.util.find_spec(FIRMWARE_SIM_MODULE) is not None
 
 
-def start_firmware_sim(device: Path, status_file: Path, log_file: Path) -> Proc | None:
+def start_firmware_sim(
+    device: Path, status_file: Path, log_file: Path, rc_file: Path | None = None
+) -> Proc | None:
     """Drives the controller side of the pty with the firmware simulator; None if it is not installed."""
     if not firmware_sim_available():
         log.warning(
@@ -65,4 +67,6 @@ def start_firmware_sim(device: Path, status_file: Path, log_file: Path) -> Proc 
         "--log",
         str(log_file),
     ]
+    if rc_file is not None:  # a receiver fitted: its pulses come from rc_file (simfleet transmitter)
+        cmd += ["--rc-receiver", "--rc-file", str(rc_file)]
     return spawn(cmd, log_file.with_suffix(".out"), what=f"firmware sim {device.name}", cwd=REPO_ROOT)

@@ -36,6 +36,8 @@ class HostState:
     init: Proc | None = None
     serial_pty: str = ""
     boot_seconds: float | None = None
+    # The firmware simulator's RC receiver pulses (`up --transmitter`); "" = the car has no receiver.
+    rc_file: str = ""
 
 
 @dataclass

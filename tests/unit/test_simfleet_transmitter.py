@@ -1,0 +1,62 @@
+"""simfleet's transmitter: the pulses it writes are what the firmware simulator reads as the driver's
+mode and sticks (the real simulator on a pty, no Pi talking to it)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from rover_runtime.firmware_sim import FirmwareLimits, FirmwareSimulator
+from simfleet.errors import SimFleetError
+from simfleet.fleet import Transmitter, write_transmitter
+
+
+def wait_for_mode(sim: FirmwareSimulator, mode: str, timeout: float = 3.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = sim.snapshot()
+        if snap["mode"] == mode:
+            return snap
+        time.sleep(0.02)
+    raise AssertionError(f"the firmware never reported {mode}: {sim.snapshot()}")
+
+
+def test_the_simulated_driver_takes_over_and_hands_back(tmp_path: Path) -> None:
+    rc = tmp_path / "rc.json"
+    write_transmitter(rc, Transmitter("autopilot"))
+    sim = FirmwareSimulator(
+        pty_link=tmp_path / "tty",
+        log_file=None,
+        status_file=None,
+        limits=FirmwareLimits(rc_receiver=True),
+        rc_file=rc,
+    ).start()
+    try:
+        wait_for_mode(sim, "autopilot")
+        write_transmitter(rc, Transmitter("manual", steering=0.6, throttle=0.2))
+        snap = wait_for_mode(sim, "manual")
+        assert (snap["steer_us"], snap["throttle_us"]) == (1800, 1600)  # the sticks, passed through
+        write_transmitter(rc, Transmitter("autopilot_neutral"))
+        wait_for_mode(sim, "autopilot_neutral_fallback")
+        write_transmitter(rc, Transmitter("off"))
+        wait_for_mode(sim, "rc_lost")
+        assert not rc.exists()
+    finally:
+        sim.stop()
+
+
+@pytest.mark.parametrize(
+    ("transmitter", "message"),
+    [
+        (
+            lambda: Transmitter("drift"),
+            "transmitter mode 'drift': choose manual, autopilot, autopilot_neutral or off",
+        ),
+        (lambda: Transmitter("manual", steering=1.5), "transmitter steering 1.5: must be within -1..1"),
+    ],
+)
+def test_bad_transmitter_settings_are_refused(transmitter: object, message: str) -> None:
+    with pytest.raises(SimFleetError, match=message):
+        transmitter()  # type: ignore[operator]
