@@ -223,7 +223,7 @@ class Recorder:
                 continue  # drain: nothing more is written
             try:
                 self._handle(item)
-            except OSError as exc:
+            except Exception as exc:  # the writer must never die silently: it stops and says why
                 self._write_failed(exc)
 
     def _handle(self, item: _Begin | StepRecord | _End) -> None:
@@ -318,9 +318,10 @@ class Recorder:
                 else:
                     self.stats.episodes_recovered += 1
 
-    def _write_failed(self, exc: OSError) -> None:
+    def _write_failed(self, exc: Exception) -> None:
         episode, self._episode = self._episode, None
-        reason = f"write failed: {exc.strerror or exc}"
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        reason = f"write failed: {detail}"
         if episode is not None:
             episode.close_quietly()
             try:

@@ -324,3 +324,20 @@ def test_low_free_space_deletes_old_episodes_then_stops(tmp_path: Path) -> None:
     assert snap["episodes_deleted"] >= 1  # the old one went first
     assert "disk full" in snap["stopped_reason"]
     assert "record.min_free_mb" in snap["stopped_reason"]
+
+
+def test_a_frame_the_writer_cannot_encode_stops_the_recorder_and_says_why(tmp_path: Path) -> None:
+    rec = Recorder(settings(tmp_path / "rec", min_steps=1))
+    rec.start()
+    rec.begin(INFO)
+    for i in range(5):
+        rec.record(step(i))
+    bad = step(5)
+    bad.images["front"] = np.zeros((0, 0, 3), np.uint8)  # an empty frame: cv2 refuses to resize it
+    rec.record(bad)
+    assert wait_for(lambda: rec.snapshot()["stopped_reason"] is not None)
+    assert "write failed" in rec.snapshot()["stopped_reason"]
+    assert rec.record(step(6)) is False
+    rec.stop()
+    (episode,) = finished_episodes(tmp_path / "rec" / EPISODES)  # the good steps were kept
+    assert json.loads((episode / EPISODE_FILE).read_text())["steps"] == 5
