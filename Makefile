@@ -15,7 +15,7 @@ export ANSIBLE_CACHE_PLUGIN_CONNECTION := $(ROVER_CACHE)/ansible-facts
 export PATH := $(VENV)/bin:$(PATH)
 OUT ?= out
 
-.PHONY: setup demo test lint unit molecule firmware fleet-up fleet-down fleet-status
+.PHONY: setup demo test lint unit molecule collection firmware fleet-up fleet-down fleet-status
 setup:
 	@scripts/bootstrap.sh
 
@@ -36,6 +36,10 @@ test: setup
 
 molecule: setup
 	molecule test
+
+# The roles, playbooks and plugins as the Ansible collection rover.fleet: out/dist/rover-fleet-<version>.tar.gz
+collection: setup
+	ansible-galaxy collection build --force --output-path out/dist
 
 firmware:
 	$(MAKE) -C firmware

@@ -33,7 +33,7 @@ from deploy_helpers import car, content_hash, make_bundle, run_playbook
 
 # Simulated cars always drive (their policy commands throttle): a release switch needs force.
 _FORCE = ("-e", "rover_deploy_force=true")
-# One ROVER RECAP line per car (playbooks/callback_plugins/rover_recap.py), e.g.
+# One ROVER RECAP line per car (plugins/callback/rover_recap.py), e.g.
 #   car1: ok: deployed release <id> (from <id|none>, <n> bundle bytes sent, gated: loop at 30.0 Hz, ...,
 #         healthy for 10.0 s after 2.1 s to start)
 #   car1: ok: release <id> unchanged

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, in stages (run by `make test` after bootstrap.sh has installed everything).
-#   1. static checks: ruff, mypy, ansible-lint (production profile)
+#   1. static checks: ruff, mypy, ansible-lint (production profile), the collection build (galaxy.yml)
 #   2. Python unit + integration tests that need no simulated fleet (real lerobot, real ptys, real systemd
 #      notify sockets, the compiled firmware on simavr)
 #   3. the simulated amd64 fleet: simfleet, provision / deploy / rollback / benchmark playbooks, testinfra
@@ -15,11 +15,13 @@ stage() { printf '\n==> [%s +%ds] %s\n' "$(date +%H:%M:%S)" $((SECONDS - started
 want() { [[ " $stages " == *" $1 "* ]]; }
 
 if want static; then
-  stage "static checks: ruff, mypy, ansible-lint"
+  stage "static checks: ruff, mypy, ansible-lint, collection build"
   ruff check .
   ruff format --check .
   mypy
   ansible-lint --profile production --offline -q
+  # The roles as the collection rover.fleet (galaxy.yml); tests/integration/test_collection.py runs it.
+  ansible-galaxy collection build --force --output-path out/dist
 fi
 
 if want python; then

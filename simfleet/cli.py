@@ -14,6 +14,8 @@ from simfleet.fleet import (
     FleetConfig,
     Transmitter,
     down,
+    power_off,
+    power_on,
     require_state,
     set_thermal,
     set_transmitter,
@@ -77,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     p_tx.add_argument("mode", choices=["manual", "autopilot", "autopilot_neutral", "off"])
     p_tx.add_argument("--steering", type=float, default=0.0, help="the steering stick, -1..1 (manual)")
     p_tx.add_argument("--throttle", type=float, default=0.0, help="the throttle stick, -1..1 (manual)")
+
+    p_off = sub.add_parser("poweroff", help="switch one car off at once (its disk is kept)")
+    p_off.add_argument("--name", default="sim")
+    p_off.add_argument("host", help="car1, car2, ...")
+    p_on = sub.add_parser("poweron", help="boot a car that was switched off, from its disk")
+    p_on.add_argument("--name", default="sim")
+    p_on.add_argument("host", help="car1, car2, ...")
 
     p_down = sub.add_parser("down", help="stop every process of the fleet and remove its hosts")
     p_down.add_argument("--name", default="sim")
@@ -143,6 +152,12 @@ def run(argv: list[str]) -> int:
         else:
             _print_status(report)
         return 0 if report["hosts"] and report["up"] else 1
+    elif args.command == "poweroff":
+        killed = power_off(args.name, args.host)
+        print(f"{args.host} off" + (f" (killed: {', '.join(killed)})" if killed else " (it was not running)"))
+    elif args.command == "poweron":
+        host = power_on(args.name, args.host)
+        print(f"{host.name} on: sshd answers after {host.boot_seconds} s")
     elif args.command == "transmitter":
         set_transmitter(args.name, args.host, Transmitter(args.mode, args.steering, args.throttle))
     elif args.command == "set-thermal":

@@ -274,6 +274,46 @@ def down(name: str, grace_seconds: float | None = None) -> list[str]:
     return killed
 
 
+def power_off(name: str, host_name: str) -> list[str]:
+    """Switches one car off as its battery would: the container stops at once (SIGKILL to nspawn and its
+    init, no clean shutdown); its disk (the root overlay), serial stand-in and firmware simulator stay.
+    Returns what had to be killed."""
+    state = require_state(name)
+    host = state.host(host_name)
+    procs = [p for p in (host.nspawn, host.init) if p is not None and is_alive(p)]
+    killed = [p.what for p in procs]
+    kill_now(procs)
+    left = [p.what for p in procs if is_alive(p)]
+    if left:
+        raise SimFleetError(f"{host.machine}: could not stop {', '.join(left)}")
+    with contextlib.suppress(OSError):
+        (NSPAWN_PROPAGATE / host.machine).rmdir()
+    host.nspawn = None
+    host.init = None
+    save_state(state)
+    return killed
+
+
+def power_on(name: str, host_name: str) -> HostState:
+    """Boots a car that was switched off (power_off) from the disk it had; returns once sshd answers."""
+    state = require_state(name)
+    host = state.host(host_name)
+    if host.nspawn is not None and is_alive(host.nspawn):
+        raise SimFleetError(f"{host.machine} is already running")
+    emulated = state.arch != native_arch()
+    host.nspawn = boot(
+        Path(host.root), host.machine, host.name, host.serial_pty, Path(host.nspawn_log), emulated=emulated
+    )
+    save_state(state)
+    started = time.monotonic()
+    wait_for_ssh(target_for(state, host), host.nspawn, Path(host.nspawn_log), BOOT_TIMEOUT[state.arch])
+    host.init = container_init(host.nspawn)
+    host.boot_seconds = round(time.monotonic() - started, 1)
+    save_state(state)
+    log.info("%s: powered on, sshd answers after %.1f s", host.machine, host.boot_seconds)
+    return host
+
+
 def _read_firmware_status(path: Path) -> Any:
     try:
         text = path.read_text()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from deploy_helpers import (
     RELEASES,
     REPO,
@@ -290,8 +292,8 @@ def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[st
     assert host.run(f"ls -A {RELEASES}/bundles").stdout.split() == [content_hash(bundles["a"])]
     assert leftovers(host) == []  # this run's staging directories and its lock are gone
     # Rollout stopped at the canary: the other cars never saw the bundle.
-    assert _recap_line(run, "car1").startswith("FAILED")
-    assert _recap_line(run, "car2").startswith("not attempted")
+    assert _recap_line(run, "car1").startswith("FAILED"), run.report()
+    assert _recap_line(run, "car2").startswith("not attempted"), run.report()
     assert metrics(host)["bundle"]["content_hash"] == content_hash(bundles["a"])
     assert host.service("rover-runtime").is_running
 
@@ -553,6 +555,54 @@ def test_three_cars_in_one_batch_one_failing(
     assert line.startswith("FAILED"), line
     assert "serial" in line, line
     assert current_release(car(deployed, "car2")) == before
+
+
+def _results(run: PlaybookRun, task: str) -> list[str]:
+    """The result lines (ok/changed/fatal) of every run of the task named `task`."""
+    found: list[str] = []
+    for section in run.stdout.split("TASK [")[1:]:
+        header, _, body = section.partition("\n")
+        if task in header:
+            lines = body.splitlines()
+            found += [line for line in lines if line.startswith(("ok: [", "changed: [", "fatal: ["))]
+    return found
+
+
+def test_an_unreachable_canary_does_not_stop_the_rollout(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A car that is switched off comes first in the inventory, so it would be the canary of a rollout of one
+    car then the rest: it is reported unreachable and named at the end, and the cars that answer are deployed
+    (the first of them as the canary). The controller's work (verify and sign the bundle, build the wheel) is
+    done once for the run, not once per batch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    ghost = {"ghost": {"ansible_host": "127.0.0.1", "ansible_port": closed_port, "ansible_user": "pi"}}
+    bundle = make_bundle(tmp_path / "new", chunk_size=13)
+    overlay = tmp_path / "ghost-first.yml"
+    overlay.write_text(yaml.safe_dump({"all": {"children": {"rovers": {"hosts": ghost}}}}))
+    run = run_playbook(
+        overlay,  # first: the ghost is the first car of the rovers group
+        "deploy.yml",
+        "-i",
+        str(deployed),
+        *FORCE,
+        "--limit",
+        "ghost,car1,car2",
+        "-e",
+        f"rover_deploy_bundle={bundle}",
+        "-e",
+        '{"rover_deploy_serial": [1, "100%"]}',
+    )
+    assert run.rc == 4, run.report()  # ansible-playbook's "some hosts were unreachable"
+    assert _recap_line(run, "ghost").startswith("UNREACHABLE"), run.report()
+    for name in ("car1", "car2"):
+        assert _recap_line(run, name).startswith("ok: deployed release"), _recap_line(run, name)
+        assert current_bundle(car(deployed, name)) == content_hash(bundle)
+    assert "unreachable (1/3), not changed, run again for them: ghost" in run.stdout, run.report()
+    assert len(_results(run, "Verify every sha256 of the bundle on the controller")) == 1, run.report()
+    assert len(_results(run, "Build (or reuse) the wheel")) == 1, run.report()
 
 
 def test_car_interrupted_after_its_switch_is_gated_by_the_rerun(

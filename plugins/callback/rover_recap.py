@@ -1,6 +1,7 @@
 """Ansible callback `rover_recap`: after a deploy, rollback or benchmark run, one line per car saying what
-happened to it: done (and what), SKIPPED (and why: a driving car), FAILED (and why), or not attempted
-because the rollout stopped before its batch. Ansible's own PLAY RECAP counts tasks; this names cars.
+happened to it: done (and what), SKIPPED (and why: a driving car), FAILED (and why), UNREACHABLE, or not
+attempted because the rollout stopped before its batch; then one line naming the unreachable cars (switched
+off or out of range: run again for them). Ansible's own PLAY RECAP counts tasks; this names cars.
 
 The playbooks record each car's outcome in the fact `rover_deploy_outcome` ("started" first, a final text
 when the car is done); a car still at "started" when the run ends failed or was interrupted. Enabled in
@@ -38,6 +39,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
         self.targets: list[str] = []
         self.outcomes: dict[str, str] = {}
         self.failures: dict[str, str] = {}
+        self.unreachable: list[str] = []
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
         inventory = play.get_variable_manager()._inventory
@@ -57,7 +59,9 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             self.failures[result._host.get_name()] = _message(result._result)
 
     def v2_runner_on_unreachable(self, result: Any) -> None:
-        self.failures[result._host.get_name()] = "unreachable: " + _message(result._result)
+        name = result._host.get_name()
+        self.failures[name] = "unreachable: " + _message(result._result)
+        self.unreachable.append(name)
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
         if not self.outcomes:
@@ -65,7 +69,10 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
         self._display.banner("ROVER RECAP")
         for name in self.targets:
             outcome = self.outcomes.get(name)
-            if outcome is None:
+            if name in self.unreachable:
+                reason = self.failures[name].removeprefix("unreachable: ")
+                line = f"UNREACHABLE: {reason[:FAILED_MESSAGE_LIMIT]}"
+            elif outcome is None:
                 line = "not attempted: the rollout stopped before this car's batch"
             elif outcome == "started":
                 reason = self.failures.get(name, "interrupted before it finished")
@@ -75,6 +82,11 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             else:
                 line = f"ok: {outcome}"
             self._display.display(f"{name}: {line}")
+        missing = [name for name in self.targets if name in self.unreachable]
+        if missing:
+            names = ", ".join(missing)
+            count = f"{len(missing)}/{len(self.targets)}"
+            self._display.display(f"unreachable ({count}), not changed, run again for them: {names}")
 
 
 def _message(result: dict[str, Any]) -> str:

@@ -1,0 +1,275 @@
+"""How provisioning and deploys scale with the fleet: N simulated cars for each N; prints JSON.
+
+    python benchmarks/fleet_scale.py [--sizes 2,10,50] [--base-port 2401] [--out FILE]
+
+For each N: boots N simulated trixie cars (their memory per car: MemAvailable before and after), then times
+  provision_cold       playbooks/provision.yml on fresh cars (the controller's wheelhouse already built)
+  provision_unchanged  the same again (nothing to do)
+  deploy               playbooks/deploy.yml of a new release (a tiny ONNX bundle), canary, 25 %, the rest
+  redeploy_unchanged   the same release again (no bundle byte may move)
+  benchmark            playbooks/benchmark.yml (every car, and the fleet report)
+and for each phase reports, separately:
+  wall_s               the run's wall time
+  controller_cpu_s     CPU seconds of ansible-playbook and everything it started (its workers, ssh
+                       clients) plus the ssh connection masters (ControlPersist) the run used
+  cars_cpu_s           CPU seconds inside the cars (every process of every container, reaped ones included)
+  bytes_sent           bytes the controller's ssh connections to the cars carried (tcp_info bytes_acked of
+                       the sockets to each car's port, before and after)
+and the same per car. On this machine the cars share the controller's 2 cores, so the wall time mixes the
+controller's work with every car's; a real fleet runs each car's share on its own CPU: the controller's
+CPU per car is the figure that says how the controller scales.
+
+Concessions to one machine hosting 50 cars, the same at every N: the cars get no torch
+(rover_python_torch_versions: {}; ONNX Runtime and ExecuTorch bundles, as the recommended one) so that 50
+venvs fit its disk, the runtime loop runs at 5 Hz (the simulated cars' runtimes would otherwise want more
+than 2 cores at N = 50), and the benchmark phase runs 200 iterations and 5 s of driving per car.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from deploy_helpers import make_bundle  # noqa: E402
+
+from simfleet.state import FleetState  # noqa: E402
+from simfleet.testing import running_fleet  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SETTINGS = {
+    "rover_python_torch_versions": {},
+    "rover_runtime_service_rate_hz": 5.0,
+    "rover_benchmark_iterations": 200,
+    "rover_benchmark_drive_s": 5,
+}
+
+
+@dataclass
+class Phase:
+    wall_s: float
+    rc: int
+    controller_cpu_s: float
+    cars_cpu_s: float
+    bytes_sent: int
+    per_car: dict[str, float] = field(default_factory=dict)
+    changed: int = 0
+
+
+def _proc_table() -> dict[int, tuple[int, float, str]]:
+    """pid -> (parent pid, CPU seconds of itself and its reaped children, command line start)."""
+    table: dict[int, tuple[int, float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()[:200].replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ppid = int(fields[1])
+        utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+        table[int(entry.name)] = (ppid, (utime + stime + cutime + cstime) / CLOCK_TICKS, cmdline)
+    return table
+
+
+def cars_cpu(fleet: FleetState) -> float:
+    """CPU seconds so far of every process inside the cars: each live process's own time and that of the
+    children it reaped (every dead process was reaped by a live one or by the container's init)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total = 0.0
+    for host in fleet.hosts:
+        if host.init is None:
+            continue
+        todo = [host.init.pid]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                total += table[pid][1]
+                todo.extend(children.get(pid, []))
+    return total
+
+
+def ssh_masters_cpu(control_dir: Path) -> dict[int, float]:
+    """The ssh connection masters of this benchmark (ControlPersist): they outlive each run."""
+    return {
+        pid: cpu
+        for pid, (_, cpu, cmdline) in _proc_table().items()
+        if cmdline.startswith("ssh:") and str(control_dir) in cmdline
+    }
+
+
+def bytes_acked(ports: list[int]) -> dict[int, int]:
+    """Bytes acknowledged on the established TCP connections to each port (the controller's sends)."""
+    out = subprocess.run(["ss", "-tin", "state", "established"], capture_output=True, text=True, check=False)
+    sent = dict.fromkeys(ports, 0)
+    current: int | None = None
+    for line in out.stdout.splitlines():
+        match = re.search(r"\s127\.0\.0\.1:\d+\s+127\.0\.0\.1:(\d+)\s*$", line)
+        if match:
+            port = int(match.group(1))
+            current = port if port in sent else None
+            continue
+        if current is not None:
+            acked = re.search(r"bytes_acked:(\d+)", line)
+            if acked:
+                sent[current] += int(acked.group(1))
+            current = None
+    return sent
+
+
+def run_phase(
+    fleet: FleetState, control_dir: Path, playbook: str, *args: str, facts: Path
+) -> tuple[Phase, str]:
+    ports = [host.port for host in fleet.hosts]
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+        ANSIBLE_CACHE_PLUGIN_CONNECTION=str(facts),
+        ANSIBLE_SSH_CONTROL_PATH_DIR=str(control_dir),
+        ANSIBLE_NOCOLOR="1",
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
+    command = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        fleet.inventory,
+        str(REPO / "playbooks" / playbook),
+        "-e",
+        json.dumps(SETTINGS),
+        *args,
+    ]
+    masters_before = ssh_masters_cpu(control_dir)
+    sent_before = bytes_acked(ports)
+    cars_before = cars_cpu(fleet)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cars_after = cars_cpu(fleet)
+    sent_after = bytes_acked(ports)
+    masters_after = ssh_masters_cpu(control_dir)
+    masters = sum(cpu - masters_before.get(pid, 0.0) for pid, cpu in masters_after.items())
+    controller = (
+        children_after.ru_utime
+        - children_before.ru_utime
+        + children_after.ru_stime
+        - children_before.ru_stime
+    )
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-6000:] + done.stderr[-2000:])
+    changed = sum(int(v) for v in re.findall(r"\bchanged=(\d+)", done.stdout.rsplit("PLAY RECAP", 1)[-1]))
+    sent = sum(sent_after[p] - sent_before.get(p, 0) for p in ports)
+    phase = Phase(
+        wall_s=round(wall, 1),
+        rc=done.returncode,
+        controller_cpu_s=round(controller + masters, 2),
+        cars_cpu_s=round(cars_after - cars_before, 2),
+        bytes_sent=sent,
+        changed=changed,
+    )
+    n = len(fleet.hosts)
+    phase.per_car = {
+        "controller_cpu_s": round(phase.controller_cpu_s / n, 3),
+        "cars_cpu_s": round(phase.cars_cpu_s / n, 3),
+        "bytes_sent": sent // n,
+        "wall_s": round(wall / n, 2),
+    }
+    return phase, done.stdout
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(size: int, base_port: int, work: Path) -> dict[str, Any]:
+    control_dir = work / f"cp-{size}"
+    control_dir.mkdir()
+    facts = work / f"facts-{size}"
+    bundle = make_bundle(work / f"bundle-{size}", chunk_size=10 + size % 7)
+    before = mem_available_mb()
+    result: dict[str, Any] = {"cars": size}
+    with running_fleet(f"scale{size}", hosts=size, base_port=base_port, releases=("trixie",)) as fleet:
+        time.sleep(10)  # the cars' boot jobs settle
+        result["memory_per_idle_car_mb"] = round((before - mem_available_mb()) / size, 1)
+        phases: dict[str, Phase] = {}
+        phases["provision_cold"], _ = run_phase(fleet, control_dir, "provision.yml", facts=facts)
+        phases["provision_unchanged"], _ = run_phase(fleet, control_dir, "provision.yml", facts=facts)
+        force = ("-e", f"rover_deploy_bundle={bundle}", "-e", "rover_deploy_force=true")
+        phases["deploy"], _ = run_phase(fleet, control_dir, "deploy.yml", *force, facts=facts)
+        phases["redeploy_unchanged"], out = run_phase(fleet, control_dir, "deploy.yml", *force, facts=facts)
+        sent = [int(v) for v in re.findall(r"(\d+) bundle bytes sent", out)]
+        result["redeploy_bundle_bytes"] = sum(sent)
+        result["memory_per_running_car_mb"] = round((before - mem_available_mb()) / size, 1)
+        bench = (
+            "-e",
+            "rover_benchmark_force=true",
+            "-e",
+            f"rover_benchmark_output_dir={work / f'bench-{size}'}",
+        )
+        phases["benchmark"], _ = run_phase(fleet, control_dir, "benchmark.yml", *bench, facts=facts)
+        result["phases"] = {name: asdict(phase) for name, phase in phases.items()}
+        result["load_average_at_end"] = os.getloadavg()
+    subprocess.run(["pkill", "-f", f"ssh: {control_dir}"], check=False)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2,10,50")
+    parser.add_argument("--base-port", type=int, default=2401)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "settings": SETTINGS, "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
+        for size in sizes:
+            report["sizes"][str(size)] = measure(size, args.base_port, Path(tmp))
+            print(json.dumps({str(size): report["sizes"][str(size)]}), file=sys.stderr, flush=True)
+    by = report["sizes"]
+
+    def per_car(size: int, phase: str) -> float:
+        return float(by[str(size)]["phases"][phase]["per_car"]["controller_cpu_s"])
+
+    goals: dict[str, Any] = {}
+    if "10" in by and "50" in by:
+        for phase in ("provision_cold", "deploy"):
+            ratio = per_car(50, phase) / max(per_car(10, phase), 1e-9)
+            goals[f"{phase}_controller_cpu_per_car_50_over_10"] = round(ratio, 2)
+            goals[f"{phase}_controller_cpu_per_car_50_le_1.2x_10"] = ratio <= 1.2
+    for size in by:
+        ratio = per_car(int(size), "redeploy_unchanged") / max(per_car(int(size), "deploy"), 1e-9)
+        goals[f"redeploy_over_deploy_controller_cpu_{size}"] = round(ratio, 2)
+        goals[f"redeploy_le_0.3x_deploy_{size}"] = ratio <= 0.3
+        goals[f"redeploy_moves_no_bundle_byte_{size}"] = by[size]["redeploy_bundle_bytes"] == 0
+    report["goals"] = goals
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+#!/usr/bin/env python3
+"""Pull mode on a car: converge to the release the controller published, by the same playbook a push runs.
+
+Run by rover-pull.service (a oneshot started by rover-pull.timer, with a random delay) as root with the car's
+system Python; standard library only, one file. Each run:
+
+1. downloads <url>/channel.json (the publication and its signature, in one file the controller replaces
+   atomically) and refuses it unless the signature is a good "rover-release" signature by a key
+   /etc/rover/allowed_signers trusts (the key provisioning installed: the same trust as a push's bundles);
+2. stops when this car is not in the publication, when it was already applied here, when it failed here
+   `max_attempts` times (it waits for a new publication), or when the car is driving (next period);
+3. downloads the files of the publication it does not have yet (content-addressed: <url>/objects/<sha256>,
+   each checked against the size and sha256 the signed channel names; a file that does not match is
+   refused, nothing of it is used);
+4. runs the collection's deploy playbook (rover.fleet.deploy) on this car alone with a local connection:
+   the same checks, bundle signature verification, release build, switch, health gate and automatic
+   rollback as a push from the controller;
+5. writes what happened to <state dir>/status.json (and the journal).
+
+    rover_pull.py --config /etc/rover/pull.json [--once-now]
+
+Exit 0 when the car is on the published release, has nothing to do, or cannot reach the server (a car out
+of range is normal); 1 when the publication was refused or its deploy failed (the unit is then "failed" and
+the status says why); 2 on a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHANNEL = "channel.json"
+SIGNATURE_NAMESPACE = "rover-release"
+CHUNK = 1 << 20
+
+
+class PullError(Exception):
+    """The publication is refused (bad signature, bad file) or cannot be applied: one sentence."""
+
+
+@dataclass
+class PullConfig:
+    url: str
+    car: str
+    state_dir: Path
+    venv: Path
+    allowed_signers: Path
+    signer_identity: str
+    metrics_path: Path
+    force: bool
+    max_attempts: int
+    timeout_s: float
+    extra_vars: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> PullConfig:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"rover_pull: cannot read the configuration {path}: {exc}") from exc
+        missing = [key for key in ("url", "car") if not raw.get(key)]
+        if missing:
+            raise SystemExit(f"rover_pull: {path} has no {', '.join(missing)}")
+        return cls(
+            url=str(raw["url"]).rstrip("/"),
+            car=str(raw["car"]),
+            state_dir=Path(raw.get("state_dir", "/var/lib/rover/pull")),
+            venv=Path(raw.get("venv", "/opt/rover/venv")),
+            allowed_signers=Path(raw.get("allowed_signers", "/etc/rover/allowed_signers")),
+            signer_identity=str(raw.get("signer_identity", "rover-controller")),
+            metrics_path=Path(raw.get("metrics_path", "/run/rover/metrics.json")),
+            force=bool(raw.get("force", False)),
+            max_attempts=int(raw.get("max_attempts", 2)),
+            timeout_s=float(raw.get("timeout_s", 30)),
+            extra_vars=dict(raw.get("extra_vars", {})),
+        )
+
+
+def log(message: str) -> None:
+    print(f"rover_pull: {message}", flush=True)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic and durable: a temporary file in the same directory, fsynced, renamed, the directory fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def fetch(url: str, timeout_s: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # the configured server
+        return bytes(response.read())
+
+
+def verify_channel(config: PullConfig, payload: bytes, signature: str) -> None:
+    if not config.allowed_signers.is_file():
+        raise PullError(f"no {config.allowed_signers}: this car trusts no signing key (provision it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        sig = Path(tmp) / "channel.sig"
+        sig.write_text(signature)
+        done = subprocess.run(
+            [
+                "ssh-keygen",
+                "-Y",
+                "verify",
+                "-f",
+                str(config.allowed_signers),
+                "-I",
+                config.signer_identity,
+                "-n",
+                SIGNATURE_NAMESPACE,
+                "-s",
+                str(sig),
+            ],
+            input=payload,
+            capture_output=True,
+            check=False,
+        )
+    if done.returncode != 0:
+        detail = " ".join(done.stderr.decode(errors="replace").split())
+        raise PullError(
+            f"the published channel.json is not signed by a key this car trusts "
+            f"(tampered with, or signed by another controller): {detail}"
+        )
+
+
+def open_channel(config: PullConfig, raw: bytes) -> dict[str, Any]:
+    """The publication inside channel.json, once its signature is verified."""
+    try:
+        envelope = json.loads(raw)
+    except ValueError as exc:
+        raise PullError(f"channel.json is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict) or envelope.get("format") != 1:
+        raise PullError("channel.json is not a format 1 publication")
+    payload, signature = envelope.get("payload"), envelope.get("signature")
+    if not isinstance(payload, str) or not isinstance(signature, str):
+        raise PullError("channel.json has no payload or no signature")
+    verify_channel(config, payload.encode(), signature)
+    data = json.loads(payload)
+    for key in ("id", "objects", "bundle", "runtime", "collection", "cars"):
+        if key not in data:
+            raise PullError(f"the publication has no {key!r}")
+    return dict(data)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int]:
+    """The object <digest> in the local cache, downloaded when missing; returns it and the bytes received."""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise PullError(f"channel.json names an object {digest!r} that is not a sha256")
+    objects = config.state_dir / "objects"
+    target = objects / digest
+    if target.is_file() and target.stat().st_size == size:
+        return target, 0
+    objects.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=objects, prefix=f".{digest}.")
+    tmp = Path(tmp_name)
+    received = 0
+    try:
+        digest_of = hashlib.sha256()
+        with (
+            os.fdopen(fd, "wb") as handle,
+            urllib.request.urlopen(  # the configured server
+                f"{config.url}/objects/{digest}", timeout=config.timeout_s
+            ) as response,
+        ):
+            while block := response.read(CHUNK):
+                received += len(block)
+                if received > size:
+                    raise PullError(f"object {digest[:12]} is larger than the {size} bytes channel.json says")
+                digest_of.update(block)
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if received != size or digest_of.hexdigest() != digest:
+            raise PullError(
+                f"object {digest[:12]} does not match channel.json ({received} bytes, sha256 "
+                f"{digest_of.hexdigest()[:12]}): refused"
+            )
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return target, received
+
+
+def driving(config: PullConfig) -> bool:
+    metrics = read_json(config.metrics_path)
+    return bool(metrics.get("driving", False))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str, Path]) -> Path:
+    """<state>/work/<id>/: the bundle, the wheel and its code, the collection, the car's inventory and vars."""
+    work = config.state_dir / "work" / channel["id"]
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    bundle = work / "bundle"
+    for name, digest in channel["bundle"]["files"].items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise PullError(f"bundle file name {name!r} leaves the bundle")
+        link_or_copy(objects[digest], bundle / name)
+    wheel = work / channel["runtime"]["wheel"]
+    link_or_copy(objects[channel["runtime"]["sha256"]], wheel)
+    with zipfile.ZipFile(wheel) as archive:  # the runtime's code, for the bundle check before the switch
+        archive.extractall(work / "lib")
+    collections = work / "collections"
+    extract_collection(
+        objects[channel["collection"]["sha256"]], collections / "ansible_collections" / "rover" / "fleet"
+    )
+    car = json.loads(objects[channel["cars"][config.car]].read_text())
+    host_vars = dict(car.get("vars", {}))
+    host_vars.update(ansible_connection="local", ansible_python_interpreter="/usr/bin/python3")
+    inventory: dict[str, Any] = {"all": {"children": {}}}
+    for group in car.get("groups", ["rovers"]):
+        inventory["all"]["children"][group] = {"hosts": {config.car: {}}}
+    inventory["all"]["children"].setdefault("rovers", {"hosts": {config.car: {}}})
+    inventory["all"]["children"]["rovers"]["hosts"][config.car] = host_vars
+    (work / "inventory.json").write_text(json.dumps(inventory, indent=2))
+    extra = {
+        "rover_deploy_bundle": str(bundle),
+        "rover_deploy_force": config.force,
+        # The publication is signed on the controller: the car verifies that signature, it does not sign.
+        "rover_release_sign": False,
+        "rover_release_controller_python": str(config.venv / "bin" / "python"),
+        "rover_release_controller_source": str(work / "lib"),
+        "rover_runtime_service_wheel_file": str(wheel),
+        "rover_runtime_service_wheel_key": channel["runtime"]["key"],
+        "preflight_min_ansible_core_version": "2.19",
+        # The simulated car's firmware status lives on the controller: not visible from the car.
+        "rover_health_firmware_status_file": "",
+        "rover_pull_publication": channel["id"],
+        **config.extra_vars,
+    }
+    (work / "vars.json").write_text(json.dumps(extra, indent=2))
+    (work / "ansible.cfg").write_text(
+        "[defaults]\n"
+        "inject_facts_as_vars = False\n"
+        "callbacks_enabled = rover.fleet.rover_recap\n"
+        "interpreter_python = auto_silent\n"
+        "retry_files_enabled = False\n"
+        "forks = 1\n"
+        f"local_tmp = {work / 'tmp'}\n"
+    )
+    return work
+
+
+def extract_collection(tarball: Path, target: Path) -> None:
+    """The collection tarball, refusing members that would land outside `target` (absolute, .., links)."""
+    with tarfile.open(tarball) as archive:
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            if Path(member.name).is_absolute() or ".." in parts or not (member.isfile() or member.isdir()):
+                raise PullError(f"the collection holds {member.name!r}, which would leave its directory")
+        if hasattr(tarfile, "data_filter"):  # Python 3.12+, and 3.11 from 3.11.4
+            archive.extractall(target, filter="data")
+        else:
+            archive.extractall(target)  # every member checked above
+
+
+RECAP_LINE = re.compile(r"^(?P<car>\S+): (?P<line>.*)$")
+
+
+def recap_of(output: str, car: str) -> str:
+    """This car's ROVER RECAP line (the deploy's outcome), or the end of the output."""
+    if "ROVER RECAP" in output:
+        for line in output.split("ROVER RECAP", 1)[1].splitlines():
+            match = RECAP_LINE.match(line.strip())
+            if match and match.group("car") == car:
+                return match.group("line")
+    tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+    return " / ".join(tail) or "no output"
+
+
+def apply(config: PullConfig, work: Path) -> tuple[bool, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(
+        ANSIBLE_CONFIG=str(work / "ansible.cfg"),
+        ANSIBLE_COLLECTIONS_PATH=str(work / "collections"),
+        ANSIBLE_NOCOLOR="1",
+        HOME=env.get("HOME", "/root"),
+    )
+    command = [
+        str(config.venv / "bin" / "ansible-playbook"),
+        "-i",
+        str(work / "inventory.json"),
+        "rover.fleet.deploy",
+        "-e",
+        f"@{work / 'vars.json'}",
+    ]
+    log(f"applying: {' '.join(command)}")
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
+    output = done.stdout + done.stderr
+    (work / "ansible.log").write_text(output)
+    return done.returncode == 0, recap_of(output, config.car)
+
+
+def prune(config: PullConfig, keep_objects: set[str], keep_work: str) -> None:
+    """Only the current publication's objects and work directory stay on the car."""
+    objects = config.state_dir / "objects"
+    if objects.is_dir():
+        for entry in objects.iterdir():
+            if entry.name not in keep_objects:
+                entry.unlink(missing_ok=True)
+    work = config.state_dir / "work"
+    if work.is_dir():
+        for entry in work.iterdir():
+            if entry.name != keep_work:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def run(config: PullConfig) -> int:
+    state_path = config.state_dir / "state.json"
+    state = read_json(state_path)
+    status: dict[str, Any] = {"checked_at": now_iso(), "url": config.url, "car": config.car}
+
+    def finish(outcome: str, message: str, code: int, **more: Any) -> int:
+        status.update(outcome=outcome, message=message, **more)
+        write_json(config.state_dir / "status.json", status)
+        log(f"{outcome}: {message}")
+        return code
+
+    try:
+        raw = fetch(f"{config.url}/{CHANNEL}", config.timeout_s)
+    except (urllib.error.URLError, OSError) as exc:
+        return finish("unreachable", f"cannot download the publication from {config.url}: {exc}", 0)
+    try:
+        channel = open_channel(config, raw)
+    except PullError as exc:
+        return finish("refused", str(exc), 1)
+    publication = channel["id"]
+    status["publication"] = publication
+    if config.car not in channel["cars"]:
+        return finish("not-published", f"publication {publication} has no entry for {config.car}", 0)
+    if state.get("publication") == publication:
+        if state.get("outcome") == "applied":
+            return finish(
+                "up-to-date",
+                f"publication {publication} is applied",
+                0,
+                release=state.get("release"),
+                applied_bytes_received=state.get("bytes_received"),
+            )
+        if int(state.get("attempts", 0)) >= config.max_attempts:
+            return finish(
+                "gave-up",
+                f"publication {publication} failed here {state.get('attempts')} times "
+                f"({state.get('message', '?')}): waiting for a new publication",
+                0,
+            )
+    if driving(config) and not config.force:
+        return finish("waiting", "the car is driving (metrics driving=true): the next period will try", 0)
+    wanted: dict[str, int] = channel["objects"]
+    received = 0
+    objects: dict[str, Path] = {}
+    try:
+        for digest, size in sorted(wanted.items()):
+            objects[digest], got = ensure_object(config, digest, int(size))
+            received += got
+    except PullError as exc:
+        return finish("refused", str(exc), 1, bytes_received=received)
+    except (urllib.error.URLError, OSError) as exc:
+        return finish("unreachable", f"download of publication {publication} broke off: {exc}", 0)
+    status["bytes_received"] = received
+    try:
+        work = prepare_work(config, channel, objects)
+    except (PullError, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        return finish("refused", f"publication {publication} cannot be unpacked: {exc}", 1)
+    attempts = int(state.get("attempts", 0)) + 1 if state.get("publication") == publication else 1
+    ok, line = apply(config, work)
+    release = ""
+    match = re.search(r"release (\w{16})", line)
+    if match:
+        release = match.group(1)
+    outcome = "applied" if ok else "failed"
+    write_json(
+        state_path,
+        {
+            "publication": publication,
+            "outcome": outcome,
+            "attempts": attempts,
+            "message": line,
+            "release": release,
+            "bytes_received": received,
+        },
+    )
+    if ok:
+        prune(config, set(wanted), publication)
+    return finish(outcome, line, 0 if ok else 1, release=release, attempts=attempts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", type=Path, default=Path("/etc/rover/pull.json"))
+    args = parser.parse_args(argv)
+    config = PullConfig.load(args.config)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with (config.state_dir / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another pull is running: nothing to do")
+            return 0
+        started = time.monotonic()
+        code = run(config)
+        log(f"done in {time.monotonic() - started:.1f} s")
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

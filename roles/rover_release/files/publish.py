@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Publish a release for the cars in pull mode to converge to (playbooks/publish.yml, on the controller).
+
+The publication directory (served by any HTTP server; docs/pull.md) holds:
+
+    objects/<sha256>        every file of the publication, content-addressed: the bundle's files (with the
+                            controller's manifest signature), the rover_runtime wheel, the rover.fleet
+                            collection and one JSON per car ({"groups": [...], "vars": {...}}: its inventory
+                            entry without the connection variables)
+    channel.json            {"format": 1, "payload": "<publication JSON>", "signature": "<SSH signature of
+                            the payload, namespace rover-release, by the controller's bundle signing key>"}
+    publications/<id>.json  the payloads published so far (the objects of the last `--keep` stay)
+
+A car downloads channel.json, checks its signature against the keys it trusts, and fetches only the objects it
+lacks. channel.json is replaced atomically (written beside, fsynced, renamed) after every object it names is
+in place: a car reads the old publication or the new one, never a mix.
+
+    publish.py --root DIR --bundle DIR --bundle-signature FILE --wheel FILE --runtime-key KEY
+               --collection FILE --inventory FILE --hosts CAR,CAR --signing-key FILE [--publisher TEXT] [--keep N]
+
+--inventory: the output of `ansible-inventory --list` (variables as written in the inventory, not rendered:
+the car renders them, as a push would). Prints one JSON line (the publication id, its objects' bytes, the
+bytes newly written). Exit 1 with one line on stderr on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# The project's own helpers (PYTHONPATH = the controller's rover_runtime source, as verify_bundle.py).
+from rover_runtime.bundle import sha256_file
+from rover_runtime.metrics import write_json_atomic
+
+NAMESPACE = "rover-release"
+CHUNK = 1 << 20
+
+
+class PublishError(Exception):
+    pass
+
+
+class Objects:
+    """objects/<sha256> under the publication root; counts the bytes it had to write."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "objects"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sizes: dict[str, int] = {}
+        self.written = 0
+
+    def add_file(self, path: Path) -> str:
+        digest = sha256_file(path)
+        target = self.dir / digest
+        size = path.stat().st_size
+        if not (target.is_file() and target.stat().st_size == size):
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{digest}.")
+            try:
+                with os.fdopen(fd, "wb") as out, path.open("rb") as source:
+                    shutil.copyfileobj(source, out, CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if sha256_file(Path(tmp)) != digest:
+                    raise PublishError(f"{path} changed while it was being published")
+                Path(tmp).chmod(0o644)
+                Path(tmp).replace(target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    Path(tmp).unlink()
+                raise
+            self.written += size
+        self.sizes[digest] = size
+        return digest
+
+    def add_bytes(self, data: bytes) -> str:
+        with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".blob.", delete=False) as handle:
+            handle.write(data)
+        try:
+            return self.add_file(Path(handle.name))
+        finally:
+            Path(handle.name).unlink(missing_ok=True)
+
+
+def normalized(collection: Path) -> bytes:
+    """The collection tarball with every time stamp zeroed: `ansible-galaxy collection build` stamps its
+    MANIFEST.json, FILES.json and gzip header with the build time, so unchanged content would otherwise be a
+    new object (and a new download for every car) at every publication."""
+    buffer = io.BytesIO()
+    with tarfile.open(collection) as source:
+        with (
+            gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as packed,
+            tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as out,
+        ):
+            for member in source.getmembers():
+                data = source.extractfile(member) if member.isfile() else None
+                member.mtime = 0
+                member.pax_headers = {}
+                out.addfile(member, data)
+    return buffer.getvalue()
+
+
+def sign(payload: bytes, key: Path) -> str:
+    done = subprocess.run(
+        ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", NAMESPACE],
+        input=payload,
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise PublishError(f"signing with {key} failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode()
+
+
+def bundle_files(bundle: Path) -> list[Path]:
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file():
+        raise PublishError(f"{bundle} is not a bundle: no manifest.json")
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json.sig")
+    return files
+
+
+def cars_from_inventory(inventory: dict[str, Any], hosts: list[str]) -> dict[str, dict[str, Any]]:
+    """Each car's groups (with their parents) and variables, without the connection variables (ansible_*):
+    on the car the playbook runs with a local connection."""
+    hostvars = inventory.get("_meta", {}).get("hostvars", {})
+    parents: dict[str, set[str]] = {}
+    direct: dict[str, set[str]] = {}
+    for group, body in inventory.items():
+        if group == "_meta" or not isinstance(body, dict):
+            continue
+        for child in body.get("children", []):
+            parents.setdefault(child, set()).add(group)
+        for host in body.get("hosts", []):
+            direct.setdefault(host, set()).add(group)
+    cars: dict[str, dict[str, Any]] = {}
+    for host in hosts:
+        if host not in hostvars and host not in direct:
+            raise PublishError(f"{host} is not in the inventory")
+        groups: set[str] = set()
+        todo = list(direct.get(host, ()))
+        while todo:
+            group = todo.pop()
+            if group not in groups:
+                groups.add(group)
+                todo.extend(parents.get(group, ()))
+        groups -= {"all", "ungrouped"}
+        variables = {k: v for k, v in hostvars.get(host, {}).items() if not k.startswith("ansible_")}
+        cars[host] = {"groups": sorted(groups), "vars": variables}
+    return cars
+
+
+def publish(args: argparse.Namespace) -> dict[str, Any]:
+    root: Path = args.root
+    hosts = [name for name in args.hosts.split(",") if name]
+    if not hosts:
+        raise PublishError("--hosts names no car")
+    cars = cars_from_inventory(json.loads(args.inventory.read_text()), hosts)
+    objects = Objects(root)
+    bundle_entry: dict[str, str] = {}
+    for path in bundle_files(args.bundle):
+        bundle_entry[path.relative_to(args.bundle).as_posix()] = objects.add_file(path)
+    bundle_entry["manifest.json.sig"] = objects.add_bytes(args.bundle_signature.read_bytes())
+    content = {
+        "bundle": {"files": bundle_entry},
+        "runtime": {"wheel": args.wheel.name, "sha256": objects.add_file(args.wheel), "key": args.runtime_key},
+        "collection": {"file": args.collection.name, "sha256": objects.add_bytes(normalized(args.collection))},
+        "cars": {
+            name: objects.add_bytes(json.dumps(entry, sort_keys=True, indent=1).encode())
+            for name, entry in sorted(cars.items())
+        },
+    }
+    publication_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    payload = {
+        "id": publication_id,
+        "published_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "publisher": args.publisher,
+        "objects": dict(sorted(objects.sizes.items())),
+        **content,
+    }
+    text = json.dumps(payload, sort_keys=True, indent=1)
+    envelope = {"format": 1, "payload": text, "signature": sign(text.encode(), args.signing_key)}
+    write_json_atomic(root / "publications" / f"{publication_id}.json", payload, durable=True)
+    write_json_atomic(root / "channel.json", envelope, durable=True)
+    removed = prune(root, args.keep, publication_id)
+    return {
+        "id": publication_id,
+        "cars": len(cars),
+        "objects": len(objects.sizes),
+        "bytes": sum(objects.sizes.values()),
+        "bytes_written": objects.written,
+        "objects_removed": removed,
+    }
+
+
+def prune(root: Path, keep: int, current: str) -> int:
+    """Objects no longer named by the newest `keep` publications (the current one always among them)."""
+    publications = sorted(
+        (root / "publications").glob("*.json"), key=lambda p: (p.stem == current, p.stat().st_mtime)
+    )
+    kept = publications[-keep:]
+    for old in publications[:-keep]:
+        old.unlink(missing_ok=True)
+    needed: set[str] = set()
+    for path in kept:
+        needed.update(json.loads(path.read_text())["objects"])
+    removed = 0
+    for entry in (root / "objects").iterdir():
+        if entry.name not in needed and not entry.name.startswith("."):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle-signature", type=Path, required=True)
+    parser.add_argument("--wheel", type=Path, required=True)
+    parser.add_argument("--runtime-key", required=True)
+    parser.add_argument("--collection", type=Path, required=True)
+    parser.add_argument("--inventory", type=Path, required=True)
+    parser.add_argument("--hosts", required=True)
+    parser.add_argument("--signing-key", type=Path, required=True)
+    parser.add_argument("--publisher", default="")
+    parser.add_argument("--keep", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.keep < 1:
+        parser.error("--keep must be at least 1")
+    try:
+        result = publish(args)
+    except (PublishError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Pull mode on two simulated cars (trixie: Python 3.13, bookworm: 3.11), with real ansible-playbook on the
+cars, real systemd timers, real HTTP and real SSH signatures: playbooks/publish.yml writes a signed
+publication, each car's rover-pull.timer converges the car to it through the collection's deploy playbook.
+A car switched off during a publication catches up after it boots; a release that fails its gate is rolled
+back on the car and reported; a publication changed after signing is refused. The tests run in order."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import car, content_hash, current_bundle, journal, make_bundle, releases, run_playbook
+
+from simfleet.fleet import power_off, power_on
+from simfleet.state import FleetState
+from simfleet.testing import running_fleet
+
+pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+
+# Its own fleet (a timer that deploys must not run beside the other tests), beside the session's.
+FLEET = f"{os.environ.get('SIMFLEET_TEST_NAME', 'pytest')}-pull"
+BASE_PORT = int(os.environ.get("SIMFLEET_TEST_BASE_PORT", "2321")) + 90
+CARS = ("car1", "car2")
+PERIOD_S = 20
+# Generous: a pull runs the whole deploy (about 150 tasks and the 10 s soak) inside a car on shared cores.
+CONVERGE_S = 420
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class PullFleet:
+    fleet: FleetState
+    inventory: Path
+    publish_dir: Path
+    bundles: dict[str, Path]
+
+    def publish(self, bundle: str) -> str:
+        run = run_playbook(
+            self.inventory,
+            "publish.yml",
+            "-e",
+            f"rover_deploy_bundle={self.bundles[bundle]}",
+            "-e",
+            f"rover_release_publish_dir={self.publish_dir}",
+        )
+        assert run.rc == 0, run.report()
+        payload = json.loads(json.loads((self.publish_dir / "channel.json").read_text())["payload"])
+        return str(payload["id"])
+
+
+@pytest.fixture(scope="module")
+def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
+    root = tmp_path_factory.mktemp("pull")
+    publish_dir = root / "publish"
+    publish_dir.mkdir()
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(publish_dir))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bundles = {
+        "a": make_bundle(root / "a", chunk_size=10),
+        "b": make_bundle(root / "b", chunk_size=12),
+        "gate-fails": make_bundle(root / "gate-fails", chunk_size=11, manifest_chunk_size=9),
+    }
+    try:
+        with running_fleet(FLEET, hosts=2, base_port=BASE_PORT, releases=("trixie", "bookworm")) as fleet:
+            inventory = Path(fleet.inventory)
+            settings = {
+                "rover_pull_enabled": True,
+                "rover_pull_url": f"http://127.0.0.1:{server.server_address[1]}",
+                "rover_pull_boot_delay": "5s",
+                "rover_pull_period": f"{PERIOD_S}s",
+                "rover_pull_random_delay": "3s",
+                "rover_pull_force": True,  # a simulated car always drives
+                "rover_pull_timeout_s": 10,
+            }
+            run = run_playbook(inventory, "provision.yml", "-e", json.dumps(settings), timeout=1800)
+            assert run.rc == 0, run.report()
+            yield PullFleet(fleet=fleet, inventory=inventory, publish_dir=publish_dir, bundles=bundles)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _status(host: Any) -> dict[str, Any]:
+    path = "/var/lib/rover/pull/status.json"
+    if not host.file(path).exists:
+        return {}
+    return dict(json.loads(host.file(path).content_string))
+
+
+def _wait(pull: PullFleet, name: str, what: str, done: Any, timeout: float = CONVERGE_S) -> dict[str, Any]:
+    host = car(pull.inventory, name)
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = _status(host)
+        if done(host, status):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"{name}: {what} not within {timeout} s; pull status {status}\n{journal(host)}")
+
+
+def _bytes_received(status: dict[str, Any]) -> int:
+    """What the run that applied the publication downloaded (a later run says up-to-date and repeats it)."""
+    key = "bytes_received" if status["outcome"] == "applied" else "applied_bytes_received"
+    return int(status[key])
+
+
+def _on(pull: PullFleet, bundle: str, publication: str) -> Any:
+    wanted = content_hash(pull.bundles[bundle])
+
+    def done(host: Any, status: dict[str, Any]) -> bool:
+        return (
+            status.get("publication") == publication
+            and status.get("outcome") in {"applied", "up-to-date"}
+            and current_bundle(host) == wanted
+        )
+
+    return done
+
+
+def test_every_car_converges_to_the_publication(pull_fleet: PullFleet) -> None:
+    publication = pull_fleet.publish("a")
+    for name in CARS:
+        status = _wait(pull_fleet, name, "publication a applied", _on(pull_fleet, "a", publication))
+        host = car(pull_fleet.inventory, name)
+        assert host.service("rover-pull.timer").is_enabled
+        active = [
+            r for r in releases(host).values() if r.get("bundle") == content_hash(pull_fleet.bundles["a"])
+        ]
+        assert active, releases(host)
+        assert _bytes_received(status) > 0
+
+
+def test_a_car_that_was_off_converges_after_it_boots(pull_fleet: PullFleet) -> None:
+    power_off(FLEET, "car2")
+    try:
+        publication = pull_fleet.publish("b")
+        status = _wait(pull_fleet, "car1", "publication b applied", _on(pull_fleet, "b", publication))
+        # Only the new bundle's files moved: the runtime wheel and the collection were already on the car.
+        payload = json.loads(json.loads((pull_fleet.publish_dir / "channel.json").read_text())["payload"])
+        bundle_bytes = sum(payload["objects"][d] for d in set(payload["bundle"]["files"].values()))
+        assert 0 < _bytes_received(status) <= bundle_bytes
+    finally:
+        power_on(FLEET, "car2")
+    _wait(pull_fleet, "car2", "publication b applied after its boot", _on(pull_fleet, "b", publication))
+
+
+def test_a_release_that_fails_its_gate_is_rolled_back_and_reported(pull_fleet: PullFleet) -> None:
+    before = {name: current_bundle(car(pull_fleet.inventory, name)) for name in CARS}
+    publication = pull_fleet.publish("gate-fails")
+
+    def failed(host: Any, status: dict[str, Any]) -> bool:
+        return status.get("publication") == publication and status.get("outcome") in {"failed", "gave-up"}
+
+    for name in CARS:
+        status = _wait(pull_fleet, name, "the bad publication reported", failed)
+        host = car(pull_fleet.inventory, name)
+        assert current_bundle(host) == before[name]
+        bad = [
+            r
+            for r in releases(host).values()
+            if r.get("bundle") == content_hash(pull_fleet.bundles["gate-fails"])
+        ]
+        assert bad, releases(host)
+        assert all(r.get("state") == "bad" for r in bad), bad
+        assert "FAILED" in status["message"] or "failed here" in status["message"], status
+
+
+def test_a_publication_changed_after_signing_is_refused(pull_fleet: PullFleet) -> None:
+    before = {name: current_bundle(car(pull_fleet.inventory, name)) for name in CARS}
+    channel_path = pull_fleet.publish_dir / "channel.json"
+    envelope = json.loads(channel_path.read_text())
+    payload = json.loads(envelope["payload"])
+    payload["id"] = "0" * 16  # a new "publication" pointing at the last good bundle
+    envelope["payload"] = json.dumps(payload, sort_keys=True, indent=1)
+    channel_path.write_text(json.dumps(envelope, indent=1))
+
+    def refused(host: Any, status: dict[str, Any]) -> bool:
+        return status.get("outcome") == "refused"
+
+    for name in CARS:
+        status = _wait(pull_fleet, name, "the changed publication refused", refused, timeout=6 * PERIOD_S)
+        assert "not signed by a key this car trusts" in status["message"], status
+        assert current_bundle(car(pull_fleet.inventory, name)) == before[name]

@@ -1,0 +1,326 @@
+"""Pull mode's two ends without a car: the controller's publisher (roles/rover_release/files/publish.py)
+and the car's agent (roles/rover_pull/files/rover_pull.py) over real HTTP, with real SSH signatures. What
+the agent refuses never reaches its deploy step; the deploy on a car: tests/integration/test_pull_mode.py."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from rover_runtime.testing import write_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+PUBLISH = REPO / "roles" / "rover_release" / "files" / "publish.py"
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+agent: Any = _load(REPO / "roles" / "rover_pull" / "files" / "rover_pull.py", "rover_pull_agent")
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Controller:
+    root: Path
+    url: str
+    key: Path
+    bundle: Path
+    wheel: Path
+    collection: Path
+    inventory: Path
+
+    def publish(self, *extra: str) -> dict[str, Any]:
+        sig = self.root.parent / "manifest.json.sig"
+        signed = subprocess.run(
+            ["ssh-keygen", "-Y", "sign", "-f", str(self.key), "-n", "rover-bundle"],
+            input=(self.bundle / "manifest.json").read_bytes(),
+            capture_output=True,
+            check=True,
+        )
+        sig.write_bytes(signed.stdout)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(PUBLISH),
+                "--root",
+                str(self.root),
+                "--bundle",
+                str(self.bundle),
+                "--bundle-signature",
+                str(sig),
+                "--wheel",
+                str(self.wheel),
+                "--runtime-key",
+                "key-1",
+                "--collection",
+                str(self.collection),
+                "--inventory",
+                str(self.inventory),
+                "--hosts",
+                "car1,car2",
+                "--signing-key",
+                str(self.key),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+
+def _keypair(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[Controller]:
+    root = tmp_path / "publish"
+    root.mkdir()
+    key = _keypair(tmp_path / "keys" / "signing")
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    wheel = tmp_path / "rover_fleet-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("rover_runtime/__init__.py", "")
+    collection = tmp_path / "rover-fleet-0.1.0.tar.gz"
+    playbook = tmp_path / "deploy.yml"
+    playbook.write_text("---\n")
+    with tarfile.open(collection, "w:gz") as archive:
+        archive.add(playbook, arcname="playbooks/deploy.yml")
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(
+        json.dumps(
+            {
+                "_meta": {
+                    "hostvars": {
+                        "car1": {"ansible_host": "10.0.0.1", "rover_runtime_service_rate_hz": 30},
+                        "car2": {"ansible_port": 22, "simfleet_serial_device": "/dev/ttyUSB0"},
+                    }
+                },
+                "all": {"children": ["ungrouped", "rovers"]},
+                "rovers": {"children": ["simulated"], "hosts": ["car1"]},
+                "simulated": {"hosts": ["car2"]},
+            }
+        )
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Controller(
+            root=root,
+            url=f"http://127.0.0.1:{server.server_address[1]}",
+            key=key,
+            bundle=bundle,
+            wheel=wheel,
+            collection=collection,
+            inventory=inventory,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _car(tmp_path: Path, controller: Controller, trusted: Path | None = None) -> Any:
+    signers = tmp_path / "car" / "allowed_signers"
+    signers.parent.mkdir(parents=True, exist_ok=True)
+    public = Path(f"{trusted or controller.key}.pub").read_text().strip()
+    signers.write_text(f'rover-controller namespaces="rover-bundle,rover-release" {public}\n')
+    config = tmp_path / "car" / "pull.json"
+    config.write_text(
+        json.dumps(
+            {
+                "url": controller.url,
+                "car": "car1",
+                "state_dir": str(tmp_path / "car" / "state"),
+                "venv": str(tmp_path / "car" / "no-venv"),
+                "allowed_signers": str(signers),
+                "metrics_path": str(tmp_path / "car" / "metrics.json"),
+                "timeout_s": 5,
+            }
+        )
+    )
+    return agent.PullConfig.load(config)
+
+
+def test_a_publication_is_signed_content_addressed_and_names_each_cars_entry(
+    controller: Controller, tmp_path: Path
+) -> None:
+    result = controller.publish()
+    envelope = json.loads((controller.root / "channel.json").read_text())
+    payload = json.loads(envelope["payload"])
+    assert payload["id"] == result["id"]
+    for digest, size in payload["objects"].items():
+        data = (controller.root / "objects" / digest).read_bytes()
+        assert len(data) == size
+        assert hashlib.sha256(data).hexdigest() == digest
+    car2 = json.loads((controller.root / "objects" / payload["cars"]["car2"]).read_text())
+    # Groups with their parents; no connection variable (the car runs the playbook locally).
+    assert car2 == {"groups": ["rovers", "simulated"], "vars": {"simfleet_serial_device": "/dev/ttyUSB0"}}
+    car1 = json.loads((controller.root / "objects" / payload["cars"]["car1"]).read_text())
+    assert car1 == {"groups": ["rovers"], "vars": {"rover_runtime_service_rate_hz": 30}}
+    assert set(payload["bundle"]["files"]) >= {"manifest.json", "manifest.json.sig"}
+    # Publishing the same release again writes no byte and names the same publication.
+    again = controller.publish()
+    assert again["id"] == result["id"]
+    assert again["bytes_written"] == 0
+    assert result["bytes_written"] == result["bytes"] > 0
+    # A collection rebuilt from the same files (new time stamps, as every `ansible-galaxy collection build`)
+    # is the same object: the cars download nothing new.
+    playbook = tmp_path / "deploy.yml"
+    os.utime(playbook, (1e9, 1e9))
+    time.sleep(1.1)
+    with tarfile.open(controller.collection, "w:gz") as archive:
+        archive.add(playbook, arcname="playbooks/deploy.yml")
+    rebuilt = controller.publish()
+    assert (rebuilt["id"], rebuilt["bytes_written"]) == (result["id"], 0)
+
+
+def test_the_car_downloads_only_what_it_lacks_and_unpacks_the_release(
+    controller: Controller, tmp_path: Path
+) -> None:
+    controller.publish()
+    config = _car(tmp_path, controller)
+    channel = agent.open_channel(config, agent.fetch(f"{controller.url}/channel.json", 5))
+    objects: dict[str, Path] = {}
+    received = 0
+    for digest, size in channel["objects"].items():
+        objects[digest], got = agent.ensure_object(config, digest, size)
+        received += got
+    assert received == sum(channel["objects"].values())
+    assert sum(agent.ensure_object(config, d, s)[1] for d, s in channel["objects"].items()) == 0
+    work = agent.prepare_work(config, channel, objects)
+    assert (work / "bundle" / "manifest.json").read_bytes() == (
+        controller.bundle / "manifest.json"
+    ).read_bytes()
+    assert (work / "lib" / "rover_runtime" / "__init__.py").is_file()
+    assert (work / "collections/ansible_collections/rover/fleet/playbooks/deploy.yml").is_file()
+    inventory = json.loads((work / "inventory.json").read_text())
+    car1 = inventory["all"]["children"]["rovers"]["hosts"]["car1"]
+    assert car1["ansible_connection"] == "local"
+    assert car1["rover_runtime_service_rate_hz"] == 30
+    extra = json.loads((work / "vars.json").read_text())
+    assert extra["rover_release_sign"] is False
+    assert extra["rover_runtime_service_wheel_key"] == "key-1"
+
+
+def test_a_channel_changed_after_signing_is_refused(controller: Controller, tmp_path: Path) -> None:
+    controller.publish()
+    channel_path = controller.root / "channel.json"
+    envelope = json.loads(channel_path.read_text())
+    envelope["payload"] = envelope["payload"].replace('"car1"', '"car9"', 1)
+    channel_path.write_text(json.dumps(envelope))
+    config = _car(tmp_path, controller)
+    assert agent.run(config) == 1
+    status = json.loads((config.state_dir / "status.json").read_text())
+    assert status["outcome"] == "refused"
+    assert "not signed by a key this car trusts" in status["message"]
+    assert not (config.state_dir / "objects").exists()  # nothing was downloaded
+
+
+def test_a_publication_signed_by_another_controller_is_refused(
+    controller: Controller, tmp_path: Path
+) -> None:
+    controller.publish()
+    config = _car(tmp_path, controller, trusted=_keypair(tmp_path / "other" / "key"))
+    assert agent.run(config) == 1
+    assert json.loads((config.state_dir / "status.json").read_text())["outcome"] == "refused"
+
+
+def test_an_object_changed_on_the_server_is_refused_and_never_kept(
+    controller: Controller, tmp_path: Path
+) -> None:
+    controller.publish()
+    payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
+    model = next(d for name, d in payload["bundle"]["files"].items() if name != "manifest.json")
+    target = controller.root / "objects" / model
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    config = _car(tmp_path, controller)
+    assert agent.run(config) == 1
+    status = json.loads((config.state_dir / "status.json").read_text())
+    assert status["outcome"] == "refused"
+    assert f"object {model[:12]} does not match channel.json" in status["message"]
+    assert not (config.state_dir / "objects" / model).exists()
+    assert not [p for p in (config.state_dir / "objects").iterdir() if p.name.startswith(".")]
+
+
+def test_an_unreachable_server_is_a_quiet_retry(controller: Controller, tmp_path: Path) -> None:
+    config = _car(tmp_path, controller)
+    config.url = "http://127.0.0.1:9"  # discard port: nothing listens
+    assert agent.run(config) == 0
+    assert json.loads((config.state_dir / "status.json").read_text())["outcome"] == "unreachable"
+
+
+def test_a_driving_car_waits_and_a_car_not_published_does_nothing(
+    controller: Controller, tmp_path: Path
+) -> None:
+    controller.publish()
+    config = _car(tmp_path, controller)
+    config.metrics_path.write_text(json.dumps({"driving": True}))
+    assert agent.run(config) == 0
+    assert json.loads((config.state_dir / "status.json").read_text())["outcome"] == "waiting"
+    assert not (config.state_dir / "objects").exists()
+    config.car = "car7"
+    assert agent.run(config) == 0
+    assert json.loads((config.state_dir / "status.json").read_text())["outcome"] == "not-published"
+
+
+def test_a_publication_that_failed_here_is_tried_max_attempts_times(
+    controller: Controller, tmp_path: Path
+) -> None:
+    result = controller.publish()
+    config = _car(tmp_path, controller)
+    agent.write_json(
+        config.state_dir / "state.json",
+        {"publication": result["id"], "outcome": "failed", "attempts": 2, "message": "FAILED: gate"},
+    )
+    assert agent.run(config) == 0
+    status = json.loads((config.state_dir / "status.json").read_text())
+    assert status["outcome"] == "gave-up"
+    assert "waiting for a new publication" in status["message"]
+
+
+def test_old_publications_objects_are_pruned_on_the_server(controller: Controller, tmp_path: Path) -> None:
+    first = controller.publish("--keep", "1")
+    other = write_tiny_bundle(tmp_path / "bundle-2", chunk_size=7)
+    controller.bundle = other
+    second = controller.publish("--keep", "1")
+    assert second["id"] != first["id"]
+    assert second["objects_removed"] > 0
+    assert not (controller.root / "publications" / f"{first['id']}.json").exists()
+    payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
+    assert {p.name for p in (controller.root / "objects").iterdir()} == set(payload["objects"])
