@@ -13,8 +13,9 @@ and for each phase reports, separately:
   controller_cpu_s     CPU seconds of ansible-playbook and everything it started (its workers, ssh
                        clients) plus the ssh connection masters (ControlPersist) the run used
   cars_cpu_s           CPU seconds inside the cars (every process of every container, reaped ones included)
-  bytes_sent           bytes the controller's ssh connections to the cars carried (tcp_info bytes_acked of
-                       the sockets to each car's port, before and after)
+  bytes_sent           bytes over the loopback interface during the run (the cars listen on 127.0.0.1; both
+                       directions, headers included: the cars' replies are a small part), so run it on a
+                       quiet machine
 and the same per car. On this machine the cars share the controller's 2 cores, so the wall time mixes the
 controller's work with every car's; a real fleet runs each car's share on its own CPU: the controller's
 CPU per car is the figure that says how the controller scales.
@@ -107,6 +108,15 @@ def cars_cpu(fleet: FleetState) -> float:
     return total
 
 
+def process_cpu(pid_file: Path | None) -> float:
+    """CPU seconds so far of the process whose pid `pid_file` holds (0 without one)."""
+    if pid_file is None:
+        return 0.0
+    table = _proc_table()
+    entry = table.get(int(pid_file.read_text()))
+    return entry[1] if entry else 0.0
+
+
 def ssh_masters_cpu(control_dir: Path) -> dict[int, float]:
     """The ssh connection masters of this benchmark (ControlPersist): they outlive each run."""
     return {
@@ -116,29 +126,25 @@ def ssh_masters_cpu(control_dir: Path) -> dict[int, float]:
     }
 
 
-def bytes_acked(ports: list[int]) -> dict[int, int]:
-    """Bytes acknowledged on the established TCP connections to each port (the controller's sends)."""
-    out = subprocess.run(["ss", "-tin", "state", "established"], capture_output=True, text=True, check=False)
-    sent = dict.fromkeys(ports, 0)
-    current: int | None = None
-    for line in out.stdout.splitlines():
-        match = re.search(r"\s127\.0\.0\.1:\d+\s+127\.0\.0\.1:(\d+)\s*$", line)
-        if match:
-            port = int(match.group(1))
-            current = port if port in sent else None
-            continue
-        if current is not None:
-            acked = re.search(r"bytes_acked:(\d+)", line)
-            if acked:
-                sent[current] += int(acked.group(1))
-            current = None
-    return sent
+def loopback_bytes() -> int:
+    """Bytes that crossed the loopback interface so far (the simulated cars listen on 127.0.0.1)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[8])  # transmit bytes
+    return 0
 
 
 def run_phase(
-    fleet: FleetState, control_dir: Path, playbook: str, *args: str, facts: Path
+    fleet: FleetState,
+    control_dir: Path,
+    playbook: str | Path,
+    *args: str,
+    facts: Path,
+    extra: Path | None = None,
 ) -> tuple[Phase, str]:
-    ports = [host.port for host in fleet.hosts]
+    """Runs the playbook (a name in playbooks/, or a path) with SETTINGS; measures as the docstring says.
+    `extra`: one more process (a server) whose CPU counts as the controller's."""
     env = dict(os.environ)
     env.update(
         ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
@@ -151,13 +157,14 @@ def run_phase(
         str(Path(sys.executable).parent / "ansible-playbook"),
         "-i",
         fleet.inventory,
-        str(REPO / "playbooks" / playbook),
+        str(playbook if isinstance(playbook, Path) else REPO / "playbooks" / playbook),
         "-e",
         json.dumps(SETTINGS),
         *args,
     ]
+    extra_before = process_cpu(extra)
     masters_before = ssh_masters_cpu(control_dir)
-    sent_before = bytes_acked(ports)
+    lo_before = loopback_bytes()
     cars_before = cars_cpu(fleet)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -165,9 +172,10 @@ def run_phase(
     wall = time.perf_counter() - started
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cars_after = cars_cpu(fleet)
-    sent_after = bytes_acked(ports)
+    sent = loopback_bytes() - lo_before
     masters_after = ssh_masters_cpu(control_dir)
     masters = sum(cpu - masters_before.get(pid, 0.0) for pid, cpu in masters_after.items())
+    masters += process_cpu(extra) - extra_before
     controller = (
         children_after.ru_utime
         - children_before.ru_utime
@@ -177,7 +185,6 @@ def run_phase(
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-6000:] + done.stderr[-2000:])
     changed = sum(int(v) for v in re.findall(r"\bchanged=(\d+)", done.stdout.rsplit("PLAY RECAP", 1)[-1]))
-    sent = sum(sent_after[p] - sent_before.get(p, 0) for p in ports)
     phase = Phase(
         wall_s=round(wall, 1),
         rc=done.returncode,

@@ -45,6 +45,8 @@ PACKAGES = (
     "procps",
     "kmod",
     "less",
+    # Raspberry Pi OS Lite has rsync (ansible.posix.synchronize needs it on both ends).
+    "rsync",
 )
 # apt's daily timers would start right after the first boot (they never ran) and hold the dpkg lock
 # while Ansible provisions; a real car has run them long before.
