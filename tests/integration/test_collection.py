@@ -90,7 +90,16 @@ def test_the_collection_holds_the_ansible_content_and_nothing_else(collection: P
     ):
         assert expected in names, expected
     tops = {name.split("/")[0] for name in names}
-    assert tops <= {"MANIFEST.json", "FILES.json", "meta", "roles", "playbooks", "plugins", "docs"}, tops
+    assert tops <= {
+        "MANIFEST.json",
+        "FILES.json",
+        "CHANGELOG.md",
+        "meta",
+        "roles",
+        "playbooks",
+        "plugins",
+        "docs",
+    }, tops
     assert not [name for name in names if name.endswith(".pyc") or "__pycache__" in name]
 
 
