@@ -1,6 +1,6 @@
 """How provisioning and deploys scale with the fleet: N simulated cars for each N; prints JSON.
 
-    python benchmarks/fleet_scale.py [--sizes 2,10,50] [--base-port 2401] [--out FILE]
+    python benchmarks/fleet_scale.py [--sizes 2,10,50] [--base-port 2401] [--out FILE] [--merge STDERR]
 
 For each N: boots N simulated trixie cars (their memory per car: MemAvailable before and after), then times
   provision_cold       playbooks/provision.yml on fresh cars (the controller's wheelhouse already built)
@@ -242,26 +242,15 @@ def measure(size: int, base_port: int, work: Path) -> dict[str, Any]:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2,10,50")
-    parser.add_argument("--base-port", type=int, default=2401)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "settings": SETTINGS, "sizes": {}}
-    with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
-        for size in sizes:
-            report["sizes"][str(size)] = measure(size, args.base_port, Path(tmp))
-            print(json.dumps({str(size): report["sizes"][str(size)]}), file=sys.stderr, flush=True)
-    by = report["sizes"]
+def judge(by: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals from the per-size results."""
 
     def per_car(size: int, phase: str) -> float:
         return float(by[str(size)]["phases"][phase]["per_car"]["controller_cpu_s"])
 
     goals: dict[str, Any] = {}
     if "10" in by and "50" in by:
-        for phase in ("provision_cold", "deploy"):
+        for phase in ("provision_cold", "provision_unchanged", "deploy", "redeploy_unchanged", "benchmark"):
             ratio = per_car(50, phase) / max(per_car(10, phase), 1e-9)
             goals[f"{phase}_controller_cpu_per_car_50_over_10"] = round(ratio, 2)
             goals[f"{phase}_controller_cpu_per_car_50_le_1.2x_10"] = ratio <= 1.2
@@ -270,6 +259,33 @@ def main() -> int:
         goals[f"redeploy_over_deploy_controller_cpu_{size}"] = round(ratio, 2)
         goals[f"redeploy_le_0.3x_deploy_{size}"] = ratio <= 0.3
         goals[f"redeploy_moves_no_bundle_byte_{size}"] = by[size]["redeploy_bundle_bytes"] == 0
+    return goals
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2,10,50")
+    parser.add_argument("--base-port", type=int, default=2401)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        help="an earlier run's stderr (its JSON line per size), judged with this one",
+    )
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "settings": SETTINGS, "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
+        for size in sizes:
+            report["sizes"][str(size)] = measure(size, args.base_port, Path(tmp))
+            print(json.dumps({str(size): report["sizes"][str(size)]}), file=sys.stderr, flush=True)
+    for earlier in args.merge or []:
+        for line in earlier.read_text().splitlines():
+            if line.startswith("{"):
+                for size, result in json.loads(line).items():
+                    report["sizes"].setdefault(size, result)
+    goals = judge(report["sizes"])
     report["goals"] = goals
     text = json.dumps(report, indent=2)
     print(text)
