@@ -68,7 +68,7 @@ def read_status(host: HostState) -> dict[str, object]:
     [
         ({"name": "Bad_Name"}, "--name"),
         ({"hosts": 0}, "--hosts 0"),
-        ({"hosts": 17}, "--hosts 17"),
+        ({"hosts": 65}, "--hosts 65: must be 1..64"),
         ({"arch": "riscv64"}, "--arch"),
         ({"base_port": 80}, "--base-port 80"),
         ({"releases": ("sid",)}, r"--release 'sid': choose one of trixie, bookworm"),
