@@ -210,33 +210,47 @@ def mem_available_mb() -> float:
     return 0.0
 
 
-def measure(size: int, base_port: int, work: Path) -> dict[str, Any]:
+PHASES = ("provision_cold", "provision_unchanged", "deploy", "redeploy_unchanged", "benchmark")
+
+
+def measure(size: int, base_port: int, work: Path, wanted: tuple[str, ...] = PHASES) -> dict[str, Any]:
     control_dir = work / f"cp-{size}"
     control_dir.mkdir()
     facts = work / f"facts-{size}"
     bundle = make_bundle(work / f"bundle-{size}", chunk_size=10 + size % 7)
     before = mem_available_mb()
-    result: dict[str, Any] = {"cars": size}
+    result: dict[str, Any] = {"cars": size, "phases": {}}
     with running_fleet(f"scale{size}", hosts=size, base_port=base_port, releases=("trixie",)) as fleet:
         time.sleep(10)  # the cars' boot jobs settle
         result["memory_per_idle_car_mb"] = round((before - mem_available_mb()) / size, 1)
-        phases: dict[str, Phase] = {}
-        phases["provision_cold"], _ = run_phase(fleet, control_dir, "provision.yml", facts=facts)
-        phases["provision_unchanged"], _ = run_phase(fleet, control_dir, "provision.yml", facts=facts)
         force = ("-e", f"rover_deploy_bundle={bundle}", "-e", "rover_deploy_force=true")
-        phases["deploy"], _ = run_phase(fleet, control_dir, "deploy.yml", *force, facts=facts)
-        phases["redeploy_unchanged"], out = run_phase(fleet, control_dir, "deploy.yml", *force, facts=facts)
-        sent = [int(v) for v in re.findall(r"(\d+) bundle bytes sent", out)]
-        result["redeploy_bundle_bytes"] = sum(sent)
-        result["memory_per_running_car_mb"] = round((before - mem_available_mb()) / size, 1)
         bench = (
             "-e",
             "rover_benchmark_force=true",
             "-e",
             f"rover_benchmark_output_dir={work / f'bench-{size}'}",
         )
-        phases["benchmark"], _ = run_phase(fleet, control_dir, "benchmark.yml", *bench, facts=facts)
-        result["phases"] = {name: asdict(phase) for name, phase in phases.items()}
+        runs: dict[str, tuple[str, tuple[str, ...]]] = {
+            "provision_cold": ("provision.yml", ()),
+            "provision_unchanged": ("provision.yml", ()),
+            "deploy": ("deploy.yml", force),
+            "redeploy_unchanged": ("deploy.yml", force),
+            "benchmark": ("benchmark.yml", bench),
+        }
+        for name in PHASES:
+            if name not in wanted:
+                continue
+            playbook, args = runs[name]
+            phase, out = run_phase(fleet, control_dir, playbook, *args, facts=facts)
+            result["phases"][name] = asdict(phase)
+            if name == "redeploy_unchanged":
+                result["redeploy_bundle_bytes"] = sum(
+                    int(v) for v in re.findall(r"(\d+) bundle bytes sent", out)
+                )
+            if name == "deploy":
+                result["memory_per_running_car_mb"] = round((before - mem_available_mb()) / size, 1)
+            # What is measured so far survives an interrupted run.
+            print(json.dumps({"partial": size, name: result["phases"][name]}), file=sys.stderr, flush=True)
         result["load_average_at_end"] = os.getloadavg()
     subprocess.run(["pkill", "-f", f"ssh: {control_dir}"], check=False)
     return result
@@ -248,13 +262,18 @@ def judge(by: dict[str, Any]) -> dict[str, Any]:
     def per_car(size: int, phase: str) -> float:
         return float(by[str(size)]["phases"][phase]["per_car"]["controller_cpu_s"])
 
+    def has(size: str, phase: str) -> bool:
+        return phase in by.get(size, {}).get("phases", {})
+
     goals: dict[str, Any] = {}
-    if "10" in by and "50" in by:
-        for phase in ("provision_cold", "provision_unchanged", "deploy", "redeploy_unchanged", "benchmark"):
+    for phase in PHASES:
+        if has("10", phase) and has("50", phase):
             ratio = per_car(50, phase) / max(per_car(10, phase), 1e-9)
             goals[f"{phase}_controller_cpu_per_car_50_over_10"] = round(ratio, 2)
             goals[f"{phase}_controller_cpu_per_car_50_le_1.2x_10"] = ratio <= 1.2
     for size in by:
+        if not (has(size, "deploy") and has(size, "redeploy_unchanged")):
+            continue
         ratio = per_car(int(size), "redeploy_unchanged") / max(per_car(int(size), "deploy"), 1e-9)
         goals[f"redeploy_over_deploy_controller_cpu_{size}"] = round(ratio, 2)
         goals[f"redeploy_le_0.3x_deploy_{size}"] = ratio <= 0.3
@@ -267,6 +286,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="2,10,50")
     parser.add_argument("--base-port", type=int, default=2401)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--phases", default=",".join(PHASES), help="a comma list of " + ", ".join(PHASES))
     parser.add_argument(
         "--merge",
         type=Path,
@@ -278,12 +298,15 @@ def main() -> int:
     report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "settings": SETTINGS, "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
         for size in sizes:
-            report["sizes"][str(size)] = measure(size, args.base_port, Path(tmp))
+            report["sizes"][str(size)] = measure(
+                size, args.base_port, Path(tmp), tuple(args.phases.split(","))
+            )
             print(json.dumps({str(size): report["sizes"][str(size)]}), file=sys.stderr, flush=True)
     for earlier in args.merge or []:
         for line in earlier.read_text().splitlines():
-            if line.startswith("{"):
-                for size, result in json.loads(line).items():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if "partial" not in entry:
+                for size, result in entry.items():
                     report["sizes"].setdefault(size, result)
     goals = judge(report["sizes"])
     report["goals"] = goals
