@@ -324,3 +324,16 @@ def test_old_publications_objects_are_pruned_on_the_server(controller: Controlle
     assert not (controller.root / "publications" / f"{first['id']}.json").exists()
     payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
     assert {p.name for p in (controller.root / "objects").iterdir()} == set(payload["objects"])
+
+
+def test_a_release_whose_gate_failed_during_the_run_is_found(tmp_path: Path) -> None:
+    """After a failed deploy the agent gives up at once when the run's release failed its health gate (no
+    second drive on a known-bad release); a release marked bad before the run does not count."""
+    releases = tmp_path / "releases"
+    for name, state, gated_at in (("aaaa", "bad", 100.0), ("bbbb", "good", 300.0), ("cccc", "bad", 250.0)):
+        (releases / name).mkdir(parents=True)
+        (releases / name / "status.json").write_text(json.dumps({"state": state, "gated_at": gated_at}))
+    (releases / ".incoming-dddd-run").mkdir()
+    assert agent.releases_failed_since(tmp_path, 200.0) == ["cccc"]
+    assert agent.releases_failed_since(tmp_path, 50.0) == ["aaaa", "cccc"]
+    assert agent.releases_failed_since(tmp_path / "none", 0.0) == []

@@ -8,7 +8,8 @@ system Python; standard library only, one file. Each run:
    atomically) and refuses it unless the signature is a good "rover-release" signature by a key
    /etc/rover/allowed_signers trusts (the key provisioning installed: the same trust as a push's bundles);
 2. stops when this car is not in the publication, when it was already applied here, when it failed here
-   `max_attempts` times (it waits for a new publication), or when the car is driving (next period);
+   `max_attempts` times or its release failed its health gate here once (it waits for a new publication:
+   a car never drives a release known to fail its gate again), or when the car is driving (next period);
 3. downloads the files of the publication it does not have yet (content-addressed: <url>/objects/<sha256>,
    each checked against the size and sha256 the signed channel names; a file that does not match is
    refused, nothing of it is used);
@@ -65,6 +66,7 @@ class PullConfig:
     allowed_signers: Path
     signer_identity: str
     metrics_path: Path
+    release_root: Path
     force: bool
     max_attempts: int
     timeout_s: float
@@ -87,6 +89,7 @@ class PullConfig:
             allowed_signers=Path(raw.get("allowed_signers", "/etc/rover/allowed_signers")),
             signer_identity=str(raw.get("signer_identity", "rover-controller")),
             metrics_path=Path(raw.get("metrics_path", "/run/rover/metrics.json")),
+            release_root=Path(raw.get("release_root", "/opt/rover")),
             force=bool(raw.get("force", False)),
             max_attempts=int(raw.get("max_attempts", 2)),
             timeout_s=float(raw.get("timeout_s", 30)),
@@ -355,6 +358,17 @@ def apply(config: PullConfig, work: Path) -> tuple[bool, str]:
     return done.returncode == 0, recap_of(output, config.car)
 
 
+def releases_failed_since(root: Path, since: float) -> list[str]:
+    """Releases the deploy marked bad (their gate failed) at or after `since` (release_state.py's status)."""
+    failed = []
+    for status_file in sorted((root / "releases").glob("[!.]*/status.json")):
+        status = read_json(status_file)
+        gated_at = status.get("gated_at")
+        if status.get("state") == "bad" and isinstance(gated_at, (int, float)) and gated_at >= since:
+            failed.append(status_file.parent.name)
+    return failed
+
+
 def prune(config: PullConfig, keep_objects: set[str], keep_work: str) -> None:
     """Only the current publication's objects and work directory stay on the car."""
     objects = config.state_dir / "objects"
@@ -427,12 +441,22 @@ def run(config: PullConfig) -> int:
     except (PullError, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
         return finish("refused", f"publication {publication} cannot be unpacked: {exc}", 1)
     attempts = int(state.get("attempts", 0)) + 1 if state.get("publication") == publication else 1
+    started = time.time()
     ok, line = apply(config, work)
     release = ""
     match = re.search(r"release (\w{16})", line)
     if match:
         release = match.group(1)
     outcome = "applied" if ok else "failed"
+    failed_gate = [] if ok else releases_failed_since(config.release_root, started)
+    if failed_gate:
+        # Never again: another try would drive the car on a release known to fail its gate. Only a failure
+        # before the switch (a download, a full disk, a refused bundle) is tried again next period.
+        attempts = max(attempts, config.max_attempts)
+        line = (
+            f"release {failed_gate[0]} failed its health gate on this car and it went back to its last good "
+            f"release; waiting for a new publication ({line})"
+        )
     write_json(
         state_path,
         {
