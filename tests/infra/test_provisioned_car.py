@@ -201,10 +201,11 @@ def test_car_trusts_the_bundle_signing_key(host: Any, settings: dict[str, Any]) 
     assert allowed.mode == 0o644
     keys = [line for line in allowed.content_string.splitlines() if line and not line.startswith("#")]
     assert len(keys) == 1 + len(settings["rover_release_trusted_keys"])
-    identity, namespace = (
-        settings["rover_release_signer_identity"],
-        settings["rover_release_signature_namespace"],
+    identity = settings["rover_release_signer_identity"]
+    # Bundle signatures, and pull mode's publications (signed with the same key).
+    namespaces = (
+        f"{settings['rover_release_signature_namespace']},{settings['rover_release_publication_namespace']}"
     )
-    prefix = f'{identity} namespaces="{namespace}" '
+    prefix = f'{identity} namespaces="{namespaces}" '
     assert all(line.startswith(prefix + "ssh-") for line in keys), keys
     assert host.exists("ssh-keygen")
