@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 # Its own fleet (a timer that deploys must not run beside the other tests), beside the session's.
 FLEET = f"{os.environ.get('SIMFLEET_TEST_NAME', 'pytest')}-pull"
-BASE_PORT = int(os.environ.get("SIMFLEET_TEST_BASE_PORT", "2321")) + 90
+BASE_PORT = int(os.environ.get("SIMFLEET_TEST_BASE_PORT", "2321")) + 100  # +90 is the arm64 car
 CARS = ("car1", "car2")
 PERIOD_S = 20
 # Generous: a pull runs the whole deploy (about 150 tasks and the 10 s soak) inside a car on shared cores.
