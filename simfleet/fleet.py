@@ -29,8 +29,8 @@ from simfleet.state import FleetState, HostState, load_state, save_state, state_
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-# A classroom or an event: 50 cars run on one 2-core, 24 GB machine (docs/scale.md: about 20 MB per idle car,
-# 90 MB with its runtime at 5 Hz).
+# A classroom or an event of cars (benchmarks/fleet_scale.py runs 50). Measured at 2-10 cars: 14-21 MB per
+# idle car, 84-87 MB with its runtime at 5 Hz (docs/scale.md).
 MAX_HOSTS = 64
 # Seconds until sshd must answer: emulated arm64 boots slower.
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
