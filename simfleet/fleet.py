@@ -94,10 +94,33 @@ def target_for(state: FleetState, host: HostState) -> SshTarget:
     return SshTarget(f"{state.name}/{host.name}", host.port, Path(state.key), Path(state.known_hosts))
 
 
+# Each car's systemd holds inotify instances (about 5 at boot, more with its services); they all count
+# against root's fs.inotify.max_user_instances, 128 by default: about 25 cars fail to boot with "Failed to
+# create control group inotify object: Too many open files". Raised for the fleet, never lowered.
+INOTIFY_INSTANCES_PER_HOST = 32
+INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+def ensure_inotify_instances(hosts: int, limit_file: Path = INOTIFY_LIMIT) -> None:
+    wanted = 128 + hosts * INOTIFY_INSTANCES_PER_HOST
+    try:
+        current = int(limit_file.read_text())
+        if current < wanted:
+            limit_file.write_text(f"{wanted}\n")
+            log.info(
+                "fs.inotify.max_user_instances raised from %d to %d for %d hosts", current, wanted, hosts
+            )
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "could not raise fs.inotify.max_user_instances to %d (%s): large fleets may not boot", wanted, exc
+        )
+
+
 def up(config: FleetConfig) -> FleetState:
     """Boots the fleet and writes its inventory; on any failure stops whatever it had started."""
     if os.geteuid() != 0:
         raise SimFleetError("simfleet up needs root (systemd-nspawn, bind mounts, binfmt_misc)")
+    ensure_inotify_instances(config.hosts)
     existing = load_state(config.name)
     if existing is not None:
         raise SimFleetError(

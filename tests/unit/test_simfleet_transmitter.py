@@ -10,7 +10,12 @@ import pytest
 
 from rover_runtime.firmware_sim import FirmwareLimits, FirmwareSimulator
 from simfleet.errors import SimFleetError
-from simfleet.fleet import Transmitter, write_transmitter
+from simfleet.fleet import (
+    INOTIFY_INSTANCES_PER_HOST,
+    Transmitter,
+    ensure_inotify_instances,
+    write_transmitter,
+)
 
 
 def wait_for_mode(sim: FirmwareSimulator, mode: str, timeout: float = 3.0) -> dict[str, object]:
@@ -60,3 +65,14 @@ def test_the_simulated_driver_takes_over_and_hands_back(tmp_path: Path) -> None:
 def test_bad_transmitter_settings_are_refused(transmitter: object, message: str) -> None:
     with pytest.raises(SimFleetError, match=message):
         transmitter()  # type: ignore[operator]
+
+
+def test_the_inotify_instance_limit_is_raised_for_a_large_fleet_and_never_lowered(tmp_path: Path) -> None:
+    """50 cars' systemds need more inotify instances than Linux's default 128 (car 26 failed to boot)."""
+    limit = tmp_path / "max_user_instances"
+    limit.write_text("128\n")
+    ensure_inotify_instances(50, limit)
+    assert int(limit.read_text()) == 128 + 50 * INOTIFY_INSTANCES_PER_HOST
+    limit.write_text("100000\n")
+    ensure_inotify_instances(50, limit)
+    assert int(limit.read_text()) == 100000
