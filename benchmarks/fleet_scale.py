@@ -256,6 +256,14 @@ def measure(size: int, base_port: int, work: Path, wanted: tuple[str, ...] = PHA
     return result
 
 
+def emit(report: dict[str, Any], out: Path | None) -> None:
+    """The report as JSON on stdout, and in `out` when given (the benchmarks' --out)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def judge(by: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals from the per-size results."""
 
@@ -310,10 +318,7 @@ def main() -> int:
                     report["sizes"].setdefault(size, result)
     goals = judge(report["sizes"])
     report["goals"] = goals
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.fleet_scale import Phase, run_phase  # noqa: E402
+from benchmarks.fleet_scale import Phase, emit, run_phase  # noqa: E402
 from simfleet.testing import running_fleet  # noqa: E402
 
 METHODS = ("copy", "synchronize", "http")
@@ -137,10 +137,7 @@ def main() -> int:
             report["sizes"][str(size)] = measure(size, payload, args.base_port, Path(tmp))
             print(json.dumps({str(size): report["sizes"][str(size)]}), file=sys.stderr, flush=True)
     report["seconds"] = round(time.monotonic() - started)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
