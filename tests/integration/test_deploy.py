@@ -239,6 +239,10 @@ def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, P
         assert _recap_line(run, name).endswith("unchanged"), _recap_line(run, name)
     assert host.check_output(f"stat -L -c '%i %Y' {model}") == before
     assert metrics(host)["pid"] == pid  # not restarted
+    # An unchanged car ends after its checks: no lock, no unit install, no build or switch on it.
+    for task in ("Take the car's deploy lock", "Install the hardened unit", "Switch current to the release"):
+        assert f"TASK [rover_release : {task}]" not in run.stdout, task
+        assert f"TASK [rover_runtime_service : {task}]" not in run.stdout, task
 
 
 def test_driving_car_is_skipped_and_reported_not_failed(deployed: Path, bundles: dict[str, Path]) -> None:

@@ -265,6 +265,28 @@ def test_current_pointing_at_missing_release(tmp_path, capsys):
     assert out["current_missing"] is True
 
 
+def test_status_reads_the_runtime_metrics(tmp_path, capsys):
+    make_release(tmp_path, "cur", state="good", activated_at=1.0)
+    set_current(tmp_path, "cur")
+    metrics = tmp_path / "metrics.json"
+    rc, out = call(capsys, tmp_path, "status")
+    assert rc == 0
+    assert out["metrics"] is None
+    rc, out = call(capsys, tmp_path, "status", "--metrics", str(metrics))
+    assert rc == 0
+    assert out["metrics"] is None  # no metrics file: nothing runs (yet)
+    metrics.write_text(json.dumps({"release": {"id": "cur"}, "driving": False}))
+    rc, out = call(capsys, tmp_path, "status", "--metrics", str(metrics))
+    assert out["metrics"] == {"release": {"id": "cur"}, "driving": False}
+    assert out["current"] == "cur"
+    # A torn or foreign file says nothing about what runs: null, never an error that stops the deploy.
+    for text in ("{trunc", "[1, 2]"):
+        metrics.write_text(text)
+        rc, out = call(capsys, tmp_path, "status", "--metrics", str(metrics))
+        assert rc == 0
+        assert out["metrics"] is None
+
+
 # ---------------------------------------- switch / mark
 
 
