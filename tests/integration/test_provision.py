@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +110,46 @@ def test_check_mode_runs_and_reports_no_change(first_run: PlaybookRun, sim_fleet
     assert check.rc == 0, check.report()
     for name in cars(sim_fleet):
         assert check.recap()[name]["changed"] == 0, check.report()
+
+
+@pytest.mark.parametrize("transfer", ["http", "copy"])
+def test_a_car_that_lost_wheels_gets_them_back(
+    first_run: PlaybookRun, sim_fleet: FleetState, transfer: str
+) -> None:
+    """A wheel gone from the car's wheelhouse (a full SD card, a hand): the next install puts back what is
+    missing, over HTTP from the controller's server (the default; the other wheels are not fetched again)
+    or with copy, and the server of the run is gone afterwards."""
+    name = cars(sim_fleet)[0]
+    host = car(Path(sim_fleet.inventory), name)
+    (house,) = host.check_output("ls -d /opt/rover/wheelhouse/*").split()
+    wheels = host.check_output(f"ls {house}").split()
+    lost = next(w for w in wheels if w.startswith("pyserial-"))
+    kept = next(w for w in wheels if w.startswith("onnxruntime-"))
+    inode = host.check_output(f"stat -c %i {house}/{kept}")
+    assert host.run(f"rm {house}/{lost}").rc == 0
+    run = provision(
+        sim_fleet,
+        "--limit",
+        name,
+        "-e",
+        "rover_python_force_install=true",
+        "-e",
+        f"rover_python_wheelhouse_transfer={transfer}",
+    )
+    assert run.rc == 0, run.report()
+    task = (
+        "Fetch the wheelhouse from the controller over HTTP" if transfer == "http" else "Push the wheelhouse"
+    )
+    assert re.search(
+        rf"TASK \[rover_python : {task}[^\n]*\]\s*\*+\n(?:(?!TASK ).*\n)*?changed: \[{name}\]", run.stdout
+    ), run.report()
+    assert host.run(f"cd {house} && sha256sum --check --strict --quiet SHA256SUMS").rc == 0
+    if transfer == "http":
+        assert host.check_output(f"stat -c %i {house}/{kept}") == inode  # only the lost wheel moved
+    deadline = time.monotonic() + 10  # (it finishes its last poll, then removes its ready file)
+    while list(WHEELHOUSE_CACHE.glob(".server-*.json")):
+        assert time.monotonic() < deadline, "the run's wheelhouse server is still up"
+        time.sleep(0.2)
 
 
 def free_port() -> int:

@@ -8,8 +8,10 @@ platform tags, Python version, pip arguments). A finished directory holds the wh
 ``requirements.txt`` (every wheel pinned with ``--hash``, for ``pip install --require-hashes``) and
 ``inputs.json``. It is written to a temporary directory and renamed, so a directory that exists is
 complete. The last line printed is JSON: ``{"changed": bool, "dir": str, "wheels": int, "sums_sha256": str,
-"packages": {name: version}}`` (``sums_sha256`` is the hash of SHA256SUMS itself, to tell whether a car
-already holds the same wheelhouse; ``packages`` is what the wheelhouse installs, by normalized name).
+"requirements_sha256": str, "packages": {name: version}}`` (``sums_sha256`` is the hash of SHA256SUMS itself,
+to tell whether a car already holds the same wheelhouse; with ``requirements_sha256`` it is what a car
+fetching the wheelhouse over HTTP checks the two lists against; ``packages`` is what the wheelhouse installs,
+by normalized name).
 
 A requirement (or a dependency of one) that has no wheel for the target Python and platform is an error
 naming it: ``no wheel of onnxruntime==1.32.0 for CPython 3.10 on manylinux_2_28_x86_64 (...)``.
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "dir": str(directory),
         "wheels": count,
         "sums_sha256": sha256_of(directory / SUMS_NAME),
+        "requirements_sha256": sha256_of(directory / REQUIREMENTS_NAME),
         "packages": packages(directory),
     }
     sys.stdout.write(json.dumps(summary) + "\n")

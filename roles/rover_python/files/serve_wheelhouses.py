@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Serve the controller's wheelhouses to the cars over HTTP for one provisioning run.
+
+Started in the background by the rover_python role (tasks_from: serve) with the controller's Python:
+serves ``--root`` read-only (GET/HEAD), writes ``{"port": N, "pid": P}`` to ``--ready-file`` once it
+listens, and stops when it is told to (SIGTERM, at the end of the run) or after ``--idle-exit`` seconds
+without a request (a run that was interrupted). Nothing it serves is trusted by the cars as such: each
+car checks SHA256SUMS and requirements.txt against the hashes the controller computed, and every wheel
+against SHA256SUMS (files/fetch_wheelhouse.py).
+
+    serve_wheelhouses.py --root DIR --bind ADDRESS --port N --ready-file FILE --idle-exit SECONDS
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+class Handler(SimpleHTTPRequestHandler):
+    """Files only (no directory listings), no log lines; every request counts as activity."""
+
+    def __init__(self, *args: Any, activity: list[float], **kwargs: Any) -> None:
+        self.activity = activity
+        super().__init__(*args, **kwargs)
+
+    def send_head(self) -> Any:
+        self.activity[0] = time.monotonic()
+        if self.path.endswith("/"):
+            self.send_error(404, "no directory listings")
+            return None
+        return super().send_head()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def write_ready(path: Path, data: dict[str, int]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    Path(tmp).replace(path)
+
+
+def serve(root: Path, bind: str, port: int, ready_file: Path, idle_exit: float) -> None:
+    activity = [time.monotonic()]
+    handler = functools.partial(Handler, directory=str(root), activity=activity)
+    server = ThreadingHTTPServer((bind, port), handler)
+    server.daemon_threads = True
+
+    def stop(*_: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def watch_idle() -> None:
+        while time.monotonic() - activity[0] < idle_exit:
+            time.sleep(min(5.0, idle_exit))
+        stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    threading.Thread(target=watch_idle, daemon=True).start()
+    write_ready(ready_file, {"port": server.server_address[1], "pid": os.getpid()})
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        ready_file.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="serve_wheelhouses.py", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--bind", default="0.0.0.0")  # noqa: S104 - the cars are on the LAN
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--idle-exit", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        sys.stderr.write(f"serve_wheelhouses: {args.root} is not a directory\n")
+        return 1
+    try:
+        serve(args.root, args.bind, args.port, args.ready_file, args.idle_exit)
+    except OSError as exc:
+        sys.stderr.write(f"serve_wheelhouses: cannot serve on {args.bind}:{args.port}: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
