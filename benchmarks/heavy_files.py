@@ -7,8 +7,10 @@ wheelhouse in $ROVER_CACHE/wheelhouse, what a Pi's venv is installed from, torch
 each method, twice: onto an empty directory (cold), then again with nothing changed (warm):
   copy         ansible.builtin.copy of the directory (per file: checksums compared, sent over SSH)
   synchronize  ansible.posix.synchronize (rsync over SSH from the controller, sizes and times compared)
-  http         the car fetches from the controller over HTTP (a plain `python -m http.server`) every file
-               of SHA256SUMS it lacks, each checked against its sha256 (benchmarks/transfer/fetch.py)
+  http         what provisioning does (rover_python_wheelhouse_transfer http): the car fetches from the
+               controller's server (roles/rover_python/files/serve_wheelhouses.py) every file of SHA256SUMS it
+               lacks, each checked against its sha256, SHA256SUMS and requirements.txt against the hashes
+               computed here (roles/rover_python/files/fetch_wheelhouse.py)
 Each run reports what benchmarks/fleet_scale.py reports (wall time, the controller's CPU seconds including
 its ssh connection masters and, for http, the HTTP server; the cars' CPU seconds; the bytes sent, over SSH
 or HTTP),
@@ -33,8 +35,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.fleet_scale import Phase, emit, run_phase  # noqa: E402
+from rover_runtime.bundle import sha256_file  # noqa: E402
 from simfleet.testing import running_fleet  # noqa: E402
 
+ROLE_FILES = HERE.parent / "roles" / "rover_python" / "files"
 METHODS = ("copy", "synchronize", "http")
 PLAYBOOK = HERE / "transfer" / "transfer.yml"
 
@@ -56,16 +60,23 @@ def measure(size: int, payload: Path, base_port: int, work: Path) -> dict[str, A
     server_pid = work / f"http-{size}.pid"
     result: dict[str, Any] = {"cars": size, "methods": {}}
     with running_fleet(f"transfer{size}", hosts=size, base_port=base_port, releases=("trixie",)) as fleet:
+        ready = work / f"http-{size}.json"
         server = subprocess.Popen(
-            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(payload), "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            [
+                sys.executable,
+                str(ROLE_FILES / "serve_wheelhouses.py"),
+                f"--root={payload}",
+                "--bind=127.0.0.1",
+                f"--ready-file={ready}",
+                "--idle-exit=3600",
+            ]
         )
         try:
-            assert server.stdout is not None
-            line = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
-            url = line.split("(", 1)[1].split(")", 1)[0].rstrip("/")
+            while not ready.exists():
+                if server.poll() is not None:
+                    raise SystemExit("the wheelhouse server did not start")
+                time.sleep(0.1)
+            url = f"http://127.0.0.1:{json.loads(ready.read_text())['port']}"
             server_pid.write_text(str(server.pid))
             for method in METHODS:
                 dest = f"/opt/transfer-{method}"
@@ -77,6 +88,8 @@ def measure(size: int, payload: Path, base_port: int, work: Path) -> dict[str, A
                             "transfer_src": str(payload),
                             "transfer_dest": dest,
                             "transfer_url": url,
+                            "transfer_sums_sha256": sha256_file(payload / "SHA256SUMS"),
+                            "transfer_requirements_sha256": sha256_file(payload / "requirements.txt"),
                         }
                     ),
                 )
