@@ -46,23 +46,28 @@ def make_wheelhouse(root: Path) -> dict[str, str]:
     return {"sums": sha256(sums), "requirements": sha256(requirements.encode())}
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Path, str, subprocess.Popen[str]]]:
-    """serve_wheelhouses.py on a throwaway wheelhouse root: (root, base URL, process)."""
-    root = tmp_path / "wheelhouses"
-    root.mkdir()
-    ready = tmp_path / "ready.json"
-    proc = subprocess.Popen(
+def start_server(root: Path, ready: Path, idle_exit: float) -> subprocess.Popen[str]:
+    """serve_wheelhouses.py as provisioning starts it, on loopback."""
+    return subprocess.Popen(
         [
             sys.executable,
             str(SERVE),
             f"--root={root}",
             "--bind=127.0.0.1",
             f"--ready-file={ready}",
-            "--idle-exit=60",
+            f"--idle-exit={idle_exit}",
         ],
         text=True,
     )
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[Path, str, subprocess.Popen[str]]]:
+    """serve_wheelhouses.py on a throwaway wheelhouse root: (root, base URL, process)."""
+    root = tmp_path / "wheelhouses"
+    root.mkdir()
+    ready = tmp_path / "ready.json"
+    proc = start_server(root, ready, idle_exit=60)
     deadline = time.monotonic() + 20
     while not ready.exists():
         assert proc.poll() is None, "the server exited before it listened"
@@ -220,16 +225,7 @@ def test_the_server_serves_files_only_and_stops_when_told(
 
 def test_the_server_of_an_interrupted_run_stops_when_idle(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(SERVE),
-            f"--root={tmp_path}",
-            "--bind=127.0.0.1",
-            f"--ready-file={ready}",
-            "--idle-exit=1",
-        ]
-    )
+    proc = start_server(tmp_path, ready, idle_exit=1)
     try:
         assert proc.wait(timeout=30) == 0
     finally:
