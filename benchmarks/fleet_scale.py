@@ -5,7 +5,8 @@
 For each N: boots N simulated trixie cars (their memory per car: MemAvailable before and after), then times
   provision_cold       playbooks/provision.yml on fresh cars (the controller's wheelhouse already built)
   provision_unchanged  the same again (nothing to do)
-  deploy               playbooks/deploy.yml of a new release (a tiny ONNX bundle), canary, 25 %, the rest
+  deploy               playbooks/deploy.yml of a new release (a tiny ONNX bundle): a canary, then batches
+                       of at most 10 cars (rover_deploy_serial: [1, 9, 10])
   redeploy_unchanged   the same release again (no bundle byte may move)
   benchmark            playbooks/benchmark.yml (every car, and the fleet report)
 and for each phase reports, separately:
@@ -23,7 +24,9 @@ CPU per car is the figure that says how the controller scales.
 Concessions to one machine hosting 50 cars, the same at every N: the cars get no torch
 (rover_python_torch_versions: {}; ONNX Runtime and ExecuTorch bundles, as the recommended one) so that 50
 venvs fit its disk, the runtime loop runs at 5 Hz (the simulated cars' runtimes would otherwise want more
-than 2 cores at N = 50), and the benchmark phase runs 200 iterations and 5 s of driving per car.
+than 2 cores at N = 50), the benchmark phase runs 200 iterations and 5 s of driving per car, and a deploy
+gates at most 10 cars at once (the default batches, a canary, 25 % and the rest, would restart 37 runtimes at
+once at N = 50 on the 2 cores every car shares, and their health gates would measure the host, not the car).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ SETTINGS = {
     "rover_runtime_service_rate_hz": 5.0,
     "rover_benchmark_iterations": 200,
     "rover_benchmark_drive_s": 5,
+    "rover_deploy_serial": [1, 9, 10],
 }
 
 
