@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 FIRMWARE_SIM_MODULE = "rover_runtime.firmware_sim"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The group a real Arduino's tty gets from the rover_serial udev rule, which no udevd applies in a container:
+# the host side of the pty is created as root:dialout 0660 instead (Debian's base-passwd fixes dialout at
+# gid 20, in the cars' images and on the controller alike), so the runtime's service user can open it.
+DIALOUT_GID = 20
 
 
 def start_pty_pair(controller_link: Path, host_link: Path, log_file: Path) -> tuple[Proc, str]:
@@ -32,7 +36,7 @@ def start_pty_pair(controller_link: Path, host_link: Path, log_file: Path) -> tu
         "socat",
         "-d",
         f"PTY,link={controller_link},raw,echo=0",
-        f"PTY,link={host_link},raw,echo=0",
+        f"PTY,link={host_link},raw,echo=0,group={DIALOUT_GID},mode=660",
     ]
     proc = spawn(cmd, log_file, what=f"socat {host_link.name}")
     deadline = time.monotonic() + 10

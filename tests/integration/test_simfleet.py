@@ -255,6 +255,9 @@ def test_ansible_reaches_every_host_through_the_inventory(sim_fleet: FleetState,
 def test_serial_lines_from_the_host_reach_the_firmware_sim(sim_fleet: FleetState) -> None:
     host = sim_fleet.hosts[0]
     assert run_on(sim_fleet, host, "test -c /dev/ttyUSB0 && echo tty") == "tty"
+    # What the rover_serial udev rule gives a real Arduino (no udevd runs in a container): the runtime's
+    # service user, in dialout, opens it without anything else being changed on the car.
+    assert run_on(sim_fleet, host, "stat -L -c '%U:%G %a' /dev/ttyUSB0") == "root:dialout 660"
     before = read_status(host)
     assert before["connected"] is True
     seq = 4242

@@ -287,6 +287,22 @@ def test_status_reads_the_runtime_metrics(tmp_path, capsys):
         assert out["metrics"] is None
 
 
+def test_status_reads_the_venvs_engines_fact(tmp_path, capsys):
+    fact = tmp_path / "rover_python.fact"
+    rc, out = call(capsys, tmp_path, "status", "--engines-fact", str(fact))
+    assert rc == 0
+    assert out["engines_fact"] is None  # a car provisioned before the fact existed: not checked
+    fact.write_text(json.dumps({"python": "3.13", "architecture": "aarch64", "engines": ["onnxruntime"]}))
+    rc, out = call(capsys, tmp_path, "status", "--engines-fact", str(fact))
+    assert out["engines_fact"]["engines"] == ["onnxruntime"]
+    rc, out = call(capsys, tmp_path, "status")
+    assert out["engines_fact"] is None  # not asked for
+    fact.write_text('{"engines": [')  # torn
+    rc, out = call(capsys, tmp_path, "status", "--engines-fact", str(fact))
+    assert rc == 0
+    assert out["engines_fact"] is None
+
+
 # ---------------------------------------- switch / mark
 
 

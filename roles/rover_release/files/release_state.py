@@ -26,7 +26,7 @@ file in the same directory, flushed and fsynced, os.replace, then the directory 
 switched by renaming a temporary symlink over it. Commands that change something take an flock(2) on R for
 their few milliseconds, so two invocations never interleave (the deploy lock itself is the directory).
 
-    release_state.py [--root R] status [--metrics PATH]
+    release_state.py [--root R] status [--metrics PATH] [--engines-fact PATH]
     release_state.py [--root R] lock --run RUN --owner TEXT --stale-after SECONDS [--break]
     release_state.py [--root R] unlock --run RUN
     release_state.py [--root R] publish --from REL_PATH --to REL_PATH
@@ -416,8 +416,9 @@ def cmd_unlock(root: Path, run: str) -> JSON:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def _read_metrics(path: Path | None) -> JSON | None:
-    """The runtime's metrics file (what the running process runs), or None: absent, unreadable, not JSON."""
+def _read_optional(path: Path | None) -> JSON | None:
+    """A JSON object another part writes (the runtime's metrics, the venv's engines fact), or None: not
+    asked for, absent, unreadable, torn or not an object. Status only reports it, never fails on it."""
     if path is None:
         return None
     try:
@@ -426,12 +427,13 @@ def _read_metrics(path: Path | None) -> JSON | None:
         return None
 
 
-def cmd_status(root: Path, metrics: Path | None = None) -> JSON:
+def cmd_status(root: Path, metrics: Path | None = None, engines_fact: Path | None = None) -> JSON:
     releases = list_releases(root)
     current, missing = read_current(root)
     target = _newest_good(releases, current)
     return {
-        "metrics": _read_metrics(metrics),
+        "metrics": _read_optional(metrics),
+        "engines_fact": _read_optional(engines_fact),
         "current": current,
         "current_missing": missing,
         "releases": [r.summary() for r in sorted(releases, key=_status_order)],
@@ -671,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", "releases, their states, current, staging and the lock")
     p.add_argument("--metrics", type=Path, default=None, help="also read the runtime's metrics file")
+    p.add_argument("--engines-fact", type=Path, default=None, help="also read the venv's engines (a JSON fact)")
     p = add("lock", "take the deploy lock")
     p.add_argument("--run", required=True)
     p.add_argument("--owner", required=True)
@@ -700,7 +703,7 @@ def run_command(args: argparse.Namespace) -> JSON:
     root = Path(os.path.abspath(args.root))  # noqa: PTH100 - no symlink resolution wanted
     command: str = args.command
     if command == "status":
-        return cmd_status(root, args.metrics)
+        return cmd_status(root, args.metrics, args.engines_fact)
     if command == "lock":
         return cmd_lock(root, args.run, args.owner, args.stale_after, args.brk)
     if command == "unlock":
