@@ -1,8 +1,11 @@
 """The fleet's drives on the controller.
 
-python -m fleet_drives verify [--publish] EPISODE_DIR
-    check a fetched episode's files against its episode.json (sizes, sha256); --publish renames a verified
-    `<name>.partial` directory to `<name>` (what playbooks/collect.yml does after fetching it)
+python -m fleet_drives verify EPISODE_DIR
+    check an episode's files against its episode.json (sizes, sha256)
+python -m fleet_drives receive --incoming DIR --car-store DIR --list FILE
+    publish the episodes a collect run pulled into DIR (their names in FILE, one a line): each is checked
+    against its episode.json and renamed into the car's store; a corrupt one is kept as `<name>.partial`;
+    prints {"published": [...], "bytes": N, "errors": [...]}; exit 1 when an episode was not published
 python -m fleet_drives merge --store DIR --output DATASET [--force]
     the collected episodes as one LeRobotDataset; prints a JSON summary (episodes, frames, steps left
     out, episodes skipped and why); exit 1 when an episode was skipped, 2 when nothing could be merged
@@ -17,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fleet_drives.merge import DEFAULT_TASK, MergeError, find_episodes, merge_episodes
-from rover_runtime.recording import PARTIAL, EpisodeError, open_episode
+from fleet_drives.receive import receive_episodes
+from rover_runtime.recording import EpisodeError, open_episode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="check a fetched episode against its checksums")
     verify.add_argument("episode", type=Path)
-    verify.add_argument("--publish", action="store_true", help="rename a verified NAME.partial to NAME")
+    receive = sub.add_parser("receive", help="verify and publish the episodes a collect run pulled")
+    receive.add_argument("--incoming", type=Path, required=True, help="where the run put them")
+    receive.add_argument("--car-store", type=Path, required=True, help="the car's store: <store>/<car>")
+    receive.add_argument("--list", type=Path, required=True, help="the episodes' names, one a line")
     merge = sub.add_parser("merge", help="merge collected episodes into one LeRobotDataset")
     merge.add_argument(
         "--store", type=Path, required=True, help="the collect store: <store>/<car>/<episode>/"
@@ -45,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "verify":
-        return _verify(args.episode, publish=args.publish)
+        return _verify(args.episode)
+    if args.command == "receive":
+        return _receive(args.incoming, args.car_store, args.list)
     if args.command == "report":
         return _report(args.store, args.training, args.output)
     if not args.store.is_dir():
@@ -63,21 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if result.skipped else 0
 
 
-def _verify(path: Path, *, publish: bool) -> int:
+def _verify(path: Path) -> int:
     try:
         episode = open_episode(path)
     except EpisodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if publish and path.name.endswith(PARTIAL):
-        final = path.with_name(path.name.removesuffix(PARTIAL))
-        if final.exists():
-            print(f"error: {final} already exists", file=sys.stderr)
-            return 2
-        path.rename(final)
-        path = final
     print(json.dumps({"episode": str(path), "steps": episode.meta["steps"], "car": episode.meta["car"]}))
     return 0
+
+
+def _receive(incoming: Path, car_store: Path, names: Path) -> int:
+    try:
+        listed = [line.strip() for line in names.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        print(f"error: cannot read the list of episodes: {exc}", file=sys.stderr)
+        return 2
+    result = receive_episodes(incoming, car_store, listed)
+    print(json.dumps(result.to_json()))
+    return 1 if result.errors else 0
 
 
 def _report(store: Path, training: Path, output: Path) -> int:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from deploy_helpers import PlaybookRun, fleet_inventory, run_playbook
 
 from simfleet.image import DEFAULT_RELEASE
 from simfleet.state import FleetState
@@ -33,3 +34,12 @@ def sim_fleet() -> Iterator[FleetState]:
         SIM_FLEET_NAME, hosts=3, base_port=SIM_FLEET_BASE_PORT, releases=SIM_FLEET_RELEASES
     ) as state:
         yield state
+
+
+@pytest.fixture(scope="session")
+def fleet_provisioned(request: pytest.FixtureRequest) -> PlaybookRun:
+    """playbooks/provision.yml run once on the session's fleet (fleet_inventory), shared by every module
+    that needs provisioned cars; test_provision checks this run and then runs it again."""
+    run = run_playbook(fleet_inventory(request), "provision.yml", timeout=1800)
+    assert run.rc == 0, run.report()
+    return run

@@ -39,6 +39,11 @@ def finished(host: object, minimum: int) -> list[str]:
     )
 
 
+def home(car_store: Path) -> list[str]:
+    """The episodes in a car's store (not its staging area .incoming/ and the list beside it)."""
+    return sorted(p.name for p in car_store.iterdir() if not p.name.startswith("."))
+
+
 @pytest.fixture(scope="module")
 def recorded_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     inventory = provision_and_deploy(request, tmp_path_factory, "-e", RECORD)
@@ -68,11 +73,13 @@ def test_collect_brings_new_episodes_home_once_and_skips_a_corrupt_one(
         training = ("-e", f"rover_collect_training_dataset={demo_dataset}")
         run = run_playbook(inventory, "collect.yml", "--limit", "car1,car2", *args, *training)
         assert run.rc == 0, run.report()
-        assert sorted(p.name for p in (store / "car1").iterdir()) == on_car1
-        home2 = sorted(p.name for p in (store / "car2").iterdir())
+        assert home(store / "car1") == on_car1
+        home2 = home(store / "car2")
         assert f"{bad}.partial" in home2  # kept for a look, never published
         assert sorted(n for n in home2 if not n.endswith(".partial")) == on_car2[1:]
         assert f"episode {bad}.partial: steps.jsonl does not match its sha256 (corrupt)" in run.text
+        for name in ("car1", "car2"):  # one rsync per car; nothing left in its staging area
+            assert list((store / name / ".incoming").iterdir()) == []
         merge = json.loads((tmp_path / "merge.json").read_text())
         assert merge["episodes"] == len(on_car1) + len(on_car2) - 1
         rows = [
@@ -128,5 +135,5 @@ def test_an_unreachable_car_is_reported_and_the_others_complete(recorded_fleet: 
     assert run.rc == 4, run.report()  # ansible-playbook's "some hosts were unreachable"
     assert "car9" in run.text
     assert "unreachable" in run.text
-    assert list((store / "car1").iterdir())  # car1 completed
+    assert home(store / "car1")  # car1 completed
     assert (tmp_path / "dataset" / "meta" / "info.json").is_file()  # and the merge ran

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from deploy_helpers import (
+    ONE_BATCH,
     RELEASES,
     REPO,
     PlaybookRun,
@@ -67,12 +68,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fleet(request: pytest.FixtureRequest) -> Path:
-    """The simulated fleet, provisioned (playbooks/provision.yml; a no-op when already done)."""
-    inventory = fleet_inventory(request)
-    run = run_playbook(inventory, "provision.yml", timeout=1800)
-    assert run.rc == 0, run.report()
-    return inventory
+def fleet(request: pytest.FixtureRequest, fleet_provisioned: PlaybookRun) -> Path:
+    """The session's simulated fleet, provisioned."""
+    return fleet_inventory(request)
 
 
 def _wipe(inventory: Path, name: str) -> None:
@@ -90,7 +88,7 @@ def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
     for name in ALL_CARS:
         _wipe(fleet, name)
     # A stopped car is not driving: the first deploy needs no force.
-    run = run_playbook(fleet, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['a']}")
+    run = run_playbook(fleet, "deploy.yml", *ONE_BATCH, "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.report()
     return fleet
 

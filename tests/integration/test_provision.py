@@ -84,10 +84,9 @@ def error_lines(run: PlaybookRun) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(sim_fleet: FleetState) -> PlaybookRun:
-    run = provision(sim_fleet)
-    assert run.rc == 0, run.report()
-    return run
+def first_run(fleet_provisioned: PlaybookRun) -> PlaybookRun:
+    """The session's first provisioning of its fleet (the other fleet tests share it)."""
+    return fleet_provisioned
 
 
 def test_first_run_provisions_every_car(first_run: PlaybookRun, sim_fleet: FleetState) -> None:
