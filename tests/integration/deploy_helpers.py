@@ -95,10 +95,13 @@ def playbook_command(inventory: Path, playbook: str, *args: str) -> list[str]:
     ]
 
 
-def playbook_env() -> dict[str, str]:
+def playbook_env(inventory: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # Each fleet's own fact cache: the test fleets' cars share names (car1, car2) and may run at once (the
+    # emulated arm64 car beside the amd64 fleet), so one fleet's cached facts must never answer for another's.
+    env["ANSIBLE_CACHE_PLUGIN_CONNECTION"] = str(inventory.parent / "ansible-facts")
     return env
 
 
@@ -106,7 +109,7 @@ def run_playbook(inventory: Path, playbook: str, *args: str, timeout: float = 90
     done = subprocess.run(
         playbook_command(inventory, playbook, *args),
         cwd=REPO,
-        env=playbook_env(),
+        env=playbook_env(inventory),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -670,7 +670,7 @@ def test_concurrent_deploys_to_one_car_are_refused(deployed: Path, bundles: dict
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,
-        env=playbook_env(),
+        env=playbook_env(deployed),
     )
     try:
         deadline = time.monotonic() + 120
@@ -863,16 +863,8 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
     sign_manifest(signed, signing_key())
     # Signed beforehand with the controller's key and sent as it is: accepted (staged only, no switch).
     before = current_release(car(deployed, "car1"))
-    run = run_playbook(
-        deployed,
-        "deploy.yml",
-        *FORCE,
-        "-e",
-        f"rover_deploy_bundle={signed}",
-        "-e",
-        "rover_release_sign=false",
-        "-e",
-        "rover_release_activate=false",
+    run = _deploy_car1(
+        deployed, signed, "-e", "rover_release_sign=false", "-e", "rover_release_activate=false"
     )
     assert run.rc == 0, run.report()
     assert car(deployed, "car1").file(f"{RELEASES}/bundles/{content_hash(signed)}/manifest.json.sig").exists
