@@ -99,8 +99,8 @@ def playbook_env(inventory: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    # Each fleet's own fact cache: the test fleets' cars share names (car1, car2) and may run at once (the
-    # emulated arm64 car beside the amd64 fleet), so one fleet's cached facts must never answer for another's.
+    # Each fleet's own fact cache: the test fleets' cars share names (car1, car2: the session's, the mixed,
+    # pull and arm64 fleets, another developer's run); one fleet's cached facts must not answer for another's.
     env["ANSIBLE_CACHE_PLUGIN_CONNECTION"] = str(inventory.parent / "ansible-facts")
     return env
 
