@@ -39,7 +39,7 @@ def sim_fleet() -> Iterator[FleetState]:
 @pytest.fixture(scope="session")
 def fleet_provisioned(request: pytest.FixtureRequest) -> PlaybookRun:
     """playbooks/provision.yml run once on the session's fleet (fleet_inventory), shared by every module
-    that needs provisioned cars; test_provision checks this run and then runs it again."""
+    that needs provisioned cars; test_provision checks this run."""
     run = run_playbook(fleet_inventory(request), "provision.yml", timeout=1800)
     assert run.rc == 0, run.report()
     return run
