@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -15,12 +16,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from rover_runtime import protocol
 from rover_runtime.firmware_sim import FirmwareSimulator
 from rover_runtime.serial_link import SerialConfig, SerialLink
+
+M = TypeVar("M")
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"heartbeat_interval_s": 0.05, "reconnect_interval_s": 0.1}
@@ -251,11 +255,19 @@ class FakeArduino:
     def say(self, *messages: protocol.Message) -> None:
         os.write(self.master, b"".join(protocol.encode(m) for m in messages))
 
-    def heard(self) -> list[protocol.Message]:
+    def heard(self, kind: type[M], timeout_s: float = 2.0) -> list[M]:
+        """The messages of `kind` the link has written, waiting up to `timeout_s` for the first: a pty hands
+        written bytes to the other side through a kernel work queue, so they can arrive a moment later."""
         data = b""
-        with contextlib.suppress(BlockingIOError):
-            data = os.read(self.master, 65536)
-        return [protocol.parse_line(line) for line in data.split(b"\n") if line]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                data += os.read(self.master, 65536)
+            lines = [line for line in data.split(b"\n") if line] if data.endswith(b"\n") else []
+            found: list[M] = [m for m in (protocol.parse_line(line) for line in lines) if isinstance(m, kind)]
+            if found or time.monotonic() >= deadline:
+                return found
+            select.select([self.master], [], [], 0.05)
 
     def close(self) -> None:
         os.close(self.master)
@@ -279,7 +291,7 @@ def test_faults_name_why_the_link_cannot_be_trusted(arduino: FakeArduino, link_p
     link.poll()
     (fault,) = link.faults()
     assert fault.startswith("serial: the firmware has not identified itself")
-    pings = [m for m in arduino.heard() if isinstance(m, protocol.Ping)]
+    pings = arduino.heard(protocol.Ping)
     assert pings, "the link asks the firmware who it is after connecting"
     arduino.say(protocol.Version(pings[-1].seq, 2, "rover_car", "2.0.0", 0))
     _settle(link)
@@ -288,7 +300,7 @@ def test_faults_name_why_the_link_cannot_be_trusted(arduino: FakeArduino, link_p
 
     def ack_a_command(flags: int = 0) -> None:
         assert link.send_command(0.1, 0.0) is not None
-        (command,) = [m for m in arduino.heard() if isinstance(m, protocol.Command)]
+        (command,) = arduino.heard(protocol.Command)
         arduino.say(protocol.Ack(command.seq, 1550, 1500, flags))
         _settle(link)
 
@@ -312,7 +324,7 @@ def test_an_older_firmware_is_named_with_its_protocol(arduino: FakeArduino, link
     link = SerialLink(SerialConfig(port=str(link_path), heartbeat_interval_s=10.0))
     assert link.open()
     link.poll()
-    pings = [m for m in arduino.heard() if isinstance(m, protocol.Ping)]
+    pings = arduino.heard(protocol.Ping)
     os.write(arduino.master, protocol.frame(f"V,{pings[-1].seq},1,rover_car,1.0.0"))  # a protocol 1 line
     _settle(link)
     (fault,) = link.faults()
