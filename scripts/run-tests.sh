@@ -6,6 +6,7 @@
 #   3. the simulated amd64 fleet: simfleet, provision / deploy / rollback / benchmark playbooks, testinfra
 #   4. Molecule: the provisioning roles converge, are idempotent, work in check mode, pass testinfra
 #   5. the emulated arm64 car (qemu-user): PyPI's aarch64 CPU torch wheel with qnnpack, on the target arch
+# Each pytest stage ends with its slowest tests and fixtures (--durations), to see where the time goes.
 # Set ROVER_TEST_STAGES (e.g. "static python") to run only some stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,12 +27,12 @@ fi
 
 if want python; then
   stage "unit and integration tests without the simulated fleet"
-  pytest -m "not fleet and not arm64"
+  pytest -m "not fleet and not arm64" --durations=15
 fi
 
 if want fleet; then
   stage "simulated amd64 fleet: simfleet, provision, deploy, rollback, benchmark, testinfra"
-  pytest -m "fleet and not arm64"
+  pytest -m "fleet and not arm64" --durations=40
 fi
 
 if want molecule; then
@@ -41,6 +42,6 @@ fi
 
 if want arm64; then
   stage "emulated arm64 car (slow: qemu-user)"
-  pytest -m arm64
+  pytest -m arm64 --durations=10
 fi
 stage "all stages passed: $stages"
