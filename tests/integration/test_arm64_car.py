@@ -37,10 +37,11 @@ EMULATED_CAR_VARS = {
     "rover_health_timeout_s": 900,
     "rover_health_check_deadline_ms": 120000,
     # 10 Hz: the emulated loop's work (~30 ms p99) fits, and a command every 100 ms keeps the firmware's
-    # 250 ms failsafe from firing; an emulated inference takes ~0.5 s, so it may run for 5 s before it counts
-    # as stalled.
+    # 250 ms failsafe from firing. An emulated inference takes ~0.5 s alone, but `make test` runs this car
+    # beside the fleet stage, where it took up to 10 s (p95) while the other cars gated: it may run for 30 s
+    # before it counts as stalled (a late chunk is a hold, not a fault; a hung one still fails the gate).
     "rover_runtime_service_rate_hz": 10.0,
-    "rover_runtime_service_extra_config": {"failsafe": {"inference_timeout_s": 5.0}},
+    "rover_runtime_service_extra_config": {"failsafe": {"inference_timeout_s": 30.0}},
     "rover_runtime_service_timeout_start_sec": 900,
     "rover_runtime_service_watchdog_sec": 120,
     # qemu-user cannot create an IPC namespace for the service (226/NAMESPACE).
@@ -60,41 +61,41 @@ INT8_KINDS = ("static-executorch", "static-onnx", "static-torch")
 ARM64_TOLERANCE_MEAN_PCT = 0.3
 ARM64_TOLERANCE_MAX_PCT = 3.0
 PARITY_FRAMES = 4
-# Run on the car with its venv and the release's rover_runtime: a bundle on recorded inputs -> actions (.npy).
+# Run on the car with its venv and the release's rover_runtime, in one process (an emulated `import torch`
+# takes tens of seconds): each bundle on the recorded inputs -> its actions (<bundle>.npy beside it).
 PARITY_SCRIPT = """
 import sys
 import numpy as np
 from rover_runtime.backends import load_model
 from rover_runtime.bundle import open_bundle
-bundle = open_bundle(sys.argv[1])
-data = np.load(sys.argv[2])
-model = load_model(bundle, threads=2, engine=bundle.manifest.engine)
-keys = ["observation.state", *(img.key for img in bundle.manifest.inputs.images)]
-frames = len(data["observation.state"])
-out = np.concatenate([model.run([data[k][i : i + 1] for k in keys]) for i in range(frames)])
-np.save(sys.argv[3], out)
-print(bundle.manifest.backend, out.shape)
+data = np.load(sys.argv[1])
+for path in sys.argv[2:]:
+    bundle = open_bundle(path)
+    model = load_model(bundle, threads=2, engine=bundle.manifest.engine)
+    keys = ["observation.state", *(img.key for img in bundle.manifest.inputs.images)]
+    frames = len(data["observation.state"])
+    out = np.concatenate([model.run([data[k][i : i + 1] for k in keys]) for i in range(frames)])
+    np.save(path + ".npy", out)
+    print(bundle.manifest.backend, out.shape)
 """
 
 
 def _parity_on_car(host, car_root: Path, bundles: dict[str, Path], inputs: Path) -> dict[str, np.ndarray]:
     """Put the bundles and the inputs into the car's file system (`car_root`: its root as this machine sees
-    it), run each bundle there with the car's Python, read the actions back."""
+    it), run the bundles there with the car's Python, read the actions back."""
     work = car_root / "tmp" / "parity"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shutil.copy(inputs, work / "inputs.npz")
-    results = {}
     for name, bundle in bundles.items():
         shutil.copytree(bundle, work / name)
-        run = host.run(
-            "cd /tmp && PYTHONPATH=/opt/rover/current/lib /opt/rover/venv/bin/python "
-            f"-c {shlex.quote(PARITY_SCRIPT)} "
-            f"/tmp/parity/{name} /tmp/parity/inputs.npz /tmp/parity/{name}.npy"
-        )
-        assert run.rc == 0, f"{name} on the arm64 car: {run.stdout}{run.stderr}"
-        results[name] = np.load(work / f"{name}.npy")
-    return results
+    run = host.run(
+        "cd /tmp && PYTHONPATH=/opt/rover/current/lib /opt/rover/venv/bin/python "
+        f"-c {shlex.quote(PARITY_SCRIPT)} /tmp/parity/inputs.npz "
+        + " ".join(f"/tmp/parity/{name}" for name in bundles)
+    )
+    assert run.rc == 0, f"the bundles on the arm64 car: {run.stdout}{run.stderr}"
+    return {name: np.load(work / f"{name}.npy") for name in bundles}
 
 
 def test_arm64_trixie_car_provisions_deploys_and_infers(
