@@ -17,6 +17,7 @@ and for each phase reports, separately:
   bytes_sent           bytes over the loopback interface during the run (the cars listen on 127.0.0.1; both
                        directions, headers included: the cars' replies are a small part), so run it on a
                        quiet machine
+  retries              how often a task waiting for a car (`until`) had to try again
 and the same per car. On this machine the cars share the controller's 2 cores, so the wall time mixes the
 controller's work with every car's; a real fleet runs each car's share on its own CPU: the controller's
 CPU per car is the figure that says how the controller scales.
@@ -81,6 +82,7 @@ class Phase:
     bytes_sent: int
     per_car: dict[str, float] = field(default_factory=dict)
     changed: int = 0
+    retries: int = 0  # attempts of `until` tasks that had to be repeated (cars slow to get ready)
 
 
 def _proc_table() -> dict[int, tuple[int, float, str]]:
@@ -205,6 +207,7 @@ def run_phase(
         cars_cpu_s=round(cars_after - cars_before, 2),
         bytes_sent=sent,
         changed=changed,
+        retries=done.stdout.count("FAILED - RETRYING"),
     )
     n = len(fleet.hosts)
     phase.per_car = {
