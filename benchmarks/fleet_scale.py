@@ -30,9 +30,10 @@ and each running car is made light, because every running car's loop shares the 
 controller: the runtime's loop runs at 5 Hz (its minimum, the firmware's failsafe wants a command every
 250 ms), the black box is off (it JPEG-encodes every frame while the simulated transmitter drives), and the
 synthetic camera makes 160x120 frames at 15 fps. Measured beside a 2-car fleet: a running car's runtime took
-4 % of a core with the black box on and 640x480 frames at 30 fps, 1.3 % with these settings (its firmware
-simulator, on the controller's side, about 1.1 %). Before the last three (docs/scale.md, run B), the 40 cars
-already running at N = 50 kept the last batch's gates from passing: that deploy measured the host.
+4 % of a core with the black box on and 640x480 frames at 30 fps, 1.4 % with these settings (its firmware
+simulator, on the controller's side, about 1.1 %). Without the black box and camera settings (docs/scale.md,
+runs A and B), the 40 cars already running at N = 50 kept the last batch's gates from passing: that deploy
+measured the host.
 """
 
 from __future__ import annotations

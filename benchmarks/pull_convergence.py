@@ -26,8 +26,8 @@ and the goal: the slowest car within 2 periods. timer_bound_s (boot delay + rand
 booted car's first pull starts; the rest is the deploy. A car not on B within 4 periods + 10 min of its
 power-on stops the benchmark with an error (the report so far is still printed, with "error").
 
-Concessions as in benchmarks/fleet_scale.py (its SETTINGS): the cars get no torch and the runtime loop runs at
-5 Hz, in the deploys the cars run themselves as well (rover_pull_extra_vars). The cars share this machine's
+Concessions as in benchmarks/fleet_scale.py (its SETTINGS: no torch on the cars, light running cars), in the
+deploys the cars run themselves as well (rover_pull_extra_vars). The cars share this machine's
 cores, so run it on a quiet machine: the load average at the start and at the end is in the report.
 """
 
@@ -178,8 +178,11 @@ def measure(args: argparse.Namespace, report: dict[str, Any], work: Path) -> Non
         "rover_pull_period": args.period,
         "rover_pull_random_delay": args.random_delay,
         "rover_pull_force": True,  # a simulated car always drives
+        # The cars' own runs render the runtime as the push does (the light cars of SETTINGS).
         "rover_pull_extra_vars": {
-            key: SETTINGS[key] for key in ("rover_python_torch_versions", "rover_runtime_service_rate_hz")
+            key: value
+            for key, value in SETTINGS.items()
+            if key == "rover_python_torch_versions" or key.startswith("rover_runtime_service_")
         },
     }
     report["settings"] = {
