@@ -18,11 +18,11 @@ import platform
 import sys
 from pathlib import Path
 
+from quantization.backends.onnxruntime import DEFAULT_VARIANT, ONNX_VARIANTS, Options
 from quantization.compare import compare_bundles
 from quantization.demo import ensure_bundle
 from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
 from quantization.quantize import QuantizeRequest
-from quantization.quantize_onnx import DEFAULT_VARIANT, ONNX_VARIANTS
 from quantization.train_demo import TrainConfig, dataset_fingerprint, ensure_demo_policy
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     def bundle(mode: str, variant: str) -> Path:
         request = QuantizeRequest(
             policy=policy, mode=mode, backend="onnxruntime", dataset=dataset, output=Path("unused"),
-            samples=args.samples, onnx_variant=variant,
+            samples=args.samples, options=Options(variant=variant),
         )  # fmt: skip
         return ensure_bundle(request, cache, fingerprint).root
 

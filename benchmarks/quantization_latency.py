@@ -33,11 +33,11 @@ from lerobot.policies.act.modeling_act import ACTPolicy
 from lerobot.policies.factory import make_pre_post_processors
 
 from quantization.act_inference import build_inference_model, model_spec
+from quantization.backends.executorch import export_program
+from quantization.backends.onnxruntime import ONNX_VARIANTS, quantize_static_qdq
+from quantization.backends.torch import quantize_dynamic, quantize_static
 from quantization.compare import measure_latencies
 from quantization.export import export_onnx, export_torchscript, input_names
-from quantization.quantize_executorch import export_program
-from quantization.quantize_onnx import ONNX_VARIANTS, quantize_static_qdq
-from quantization.quantize_torch import quantize_dynamic, quantize_static
 from rover_runtime.backends.executorch_model import open_program
 
 IMAGE_KEY = "observation.images.front"

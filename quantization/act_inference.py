@@ -20,6 +20,7 @@ Calling convention (see `rover_runtime.bundle`): `model(state, image_0, ..., ima
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -351,6 +352,8 @@ class InferenceACT(nn.Module):
         self.action_unnorm = action_unnorm
         trunk = act.backbone  # IntermediateLayerGetter over a torchvision ResNet
         self.image_encoder = ImageEncoder(trunk, act.encoder_img_feat_input_proj)
+        # One encoder per camera, or None: every camera runs `image_encoder` (see `unshare_image_encoder`).
+        self.camera_encoders: nn.ModuleList | None = None
         self.state_proj = _copy_linear(act.encoder_robot_state_input_proj)
         self.encoder_layers = nn.ModuleList(EncoderLayer(layer) for layer in act.encoder.layers)
         self.encoder_norm = act.encoder.norm  # LayerNorm with pre_norm, else Identity
@@ -382,7 +385,8 @@ class InferenceACT(nn.Module):
             self.state_proj(self.state_norm(state)).reshape(1, batch, self.dim),
         ]
         for i, norm in enumerate(self.image_norms):
-            features = self.image_encoder(norm(images[i]))  # (B, D, h, w)
+            encoder = self.image_encoder if self.camera_encoders is None else self.camera_encoders[i]
+            features = encoder(norm(images[i]))  # (B, D, h, w)
             tokens.append(features.flatten(2).permute(2, 0, 1))  # (h*w, B, D)
         x = torch.cat(tokens, dim=0)
         pos = self.encoder_pos
@@ -395,6 +399,21 @@ class InferenceACT(nn.Module):
         y = self.decoder_norm(y).transpose(0, 1)  # (B, chunk, D)
         actions: Tensor = self.action_unnorm(self.action_head(y))
         return actions
+
+
+def unshare_image_encoder(model: InferenceACT) -> InferenceACT:
+    """A copy of `model` in which each camera has its own copy of the image encoder (same weights).
+
+    ACT runs one backbone for every camera. A quantizer that annotates a shared weight only at its first use
+    (the PT2E XNNPACK quantizer does) leaves every later camera's backbone in float, and XNNPACK then refuses
+    its first convolution (float input and filter with an INT8 bias). With a copy per camera every use is
+    quantized; the copies' INT8 weights are byte for byte the same, and ExecuTorch stores identical constant
+    data once, so the program does not grow with the number of cameras.
+    """
+    copy_ = copy.deepcopy(model)
+    copy_.camera_encoders = nn.ModuleList(copy.deepcopy(model.image_encoder) for _ in model.image_norms)
+    del copy_.image_encoder  # forward uses camera_encoders now
+    return copy_
 
 
 # --- building from lerobot ------------------------------------------------------------------------

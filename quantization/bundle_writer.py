@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from quantization.errors import QuantizationError
-from rover_runtime.bundle import Bundle, Manifest, file_entries, open_bundle, write_manifest
+from rover_runtime.bundle import Bundle, Manifest, Verification, file_entries, open_bundle, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ def write_bundle(
     model_file: str,
     write_model: Callable[[Path], Manifest],
     force: bool = False,
+    verify: Callable[[Bundle], Verification] | None = None,
 ) -> Bundle:
-    """Write the model file with `write_model(path)`, which returns the manifest; hash, write it, verify.
+    """Write the model file with `write_model(path)`, which returns the manifest; hash, write it, check it.
 
-    The manifest's `files` is ignored and recomputed from what was written.
+    The manifest's `files` is ignored and recomputed from what was written. `verify` gets the staged bundle
+    as the car would open it; what it returns is recorded in the manifest, and what it raises leaves nothing.
     """
     output = output.absolute()
     check_output(output, force)
@@ -63,7 +65,10 @@ def write_bundle(
         if manifest.model_file != model_file or not (stage / model_file).is_file():
             raise QuantizationError(f"the model file {model_file} was not written")
         write_manifest(stage, replace(manifest, files=file_entries(stage)))
-        open_bundle(stage)  # the reader a car uses must accept it
+        staged = open_bundle(stage)  # the reader a car uses must accept it
+        if verify is not None:
+            write_manifest(stage, replace(staged.manifest, verification=verify(staged)))
+            open_bundle(stage)
         publish_directory(stage, output, force)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

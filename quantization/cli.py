@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,6 +19,7 @@ from quantization.backends import BACKENDS
 from quantization.errors import QuantizationError
 
 EXIT_BAD_INPUT = 2
+EXIT_SOME_FAILED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,8 +33,10 @@ def cache_root() -> Path:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from quantization.backends import backend_for, options_from_args  # noqa: PLC0415
     from quantization.quantize import QuantizeRequest, quantize_policy  # noqa: PLC0415
 
+    backend = backend_for(args.backend, args.mode)
     bundle = quantize_policy(
         QuantizeRequest(
             policy=args.policy,
@@ -41,12 +45,9 @@ def _quantize(args: argparse.Namespace) -> int:
             dataset=args.calibration_dataset,
             output=args.output,
             samples=args.calibration_samples,
-            engine=args.engine,
             force=args.force,
-            per_channel=args.per_channel,
-            observer=args.observer,
-            onnx_calibration=args.onnx_calibration,
-            onnx_variant=args.onnx_int8,
+            options=options_from_args(backend, args),
+            verify_frames=args.verify_frames,
         )
     )
     m = bundle.manifest
@@ -70,6 +71,14 @@ def _quantize(args: argparse.Namespace) -> int:
             f"layers left in float ({len(m.calibration.float_layers)}): "
             "see manifest.json calibration.float_layers"
         )
+    if m.verification is not None:
+        v = m.verification
+        ratio = "" if v.weights_ratio is None else f"; {v.weights_ratio:.2f}x the float weights' size"
+        print(
+            f"verified: the car's {m.backend} runtime ({v.runtime_version}) ran {v.frames} held-out frames, "
+            f"{v.mae_pct_range:.3f} % of the action range from the float model on average, "
+            f"{v.max_pct_range:.2f} % at most{ratio}"
+        )
     return 0
 
 
@@ -81,6 +90,13 @@ def _compare(args: argparse.Namespace) -> int:
     if args.output:
         write_json(comparison, args.output)
         print(f"comparison: {args.output}")
+    failed = [b for b in comparison["bundles"] if b["failed"]]
+    for row in failed:
+        print(f"failed: {row['name']}: {row['failed']}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(comparison['bundles'])} bundles failed; the others were compared",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_SOME_FAILED
     return 0
 
 
@@ -138,17 +154,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--calibration-samples", type=int, default=200, help="static: frames drawn from training episodes"
     )
     q.add_argument("--output", type=Path, required=True, help="bundle directory to create")
-    q.add_argument(
-        "--engine", default="qnnpack", help="torch quantized engine (qnnpack for the Pi; x86/fbgemm)"
-    )
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
-    q.add_argument("--per-channel", action="store_true", help="torch static: per-channel INT8 weights")
-    q.add_argument("--observer", choices=("histogram", "minmax"), default="histogram",
-                   help="torch static: activation observer")  # fmt: skip
-    q.add_argument("--onnx-calibration", choices=("minmax", "percentile", "entropy"), default="minmax")
-    q.add_argument("--onnx-int8", choices=("u8s8", "s8s8", "u8s8_float_attention", "s8s8_float_attention"),
-                   default="u8s8", help="ONNX static: activation type, and whether the attention's "
-                   "activation x activation MatMuls are quantized (docs/quantization.md)")  # fmt: skip
+    if command == "quantize":  # the backends' options come from their modules, which import torch
+        from quantization.backends import add_backend_arguments  # noqa: PLC0415
+        from quantization.verify import DEFAULT_FRAMES  # noqa: PLC0415
+
+        q.add_argument("--verify-frames", type=int, default=DEFAULT_FRAMES,
+                       help="held-out frames the car's runtime must run within tolerance before the bundle "
+                       f"is written ({DEFAULT_FRAMES})")  # fmt: skip
+        add_backend_arguments(q)
     q.set_defaults(handler=_quantize)
 
     c = sub.add_parser("compare", help="accuracy, latency and size of bundles on held-out episodes")
@@ -179,15 +193,36 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+# Loggers whose records are this project's progress and results; everything else is a library's.
+OWN_LOGGERS = ("quantization", "rover_runtime", "__main__")
+LIBRARY_LOGGERS = ("torch", "executorch", "torchao", "onnxruntime", "datasets", "lerobot", "huggingface_hub")
+
+
+def configure_output(verbose: bool) -> None:
+    """Our own progress at INFO; the libraries' warnings (FutureWarning, TracerWarning, dynamo's guards,
+    datasets' progress bars) only with --verbose, which also turns on debug logging."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if verbose:
+        return
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = any(a in ("-v", "--verbose") for a in (sys.argv[1:] if argv is None else argv))
+    configure_output(verbose)  # before the parser: `quantize` imports the backends (torch) to build it
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     from rover_runtime.bundle import BundleError  # noqa: PLC0415
 
     try:

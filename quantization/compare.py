@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -31,13 +32,18 @@ from quantization.calibration import (
 from quantization.dataset_split import train_and_heldout_episodes
 from quantization.errors import QuantizationError
 from rover_runtime.backends import ModelError, load_model
-from rover_runtime.bundle import Bundle, open_bundle
+from rover_runtime.bundle import Bundle, BundleError, open_bundle
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
 DEFAULT_MAX_SAMPLES = 200
+# The ISA extensions that decide which INT8 and float kernels a CPU gets (x86 and Arm names).
+INTERESTING_FLAGS = frozenset({
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+    "amx_tile", "amx_int8", "amx_bf16", "sse4_2", "asimd", "asimddp", "i8mm", "sve", "sve2", "bf16", "fphp",
+})  # fmt: skip
 
 
 class BundleRunner:
@@ -162,6 +168,56 @@ def _errors(pred: Any, target: Any, mask: Any, ranges: Any) -> dict[str, Any]:
     }
 
 
+def _failed_row(path: Path, reason: str, bundle: Bundle | None = None) -> dict[str, Any]:
+    """A comparison row for a bundle that could not be compared: its name, what is known, and why."""
+    log.error("%s: failed: %s", path, reason)
+    row: dict[str, Any] = {"name": path.name, "path": str(path.absolute()), "failed": reason}
+    if bundle is not None:
+        m = bundle.manifest
+        row.update(mode=m.mode, backend=m.backend, engine=m.engine, model_bytes=m.model_bytes)
+    return row
+
+
+def _measure(
+    bundle: Bundle, evalset: EvalSet, ranges: Any, threads: int, runs: int
+) -> tuple[dict[str, Any], Any]:
+    """One bundle's row (without the FP32 columns) and its predictions; QuantizationError if it fails."""
+    runner = BundleRunner(bundle, threads)
+    log.info("running %s on %d frames", bundle.root.name, len(evalset.inputs))
+    try:
+        preds = np.concatenate([runner(inputs) for inputs in evalset.inputs], axis=0)
+    except Exception as exc:
+        raise QuantizationError(f"the car's {bundle.manifest.backend} runtime cannot run it: {exc}") from exc
+    if preds.shape != evalset.truth.shape:
+        raise QuantizationError(
+            f"its actions have shape {list(preds.shape)}, expected {list(evalset.truth.shape)}"
+        )
+    if not np.isfinite(preds).all():
+        raise QuantizationError("it returns non-finite actions on held-out frames")
+    log.info("timing %s: %d runs", bundle.root.name, runs)
+    latency = measure_latency(runner, evalset.inputs[0], runs)
+    m = bundle.manifest
+    row = {
+        "name": bundle.root.name,
+        "path": str(bundle.root.absolute()),
+        "failed": None,
+        "mode": m.mode,
+        "backend": m.backend,
+        "engine": m.engine,
+        "model_format": m.model_format,
+        "model_bytes": m.model_bytes,
+        "bundle_bytes": sum(f.size for f in m.files) + (bundle.root / "manifest.json").stat().st_size,
+        "checkpoint_bytes": m.source.checkpoint_bytes,
+        "calibration": {"requested": m.calibration.requested, "succeeded": m.calibration.succeeded,
+                        "failures": list(m.calibration.failures)},
+        "float_layers": list(m.calibration.float_layers),
+        "latency": latency,
+        "vs_truth": _errors(preds, evalset.truth, evalset.valid, ranges),
+        "vs_truth_first_action": _errors(preds[:, :1], evalset.truth[:, :1], evalset.valid[:, :1], ranges),
+    }  # fmt: skip
+    return row, preds
+
+
 def compare_bundles(
     bundle_dirs: list[Path],
     dataset_root: Path,
@@ -169,80 +225,107 @@ def compare_bundles(
     runs: int = DEFAULT_RUNS,
     max_samples: int = DEFAULT_MAX_SAMPLES,
 ) -> dict[str, Any]:
-
+    """Compare every bundle that loads and runs; one that does not gets a row with `failed` set (the others
+    are still compared). Refused outright: no bundles, bad settings, a dataset that does not match, or no
+    bundle that can be compared at all."""
     if not bundle_dirs:
         raise QuantizationError("no bundles to compare")
     if runs < 1:
         raise QuantizationError(f"--runs must be at least 1, got {runs}")
-    bundles = [open_bundle(path) for path in bundle_dirs]
-    spec = _spec_of(bundles[0])
-    for bundle in bundles[1:]:
-        if _spec_of(bundle) != spec:
-            raise QuantizationError(
-                f"bundle {bundle.root} has different inputs/outputs than {bundles[0].root}"
-            )
+    opened: list[tuple[Path, Bundle | None, str | None]] = []
+    for path in bundle_dirs:
+        try:
+            opened.append((path, open_bundle(path), None))
+        except BundleError as exc:
+            opened.append((path, None, str(exc)))
+    first = next((b for _, b, _ in opened if b is not None), None)
+    if first is None:
+        problems = "; ".join(str(problem) for _, _, problem in opened)
+        raise QuantizationError(f"no model bundle among the {len(bundle_dirs)} given: {problems}")
+    spec = _spec_of(first)
     evalset = load_eval_set(dataset_root, spec, max_samples)
     ranges = np.asarray(action_range(dataset_root), dtype=np.float64)
-    predictions: list[Any] = []
     results: list[dict[str, Any]] = []
-    for bundle in bundles:
-        runner = BundleRunner(bundle, threads)
-        log.info("running %s on %d frames", bundle.root.name, len(evalset.inputs))
-        preds = np.concatenate([runner(inputs) for inputs in evalset.inputs], axis=0)
-        predictions.append(preds)
-        log.info("timing %s: %d runs", bundle.root.name, runs)
-        latency = measure_latency(runner, evalset.inputs[0], runs)
-        m = bundle.manifest
-        results.append(
-            {
-                "name": bundle.root.name,
-                "path": str(bundle.root.absolute()),
-                "mode": m.mode,
-                "backend": m.backend,
-                "engine": m.engine,
-                "model_format": m.model_format,
-                "model_bytes": m.model_bytes,
-                "bundle_bytes": sum(f.size for f in m.files) + (bundle.root / "manifest.json").stat().st_size,
-                "checkpoint_bytes": m.source.checkpoint_bytes,
-                "calibration": {"requested": m.calibration.requested, "succeeded": m.calibration.succeeded,
-                                "failures": list(m.calibration.failures)},
-                "float_layers": list(m.calibration.float_layers),
-                "latency": latency,
-                "vs_truth": _errors(preds, evalset.truth, evalset.valid, ranges),
-                "vs_truth_first_action": _errors(
-                    preds[:, :1], evalset.truth[:, :1], evalset.valid[:, :1], ranges
-                ),
-            }
-        )  # fmt: skip
-    ref_index = _reference_index(bundles)
-    full = np.ones(evalset.valid.shape, dtype=bool)
-    for result, preds in zip(results, predictions, strict=True):
+    predictions: dict[int, Any] = {}
+    for path, bundle, problem in opened:
+        if bundle is None:
+            results.append(_failed_row(path, f"not a model bundle: {problem}"))
+            continue
+        if _spec_of(bundle) != spec:
+            reason = f"its inputs/outputs differ from {first.root.name}'s (another policy?)"
+            results.append(_failed_row(path, reason, bundle))
+            continue
+        try:
+            row, preds = _measure(bundle, evalset, ranges, threads, runs)
+        except QuantizationError as exc:
+            results.append(_failed_row(path, str(exc), bundle))
+            continue
+        predictions[len(results)] = preds
+        results.append(row)
+    if not predictions:
+        reasons = "; ".join(f"{r['name']}: {r['failed']}" for r in results)
+        raise QuantizationError(f"no bundle could be compared: {reasons}")
+    working = {i: b for i, (_, b, _) in enumerate(opened) if i in predictions and b is not None}
+    ref_index = _reference_index(working)
+    for i, result in enumerate(results):
+        if i not in predictions:
+            continue
         if ref_index is None:
             result["vs_fp32"] = None
             result["accuracy_loss_pct"] = None
             continue
-        result["vs_fp32"] = _errors(preds, predictions[ref_index], full, ranges)
+        result["vs_fp32"] = _errors(
+            predictions[i], predictions[ref_index], np.ones(evalset.valid.shape, bool), ranges
+        )
         result["accuracy_loss_pct"] = result["vs_fp32"]["mae_pct_range"]
     return {
         "dataset": str(Path(dataset_root).absolute()),
         "heldout_episodes": evalset.episodes,
         "samples": len(evalset.inputs),
-        "action_names": list(bundles[0].manifest.outputs.action_names),
+        "action_names": list(first.manifest.outputs.action_names),
         "action_range": [float(r) for r in ranges],
         "reference": None if ref_index is None else results[ref_index]["name"],
         "threads": threads,
         "runs": runs,
-        "host": {
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-        },
+        "host": host_info(),
         "bundles": results,
+        "failed": [r["name"] for r in results if r["failed"]],
     }
 
 
-def _reference_index(bundles: list[Bundle]) -> int | None:
-    fp32 = [i for i, b in enumerate(bundles) if b.manifest.mode == "fp32"]
+def host_info() -> dict[str, Any]:
+    """The machine the latencies were measured on: its CPU model and the ISA flags that decide the kernels."""
+    cpu = _cpuinfo()
+    flags = set(cpu.get("flags", cpu.get("Features", "")).split())
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_model": cpu.get("model name") or cpu.get("Model") or platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "isa_flags": sorted(flags & INTERESTING_FLAGS),
+        "python": platform.python_version(),
+    }
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _reference_index(bundles: Mapping[int, Bundle]) -> int | None:
+    fp32 = [i for i, b in bundles.items() if b.manifest.mode == "fp32"]
     torch_fp32 = [i for i in fp32 if bundles[i].manifest.backend == "torch"]
     candidates = torch_fp32 or fp32
     return candidates[0] if candidates else None
@@ -261,6 +344,10 @@ def format_table(comparison: dict[str, Any]) -> str:
     ]
     rows = [header]
     for b in comparison["bundles"]:
+        if b.get("failed"):
+            rows.append([b["name"], b.get("mode", "?"), b.get("backend", "?"), "-", "-", "-",
+                         f"failed: {b['failed']}", "-"])  # fmt: skip
+            continue
         loss = b["accuracy_loss_pct"]
         rows.append([
             b["name"], b["mode"], b["backend"], f"{b['model_bytes'] / 1e6:.1f}",

@@ -19,7 +19,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from quantization.backends.torch import Options as TorchOptions
 from quantization.bundle_writer import publish_directory
+from quantization.code_fingerprint import code_fingerprint, package_files
 from quantization.compare import compare_bundles, write_json
 from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
 from quantization.errors import QuantizationError
@@ -40,10 +42,13 @@ DEMO_VARIANTS = (
     ("fp32-executorch", "fp32", "executorch"),
     ("static-int8-executorch", "static", "executorch"),
 )
-_CODE_FILES = (
-    "act_inference.py", "backends.py", "calibration.py", "export.py", "policy_loading.py", "quantize.py",
-    "quantize_executorch.py", "quantize_onnx.py", "quantize_torch.py",
-)  # fmt: skip
+# The code a bundle is the output of (with the lock): any change makes a new cache entry.
+BUNDLE_CODE = (
+    "quantization/*.py",
+    "quantization/backends/*.py",
+    "rover_runtime/bundle.py",
+    "rover_runtime/backends/*.py",
+)
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,8 @@ class DemoOptions:
     max_samples: int = 200
 
 
-def code_fingerprint() -> str:
-    digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
-    return digest.hexdigest()
+def bundle_code_fingerprint() -> str:
+    return code_fingerprint(package_files(*BUNDLE_CODE))
 
 
 def bundle_cache_key(request: QuantizeRequest, dataset_fingerprint: str) -> str:
@@ -70,7 +71,7 @@ def bundle_cache_key(request: QuantizeRequest, dataset_fingerprint: str) -> str:
         "weights": sha256_file(request.policy / "model.safetensors"),
         "dataset": dataset_fingerprint,
         "settings": request.settings(),
-        "code": code_fingerprint(),
+        "code": bundle_code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -130,11 +131,12 @@ def run_demo(options: DemoOptions) -> dict[str, Path]:
     policy = ensure_demo_policy(options.cache_root, dataset, TrainConfig())
     fingerprint = dataset_fingerprint(dataset)
     bundles: list[Bundle] = []
+    backend_options = {"torch": TorchOptions(engine=options.engine)}  # the others: their defaults
     for i, (name, mode, backend) in enumerate(DEMO_VARIANTS, start=1):
         log.info("[3/5] bundle %d/%d: %s", i, len(DEMO_VARIANTS), name)
         request = QuantizeRequest(
             policy=policy, mode=mode, backend=backend, dataset=dataset, output=out / "bundles" / name,
-            samples=options.samples, engine=options.engine,
+            samples=options.samples, options=backend_options.get(backend),
         )  # fmt: skip
         bundle = ensure_bundle(request, options.cache_root, fingerprint)
         bundles.append(copy_bundle(bundle, out / "bundles" / name))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+from quantization.code_fingerprint import code_fingerprint, package_files
 from quantization.errors import QuantizationError
 from quantization.track_render import (
     CarState,
@@ -34,11 +35,15 @@ from quantization.track_render import (
 
 log = logging.getLogger(__name__)
 
-# Bump when the generator's output changes for the same config: cached datasets are then rebuilt.
-GENERATOR_VERSION = 1
+# The code whose output a cached dataset is: any change to it (or to the lock) makes a new cache entry.
+GENERATOR_FILES = ("quantization/demo_data.py", "quantization/track_render.py")
 CAMERA_KEY = "observation.images.front"
 ACTION_NAMES = ["steering", "throttle"]
 TASK = "Drive along the lane."
+
+
+def generator_fingerprint() -> str:
+    return code_fingerprint(package_files(*GENERATOR_FILES))
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,8 @@ class DemoDataConfig:
         return self.episodes - self.heldout_episodes
 
     def cache_key(self) -> str:
-        """A short hash of the config and the generator version."""
-        payload = json.dumps({"config": asdict(self), "generator": GENERATOR_VERSION}, sort_keys=True)
+        """A short hash of the config, the generator's code and the locked libraries."""
+        payload = json.dumps({"config": asdict(self), "generator": generator_fingerprint()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -175,7 +180,7 @@ def write_demo_dataset(root: Path, config: DemoDataConfig, force: bool = False) 
         }
         info_path.write_text(json.dumps(info, indent=4) + "\n")
         (staging / "meta" / "demo_config.json").write_text(
-            json.dumps({"config": asdict(config), "generator_version": GENERATOR_VERSION}, indent=2) + "\n"
+            json.dumps({"config": asdict(config), "generator": generator_fingerprint()}, indent=2) + "\n"
         )
         if root.exists():
             shutil.rmtree(root)

@@ -27,6 +27,10 @@ def load_comparison(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("bundles"), list) or not data["bundles"]:
         raise QuantizationError(f"{path}: not a comparison (no 'bundles' list); write one with `compare`")
     for i, bundle in enumerate(data["bundles"]):
+        if not isinstance(bundle, dict) or "name" not in bundle:
+            raise QuantizationError(f"{path}: bundles[{i}] is not a bundle row (no 'name')")
+        if bundle.get("failed"):
+            continue
         for key in ("name", "mode", "backend", "model_bytes", "latency", "calibration", "checkpoint_bytes"):
             if key not in bundle:
                 raise QuantizationError(f"{path}: bundles[{i}] lacks key '{key}'")
@@ -34,7 +38,11 @@ def load_comparison(path: Path) -> dict[str, Any]:
 
 
 def build_report(comparison: dict[str, Any], policy_dir: Path | None = None) -> dict[str, Any]:
-    bundles = comparison["bundles"]
+    """The report's data; bundles that failed in `compare` are listed apart and never recommended."""
+    failed = [{"name": b["name"], "reason": b["failed"]} for b in comparison["bundles"] if b.get("failed")]
+    bundles = [b for b in comparison["bundles"] if not b.get("failed")]
+    if not bundles:
+        raise QuantizationError("every bundle of the comparison failed: nothing to report")
     checkpoint = bundles[0]["checkpoint_bytes"]
     if policy_dir is not None:
         weights = policy_dir / WEIGHTS_FILE
@@ -91,6 +99,7 @@ def build_report(comparison: dict[str, Any], policy_dir: Path | None = None) -> 
                                  and r["accuracy_loss_pct"] <= ACCURACY_TARGET_PCT for r in static},
         "recommended": None if best is None else best["name"],
         "rows": rows,
+        "failed": failed,
         "float_layers": {b["name"]: b.get("float_layers", []) for b in bundles},
     }  # fmt: skip
 
@@ -107,7 +116,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Measured by `python -m quantization compare` on the held-out episodes of "
         f"`{report['dataset']}` ({report['samples']} frames), latency over {report['runs']} runs after "
         f"warm-up with {report['threads']} threads on {host.get('machine', '?')}"
-        f"{' (' + host['processor'] + ')' if host.get('processor') else ''}. "
+        f"{_cpu(host)}. "
         + (
             "This host is not a Raspberry Pi: latencies are for comparison between rows, not Pi figures "
             "(qnnpack, the Pi's engine for the torch INT8 bundles, is slow on x86)."
@@ -134,6 +143,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['accuracy_loss_pct'], '{:.3f} %')} (max {_fmt(r['max_error_pct'], '{:.2f} %')}) "
             f"| {r['calibration']} |"
         )
+    for f in report.get("failed", []):
+        lines.append(f"| **{f['name']}** | failed: {_cell(f['reason'])} | | | | | | |")
     lines += [
         "",
         "Accuracy loss: mean absolute difference of the predicted action chunks from the FP32 reference "
@@ -152,7 +163,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Recommended (fastest INT8 bundle within the accuracy target): `{report['recommended'] or 'none'}`.",
+        f"Recommended (fastest INT8 bundle within the accuracy target): `{report['recommended'] or 'none'}`."
+        + (
+            " Not considered, because they failed in `compare`: "
+            f"{', '.join(f['name'] for f in report['failed'])}."
+            if report.get("failed")
+            else ""
+        ),
         "",
         "## Layers left in float",
         "",
@@ -164,6 +181,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- {layer}" for layer in layers]
         lines.append("\n</details>\n")
     return "\n".join(lines) + "\n"
+
+
+def _cpu(host: dict[str, Any]) -> str:
+    """The CPU model and ISA flags the comparison recorded, as a parenthesis ("" if none)."""
+    model = host.get("cpu_model") or host.get("processor")
+    flags = " ".join(host.get("isa_flags") or [])
+    parts = [p for p in (model, f"ISA {flags}" if flags else "") if p]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (one line, no column breaks)."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def write_report(comparison_path: Path, output: Path, policy_dir: Path | None = None) -> tuple[Path, Path]:

@@ -27,14 +27,19 @@ from lerobot.policies.act.modeling_act import ACTPolicy
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.utils.feature_utils import dataset_to_policy_features
 
+from quantization.code_fingerprint import code_fingerprint, package_files
 from quantization.dataset_split import read_dataset_info, train_and_heldout_episodes
 from quantization.errors import QuantizationError
 from quantization.policy_loading import load_policy
 
 log = logging.getLogger(__name__)
 
-# Bump when training or evaluation changes what comes out for the same inputs: cached policies are rebuilt.
-TRAIN_CODE_VERSION = 1
+# The code whose output a cached policy is: any change to it (or to the lock) makes a new cache entry.
+TRAIN_FILES = (
+    "quantization/train_demo.py",
+    "quantization/policy_loading.py",
+    "quantization/dataset_split.py",
+)
 POLICY_SUBDIR = "policy"
 METRICS_FILE = "metrics.json"
 REFERENCE_FRAMES = 8
@@ -379,7 +384,7 @@ def train_demo_policy(
             "dataset": str(dataset_root),
             "dataset_fingerprint": dataset_fingerprint(dataset_root),
             "train_config": asdict(config),
-            "train_code_version": TRAIN_CODE_VERSION,
+            "train_code": train_fingerprint(),
             "train_seconds": round(train_seconds, 1),
             "wall_seconds": round(wall, 1),
             **evaluation,
@@ -404,10 +409,14 @@ def train_demo_policy(
     )
 
 
+def train_fingerprint() -> str:
+    return code_fingerprint(package_files(*TRAIN_FILES))
+
+
 def policy_cache_key(dataset_root: Path, config: TrainConfig) -> str:
-    """Hash of the training config, the dataset's identity and the training code version."""
+    """Hash of the training config, the dataset's identity, the training code and the locked libraries."""
     payload = json.dumps(
-        {"config": asdict(config), "dataset": dataset_fingerprint(dataset_root), "code": TRAIN_CODE_VERSION},
+        {"config": asdict(config), "dataset": dataset_fingerprint(dataset_root), "code": train_fingerprint()},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

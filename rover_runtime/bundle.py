@@ -110,6 +110,27 @@ class Delegation:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """What `quantize` proved before it published the bundle: the model file, loaded by the car's own backend
+    (`runtime`, `runtime_version`), ran `frames` held-out frames, and its action chunks were this far from the
+    FP32 reference (the float model the file was made from), in real units and in % of the action range,
+    within `tolerance_mae_pct` / `tolerance_max_pct`."""
+
+    frames: int
+    reference: str
+    runtime: str
+    runtime_version: str
+    threads: int
+    mae: float
+    max_abs: float
+    mae_pct_range: float
+    max_pct_range: float
+    tolerance_mae_pct: float
+    tolerance_max_pct: float
+    weights_ratio: float | None = None  # INT8 modes: the model file's size / the float weights' bytes
+
+
+@dataclass(frozen=True)
 class SourcePolicy:
     path: str
     weights_sha256: str
@@ -138,11 +159,13 @@ class Manifest:
     created_at: str
     tool_versions: dict[str, str] = field(default_factory=dict)
     delegation: Delegation | None = None  # ExecuTorch bundles: what runs in the delegate
+    verification: Verification | None = None  # what quantize ran before publishing (absent: older bundles)
 
     def to_json(self) -> str:
         raw = asdict(self)
-        if raw["delegation"] is None:  # absent, not null: a bundle without one keeps its content hash
-            del raw["delegation"]
+        for key in ("delegation", "verification"):
+            if raw[key] is None:  # absent, not null: a bundle without one keeps its content hash
+                del raw[key]
         return json.dumps(raw, indent=2, sort_keys=True) + "\n"
 
     @property
@@ -549,6 +572,7 @@ def validate_manifest_dict(raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         created_at=_get(raw, "created_at", str, where),
         tool_versions=dict(tool_versions),
         delegation=_delegation(raw, where),
+        verification=_verification(raw, where),
     )
 
 
@@ -566,4 +590,35 @@ def _delegation(raw: dict[str, Any], where: str) -> Delegation | None:
         nodes_delegated=counts[0],
         nodes_not_delegated=counts[1],
         not_delegated=_str_tuple(obj, "not_delegated", w_del),
+    )
+
+
+def _verification(raw: dict[str, Any], where: str) -> Verification | None:
+    """The optional `verification` object (bundles written by a quantize that verifies)."""
+    if raw.get("verification") is None:
+        return None
+    obj = _get(raw, "verification", dict, where)
+    w_ver = f"{where} verification"
+    numbers = {
+        key: float(_get(obj, key, (int, float), w_ver))
+        for key in (
+            "mae",
+            "max_abs",
+            "mae_pct_range",
+            "max_pct_range",
+            "tolerance_mae_pct",
+            "tolerance_max_pct",
+        )
+    }
+    if not all(math.isfinite(v) and v >= 0 for v in numbers.values()):
+        raise BundleError(f"{w_ver}: errors and tolerances must be finite and not negative")
+    ratio = _get(obj, "weights_ratio", (int, float, type(None)), w_ver)
+    return Verification(
+        frames=_positive(_get(obj, "frames", int, w_ver), "frames", w_ver),
+        reference=_get(obj, "reference", str, w_ver),
+        runtime=_get(obj, "runtime", str, w_ver),
+        runtime_version=_get(obj, "runtime_version", str, w_ver),
+        threads=_positive(_get(obj, "threads", int, w_ver), "threads", w_ver),
+        weights_ratio=None if ratio is None else float(ratio),
+        **numbers,
     )

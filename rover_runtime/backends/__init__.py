@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any, Protocol
 
 from numpy.typing import NDArray
@@ -46,3 +47,12 @@ def load_model(bundle: Bundle, threads: int, engine: str | None = None) -> Model
 def installed_backends() -> list[str]:
     """The backends whose package this Python can import (what the car can run), in BACKENDS order."""
     return [name for name, (_, package) in BACKEND_MODULES.items() if importlib.util.find_spec(package)]
+
+
+def runtime_version(backend: str) -> str:
+    """The installed version of the package that runs `backend` on this machine ("absent" without it)."""
+    _, package = BACKEND_MODULES[backend]
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"

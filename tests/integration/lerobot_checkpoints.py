@@ -165,3 +165,104 @@ def lerobot_chunk(policy_dir: Path, batch: dict[str, torch.Tensor]) -> np.ndarra
     with torch.no_grad():
         chunk = loaded.postprocessor(loaded.policy.predict_action_chunk(loaded.preprocessor(dict(batch))))
     return np.asarray(chunk.numpy())
+
+
+@dataclass(frozen=True)
+class ActShape:
+    """An ACT's shape: the settings of the shape matrix (tests/integration/test_shape_matrix.py)."""
+
+    dim_model: int
+    n_heads: int
+    dim_feedforward: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    cameras: tuple[tuple[int, int], ...]  # (height, width) per camera
+    state_dim: int
+    action_dim: int
+    chunk_size: int
+    n_action_steps: int
+    temporal_ensemble_coeff: float | None = None
+
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        return tuple(f"cam{i}" for i in range(len(self.cameras)))
+
+    def label(self) -> str:
+        cams = "+".join(f"{h}x{w}" for h, w in self.cameras)
+        ensemble = f"-te{self.temporal_ensemble_coeff}" if self.temporal_ensemble_coeff is not None else ""
+        return (
+            f"d{self.dim_model}h{self.n_heads}ff{self.dim_feedforward}-enc{self.n_encoder_layers}"
+            f"dec{self.n_decoder_layers}-{cams}-s{self.state_dim}a{self.action_dim}"
+            f"-c{self.chunk_size}n{self.n_action_steps}{ensemble}"
+        )
+
+
+def save_act_shape(target: Path, shape: ActShape, seed: int = 0) -> Path:
+    """An ACT of `shape` saved by the installed lerobot (config, weights, both processors), random weights;
+    with `state_dim` 0 it has no state input (which lerobot's ACT cannot run)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature  # noqa: PLC0415
+    from lerobot.policies.act.configuration_act import ACTConfig  # noqa: PLC0415
+    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
+    from lerobot.policies.factory import make_pre_post_processors  # noqa: PLC0415
+
+    inputs: dict[str, Any] = {}
+    if shape.state_dim:
+        inputs["observation.state"] = PolicyFeature(type=FeatureType.STATE, shape=(shape.state_dim,))
+    for name, (height, width) in zip(shape.camera_names, shape.cameras, strict=True):
+        inputs[camera_key(name)] = PolicyFeature(type=FeatureType.VISUAL, shape=(3, height, width))
+    outputs = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(shape.action_dim,))}
+    cfg = ACTConfig(
+        input_features=inputs, output_features=outputs, device="cpu", pretrained_backbone_weights=None,
+        dim_model=shape.dim_model, n_heads=shape.n_heads, dim_feedforward=shape.dim_feedforward,
+        n_encoder_layers=shape.n_encoder_layers, n_decoder_layers=shape.n_decoder_layers,
+        chunk_size=shape.chunk_size, n_action_steps=shape.n_action_steps,
+        temporal_ensemble_coeff=shape.temporal_ensemble_coeff,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    policy = ACTPolicy(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {k: tuple(f.shape) for k, f in {**inputs, **outputs}.items()}
+    preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=_stats(shapes, generator))
+    target.mkdir(parents=True)
+    policy.save_pretrained(target)
+    preprocessor.save_pretrained(target)
+    postprocessor.save_pretrained(target)
+    return target
+
+
+def write_shape_dataset(root: Path, shape: ActShape, seed: int = 0) -> Path:
+    """A LeRobotDataset matching `shape` (3 episodes x 6 frames, splits train 0:2, test 2:3)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
+
+    features: dict[str, dict[str, Any]] = {
+        camera_key(name): {"dtype": "image", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
+        for name, (h, w) in zip(shape.camera_names, shape.cameras, strict=True)
+    }
+    if shape.state_dim:
+        names = [f"s{i}" for i in range(shape.state_dim)]
+        features["observation.state"] = {"dtype": "float32", "shape": (shape.state_dim,), "names": names}
+    features["action"] = {
+        "dtype": "float32", "shape": (shape.action_dim,), "names": [f"a{i}" for i in range(shape.action_dim)],
+    }  # fmt: skip
+    rng = np.random.default_rng(seed)
+    dataset = LeRobotDataset.create(
+        repo_id="test/shapes", fps=30, features=features, root=root, use_videos=False
+    )
+    for _ in range(3):
+        for _ in range(6):
+            frame: dict[str, Any] = {
+                camera_key(name): rng.integers(0, 256, (h, w, 3), np.uint8)
+                for name, (h, w) in zip(shape.camera_names, shape.cameras, strict=True)
+            }
+            if shape.state_dim:
+                frame["observation.state"] = rng.uniform(-1, 1, shape.state_dim).astype(np.float32)
+            frame["action"] = rng.uniform(-1, 1, shape.action_dim).astype(np.float32)
+            frame["task"] = "drive"
+            dataset.add_frame(frame)
+        dataset.save_episode()
+    dataset.finalize()
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["splits"] = {"train": "0:2", "test": "2:3"}
+    info_path.write_text(json.dumps(info, indent=4))
+    return root

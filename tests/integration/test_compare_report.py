@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from quantize_helpers import tiny_bundle
 
 from quantization.cli import main
+from rover_runtime.bundle import file_entries, open_bundle, write_manifest
 
 RUNS = 5
 
@@ -84,8 +87,58 @@ def test_report_refuses_a_file_that_is_not_a_comparison(tmp_path: Path, capsys) 
     assert "not a comparison" in capsys.readouterr().err
 
 
-def test_compare_refuses_a_tampered_bundle(tmp_path: Path, capsys) -> None:
+def test_compare_refuses_when_nothing_is_a_bundle(tmp_path: Path, capsys) -> None:
     bundle = tmp_path / "b"
     bundle.mkdir()
     assert main(["compare", "--bundles", str(bundle), "--dataset", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: bundle {bundle}: manifest.json is missing"
+    assert capsys.readouterr().err.strip() == (
+        f"error: no model bundle among the 1 given: bundle {bundle}: manifest.json is missing"
+    )
+
+
+@pytest.mark.slow
+def test_compare_keeps_going_past_bundles_that_fail(
+    tiny_policy: Path, demo_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """A directory that is not a bundle and a bundle whose model the car's runtime cannot load each get a
+    failed row; the others are compared, the report recommends among them, and the exit status is 1."""
+    fp32 = tiny_bundle(tiny_policy, demo_dataset, "fp32-torch")
+    onnx = tiny_bundle(tiny_policy, demo_dataset, "static-onnx")
+    dynamic = tiny_bundle(tiny_policy, demo_dataset, "dynamic-torch")
+    broken = tmp_path / "static-executorch-broken"
+    shutil.copytree(tiny_bundle(tiny_policy, demo_dataset, "static-executorch"), broken)
+    program = open_bundle(broken)
+    program.model_path.write_bytes(program.model_path.read_bytes()[:4096])  # cut short, manifest to match
+    write_manifest(broken, replace(program.manifest, files=file_entries(broken)))
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "README").write_text("not a bundle\n")
+    output = tmp_path / "comparison.json"
+    bundles = [str(fp32), str(broken), str(stranger), str(onnx), str(dynamic)]
+    argv = ["compare", "--bundles", *bundles, "--dataset", str(demo_dataset), "--runs", "3",
+            "--max-samples", "6", "--output", str(output)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 of 5 bundles failed; the others were compared" in err
+    data = json.loads(output.read_text())
+    rows = {b["name"]: b for b in data["bundles"]}
+    assert list(rows) == [fp32.name, broken.name, stranger.name, onnx.name, dynamic.name]
+    assert data["failed"] == [broken.name, stranger.name]
+    assert rows[broken.name]["failed"].startswith("bundle ")
+    assert "does not load" in rows[broken.name]["failed"]
+    assert rows[stranger.name]["failed"] == f"not a model bundle: bundle {stranger}: manifest.json is missing"
+    assert f"failed: {broken.name}: " in err
+    assert rows[fp32.name]["failed"] is None
+    assert rows[onnx.name]["failed"] is None
+    assert data["reference"] == fp32.name
+    # The barely trained tiny policy: its static INT8 misses the 1 % target, its dynamic INT8 meets it.
+    assert rows[onnx.name]["accuracy_loss_pct"] > 1.0
+    assert 0 < rows[dynamic.name]["accuracy_loss_pct"] < 1.0
+    report_dir = tmp_path / "report"
+    assert main(["report", "--comparison", str(output), "--output", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["recommended"] == dynamic.name
+    assert [f["name"] for f in report["failed"]] == [broken.name, stranger.name]
+    markdown = (report_dir / "report.md").read_text()
+    assert f"| **{broken.name}** | failed: bundle " in markdown
+    assert f"failed in `compare`: {broken.name}, {stranger.name}." in markdown

@@ -13,8 +13,8 @@ import pytest
 import torch
 from quantize_helpers import CALIBRATION_SAMPLES, tiny_bundle
 
+from quantization.backends.executorch import MIN_DELEGATED_FRACTION, check_delegation
 from quantization.errors import QuantizationError
-from quantization.quantize_executorch import MIN_DELEGATED_FRACTION, check_delegation
 from rover_runtime.bundle import Delegation, file_entries, open_bundle, write_manifest
 from rover_runtime.policy import PolicyError, load_policy
 
@@ -115,8 +115,8 @@ def test_exporting_lerobots_stock_modules_is_refused_and_writes_nothing(
 ) -> None:
     """lerobot's stock ACT leaves much of its graph outside XNNPACK (nn.MultiheadAttention, per-token
     stacking): the export says how much and writes no program."""
+    from quantization.backends.executorch import lower_to_pte  # noqa: PLC0415
     from quantization.policy_loading import load_policy as load_lerobot_policy  # noqa: PLC0415
-    from quantization.quantize_executorch import lower_to_pte  # noqa: PLC0415
 
     loaded = load_lerobot_policy(tiny_policy)
     image_key = next(iter(loaded.config.image_features))

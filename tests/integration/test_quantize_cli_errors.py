@@ -165,12 +165,15 @@ def test_a_mode_the_backend_lacks_is_one_line(
     line = _quantize(
         capsys, tiny_policy, demo_dataset, tmp_path / "out", "--backend", "executorch", "--mode", "dynamic"
     )
-    assert line == "error: the executorch backend has no 'dynamic' mode (fp32, static)"
+    assert line == (
+        "error: the executorch backend has no 'dynamic' mode (fp32, static); "
+        "dynamic is offered by torch, onnxruntime"
+    )
     _assert_no_output(tmp_path / "out")
 
 
 def test_onnx_int8_choices_are_the_variants(capsys) -> None:
-    from quantization.quantize_onnx import VARIANTS_BY_NAME  # noqa: PLC0415
+    from quantization.backends.onnxruntime import VARIANTS_BY_NAME  # noqa: PLC0415
 
     with pytest.raises(SystemExit):
         main(["quantize", "--onnx-int8", "int3"])

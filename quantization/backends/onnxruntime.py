@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx
 from onnxruntime.quantization import (
@@ -29,16 +30,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from quantization.act_inference import ModelSpec
-from quantization.backends import WrittenModel
+from quantization.backends import ExportJob, Tolerance, WrittenModel
 from quantization.errors import QuantizationError
 from quantization.export import export_onnx, input_names
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from quantization.calibration import CalibrationSet
-    from quantization.quantize import QuantizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +55,38 @@ ONNX_VARIANTS = (
 )
 VARIANTS_BY_NAME = {v.name: v for v in ONNX_VARIANTS}
 DEFAULT_VARIANT = VARIANTS_BY_NAME["u8s8"]
+# FP32: the same float arithmetic, fused and reordered by ONNX Runtime. INT8: see quantization.backends.torch.
+TOLERANCES = {
+    "fp32": Tolerance(mae_pct=0.01, max_pct=0.1),
+    "dynamic": Tolerance(mae_pct=3.0, max_pct=30.0),
+    "static": Tolerance(mae_pct=3.0, max_pct=30.0),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The onnxruntime backend's options (static mode): calibration method and QDQ variant."""
+
+    calibration: str = "minmax"
+    variant: str = DEFAULT_VARIANT.name
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--onnx-calibration", choices=CALIBRATION_METHODS,
+                       help="static: activation calibration (minmax)")  # fmt: skip
+    group.add_argument("--onnx-int8", choices=tuple(VARIANTS_BY_NAME),
+                       help="static: activation type, and whether the attention's activation x activation "
+                       f"MatMuls are quantized ({DEFAULT_VARIANT.name}; docs/quantization.md)")  # fmt: skip
+
+
+def default_options() -> Options:
+    return Options()
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    return Options(
+        calibration=args.onnx_calibration or "minmax", variant=args.onnx_int8 or DEFAULT_VARIANT.name
+    )
 
 
 def variant_named(name: str) -> QdqVariant:
@@ -189,29 +215,24 @@ def float_nodes(model_path: Path) -> list[str]:
     return names
 
 
-def write_model(
-    request: QuantizeRequest,
-    model: nn.Module,
-    spec: ModelSpec,
-    calibration: CalibrationSet | None,
-    path: Path,
-) -> WrittenModel:
+def write_model(job: ExportJob, path: Path) -> WrittenModel:
     """The onnxruntime backend: FP32 ONNX, then dynamic MatMul INT8 or static QDQ INT8 from it."""
-    example = spec.example_inputs(1)
-    if request.mode == "fp32":
-        export_onnx(model, spec, example, path)
+    options: Options = job.options
+    example = job.spec.example_inputs(1)
+    if job.mode == "fp32":
+        export_onnx(job.model, job.spec, example, path)
         return WrittenModel()
     work = path.parent / ".work"
     work.mkdir()
     try:
-        fp32_path = export_onnx(model, spec, example, work / "fp32.onnx")
-        if request.mode == "dynamic":
+        fp32_path = export_onnx(job.model, job.spec, example, work / "fp32.onnx")
+        if job.mode == "dynamic":
             quantize_dynamic_matmul(fp32_path, path)
         else:
-            assert calibration is not None
+            assert job.calibration is not None
             quantize_static_qdq(
-                fp32_path, path, input_names(spec), calibration.inputs, method=request.onnx_calibration,
-                variant=variant_named(request.onnx_variant),
+                fp32_path, path, input_names(job.spec), job.calibration.inputs, method=options.calibration,
+                variant=variant_named(options.variant),
             )  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)

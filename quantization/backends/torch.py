@@ -13,31 +13,38 @@ Raspberry Pi (the default); `x86`/`fbgemm` are faster on an x86 host.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.ao import quantization as _tq
 
-from quantization.act_inference import InferenceACT, ModelSpec
-from quantization.backends import WrittenModel
+from quantization.act_inference import InferenceACT
+from quantization.backends import ExportJob, Tolerance, WrittenModel
 from quantization.errors import QuantizationError
 from quantization.export import export_torchscript
 
 if TYPE_CHECKING:
-    from quantization.calibration import CalibrationSet
-    from quantization.quantize import QuantizeRequest
+    from pathlib import Path
 
 log = logging.getLogger(__name__)
 tq: Any = _tq  # torch.ao.quantization is untyped
 
 DEFAULT_ENGINE = "qnnpack"
+OBSERVERS = ("histogram", "minmax")
+# FP32: TorchScript of the same float arithmetic (reordered only). INT8: the documented accuracy target is 1 %
+# of the action range (MAE, on a trained policy); a model several times off that is broken, not imprecise.
+TOLERANCES = {
+    "fp32": Tolerance(mae_pct=0.01, max_pct=0.1),
+    "dynamic": Tolerance(mae_pct=3.0, max_pct=30.0),
+    "static": Tolerance(mae_pct=3.0, max_pct=30.0),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,35 @@ class StaticOptions:
 
     per_channel: bool = False
     observer: str = "histogram"  # or "minmax"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The torch backend's options: the quantized engine (INT8 modes) and static quantization's knobs."""
+
+    engine: str = DEFAULT_ENGINE
+    static: StaticOptions = StaticOptions()
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--engine", help=f"torch quantized engine for the INT8 modes ({DEFAULT_ENGINE}, the default, for the "
+        "Pi; x86 or fbgemm on an x86 host)",
+    )  # fmt: skip
+    group.add_argument("--per-channel", action="store_true", default=None,
+                       help="static: per-channel INT8 weights")  # fmt: skip
+    group.add_argument("--observer", choices=OBSERVERS, help="static: activation observer (histogram)")
+
+
+def default_options() -> Options:
+    return Options()
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    return Options(
+        engine=args.engine or DEFAULT_ENGINE,
+        static=StaticOptions(per_channel=bool(args.per_channel), observer=args.observer or "histogram"),
+    )
 
 
 def set_engine(engine: str) -> None:
@@ -168,23 +204,18 @@ def quantized_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def write_model(
-    request: QuantizeRequest,
-    model: InferenceACT,
-    spec: ModelSpec,
-    calibration: CalibrationSet | None,
-    path: Path,
-) -> WrittenModel:
-    """The torch backend: TorchScript FP32, or eager-mode dynamic/static INT8 for `request.engine`."""
-    example = spec.example_inputs(1)
-    if request.mode == "fp32":
-        export_torchscript(model, example, path)
+def write_model(job: ExportJob, path: Path) -> WrittenModel:
+    """The torch backend: TorchScript FP32, or eager-mode dynamic/static INT8 for `options.engine`."""
+    options: Options = job.options
+    example = job.spec.example_inputs(1)
+    if job.mode == "fp32":
+        export_torchscript(job.model, example, path)
         return WrittenModel()
-    if request.mode == "dynamic":
-        qmodel = quantize_dynamic(model, request.engine)
+    assert isinstance(job.model, InferenceACT)
+    if job.mode == "dynamic":
+        qmodel = quantize_dynamic(job.model, options.engine)
     else:
-        assert calibration is not None
-        options = StaticOptions(per_channel=request.per_channel, observer=request.observer)
-        qmodel = quantize_static(model, calibration.inputs, request.engine, options)
+        assert job.calibration is not None
+        qmodel = quantize_static(job.model, job.calibration.inputs, options.engine, options.static)
     export_torchscript(qmodel, example, path)
-    return WrittenModel(float_layers=tuple(float_layers(qmodel)))
+    return WrittenModel(float_layers=tuple(float_layers(qmodel)), engine=options.engine)

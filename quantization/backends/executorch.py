@@ -4,8 +4,11 @@
   for the INT8 program, run by the same runtime.
 - static: torchao's PT2E flow with executorch's `XNNPACKQuantizer` (symmetric INT8, per-channel weights,
   per-tensor activations), calibrated on the same dataset samples as the other backends, then lowered the
-  same way. (The PT2E *dynamic* configuration does not lower in executorch 1.5.1, "dependency cycles", so
-  there is no dynamic mode here.)
+  same way. Each camera gets its own copy of the image encoder first
+  (`act_inference.unshare_image_encoder`): the quantizer annotates a shared weight only at its first use, so
+  with one shared backbone every camera after the first stayed float and XNNPACK refused the program.
+  (The PT2E *dynamic* configuration does not lower in executorch 1.5.1, "dependency cycles", so there is no
+  dynamic mode here.)
 
 What XNNPACK does not take stays in ExecuTorch's portable/optimized kernels, far slower: the partition is
 recorded in the manifest (`Delegation`), and an export whose heavy operators (convolutions, linears, matrix
@@ -15,22 +18,20 @@ is refused (see `check_delegation`).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from quantization.act_inference import ModelSpec
-from quantization.backends import WrittenModel
+from quantization.act_inference import InferenceACT, unshare_image_encoder
+from quantization.backends import ExportJob, Tolerance, WrittenModel
 from quantization.errors import QuantizationError
 from rover_runtime.bundle import Delegation
-
-if TYPE_CHECKING:
-    from quantization.calibration import CalibrationSet
-    from quantization.quantize import QuantizeRequest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,29 @@ HEAVY_OPERATORS = ("convolution", "linear", "addmm", "mm", "bmm", "matmul")
 MIN_DELEGATED_FRACTION = 0.80
 # Nodes that only move data between the delegate calls and the program's inputs and outputs.
 _BOOKKEEPING = ("getitem", "executorch_call_delegate", "lowered_module", "output", "placeholder")
+# FP32: XNNPACK's float kernels, the same arithmetic. Static INT8: see quantization.backends.torch.
+TOLERANCES = {
+    "fp32": Tolerance(mae_pct=0.01, max_pct=0.1),
+    "static": Tolerance(mae_pct=3.0, max_pct=30.0),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The executorch backend has no options of its own (XNNPACK, symmetric per-channel INT8 weights)."""
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    del group  # none
+
+
+def default_options() -> Options:
+    return Options()
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    del args
+    return Options()
 
 
 def _export(model: nn.Module, example: tuple[Tensor, ...]) -> Any:
@@ -142,19 +166,16 @@ def check_delegation(delegation: Delegation) -> None:
         )
 
 
-def write_model(
-    request: QuantizeRequest,
-    model: nn.Module,
-    spec: ModelSpec,
-    calibration: CalibrationSet | None,
-    path: Path,
-) -> WrittenModel:
+def write_model(job: ExportJob, path: Path) -> WrittenModel:
     """The executorch backend: an XNNPACK-lowered `.pte`, FP32 or PT2E static INT8."""
     samples = None
-    if request.mode == "static":
-        assert calibration is not None
-        samples = calibration.inputs
-    delegation = export_program(model, spec.example_inputs(1), path, samples)
+    model = job.model
+    if job.mode == "static":
+        assert job.calibration is not None
+        assert isinstance(model, InferenceACT)
+        samples = job.calibration.inputs
+        model = unshare_image_encoder(model)
+    delegation = export_program(model, job.spec.example_inputs(1), path, samples)
     return WrittenModel(float_layers=delegation.not_delegated, delegation=delegation)
 
 
