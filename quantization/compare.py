@@ -133,7 +133,8 @@ def load_eval_set(dataset_root: Path, spec: ModelSpec, max_samples: int) -> Eval
     for index in indices:
         item = dataset[index]
         inputs.append(model_inputs(item, spec))
-        truth.append(np.asarray(item[ACTION_KEY], dtype=np.float32))
+        # [chunk, action_dim]; a one-entry action comes back from the dataset as [chunk]
+        truth.append(np.asarray(item[ACTION_KEY], dtype=np.float32).reshape(spec.chunk_size, spec.action_dim))
         valid.append(~np.asarray(item[f"{ACTION_KEY}_is_pad"], dtype=bool))
     log.info("evaluating on %d frames of held-out episodes %s", len(indices), heldout)
     return EvalSet(indices, inputs, np.stack(truth), np.stack(valid), heldout)

@@ -9,6 +9,8 @@ builds lerobot's `ACTPolicy` and its pre/post-processors without touching the ne
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import struct
@@ -172,10 +174,15 @@ def load_policy(root: Path) -> LoadedPolicy:
     # The backbone weights come from the checkpoint: never try to download ImageNet weights.
     cfg.pretrained_backbone_weights = None
     cfg.device = "cpu"
+    said = io.StringIO()
     try:
-        policy = ACTPolicy.from_pretrained(str(root), config=cfg)
+        with contextlib.redirect_stdout(said):  # lerobot prints "Loading weights from local directory"
+            policy = ACTPolicy.from_pretrained(str(root), config=cfg)
     except Exception as exc:
         raise QuantizationError(f"{files.weights}: lerobot cannot load the weights: {exc}") from exc
+    finally:
+        if said.getvalue().strip():
+            log.debug("lerobot: %s", said.getvalue().strip())
     policy.eval()
     # from_pretrained loads with strict=False: check every parameter and buffer came from the file.
     expected = set(policy.state_dict())

@@ -131,6 +131,12 @@ def test_every_backend_and_mode_is_proven_or_refused(
         if mode == "fp32":
             np.testing.assert_allclose(actions, expected, rtol=1e-3, atol=1e-4)
         written[(backend, mode)] = output
+    comparison = tmp_path / "comparison.json"
+    argv = ["compare", "--bundles", *map(str, written.values()), "--dataset", str(dataset), "--runs", "2",
+            "--max-samples", "6", "--output", str(comparison)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = json.loads(comparison.read_text())["bundles"]
+    assert [r["name"] for r in rows if not r["failed"]] == [p.name for p in written.values()]
     for (backend, mode), path in written.items():
         if mode == "static" and (backend, "fp32") in written:
             ratio = (
@@ -166,5 +172,9 @@ def _heldout_batch(dataset: Path, shape: ActShape) -> dict[str, torch.Tensor]:
     start, stop = (int(v) for v in info["splits"]["test"].split(":"))
     ds = open_dataset(dataset)
     items = [ds[i] for i in frame_indices(ds, list(range(start, stop)))]
-    keys = ["observation.state", *(camera_key(n) for n in shape.camera_names)]
-    return {k: torch.stack([item[k] for item in items]) for k in keys}
+    batch = {k: torch.stack([item[k] for item in items]) for k in (camera_key(n) for n in shape.camera_names)}
+    # A one-entry state comes back from the dataset as a scalar per frame: [N] -> [N, 1].
+    batch["observation.state"] = torch.stack([item["observation.state"] for item in items]).reshape(
+        len(items), -1
+    )
+    return batch
