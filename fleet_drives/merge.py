@@ -14,10 +14,16 @@ in the merged episode) and why the episode ended.
 An episode that fails its checksums, cannot be read, or does not match the others (fps, cameras, image
 shapes, state) is skipped with a named error; the merge goes on. The dataset is written to a temporary
 directory and renamed into place, so a failed merge leaves no half dataset.
+
+`meta/rover_merge.json` records what the dataset was merged from (a hash of every source episode's
+`episode.json`, which lists its files' sha256, the repo id, the task and this module) and the merge's
+result. Merging the same sources again returns that result (`unchanged`) without rewriting the dataset: a
+collect that brought nothing new costs a hash of the store, not a re-merge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -34,6 +40,7 @@ from rover_runtime.recording import Episode, EpisodeError, open_episode
 log = logging.getLogger(__name__)
 
 SIDECAR = "rover_episodes.jsonl"
+MERGE_RECORD = "rover_merge.json"
 DEFAULT_TASK = "Drive the RC car along the track."
 
 
@@ -48,6 +55,7 @@ class MergeResult:
     frames: int = 0
     steps_left_out: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"episode", "error"}
+    unchanged: bool = False  # the dataset was already merged from exactly these sources
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +64,7 @@ class MergeResult:
             "frames": self.frames,
             "steps_left_out": self.steps_left_out,
             "skipped": self.skipped,
+            "unchanged": self.unchanged,
         }
 
 
@@ -129,6 +138,11 @@ def merge_episodes(
 
     if output.exists() and not force:
         raise MergeError(f"output directory already exists: {output} (use --force to replace it)")
+    sources = sources_fingerprint(episode_dirs, repo_id, task)
+    previous = _previous_merge(output, sources)
+    if previous is not None:
+        log.info("%s is already merged from these %d episodes: unchanged", output, len(episode_dirs))
+        return previous
     result = MergeResult(output)
     episodes: list[Episode] = []
     for path in episode_dirs:
@@ -199,10 +213,44 @@ def merge_episodes(
         if result.episodes == 0:
             raise MergeError(f"no episode could be merged: {_skipped_text(result)}")
         (staging / "meta" / SIDECAR).write_text("".join(json.dumps(row) + "\n" for row in sidecar))
+        record = {"sources": sources, "result": result.to_json()}
+        (staging / "meta" / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
     return result
+
+
+def sources_fingerprint(episode_dirs: Sequence[Path], repo_id: str, task: str) -> str:
+    """What a merge reads: each episode's place and `episode.json` (its files' sha256), the settings, and
+    this module's code."""
+    digest = hashlib.sha256(json.dumps([repo_id, task]).encode() + b"\0" + Path(__file__).read_bytes())
+    for path in episode_dirs:
+        try:
+            described = (path / "episode.json").read_bytes()
+        except OSError as exc:
+            described = f"unreadable: {exc.strerror}".encode()
+        digest.update(f"\0{path.parent.name}/{path.name}\0".encode() + described)
+    return digest.hexdigest()
+
+
+def _previous_merge(output: Path, sources: str) -> MergeResult | None:
+    """The recorded result when `output` is an intact merge of exactly `sources`, else None."""
+    try:
+        record = json.loads((output / "meta" / MERGE_RECORD).read_text(encoding="utf-8"))
+        if record["sources"] != sources or not (output / "meta" / "info.json").is_file():
+            return None
+        raw = record["result"]
+        return MergeResult(
+            output=output,
+            episodes=int(raw["episodes"]),
+            frames=int(raw["frames"]),
+            steps_left_out=int(raw["steps_left_out"]),
+            skipped=[{"episode": str(s["episode"]), "error": str(s["error"])} for s in raw["skipped"]],
+            unchanged=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _episode_frames(

@@ -36,18 +36,20 @@ def _installed(package: str) -> str:
         return "absent"
 
 
-def code_fingerprint(files: Iterable[Path]) -> str:
-    """sha256 over `files` (paths relative to the repository, then contents), the lock and the libraries."""
+def code_fingerprint(files: Iterable[Path], root: Path = REPO_DIR) -> str:
+    """sha256 over `files` (their paths relative to `root`, then their contents), `root`'s lock file and the
+    installed versions of the libraries."""
     digest = hashlib.sha256()
     for path in sorted({Path(f).resolve() for f in files}):
-        digest.update(str(path.relative_to(REPO_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
-    if LOCK_FILE.is_file():
-        digest.update(b"lock\0" + LOCK_FILE.read_bytes())
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    lock = root / LOCK_FILE.relative_to(REPO_DIR)
+    if lock.is_file():
+        digest.update(b"lock\0" + lock.read_bytes())
     for package in LIBRARIES:
         digest.update(f"{package}={_installed(package)}\0".encode())
     return digest.hexdigest()
 
 
-def package_files(*patterns: str) -> list[Path]:
-    """Files of the repository matching glob `patterns` relative to it (e.g. "quantization/*.py")."""
-    return sorted({path for pattern in patterns for path in REPO_DIR.glob(pattern) if path.is_file()})
+def package_files(*patterns: str, root: Path = REPO_DIR) -> list[Path]:
+    """Files under `root` matching glob `patterns` relative to it (e.g. "quantization/*.py")."""
+    return sorted({path for pattern in patterns for path in root.glob(pattern) if path.is_file()})

@@ -81,11 +81,21 @@ def measure_latencies(
         for _ in range(warmup):
             run(inputs)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    round_medians: dict[str, list[float]] = {name: [] for name in runners}
     per_round = max(1, -(-runs // rounds))
     for _ in range(rounds):
         for name, run in runners.items():
-            times[name].extend(_time_ms(run, inputs) for _ in range(per_round))
-    return {name: _latency_summary(t, warmup) for name, t in times.items()}
+            this_round = [_time_ms(run, inputs) for _ in range(per_round)]
+            times[name].extend(this_round)
+            round_medians[name].append(statistics.median(this_round))
+    summaries = {name: _latency_summary(t, warmup) for name, t in times.items()}
+    for name, medians in round_medians.items():
+        # How far the rounds' medians spread, as % of the overall median: the figure's own noise.
+        summaries[name]["round_medians_ms"] = medians
+        summaries[name]["round_spread_pct"] = (
+            (max(medians) - min(medians)) / summaries[name]["median_ms"] * 100
+        )
+    return summaries
 
 
 def _time_ms(run: Any, inputs: tuple[Any, ...]) -> float:

@@ -86,7 +86,7 @@ class TrainConfig:
 
 # The small config the test fixtures use: a real ACT with the ResNet18 backbone, light transformer.
 TINY_TRAIN_CONFIG = TrainConfig(
-    steps=40,
+    steps=300,
     dim_model=64,
     n_heads=4,
     dim_feedforward=256,

@@ -21,7 +21,7 @@ from quantization.train_demo import dataset_fingerprint
 from rover_runtime.backends import load_model
 from rover_runtime.bundle import open_bundle
 
-CALIBRATION_SAMPLES = 16
+CALIBRATION_SAMPLES = 32
 VARIANTS = {
     "fp32-torch": ("fp32", "torch"),
     "dynamic-torch": ("dynamic", "torch"),

@@ -112,6 +112,34 @@ def test_the_fleet_drives_become_one_lerobot_dataset(tmp_path: Path) -> None:
     assert rows[0]["modes"] == {"autopilot": 14, "manual": 6}
 
 
+@pytest.mark.slow
+def test_merging_the_same_store_again_changes_nothing_and_a_new_episode_is_merged(tmp_path: Path) -> None:
+    """A collect that brought nothing new does not re-merge (the dataset is not rewritten); a new episode,
+    or an episode changed on disk, is merged."""
+    store = tmp_path / "store"
+    store.mkdir()
+    record(store, "car1", 12)
+    record(store, "car2", 8)
+    output = tmp_path / "dataset"
+    first = merge_episodes(find_episodes(store), output, force=True)
+    assert (first.episodes, first.unchanged) == (2, False)
+    info = output / "meta" / "info.json"
+    stamp = info.stat().st_mtime_ns
+    again = merge_episodes(find_episodes(store), output, force=True)
+    assert again.unchanged
+    assert (again.episodes, again.frames, again.skipped) == (first.episodes, first.frames, first.skipped)
+    assert info.stat().st_mtime_ns == stamp  # not rewritten
+    assert merge_episodes(find_episodes(store), output, force=True, task="another task").unchanged is False
+    stamp = info.stat().st_mtime_ns
+    record(store, "car2", 5)
+    grown = merge_episodes(find_episodes(store), output, force=True, task="another task")
+    assert (grown.episodes, grown.unchanged) == (3, False)
+    assert info.stat().st_mtime_ns != stamp
+    shutil.rmtree(output / "data")  # a damaged dataset is merged again, not trusted
+    (output / "meta" / "info.json").unlink()
+    assert merge_episodes(find_episodes(store), output, force=True, task="another task").unchanged is False
+
+
 def test_the_merge_refuses_to_overwrite_and_reports_when_nothing_is_usable(tmp_path: Path) -> None:
     store = tmp_path / "store"
     (store / "car1" / "20260101T000000Z-car1-000001").mkdir(parents=True)

@@ -13,8 +13,11 @@ from quantize_helpers import CALIBRATION_SAMPLES, heldout_batch, run_bundle, tin
 from quantization.calibration import action_range
 from rover_runtime.bundle import open_bundle
 
-# The tiny policy is barely trained (40 steps); INT8 must still stay within a few % of the action range.
-MAX_MAE_PCT_OF_RANGE = 5.0
+# The documented accuracy target (docs/quantization.md): INT8 within 1 % of the action range of FP32 (mean
+# absolute error). ExecuTorch's stricter 0.5 % is the trained demo policy's (0.32 % there): on this tiny
+# policy (300 steps) ExecuTorch's fully static INT8 measures 0.47-0.51 %, and more training or calibration
+# frames did not lower it (600 steps: 0.62 %; 64 and 128 frames: 0.47 %, 0.59 %), so it is held to 1 % here.
+TARGET_MAE_PCT = {"dynamic-torch": 1.0, "static-torch": 1.0, "static-onnx": 1.0, "static-executorch": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,10 @@ def test_int8_bundle_stays_close_to_fp32(
     out = run_bundle(tiny_bundle(tiny_policy, demo_dataset, name), batch)
     mae_pct = (np.abs(out - reference).mean(axis=(0, 1)) / _action_range(demo_dataset) * 100).mean()
     assert out.shape == reference.shape
-    assert 0 < mae_pct <= MAX_MAE_PCT_OF_RANGE  # quantized (not identical) yet close
+    assert 0 < mae_pct <= TARGET_MAE_PCT[name]  # quantized (not identical) yet within the target
+    verification = open_bundle(tiny_bundle(tiny_policy, demo_dataset, name)).manifest.verification
+    assert verification is not None  # quantize ran it with the car's runtime before writing it
+    assert 0 < verification.mae_pct_range <= TARGET_MAE_PCT[name]
 
 
 @pytest.mark.slow

@@ -130,7 +130,8 @@ def test_cached_policy_is_reused_without_retraining(
     assert again == tiny_policy
     assert weights.stat().st_mtime_ns == stamp, "the cached policy was retrained"
     # Any change of the training inputs is a different cache entry.
-    assert policy_cache_key(demo_dataset, replace(TINY_TRAIN_CONFIG, steps=41)) != tiny_policy.parent.name
+    more_steps = replace(TINY_TRAIN_CONFIG, steps=TINY_TRAIN_CONFIG.steps + 1)
+    assert policy_cache_key(demo_dataset, more_steps) != tiny_policy.parent.name
 
 
 @pytest.mark.slow
