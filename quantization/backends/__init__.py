@@ -44,6 +44,13 @@ class Tolerance:
     max_pct: float  # the largest single error
 
 
+# The usual limits, which a backend's TOLERANCES may use. FP32: the same float arithmetic, fused and
+# reordered. INT8: the documented accuracy target is 1 % of the action range (MAE, on a trained policy); a
+# model several times off that is broken, not imprecise, and is refused.
+FLOAT_TOLERANCE = Tolerance(mae_pct=0.01, max_pct=0.1)
+INT8_TOLERANCE = Tolerance(mae_pct=3.0, max_pct=30.0)
+
+
 @dataclass(frozen=True)
 class ExportJob:
     """What a backend writes a model file from."""

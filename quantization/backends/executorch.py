@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from quantization.act_inference import InferenceACT, unshare_image_encoder
-from quantization.backends import ExportJob, Tolerance, WrittenModel
+from quantization.backends import FLOAT_TOLERANCE, INT8_TOLERANCE, ExportJob, WrittenModel
 from quantization.errors import QuantizationError
 from rover_runtime.bundle import Delegation
 
@@ -45,11 +45,7 @@ HEAVY_OPERATORS = ("convolution", "linear", "addmm", "mm", "bmm", "matmul")
 MIN_DELEGATED_FRACTION = 0.80
 # Nodes that only move data between the delegate calls and the program's inputs and outputs.
 _BOOKKEEPING = ("getitem", "executorch_call_delegate", "lowered_module", "output", "placeholder")
-# FP32: XNNPACK's float kernels, the same arithmetic. Static INT8: see quantization.backends.torch.
-TOLERANCES = {
-    "fp32": Tolerance(mae_pct=0.01, max_pct=0.1),
-    "static": Tolerance(mae_pct=3.0, max_pct=30.0),
-}
+TOLERANCES = {"fp32": FLOAT_TOLERANCE, "static": INT8_TOLERANCE}
 
 
 @dataclass(frozen=True)

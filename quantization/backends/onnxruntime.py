@@ -30,7 +30,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from quantization.backends import ExportJob, Tolerance, WrittenModel
+from quantization.backends import FLOAT_TOLERANCE, INT8_TOLERANCE, ExportJob, WrittenModel
 from quantization.errors import QuantizationError
 from quantization.export import export_onnx, input_names
 
@@ -55,12 +55,7 @@ ONNX_VARIANTS = (
 )
 VARIANTS_BY_NAME = {v.name: v for v in ONNX_VARIANTS}
 DEFAULT_VARIANT = VARIANTS_BY_NAME["u8s8"]
-# FP32: the same float arithmetic, fused and reordered by ONNX Runtime. INT8: see quantization.backends.torch.
-TOLERANCES = {
-    "fp32": Tolerance(mae_pct=0.01, max_pct=0.1),
-    "dynamic": Tolerance(mae_pct=3.0, max_pct=30.0),
-    "static": Tolerance(mae_pct=3.0, max_pct=30.0),
-}
+TOLERANCES = {"fp32": FLOAT_TOLERANCE, "dynamic": INT8_TOLERANCE, "static": INT8_TOLERANCE}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.ao import quantization as _tq
 
 from quantization.act_inference import InferenceACT
-from quantization.backends import ExportJob, Tolerance, WrittenModel
+from quantization.backends import FLOAT_TOLERANCE, INT8_TOLERANCE, ExportJob, WrittenModel
 from quantization.errors import QuantizationError
 from quantization.export import export_torchscript
 
@@ -38,13 +38,7 @@ tq: Any = _tq  # torch.ao.quantization is untyped
 
 DEFAULT_ENGINE = "qnnpack"
 OBSERVERS = ("histogram", "minmax")
-# FP32: TorchScript of the same float arithmetic (reordered only). INT8: the documented accuracy target is 1 %
-# of the action range (MAE, on a trained policy); a model several times off that is broken, not imprecise.
-TOLERANCES = {
-    "fp32": Tolerance(mae_pct=0.01, max_pct=0.1),
-    "dynamic": Tolerance(mae_pct=3.0, max_pct=30.0),
-    "static": Tolerance(mae_pct=3.0, max_pct=30.0),
-}
+TOLERANCES = {"fp32": FLOAT_TOLERANCE, "dynamic": INT8_TOLERANCE, "static": INT8_TOLERANCE}
 
 
 @dataclass(frozen=True)

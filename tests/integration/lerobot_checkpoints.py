@@ -92,8 +92,6 @@ def save_act_061(target: Path, variant: ActVariant, image_hw: tuple[int, int], s
     """An ACT saved by the installed lerobot (config, weights, both processors), random weights."""
     from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature  # noqa: PLC0415
     from lerobot.policies.act.configuration_act import ACTConfig  # noqa: PLC0415
-    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
-    from lerobot.policies.factory import make_pre_post_processors  # noqa: PLC0415
 
     height, width = image_hw
     inputs = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,))}
@@ -108,10 +106,20 @@ def save_act_061(target: Path, variant: ActVariant, image_hw: tuple[int, int], s
         dim_model=64, n_heads=4, dim_feedforward=128, n_encoder_layers=2, n_decoder_layers=1,
         chunk_size=8, n_action_steps=8,
     )  # fmt: skip
+    return _save_act(target, cfg, seed)
+
+
+def _save_act(target: Path, cfg: Any, seed: int) -> Path:
+    """Build lerobot's ACTPolicy of `cfg` (seeded random weights) and save it with both processors, whose
+    statistics are generated to fit its features."""
+    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
+    from lerobot.policies.factory import make_pre_post_processors  # noqa: PLC0415
+
     torch.manual_seed(seed)
     policy = ACTPolicy(cfg)
     generator = torch.Generator().manual_seed(seed)
-    shapes = {k: tuple(f.shape) for k, f in {**inputs, **outputs}.items()}
+    features = {**cfg.input_features, **cfg.output_features}
+    shapes = {k: tuple(f.shape) for k, f in features.items()}
     preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=_stats(shapes, generator))
     target.mkdir(parents=True)
     policy.save_pretrained(target)
@@ -122,19 +130,32 @@ def save_act_061(target: Path, variant: ActVariant, image_hw: tuple[int, int], s
 
 def write_dataset(root: Path, cameras: tuple[str, ...], image_hw: tuple[int, int], seed: int = 0) -> Path:
     """A LeRobotDataset of 3 episodes x 6 frames (splits train 0:2, test 2:3) with these cameras."""
+    names = ("steering", "throttle")
+    return _write_dataset(root, dict.fromkeys(cameras, image_hw), names, names, seed)
+
+
+def _write_dataset(
+    root: Path,
+    cameras: dict[str, tuple[int, int]],
+    state_names: tuple[str, ...],
+    action_names: tuple[str, ...],
+    seed: int,
+) -> Path:
+    """3 episodes x 6 frames of random images, state and actions (no state feature when `state_names` is
+    empty), splits train 0:2, test 2:3."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
 
-    height, width = image_hw
     features: dict[str, dict[str, Any]] = {
-        camera_key(c): {
-            "dtype": "image",
-            "shape": (height, width, 3),
-            "names": ["height", "width", "channels"],
-        }
-        for c in cameras
+        camera_key(c): {"dtype": "image", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
+        for c, (h, w) in cameras.items()
     }
-    features["observation.state"] = {"dtype": "float32", "shape": (2,), "names": ["steering", "throttle"]}
-    features["action"] = {"dtype": "float32", "shape": (2,), "names": ["steering", "throttle"]}
+    if state_names:
+        features["observation.state"] = {
+            "dtype": "float32",
+            "shape": (len(state_names),),
+            "names": list(state_names),
+        }
+    features["action"] = {"dtype": "float32", "shape": (len(action_names),), "names": list(action_names)}
     rng = np.random.default_rng(seed)
     dataset = LeRobotDataset.create(
         repo_id="test/cameras", fps=30, features=features, root=root, use_videos=False
@@ -142,10 +163,11 @@ def write_dataset(root: Path, cameras: tuple[str, ...], image_hw: tuple[int, int
     for _ in range(3):
         for _ in range(6):
             frame: dict[str, Any] = {
-                camera_key(c): rng.integers(0, 256, (height, width, 3), np.uint8) for c in cameras
+                camera_key(c): rng.integers(0, 256, (h, w, 3), np.uint8) for c, (h, w) in cameras.items()
             }
-            frame["observation.state"] = rng.uniform(-1, 1, 2).astype(np.float32)
-            frame["action"] = rng.uniform(-1, 1, 2).astype(np.float32)
+            if state_names:
+                frame["observation.state"] = rng.uniform(-1, 1, len(state_names)).astype(np.float32)
+            frame["action"] = rng.uniform(-1, 1, len(action_names)).astype(np.float32)
             frame["task"] = "drive"
             dataset.add_frame(frame)
         dataset.save_episode()
@@ -202,8 +224,6 @@ def save_act_shape(target: Path, shape: ActShape, seed: int = 0) -> Path:
     with `state_dim` 0 it has no state input (which lerobot's ACT cannot run)."""
     from lerobot.configs.types import FeatureType, PolicyFeature  # noqa: PLC0415
     from lerobot.policies.act.configuration_act import ACTConfig  # noqa: PLC0415
-    from lerobot.policies.act.modeling_act import ACTPolicy  # noqa: PLC0415
-    from lerobot.policies.factory import make_pre_post_processors  # noqa: PLC0415
 
     inputs: dict[str, Any] = {}
     if shape.state_dim:
@@ -218,51 +238,15 @@ def save_act_shape(target: Path, shape: ActShape, seed: int = 0) -> Path:
         chunk_size=shape.chunk_size, n_action_steps=shape.n_action_steps,
         temporal_ensemble_coeff=shape.temporal_ensemble_coeff,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    policy = ACTPolicy(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {k: tuple(f.shape) for k, f in {**inputs, **outputs}.items()}
-    preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=_stats(shapes, generator))
-    target.mkdir(parents=True)
-    policy.save_pretrained(target)
-    preprocessor.save_pretrained(target)
-    postprocessor.save_pretrained(target)
-    return target
+    return _save_act(target, cfg, seed)
 
 
 def write_shape_dataset(root: Path, shape: ActShape, seed: int = 0) -> Path:
     """A LeRobotDataset matching `shape` (3 episodes x 6 frames, splits train 0:2, test 2:3)."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
-
-    features: dict[str, dict[str, Any]] = {
-        camera_key(name): {"dtype": "image", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
-        for name, (h, w) in zip(shape.camera_names, shape.cameras, strict=True)
-    }
-    if shape.state_dim:
-        names = [f"s{i}" for i in range(shape.state_dim)]
-        features["observation.state"] = {"dtype": "float32", "shape": (shape.state_dim,), "names": names}
-    features["action"] = {
-        "dtype": "float32", "shape": (shape.action_dim,), "names": [f"a{i}" for i in range(shape.action_dim)],
-    }  # fmt: skip
-    rng = np.random.default_rng(seed)
-    dataset = LeRobotDataset.create(
-        repo_id="test/shapes", fps=30, features=features, root=root, use_videos=False
+    return _write_dataset(
+        root,
+        dict(zip(shape.camera_names, shape.cameras, strict=True)),
+        tuple(f"s{i}" for i in range(shape.state_dim)),
+        tuple(f"a{i}" for i in range(shape.action_dim)),
+        seed,
     )
-    for _ in range(3):
-        for _ in range(6):
-            frame: dict[str, Any] = {
-                camera_key(name): rng.integers(0, 256, (h, w, 3), np.uint8)
-                for name, (h, w) in zip(shape.camera_names, shape.cameras, strict=True)
-            }
-            if shape.state_dim:
-                frame["observation.state"] = rng.uniform(-1, 1, shape.state_dim).astype(np.float32)
-            frame["action"] = rng.uniform(-1, 1, shape.action_dim).astype(np.float32)
-            frame["task"] = "drive"
-            dataset.add_frame(frame)
-        dataset.save_episode()
-    dataset.finalize()
-    info_path = root / "meta" / "info.json"
-    info = json.loads(info_path.read_text())
-    info["splits"] = {"train": "0:2", "test": "2:3"}
-    info_path.write_text(json.dumps(info, indent=4))
-    return root
