@@ -15,10 +15,11 @@ An episode that fails its checksums, cannot be read, or does not match the other
 shapes, state) is skipped with a named error; the merge goes on. The dataset is written to a temporary
 directory and renamed into place, so a failed merge leaves no half dataset.
 
-`meta/rover_merge.json` records what the dataset was merged from (a hash of every source episode's
-`episode.json`, which lists its files' sha256, the repo id, the task and this module) and the merge's
-result. Merging the same sources again returns that result (`unchanged`) without rewriting the dataset: a
-collect that brought nothing new costs a hash of the store, not a re-merge.
+`meta/rover_merge.json` records what the dataset was merged from (every source episode with the sha256 of
+its `episode.json`, which lists its files' sha256; the repo id, the task and this module), its layout and
+the merge's result. Merging the same sources again returns that result (`unchanged`) without rewriting the
+dataset; sources that only add later episodes are appended (lerobot's `LeRobotDataset.resume`, on a copy
+renamed into place): a collect costs its new episodes, not a re-merge of the whole store.
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ class _Layout:
             action_names=info.action_names,
         )
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fps": self.fps,
+            "cameras": [[name, key, list(shape)] for name, key, shape in self.cameras],
+            "state_names": list(self.state_names),
+            "action_names": list(self.action_names),
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> _Layout:
+        return cls(
+            fps=float(raw["fps"]),
+            cameras=tuple(
+                (str(name), str(key), (int(shape[0]), int(shape[1]), int(shape[2])))
+                for name, key, shape in raw["cameras"]
+            ),
+            state_names=tuple(str(n) for n in raw["state_names"]),
+            action_names=tuple(str(n) for n in raw["action_names"]),
+        )
+
     def features(self) -> dict[str, dict[str, Any]]:
         features: dict[str, dict[str, Any]] = {}
         for _, key, (_, height, width) in self.cameras:
@@ -134,23 +155,52 @@ def merge_episodes(
     task: str = DEFAULT_TASK,
     force: bool = False,
 ) -> MergeResult:
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415 - controller only
+    """Merge `episode_dirs` into the LeRobotDataset `output`, or bring an earlier merge up to date.
 
+    When `output` is an intact merge of an earlier set of these same sources (`meta/rover_merge.json`) and
+    every source that is new sorts after all of them, only the new ones are appended (to a copy, renamed
+    into place): the result is the dataset a full merge would write. Nothing new: the recorded result.
+    Anything else (a source changed or gone, new settings): a full merge.
+    """
     if output.exists() and not force:
         raise MergeError(f"output directory already exists: {output} (use --force to replace it)")
-    sources = sources_fingerprint(episode_dirs, repo_id, task)
-    previous = _previous_merge(output, sources)
-    if previous is not None:
+    sources = [_source_entry(path) for path in episode_dirs]
+    settings = _settings_fingerprint(repo_id, task)
+    record = _previous_record(output, settings)
+    if record is None:
+        return _merge_all(
+            episode_dirs, output, sources=sources, repo_id=repo_id, task=task, settings=settings
+        )
+    if sources == record["sources"]:
         log.info("%s is already merged from these %d episodes: unchanged", output, len(episode_dirs))
-        return previous
+        return _result_of(output, record["result"], unchanged=True)
+    known = {entry["source"]: entry for entry in record["sources"]}
+    new = [path for path, entry in zip(episode_dirs, sources, strict=True) if entry["source"] not in known]
+    appendable = (
+        all(known.get(e["source"], e) == e for e in sources)  # nothing merged before has changed...
+        and len(sources) - len(new) == len(known)  # ...or gone
+        and all(e["source"] > max(known, default="") for e in sources if e["source"] not in known)
+    )
+    if appendable:
+        return _append(
+            output, new, sources=sources, record=record, repo_id=repo_id, task=task, settings=settings
+        )
+    return _merge_all(episode_dirs, output, sources=sources, repo_id=repo_id, task=task, settings=settings)
+
+
+def _merge_all(
+    episode_dirs: Sequence[Path],
+    output: Path,
+    *,
+    sources: list[dict[str, str]],
+    repo_id: str,
+    task: str,
+    settings: str,
+) -> MergeResult:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415 - controller only
+
     result = MergeResult(output)
-    episodes: list[Episode] = []
-    for path in episode_dirs:
-        try:
-            episodes.append(open_episode(path))
-        except EpisodeError as exc:
-            log.error("skipped: %s", exc)
-            result.skipped.append({"episode": str(path), "error": str(exc)})
+    episodes = _open_episodes(episode_dirs, result)
     if not episodes:
         raise MergeError(f"no usable episode among {len(episode_dirs)}: {_skipped_text(result)}")
     layout = _Layout.of(episodes[0])
@@ -165,92 +215,177 @@ def merge_episodes(
             robot_type="rc_car",
             use_videos=False,
         )
-        sidecar: list[dict[str, Any]] = []
         try:
-            for episode in episodes:
-                problem = layout.differences(_Layout.of(episode))
-                if problem:
-                    result.skipped.append(
-                        {"episode": str(episode.path), "error": f"episode {episode.name}: {problem}"}
-                    )
-                    continue
-                try:
-                    frames, left_out, takeovers = _episode_frames(episode, layout, task)
-                except (EpisodeError, OSError, ValueError, KeyError, TypeError) as exc:
-                    error = f"episode {episode.name}: unreadable step or frame: {exc}"
-                    log.error("skipped: %s", error)
-                    result.skipped.append({"episode": str(episode.path), "error": error})
-                    continue
-                result.steps_left_out += left_out
-                if not frames:
-                    result.skipped.append(
-                        {"episode": str(episode.path), "error": f"episode {episode.name}: no complete step"}
-                    )
-                    continue
-                for frame in frames:
-                    dataset.add_frame(frame)
-                dataset.save_episode()
-                meta = episode.meta
-                sidecar.append(
-                    {
-                        "episode_index": result.episodes,
-                        "source": episode.name,
-                        "car": meta["car"],
-                        "release": meta["release"],
-                        "bundle": meta["bundle"],
-                        "started_at": meta.get("started_at"),
-                        "modes": meta.get("modes", {}),
-                        "takeovers": takeovers,
-                        "end_reason": meta.get("end_reason"),
-                        "frames": len(frames),
-                    }
-                )
-                result.episodes += 1
-                result.frames += len(frames)
-                log.info("merged %s (%s): %d frames", episode.name, meta["car"], len(frames))
+            sidecar = _add_episodes(dataset, episodes, layout, task, result)
         finally:
             dataset.finalize()
         if result.episodes == 0:
             raise MergeError(f"no episode could be merged: {_skipped_text(result)}")
         (staging / "meta" / SIDECAR).write_text("".join(json.dumps(row) + "\n" for row in sidecar))
-        record = {"sources": sources, "result": result.to_json()}
-        (staging / "meta" / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
+        _write_record(staging, settings, sources, layout, result)
+        _publish(staging, output)
     return result
 
 
-def sources_fingerprint(episode_dirs: Sequence[Path], repo_id: str, task: str) -> str:
-    """What a merge reads: each episode's place and `episode.json` (its files' sha256), the settings, and
-    this module's code."""
-    digest = hashlib.sha256(json.dumps([repo_id, task]).encode() + b"\0" + Path(__file__).read_bytes())
+def _append(
+    output: Path,
+    new: Sequence[Path],
+    *,
+    sources: list[dict[str, str]],
+    record: dict[str, Any],
+    repo_id: str,
+    task: str,
+    settings: str,
+) -> MergeResult:
+    """Append the `new` episodes to a copy of `output` (the merge `record` describes), then swap it in."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415 - controller only
+
+    result = _result_of(output, record["result"], unchanged=False)
+    before = result.episodes
+    layout = _Layout.from_json(record["layout"])
+    episodes = _open_episodes(new, result)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-", dir=output.parent) as tmp:
+        staging = Path(tmp) / "dataset"
+        shutil.copytree(output, staging)
+        dataset = LeRobotDataset.resume(repo_id, root=staging)
+        try:
+            sidecar = _add_episodes(dataset, episodes, layout, task, result)
+        finally:
+            dataset.finalize()
+        with (staging / "meta" / SIDECAR).open("a", encoding="utf-8") as rows:
+            rows.writelines(json.dumps(row) + "\n" for row in sidecar)
+        _write_record(staging, settings, sources, layout, result)
+        _publish(staging, output)
+    log.info("appended %d new episodes to %s (%d before)", result.episodes - before, output, before)
+    return result
+
+
+def _open_episodes(episode_dirs: Sequence[Path], result: MergeResult) -> list[Episode]:
+    episodes: list[Episode] = []
     for path in episode_dirs:
         try:
-            described = (path / "episode.json").read_bytes()
-        except OSError as exc:
-            described = f"unreadable: {exc.strerror}".encode()
-        digest.update(f"\0{path.parent.name}/{path.name}\0".encode() + described)
-    return digest.hexdigest()
+            episodes.append(open_episode(path))
+        except EpisodeError as exc:
+            log.error("skipped: %s", exc)
+            result.skipped.append({"episode": str(path), "error": str(exc)})
+    return episodes
 
 
-def _previous_merge(output: Path, sources: str) -> MergeResult | None:
-    """The recorded result when `output` is an intact merge of exactly `sources`, else None."""
+def _add_episodes(
+    dataset: Any, episodes: Sequence[Episode], layout: _Layout, task: str, result: MergeResult
+) -> list[dict[str, Any]]:
+    """Add every episode that fits `layout` to `dataset`, counted in `result`; returns their sidecar rows."""
+    sidecar: list[dict[str, Any]] = []
+    for episode in episodes:
+        problem = layout.differences(_Layout.of(episode))
+        if problem:
+            result.skipped.append(
+                {"episode": str(episode.path), "error": f"episode {episode.name}: {problem}"}
+            )
+            continue
+        try:
+            frames, left_out, takeovers = _episode_frames(episode, layout, task)
+        except (EpisodeError, OSError, ValueError, KeyError, TypeError) as exc:
+            error = f"episode {episode.name}: unreadable step or frame: {exc}"
+            log.error("skipped: %s", error)
+            result.skipped.append({"episode": str(episode.path), "error": error})
+            continue
+        result.steps_left_out += left_out
+        if not frames:
+            result.skipped.append(
+                {"episode": str(episode.path), "error": f"episode {episode.name}: no complete step"}
+            )
+            continue
+        for frame in frames:
+            dataset.add_frame(frame)
+        dataset.save_episode()
+        meta = episode.meta
+        sidecar.append(
+            {
+                "episode_index": result.episodes,
+                "source": episode.name,
+                "car": meta["car"],
+                "release": meta["release"],
+                "bundle": meta["bundle"],
+                "started_at": meta.get("started_at"),
+                "modes": meta.get("modes", {}),
+                "takeovers": takeovers,
+                "end_reason": meta.get("end_reason"),
+                "frames": len(frames),
+            }
+        )
+        result.episodes += 1
+        result.frames += len(frames)
+        log.info("merged %s (%s): %d frames", episode.name, meta["car"], len(frames))
+    return sidecar
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Put the finished `staging` dataset at `output` (same file system), replacing what was there."""
+    if output.exists():
+        old = staging.parent / "old"
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output)
+
+
+def _source_entry(path: Path) -> dict[str, str]:
+    """A source episode as a merge records it: its name, then its car (names begin with the UTC start time,
+    so these sort in time order), and the sha256 of its `episode.json` (which lists every file's sha256)."""
+    try:
+        described = hashlib.sha256((path / "episode.json").read_bytes()).hexdigest()
+    except OSError as exc:
+        described = f"unreadable: {exc.strerror}"
+    return {"source": f"{path.name}/{path.parent.name}", "episode_json_sha256": described}
+
+
+def _settings_fingerprint(repo_id: str, task: str) -> str:
+    """The repo id, the task and this module's code: what else decides the merged dataset."""
+    code = Path(__file__).read_bytes()
+    return hashlib.sha256(json.dumps([repo_id, task]).encode() + b"\0" + code).hexdigest()
+
+
+def _write_record(
+    staging: Path, settings: str, sources: list[dict[str, str]], layout: _Layout, result: MergeResult
+) -> None:
+    record = {
+        "settings": settings,
+        "sources": sources,
+        "layout": layout.to_json(),
+        "result": result.to_json(),
+    }
+    (staging / "meta" / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _previous_record(output: Path, settings: str) -> dict[str, Any] | None:
+    """`output`'s merge record when `output` is an intact merge made with these settings, else None."""
     try:
         record = json.loads((output / "meta" / MERGE_RECORD).read_text(encoding="utf-8"))
-        if record["sources"] != sources or not (output / "meta" / "info.json").is_file():
+        if record["settings"] != settings or not (output / "meta" / "info.json").is_file():
             return None
-        raw = record["result"]
-        return MergeResult(
-            output=output,
-            episodes=int(raw["episodes"]),
-            frames=int(raw["frames"]),
-            steps_left_out=int(raw["steps_left_out"]),
-            skipped=[{"episode": str(s["episode"]), "error": str(s["error"])} for s in raw["skipped"]],
-            unchanged=True,
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        _result_of(output, record["result"], unchanged=True)
+        _Layout.from_json(record["layout"])
+        for entry in record["sources"]:
+            if set(entry) != {"source", "episode_json_sha256"} or not all(
+                isinstance(v, str) for v in entry.values()
+            ):
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    return dict(record)
+
+
+def _result_of(output: Path, raw: dict[str, Any], *, unchanged: bool) -> MergeResult:
+    return MergeResult(
+        output=output,
+        episodes=int(raw["episodes"]),
+        frames=int(raw["frames"]),
+        steps_left_out=int(raw["steps_left_out"]),
+        skipped=[{"episode": str(s["episode"]), "error": str(s["error"])} for s in raw["skipped"]],
+        unchanged=unchanged,
+    )
 
 
 def _episode_frames(

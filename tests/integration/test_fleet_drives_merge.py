@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fleet_drives.merge import SIDECAR, MergeError, find_episodes, merge_episodes
 from rover_runtime.recording import (
@@ -113,12 +114,15 @@ def test_the_fleet_drives_become_one_lerobot_dataset(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_merging_the_same_store_again_changes_nothing_and_a_new_episode_is_merged(tmp_path: Path) -> None:
-    """A collect that brought nothing new does not re-merge (the dataset is not rewritten); a new episode,
-    or an episode changed on disk, is merged."""
+def test_merging_the_same_store_again_changes_nothing_and_new_episodes_are_appended(tmp_path: Path) -> None:
+    """A collect that brought nothing new does not rewrite the dataset; one that brought later episodes
+    appends them, giving the dataset a full merge would write; other settings or a damaged dataset make a
+    full merge."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
+
     store = tmp_path / "store"
     store.mkdir()
-    record(store, "car1", 12)
+    record(store, "car1", 12, takeover=(4, 8))
     record(store, "car2", 8)
     output = tmp_path / "dataset"
     first = merge_episodes(find_episodes(store), output, force=True)
@@ -129,15 +133,33 @@ def test_merging_the_same_store_again_changes_nothing_and_a_new_episode_is_merge
     assert again.unchanged
     assert (again.episodes, again.frames, again.skipped) == (first.episodes, first.frames, first.skipped)
     assert info.stat().st_mtime_ns == stamp  # not rewritten
-    assert merge_episodes(find_episodes(store), output, force=True, task="another task").unchanged is False
-    stamp = info.stat().st_mtime_ns
+
     record(store, "car2", 5)
-    grown = merge_episodes(find_episodes(store), output, force=True, task="another task")
-    assert (grown.episodes, grown.unchanged) == (3, False)
-    assert info.stat().st_mtime_ns != stamp
+    record(store, "car1", 7, takeover=(2, 3))
+    grown = merge_episodes(find_episodes(store), output, force=True)
+    assert (grown.episodes, grown.frames, grown.unchanged) == (4, first.frames + 4 + 6, False)
+    full = merge_episodes(find_episodes(store), tmp_path / "full")
+    assert (full.episodes, full.frames, full.steps_left_out) == (
+        grown.episodes,
+        grown.frames,
+        grown.steps_left_out,
+    )
+    appended = LeRobotDataset("rover/fleet_drives", root=output)
+    whole = LeRobotDataset("rover/fleet_drives", root=tmp_path / "full")
+    assert (appended.num_episodes, len(appended)) == (whole.num_episodes, len(whole)) == (4, grown.frames)
+    for i in (0, len(whole) - 1):  # the first frame, and the last of the last appended episode
+        for key in ("observation.state", "action", "takeover", "observation.images.front"):
+            assert torch.equal(appended[i][key], whole[i][key]), key
+    rows = [json.loads(line) for line in (output / "meta" / SIDECAR).read_text().splitlines()]
+    assert rows == [
+        json.loads(line) for line in (tmp_path / "full" / "meta" / SIDECAR).read_text().splitlines()
+    ]
+    assert merge_episodes(find_episodes(store), output, force=True).unchanged
+
+    assert merge_episodes(find_episodes(store), output, force=True, task="another task").unchanged is False
     shutil.rmtree(output / "data")  # a damaged dataset is merged again, not trusted
     (output / "meta" / "info.json").unlink()
-    assert merge_episodes(find_episodes(store), output, force=True, task="another task").unchanged is False
+    assert merge_episodes(find_episodes(store), output, force=True, task="another task").episodes == 4
 
 
 def test_the_merge_refuses_to_overwrite_and_reports_when_nothing_is_usable(tmp_path: Path) -> None:
