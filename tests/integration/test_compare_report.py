@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from quantize_helpers import tiny_bundle
+from quantize_helpers import CALIBRATION_SAMPLES, tiny_bundle
 
 from quantization.cli import main
 from rover_runtime.bundle import file_entries, open_bundle, write_manifest
@@ -70,14 +70,14 @@ def test_report_rebuilds_the_summary_table(comparison: Path, tiny_policy: Path, 
         assert row["reduction_vs_checkpoint_pct"] == pytest.approx((1 - b["model_bytes"] / checkpoint) * 100)
         assert row["latency_median_ms"] == b["latency"]["median_ms"]
     static = rows[data["bundles"][1]["name"]]
-    assert static["calibration"] == "16/16"
+    assert static["calibration"] == f"{CALIBRATION_SAMPLES}/{CALIBRATION_SAMPLES}"
     assert static["compression_vs_fp32_bundle"] == pytest.approx(
         data["bundles"][0]["model_bytes"] / data["bundles"][1]["model_bytes"]
     )
     markdown = (tmp_path / "report.md").read_text()
     assert "| Model | Size (MB) | Compression vs checkpoint |" in markdown
     assert f"| **{data['bundles'][1]['name']}** (static, torch, qnnpack)" in markdown
-    assert "16/16" in markdown
+    assert f"{CALIBRATION_SAMPLES}/{CALIBRATION_SAMPLES}" in markdown
 
 
 def test_report_refuses_a_file_that_is_not_a_comparison(tmp_path: Path, capsys) -> None:
@@ -131,13 +131,15 @@ def test_compare_keeps_going_past_bundles_that_fail(
     assert rows[fp32.name]["failed"] is None
     assert rows[onnx.name]["failed"] is None
     assert data["reference"] == fp32.name
-    # The barely trained tiny policy: its static INT8 misses the 1 % target, its dynamic INT8 meets it.
-    assert rows[onnx.name]["accuracy_loss_pct"] > 1.0
-    assert 0 < rows[dynamic.name]["accuracy_loss_pct"] < 1.0
+    working_int8 = [rows[b.name] for b in (onnx, dynamic)]
+    assert all(r["accuracy_loss_pct"] > 0 for r in working_int8)
     report_dir = tmp_path / "report"
     assert main(["report", "--comparison", str(output), "--output", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["recommended"] == dynamic.name
+    # The fastest working INT8 bundle within the 1 % target; never one that failed.
+    within = [r for r in working_int8 if r["accuracy_loss_pct"] <= 1.0]
+    assert within, "the tiny policy's INT8 bundles should meet the target"
+    assert report["recommended"] == min(within, key=lambda r: r["latency"]["median_ms"])["name"]
     assert [f["name"] for f in report["failed"]] == [broken.name, stranger.name]
     markdown = (report_dir / "report.md").read_text()
     assert f"| **{broken.name}** | failed: bundle " in markdown
