@@ -30,7 +30,7 @@ from quantization.calibration import (
     open_dataset,
 )
 from quantization.dataset_split import train_and_heldout_episodes
-from quantization.errors import QuantizationError
+from quantization.errors import QuantizationError, one_line
 from rover_runtime.backends import ModelError, load_model
 from rover_runtime.bundle import Bundle, BundleError, open_bundle
 
@@ -198,7 +198,9 @@ def _measure(
     try:
         preds = np.concatenate([runner(inputs) for inputs in evalset.inputs], axis=0)
     except Exception as exc:
-        raise QuantizationError(f"the car's {bundle.manifest.backend} runtime cannot run it: {exc}") from exc
+        raise QuantizationError(
+            f"the car's {bundle.manifest.backend} runtime cannot run it: {one_line(exc)}"
+        ) from exc
     if preds.shape != evalset.truth.shape:
         raise QuantizationError(
             f"its actions have shape {list(preds.shape)}, expected {list(evalset.truth.shape)}"

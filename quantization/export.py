@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from quantization.act_inference import ACTION_KEY, STATE_KEY, ModelSpec
-from quantization.errors import QuantizationError
+from quantization.errors import QuantizationError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,6 @@ def export_onnx(model: nn.Module, spec: ModelSpec, example_inputs: tuple[Tensor,
                 dynamo=False,
             )
     except Exception as exc:
-        raise QuantizationError(f"ONNX export failed: {exc}") from exc
+        raise QuantizationError(f"ONNX export failed: {one_line(exc)}") from exc
     log.info("wrote ONNX model %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path

@@ -24,7 +24,7 @@ from quantization.act_inference import ModelSpec
 from quantization.backends import BACKENDS, Tolerance
 from quantization.calibration import action_range, frame_indices, model_inputs, open_dataset
 from quantization.dataset_split import train_and_heldout_episodes
-from quantization.errors import QuantizationError
+from quantization.errors import QuantizationError, one_line
 from rover_runtime.backends import ModelError, load_model, runtime_version
 from rover_runtime.bundle import Bundle, Verification
 
@@ -108,13 +108,13 @@ def verify_bundle(
         model = load_model(bundle, VERIFY_THREADS, m.engine)
     except ModelError as exc:
         raise QuantizationError(
-            f"the car's {m.backend} runtime cannot load the {what}: {exc}; {next_step}"
+            f"the car's {m.backend} runtime cannot load the {what}: {one_line(exc)}; {next_step}"
         ) from exc
     try:
         outputs = [np.asarray(model.run([np.asarray(t) for t in x]), dtype=np.float32) for x in frames.inputs]
     except Exception as exc:
         raise QuantizationError(
-            f"the car's {m.backend} runtime cannot run the {what}: {exc}; {next_step}"
+            f"the car's {m.backend} runtime cannot run the {what}: {one_line(exc)}; {next_step}"
         ) from exc
     expected = frames.reference.shape[1:]
     bad_shape = next((o.shape for o in outputs if o.shape[1:] != expected or o.shape[0] != 1), None)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from quantization.act_inference import InferenceACT, unshare_image_encoder
 from quantization.backends import FLOAT_TOLERANCE, INT8_TOLERANCE, ExportJob, WrittenModel
-from quantization.errors import QuantizationError
+from quantization.errors import QuantizationError, one_line
 from rover_runtime.bundle import Delegation
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _export(model: nn.Module, example: tuple[Tensor, ...]) -> Any:
     try:
         return torch.export.export(model, example, strict=False)
     except Exception as exc:
-        raise QuantizationError(f"torch.export of the ACT failed: {exc}") from exc
+        raise QuantizationError(f"torch.export of the ACT failed: {one_line(exc)}") from exc
 
 
 def quantize_static_pt2e(
@@ -107,13 +107,13 @@ def lower_to_pte(model: nn.Module, example: tuple[Tensor, ...], path: Path) -> D
     try:
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     except Exception as exc:
-        raise QuantizationError(f"lowering to ExecuTorch/XNNPACK failed: {exc}") from exc
+        raise QuantizationError(f"lowering to ExecuTorch/XNNPACK failed: {one_line(exc)}") from exc
     delegation = delegation_of(edge.exported_program().graph_module)
     check_delegation(delegation)
     try:
         executorch_program = edge.to_executorch()
     except Exception as exc:
-        raise QuantizationError(f"writing the ExecuTorch program failed: {exc}") from exc
+        raise QuantizationError(f"writing the ExecuTorch program failed: {one_line(exc)}") from exc
     path.write_bytes(executorch_program.buffer)
     log.info(
         "wrote ExecuTorch program %s (%.1f MB): %d of %d compute nodes in %s",
