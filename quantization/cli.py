@@ -216,6 +216,9 @@ def configure_output(verbose: bool) -> None:
     warnings.simplefilter("ignore")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault(
+        "TORCH_CPP_LOG_LEVEL", "ERROR"
+    )  # c10's warnings (qnnpack's reduce_range), before torch loads
 
 
 def main(argv: list[str] | None = None) -> int:
