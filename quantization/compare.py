@@ -142,7 +142,10 @@ def load_eval_set(dataset_root: Path, spec: ModelSpec, max_samples: int) -> Eval
     inputs, truth, valid = [], [], []
     for index in indices:
         item = dataset[index]
-        inputs.append(model_inputs(item, spec))
+        try:
+            inputs.append(model_inputs(item, spec))
+        except ValueError as exc:
+            raise QuantizationError(f"{dataset_root}: held-out frame {index}: {exc}") from exc
         # [chunk, action_dim]; a one-entry action comes back from the dataset as [chunk]
         truth.append(np.asarray(item[ACTION_KEY], dtype=np.float32).reshape(spec.chunk_size, spec.action_dim))
         valid.append(~np.asarray(item[f"{ACTION_KEY}_is_pad"], dtype=bool))
@@ -163,7 +166,7 @@ def _spec_of(bundle: Bundle) -> ModelSpec:
     )
 
 
-def _errors(pred: Any, target: Any, mask: Any, ranges: Any) -> dict[str, Any]:
+def action_errors(pred: Any, target: Any, mask: Any, ranges: Any) -> dict[str, Any]:
     """MAE / max error per dimension and overall, in real units and in % of the action range."""
 
     diff = np.abs(pred - target)[mask]  # [M, action_dim]
@@ -225,8 +228,10 @@ def _measure(
                         "failures": list(m.calibration.failures)},
         "float_layers": list(m.calibration.float_layers),
         "latency": latency,
-        "vs_truth": _errors(preds, evalset.truth, evalset.valid, ranges),
-        "vs_truth_first_action": _errors(preds[:, :1], evalset.truth[:, :1], evalset.valid[:, :1], ranges),
+        "vs_truth": action_errors(preds, evalset.truth, evalset.valid, ranges),
+        "vs_truth_first_action": action_errors(
+            preds[:, :1], evalset.truth[:, :1], evalset.valid[:, :1], ranges
+        ),
     }  # fmt: skip
     return row, preds
 
@@ -287,7 +292,7 @@ def compare_bundles(
             result["vs_fp32"] = None
             result["accuracy_loss_pct"] = None
             continue
-        result["vs_fp32"] = _errors(
+        result["vs_fp32"] = action_errors(
             predictions[i], predictions[ref_index], np.ones(evalset.valid.shape, bool), ranges
         )
         result["accuracy_loss_pct"] = result["vs_fp32"]["mae_pct_range"]

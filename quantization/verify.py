@@ -22,8 +22,8 @@ from torch import nn
 
 from quantization.act_inference import ModelSpec
 from quantization.backends import BACKENDS, Tolerance
-from quantization.calibration import action_range, frame_indices, model_inputs, open_dataset
-from quantization.dataset_split import train_and_heldout_episodes
+from quantization.calibration import action_range
+from quantization.compare import action_errors, load_eval_set
 from quantization.errors import QuantizationError, one_line
 from rover_runtime.backends import ModelError, load_model, runtime_version
 from rover_runtime.bundle import Bundle, Verification
@@ -54,24 +54,11 @@ def verification_frames(
     """`count` frames spread over the held-out episodes, and what the float `model` predicts on them."""
     if count < 1:
         raise QuantizationError(f"--verify-frames must be at least 1, got {count}")
-    _, heldout = train_and_heldout_episodes(dataset_root)
-    dataset = open_dataset(dataset_root)
-    indices = frame_indices(dataset, heldout)
-    if not indices:
-        raise QuantizationError(
-            f"the held-out episodes {heldout} of {dataset_root} have no frames to verify on"
-        )
-    picks = np.linspace(0, len(indices) - 1, min(count, len(indices))).round().astype(int)
-    inputs = []
-    for i in picks:
-        try:
-            inputs.append(model_inputs(dataset[indices[i]], spec))
-        except ValueError as exc:
-            raise QuantizationError(f"{dataset_root}: held-out frame {indices[i]}: {exc}") from exc
+    frames = load_eval_set(dataset_root, spec, count)
     with torch.no_grad():
-        reference = np.concatenate([model(*x).numpy() for x in inputs], axis=0).astype(np.float32)
+        reference = np.concatenate([model(*x).numpy() for x in frames.inputs], axis=0).astype(np.float32)
     ranges = np.asarray(action_range(dataset_root), dtype=np.float64)
-    return VerificationFrames(inputs, reference, ranges, tuple(heldout))
+    return VerificationFrames(frames.inputs, reference, ranges, tuple(frames.episodes))
 
 
 def float_weight_bytes(model: nn.Module) -> int:
@@ -125,11 +112,10 @@ def verify_bundle(
     predicted = np.concatenate(outputs, axis=0)
     if not np.isfinite(predicted).all():
         raise QuantizationError(f"the {what} returns non-finite actions on held-out frames; {next_step}")
-    diff = np.abs(predicted.astype(np.float64) - frames.reference)  # [N, chunk, action_dim]
-    mae_per_dim = diff.reshape(-1, diff.shape[-1]).mean(axis=0)
-    max_per_dim = diff.reshape(-1, diff.shape[-1]).max(axis=0)
-    mae_pct = float((mae_per_dim / frames.ranges).mean() * 100)
-    max_pct = float((max_per_dim / frames.ranges).max() * 100)
+    errors = action_errors(
+        predicted, frames.reference, np.ones(predicted.shape[:2], dtype=bool), frames.ranges
+    )
+    mae_pct, max_pct = errors["mae_pct_range"], errors["max_pct_range"]
     if mae_pct > tolerance.mae_pct or max_pct > tolerance.max_pct:
         raise QuantizationError(
             f"the {what} is off: on {len(outputs)} held-out frames its actions differ from the float model's "
@@ -147,8 +133,8 @@ def verify_bundle(
         runtime=f"rover_runtime.backends ({m.backend})",
         runtime_version=runtime_version(m.backend),
         threads=VERIFY_THREADS,
-        mae=float(diff.mean()),
-        max_abs=float(diff.max()),
+        mae=errors["mae"],
+        max_abs=errors["max_abs"],
         mae_pct_range=mae_pct,
         max_pct_range=max_pct,
         tolerance_mae_pct=tolerance.mae_pct,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from quantization.errors import QuantizationError
-from rover_runtime.bundle import BACKEND_FORMATS, Delegation
+from rover_runtime.bundle import BACKEND_FORMATS, MODES, Delegation
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
     from quantization.act_inference import ModelSpec
     from quantization.calibration import CalibrationSet
-
-MODES = ("fp32", "dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(backend: Backend, args: argparse.Namespace) -> Any:
     """The chosen backend's options; an option of another backend given on the command line is refused."""
-    own = _option_dests(backend)
+    own = set(_option_flags(backend))
     for other in BACKENDS.values():
         if other.name == backend.name:
             continue
@@ -154,7 +152,3 @@ def _option_flags(backend: Backend) -> dict[str, str]:
     parser = argparse.ArgumentParser(add_help=False)
     backend.module().add_arguments(parser.add_argument_group())
     return {action.dest: action.option_strings[0] for action in parser._actions}
-
-
-def _option_dests(backend: Backend) -> set[str]:
-    return set(_option_flags(backend))
