@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     receive.add_argument("--incoming", type=Path, required=True, help="where the run put them")
     receive.add_argument("--car-store", type=Path, required=True, help="the car's store: <store>/<car>")
     receive.add_argument("--list", type=Path, required=True, help="the episodes' names, one a line")
+    receive.add_argument(
+        "--quota-bytes", type=int, help="the most the car's store may hold; an episode past it is not taken"
+    )
     merge = sub.add_parser("merge", help="merge collected episodes into one LeRobotDataset")
     merge.add_argument(
         "--store", type=Path, required=True, help="the collect store: <store>/<car>/<episode>/"
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         return _verify(args.episode)
     if args.command == "receive":
-        return _receive(args.incoming, args.car_store, args.list)
+        return _receive(args.incoming, args.car_store, args.list, args.quota_bytes)
     if args.command == "report":
         return _report(args.store, args.training, args.output)
     if not args.store.is_dir():
@@ -82,24 +85,26 @@ def _verify(path: Path) -> int:
     return 0
 
 
-def _receive(incoming: Path, car_store: Path, names: Path) -> int:
+def _receive(incoming: Path, car_store: Path, names: Path, quota_bytes: int | None) -> int:
     try:
         listed = [line.strip() for line in names.read_text().splitlines() if line.strip()]
     except OSError as exc:
         print(f"error: cannot read the list of episodes: {exc}", file=sys.stderr)
         return 2
-    result = receive_episodes(incoming, car_store, listed)
+    result = receive_episodes(incoming, car_store, listed, quota_bytes=quota_bytes)
     print(json.dumps(result.to_json()))
     return 1 if result.errors else 0
 
 
 def _report(store: Path, training: Path, output: Path) -> int:
-    from fleet_drives.report import write_report  # noqa: PLC0415 - matplotlib and lerobot: only here
+    from fleet_drives.report import write_report  # noqa: PLC0415 - matplotlib: only here
+    from quantization.errors import QuantizationError  # noqa: PLC0415
 
-    if not (training / "meta" / "info.json").is_file():
-        print(f"error: {training} is not a LeRobotDataset (no meta/info.json)", file=sys.stderr)
+    try:
+        document = write_report(find_episodes(store), training, output)
+    except QuantizationError as exc:
+        print(f"error: the training dataset: {exc}", file=sys.stderr)
         return 2
-    document = write_report(find_episodes(store), training, output)
     print(json.dumps({"report": str(output / "report.md"), "groups": len(document["groups"]),
                       "skipped": document["skipped"]}))  # fmt: skip
     return 0

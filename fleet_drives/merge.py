@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from rover_runtime.recording import Episode, EpisodeError, open_episode
+from rover_runtime.recording import PARTIAL, Episode, EpisodeError, open_episode
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,17 @@ class _Layout:
 
 
 def find_episodes(store: Path) -> list[Path]:
-    """Every episode directory under a collect store (`<store>/<car>/<episode>/episode.json`), in time order
-    (episode names begin with the UTC start time)."""
-    found = [p.parent for p in store.glob("*/*/episode.json")]
+    """Every published episode directory under a collect store (`<store>/<car>/<episode>/episode.json`), in
+    time order (episode names begin with the UTC start time); not a quarantined `<episode>.partial`, a
+    staging area (`.incoming`) or a symlink."""
+    found = [
+        p.parent
+        for p in store.glob("*/*/episode.json")
+        if not p.parent.name.endswith(PARTIAL)
+        and not p.parent.name.startswith(".")
+        and not p.parent.is_symlink()
+        and not p.parent.parent.is_symlink()
+    ]
     return sorted(found, key=lambda p: (p.name, p.parent.name))
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from rover_runtime.safe_files import UnsafeFileError, check_tree, listed_path, read_json_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -242,15 +243,21 @@ def open_bundle(root: Path | str, *, verify_hashes: bool = True) -> Bundle:
 def _open_bundle(root: Path, verify_hashes: bool) -> Bundle:
     if not root.is_dir():
         raise BundleError(f"bundle {root}: not a directory")
+    where, kind = f"bundle {root}", "bundle"
     try:
-        real_root = root.resolve(strict=True)  # the bundle directory itself may be a symlink ("current")
+        root.resolve(strict=True)  # the bundle directory itself may be a symlink ("current")
     except (OSError, RuntimeError) as exc:
         raise BundleError(f"bundle {root}: cannot resolve the directory: {exc}") from exc
-    manifest = validate_manifest_dict(_read_manifest(root, real_root), where=str(root / MANIFEST_NAME))
-    # Cheap structural checks first (no listed path leaves the bundle or is a symlink, nothing unlisted or
-    # irregular is present), then sizes and sha256s.
-    paths = [(entry, _listed_path(root, real_root, entry.path)) for entry in manifest.files]
-    _check_tree(root, real_root, {entry.path for entry in manifest.files})
+    try:
+        raw = read_json_file(root, MANIFEST_NAME, where=where, max_bytes=MAX_MANIFEST_BYTES, kind=kind)
+        manifest = validate_manifest_dict(raw, where=str(root / MANIFEST_NAME))
+        # Cheap structural checks first (no listed path leaves the bundle or is a symlink, nothing unlisted
+        # or irregular is present), then sizes and sha256s.
+        paths = [(e, listed_path(root, e.path, where=where, kind=kind)) for e in manifest.files]
+        listed = {entry.path for entry in manifest.files} | {MANIFEST_NAME, SIGNATURE_NAME}
+        check_tree(root, listed, where=where, kind=kind, listing="the manifest")
+    except UnsafeFileError as exc:
+        raise BundleError(str(exc)) from exc
     for entry, path in paths:
         if not path.is_file():
             raise BundleError(f"bundle {root}: {entry.path} is listed in the manifest but missing")
@@ -265,115 +272,6 @@ def _open_bundle(root: Path, verify_hashes: bool) -> Bundle:
         except OSError as exc:
             raise BundleError(f"bundle {root}: {entry.path} cannot be read: {exc}") from exc
     return Bundle(root=root, manifest=manifest)
-
-
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKeyError(key)
-        obj[key] = value
-    return obj
-
-
-def _read_manifest(root: Path, real_root: Path) -> Any:
-    """Read and parse `manifest.json` (size-capped, strict about duplicate keys), or raise BundleError."""
-    path = root / MANIFEST_NAME
-    if path.is_symlink():
-        raise _symlink_error(root, real_root, MANIFEST_NAME)
-    if not path.is_file():
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is missing")
-    data = b""
-    try:
-        size = path.stat().st_size  # before reading: an oversized manifest is never read
-        if size <= MAX_MANIFEST_BYTES:
-            with path.open("rb") as stream:
-                data = stream.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows meanwhile
-            size = max(size, len(data))
-    except OSError as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} cannot be read: {exc}") from exc
-    if size > MAX_MANIFEST_BYTES:
-        raise BundleError(
-            f"bundle {root}: {MANIFEST_NAME} is {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed"
-        )
-    what = f"bundle {root}: {MANIFEST_NAME}"
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"{what} is not valid JSON: not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{what} is not valid JSON: {exc}") from exc
-    except _DuplicateKeyError as exc:
-        raise BundleError(f"{what} has the key {exc.key!r} twice in one object") from exc
-    except ValueError as exc:  # int() refuses integers longer than sys.get_int_max_str_digits()
-        reason = str(exc).split(";")[0]  # not the advice to raise the interpreter's limit
-        raise BundleError(f"{what} has a number too long to parse ({reason})") from exc
-    except RecursionError as exc:
-        raise BundleError(f"{what} is nested too deeply to parse") from exc
-
-
-def _symlink_error(root: Path, real_root: Path, rel: str) -> BundleError:
-    path = root / rel
-    try:
-        target = str(path.readlink())
-    except OSError:
-        target = "?"
-    try:
-        outside = not path.resolve().is_relative_to(real_root)
-    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
-        outside = False
-    where = ", outside the bundle" if outside else ""
-    return BundleError(
-        f"bundle {root}: {rel} is a symlink (to {target}{where}); a bundle holds only regular files"
-    )
-
-
-def _check_tree(root: Path, real_root: Path, listed: set[str]) -> None:
-    """Refuse symlinks, non-regular files and unlisted files anywhere under `root` (never follows links)."""
-    pending = [root]
-    while pending:
-        directory = pending.pop()
-        try:
-            children = sorted(directory.iterdir())
-        except OSError as exc:
-            raise BundleError(f"bundle {root}: cannot list {directory}: {exc}") from exc
-        for path in children:
-            rel = path.relative_to(root).as_posix()
-            try:
-                mode = path.lstat().st_mode
-            except OSError as exc:
-                raise BundleError(f"bundle {root}: {rel} cannot be read: {exc}") from exc
-            if stat.S_ISLNK(mode):
-                raise _symlink_error(root, real_root, rel)
-            if stat.S_ISDIR(mode):
-                pending.append(path)
-            elif not stat.S_ISREG(mode):
-                raise BundleError(f"bundle {root}: {rel} is not a regular file")
-            elif rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
-                raise BundleError(f"bundle {root}: {rel} is not listed in the manifest")
-
-
-def _listed_path(root: Path, real_root: Path, rel: str) -> Path:
-    """`root / rel` after checking that it resolves inside the bundle and that no part of it is a symlink."""
-    path = root / rel
-    try:
-        resolved = path.resolve()
-    except (OSError, RuntimeError) as exc:
-        raise BundleError(f"bundle {root}: {rel} cannot be resolved: {exc}") from exc
-    if not resolved.is_relative_to(real_root):
-        raise BundleError(f"bundle {root}: {rel} resolves to {resolved}, outside the bundle")
-    parts = PurePosixPath(rel).parts
-    for i in range(1, len(parts) + 1):
-        part = PurePosixPath(*parts[:i]).as_posix()
-        if (root / part).is_symlink():
-            raise _symlink_error(root, real_root, part)
-    return path
 
 
 # --- schema validation -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -47,6 +48,14 @@ from numpy.typing import NDArray
 
 from rover_runtime.bundle import sha256_file
 from rover_runtime.metrics import fsync_directory, write_json_atomic
+from rover_runtime.safe_files import (
+    UnsafeFileError,
+    check_tree,
+    listed_path,
+    parse_json,
+    read_json_file,
+    tree_bytes,
+)
 from rover_runtime.threads import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -294,7 +303,7 @@ class Recorder:
 
     def _enforce_budget(self) -> None:
         finished = finished_episodes(self.episodes_dir)
-        sizes = {path: _tree_bytes(path) for path in finished}
+        sizes = {path: tree_bytes(path) for path in finished}
         total = sum(sizes.values())
         for path in finished:  # oldest first
             over_budget = total > self.settings.max_bytes
@@ -676,10 +685,6 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
-def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _free_bytes(path: Path) -> int:
     stats = os.statvfs(path)
     return stats.f_bavail * stats.f_frsize
@@ -709,10 +714,15 @@ class EpisodeError(ValueError):
     """A finished episode that cannot be used; the message names the episode and the problem."""
 
 
+# What a car may send home: episode.json is a few kB (1 MiB allowed), a step line well under 1 kB.
+MAX_EPISODE_JSON_BYTES = 1 << 20
+MAX_FRAME_BYTES = 16 << 20
+
+
 @dataclass(frozen=True)
 class Episode:
     path: Path
-    meta: dict[str, Any]  # episode.json
+    meta: dict[str, Any]  # episode.json, checked by open_episode
 
     @property
     def name(self) -> str:
@@ -723,7 +733,16 @@ class Episode:
         return _info_from_json(self.meta)
 
     def steps(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (self.path / STEPS_FILE).read_bytes().splitlines()]
+        """Every step of steps.jsonl, each checked (EpisodeError names the line and what is wrong)."""
+        info = self.info
+        steps = []
+        for number, line in enumerate((self.path / STEPS_FILE).read_bytes().splitlines(), start=1):
+            where = f"episode {self.name}: {STEPS_FILE} line {number}"
+            try:
+                steps.append(_checked_step(parse_json(line, where), info, where))
+            except UnsafeFileError as exc:
+                raise EpisodeError(str(exc)) from exc
+        return steps
 
     def frame(self, camera: str, entry: Sequence[int]) -> NDArray[Any]:
         """A step's frame (BGR), from its `frames[camera]` entry."""
@@ -737,32 +756,128 @@ class Episode:
 
 
 def open_episode(path: Path, *, verify: bool = True) -> Episode:
-    """A finished episode, its files checked against episode.json's sizes and sha256 (`verify`)."""
-    meta_path = path / EPISODE_FILE
+    """A finished episode, checked as something a car sent (it may be broken or hostile).
+
+    Refused with EpisodeError: an episode directory that is a symlink; episode.json missing, over 1 MiB,
+    not strict JSON, of another format or with a field of the wrong type; a file it lists that leaves the
+    episode or passes through a symlink; anything in the directory that is a symlink, not a regular file or
+    not listed; and (`verify`) a listed file whose size or sha256 differs. Nothing outside `path` is read.
+    """
+    where = f"episode {path.name}"
+    if path.is_symlink():
+        raise EpisodeError(f"{where}: the episode is a symlink (to {path.readlink()}), not a directory")
+    if not (path / EPISODE_FILE).exists() and not (path / EPISODE_FILE).is_symlink():
+        raise EpisodeError(f"{where}: no {EPISODE_FILE} (not a finished episode)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError as exc:
-        raise EpisodeError(f"episode {path.name}: no {EPISODE_FILE} (not a finished episode)") from exc
-    except (OSError, ValueError) as exc:
-        raise EpisodeError(f"episode {path.name}: {EPISODE_FILE} is unreadable: {exc}") from exc
+        meta = read_json_file(
+            path, EPISODE_FILE, where=where, max_bytes=MAX_EPISODE_JSON_BYTES, kind="episode"
+        )
+        files = _checked_meta(meta, where)
+        paths = {name: listed_path(path, name, where=where, kind="episode") for name in files}
+        check_tree(path, {*files, EPISODE_FILE}, where=where, kind="episode", listing=EPISODE_FILE)
+    except UnsafeFileError as exc:
+        raise EpisodeError(str(exc)) from exc
+    if verify:
+        for name, (size_recorded, sha256) in files.items():
+            target = paths[name]
+            if not target.is_file():
+                raise EpisodeError(f"{where}: {name} is missing")
+            size = target.stat().st_size
+            if size != size_recorded:
+                raise EpisodeError(f"{where}: {name} has {size} bytes, {size_recorded} recorded")
+            if sha256_file(target) != sha256:
+                raise EpisodeError(f"{where}: {name} does not match its sha256 (corrupt)")
+    return Episode(path, meta)
+
+
+def _checked_meta(meta: Any, where: str) -> dict[str, tuple[int, str]]:
+    """The files episode.json lists (name -> bytes, sha256), after checking every field the controller
+    reads; raises UnsafeFileError naming the fields that are wrong."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise EpisodeError(f"episode {path.name}: format {found!r}, this tool reads {FORMAT_VERSION}")
+        raise UnsafeFileError(f"{where}: format {found!r}, this tool reads {FORMAT_VERSION}")
     try:
-        files = dict(meta["files"])
-        _info_from_json(meta)
-        int(meta["steps"])
-        float(meta["fps"])
+        info = _info_from_json(meta)
+        steps, fps = meta["steps"], meta["fps"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise EpisodeError(f"episode {path.name}: {EPISODE_FILE} lacks {exc}") from exc
-    if verify:
-        for name, entry in files.items():
-            target = path / name
-            if not target.is_file():
-                raise EpisodeError(f"episode {path.name}: {name} is missing")
-            size = target.stat().st_size
-            if size != entry["bytes"]:
-                raise EpisodeError(f"episode {path.name}: {name} has {size} bytes, {entry['bytes']} recorded")
-            if sha256_file(target) != entry["sha256"]:
-                raise EpisodeError(f"episode {path.name}: {name} does not match its sha256 (corrupt)")
-    return Episode(path, meta)
+        raise UnsafeFileError(f"{where}: {EPISODE_FILE} lacks {exc}") from exc
+    modes, takeovers = meta.get("modes", {}), meta.get("takeovers", [])
+    checks = {
+        "steps": _is_int(steps) and steps >= 0,
+        "fps": _is_number(fps) and 0 < fps <= 1000,
+        "car": isinstance(meta["car"], str),
+        "release": meta["release"] is None or isinstance(meta["release"], str),
+        "bundle": meta["bundle"] is None or isinstance(meta["bundle"], str),
+        "cameras": all(_FILE_NAME.fullmatch(c.name) for c in info.cameras),
+        "modes": isinstance(modes, dict) and all(_is_int(v) for v in modes.values()),
+        "takeovers": isinstance(takeovers, list) and all(_is_pair(t) for t in takeovers),
+        "fault_steps": _is_int(meta.get("fault_steps", 0)),
+        "files": isinstance(meta.get("files"), dict),
+    }
+    problems = [key for key, ok in checks.items() if not ok]
+    if problems:
+        raise UnsafeFileError(f"{where}: {EPISODE_FILE} has a bad {', '.join(problems)}")
+    files: dict[str, tuple[int, str]] = {}
+    for name, entry in meta["files"].items():
+        if not (
+            isinstance(entry, dict)
+            and _is_int(entry.get("bytes"))
+            and entry["bytes"] >= 0
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise UnsafeFileError(f"{where}: {EPISODE_FILE} lists {name!r} without its bytes and sha256")
+        files[name] = (entry["bytes"], entry["sha256"])
+    return files
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(map(_is_int, value))
+
+
+def _numbers_or_none(value: Any, length: int) -> bool:
+    return value is None or (isinstance(value, list) and len(value) == length and all(map(_is_number, value)))
+
+
+def _checked_step(line: Any, info: EpisodeInfo, where: str) -> dict[str, Any]:
+    """One step line, if every field the controller reads has its type (and its vectors their lengths)."""
+    if not isinstance(line, dict):
+        raise UnsafeFileError(f"{where}: not a JSON object")
+    frames = line.get("frames")
+    checks = {
+        "i": _is_int(line.get("i")),
+        "wall": _is_number(line.get("wall")),
+        "driver": isinstance(line.get("driver"), bool),
+        "state": _numbers_or_none(line.get("state"), len(info.state_names)),
+        "applied": _numbers_or_none(line.get("applied"), len(info.action_names)),
+        "latency_ms": line.get("latency_ms") is None or _is_number(line["latency_ms"]),
+        "temp_c": line.get("temp_c") is None or _is_number(line["temp_c"]),
+        "frames": isinstance(frames, dict)
+        and all(frames.get(c.name) is None or _frame_entry(frames[c.name]) for c in info.cameras),
+    }
+    problems = [key for key, ok in checks.items() if not ok]
+    if problems:
+        raise UnsafeFileError(f"{where}: bad {', '.join(problems)}")
+    return line
+
+
+def _frame_entry(entry: Any) -> bool:
+    """[offset, length, crc32] of a frame in its camera's file."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 3
+        and all(map(_is_int, entry))
+        and entry[0] >= 0
+        and 0 < entry[1] <= MAX_FRAME_BYTES
+        and 0 <= entry[2] < 1 << 32
+    )

@@ -1,11 +1,13 @@
 """playbooks/collect.yml against the simulated fleet: the cars' black boxes record while they drive (a car
 without a receiver records all the time), collect fetches only the new finished episodes verified by
 checksum, a second run moves nothing, a corrupt episode is skipped with its error, an unreachable car is
-reported while the others complete, and the merged dataset loads with lerobot."""
+reported while the others complete, the merged dataset loads with lerobot, and a hostile car's symlinks and
+escaping paths bring nothing from outside into the store."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -137,3 +139,62 @@ def test_an_unreachable_car_is_reported_and_the_others_complete(recorded_fleet: 
     assert "unreachable" in run.text
     assert home(store / "car1")  # car1 completed
     assert (tmp_path / "dataset" / "meta" / "info.json").is_file()  # and the merge ran
+
+
+# Run on the car as root: add `extra` to an episode's listed files, then rewrite every listed file's size and
+# sha256 as it reads now (following symlinks), as a hostile car that knows the format would.
+RESEAL = """
+import hashlib, json, os, sys
+episode, extra = sys.argv[1], json.loads(sys.argv[2])
+meta = json.load(open(os.path.join(episode, "episode.json")))
+meta["files"].update(extra)
+for name in list(meta["files"]):
+    path = os.path.join(episode, name)
+    if os.path.isfile(path) and name not in extra:
+        data = open(path, "rb").read()
+        meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+json.dump(meta, open(os.path.join(episode, "episode.json"), "w"))
+"""
+
+
+def test_a_hostile_car_gets_nothing_outside_the_store_and_its_episodes_quarantined(
+    recorded_fleet: Path, tmp_path: Path
+) -> None:
+    car2 = car(recorded_fleet, "car2")
+    car2.check_output("systemctl stop rover-runtime")  # parked: only the episodes made below are new
+    try:
+        real = finished(car2, 1)[-1]
+        linked, outside_file, escaping = (f"29990101T00000{i}Z-car2-99999{i}" for i in range(3))
+        # An episode that is a symlink out of the recordings, one whose frames file is a symlink to
+        # /etc/shadow, one whose episode.json lists ../../../../../../etc/shadow.
+        car2.check_output(
+            f"set -e; cd {EPISODES}; mkdir -p /var/tmp/elsewhere; cp -r {real} /var/tmp/elsewhere/{linked}; "
+            f"ln -s /var/tmp/elsewhere/{linked} {linked}; "
+            f"cp -r {real} {outside_file}; ln -sf /etc/shadow {outside_file}/front.jpg.bin; "
+            f"cp -r {real} {escaping}; "
+            f"python3 -c {shlex.quote(RESEAL)} {outside_file} '{{}}'; "
+            f"python3 -c {shlex.quote(RESEAL)} {escaping} "
+            + shlex.quote(json.dumps({"../../../../../../etc/shadow": {"bytes": 1, "sha256": "0" * 64}}))
+        )
+        store = tmp_path / "store"
+        run = run_playbook(
+            recorded_fleet, "collect.yml", "--limit", "car2", "-e", f"rover_collect_store={store}",
+            "-e", f"rover_collect_dataset={tmp_path / 'dataset'}",
+        )  # fmt: skip
+        assert run.rc == 0, run.report()
+        names = home(store / "car2")
+        assert linked not in names  # never listed, never fetched
+        assert f"{linked}.partial" not in names
+        assert f"{outside_file}.partial" in names  # quarantined: rsync did not take the symlink
+        assert f"{outside_file}.partial: front.jpg.bin is missing" in run.text
+        assert f"{escaping}.partial" in names
+        assert f"{escaping}.partial: ../../../../../../etc/shadow resolves to " in run.text
+        assert f"outside the episode (quarantined as {escaping}.partial)" in run.text
+        assert real in names  # the good ones still come home
+        for path in store.rglob("*"):
+            assert not path.is_symlink(), f"{path} is a symlink"
+        rows = (tmp_path / "dataset" / "meta" / "rover_episodes.jsonl").read_text()
+        assert "29990101" not in rows
+    finally:
+        car2.run(f"rm -rf {EPISODES}/29990101T* /var/tmp/elsewhere")
+        car2.run("systemctl start rover-runtime")

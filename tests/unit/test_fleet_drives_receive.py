@@ -49,7 +49,8 @@ def test_good_episodes_are_published_and_a_corrupt_one_is_kept_apart(tmp_path: P
         for entry in json.loads((ep / "episode.json").read_text())["files"].values()
     )
     assert result.errors == [
-        f"episode {bad.name}.partial: {STEPS_FILE} does not match its sha256 (corrupt)",
+        f"episode {bad.name}.partial: {STEPS_FILE} does not match its sha256 (corrupt)"
+        f" (quarantined as {bad.name}.partial)",
         "episode never-sent: not received",
     ]
     assert (store / f"{bad.name}.partial" / STEPS_FILE).read_bytes() == bytes(data)
