@@ -281,6 +281,59 @@ def test_car_python_without_a_wheel_stops_the_run_before_any_change(
     assert sorted(WHEELHOUSE_CACHE.glob("*/*")) == before, "the wheelhouse cache changed"
 
 
+def test_inventory_values_reach_the_cars_commands_as_data_not_shell(
+    first_run: PlaybookRun, sim_fleet: FleetState
+) -> None:
+    """A value with shell syntax in it (a typo, or a hostile inventory) is passed and stored as one word."""
+    name = cars(sim_fleet)[0]
+    host = car(Path(sim_fleet.inventory), name)
+    host.run("rm -f /tmp/pwned")
+    hostile = "/sys/class/thermal/thermal_zone0/temp $(touch /tmp/pwned); touch /tmp/pwned"
+    try:
+        run = provision(
+            sim_fleet,
+            "--limit",
+            name,
+            "--tags",
+            "rover_thermal",
+            "-e",
+            f"rover_thermal_sysfs_path={hostile!r}",
+        )
+        assert_ok(run, [name])
+        host.run("sh -c '. /etc/rover/thermal.conf; echo \"$sysfs\"' > /tmp/sysfs-read")
+        assert host.file("/tmp/sysfs-read").content_string.strip() == hostile
+        host.run("/etc/ansible/facts.d/rover_thermal.fact")
+        assert not host.file("/tmp/pwned").exists
+    finally:
+        provision(sim_fleet, "--limit", name, "--tags", "rover_thermal")
+        host.run("rm -f /tmp/pwned /tmp/sysfs-read")
+
+
+def test_a_car_renamed_by_hand_provisions_and_resolves_its_name_again(
+    first_run: PlaybookRun, sim_fleet: FleetState
+) -> None:
+    """A Pi renamed by hand (a new /etc/hostname, /etc/hosts left as it was): every sudo warns that it cannot
+    resolve the host; provisioning still works and puts the name back on 127.0.1.1."""
+    name = cars(sim_fleet)[-1]
+    host = car(Path(sim_fleet.inventory), name)
+    old = host.check_output("hostname").strip()
+    host.check_output("hostname renamed-by-hand && echo renamed-by-hand > /etc/hostname")
+    host.check_output("sed -i '/^127.0.1.1/d' /etc/hosts")
+    try:
+        assert "unable to resolve host renamed-by-hand" in host.run("sudo -u pi sudo -n true").stderr
+        run = provision(sim_fleet, "--limit", name)
+        assert_ok(run, [name])
+        assert "127.0.1.1\trenamed-by-hand" in host.file("/etc/hosts").content_string.splitlines()
+        assert host.run("sudo -u pi sudo -n true").stderr == ""
+        again = provision(sim_fleet, "--limit", name, "--tags", "rover_base_hosts")
+        assert_ok(again, [name])
+        assert changed_on_cars(again) == []
+    finally:
+        host.run(
+            f"hostname {old} && echo {old} > /etc/hostname && sed -i 's/renamed-by-hand/{old}/' /etc/hosts"
+        )
+
+
 @pytest.fixture
 def hot_car(sim_fleet: FleetState) -> Iterator[str]:
     name = cars(sim_fleet)[0]
