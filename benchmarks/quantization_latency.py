@@ -101,12 +101,37 @@ def _two_camera_program_ratio(work: Path, samples: int) -> dict[str, Any]:
     }
 
 
+def add_measurement_arguments(
+    parser: argparse.ArgumentParser, *, runs: int, calibration_samples: int
+) -> None:
+    """The options every latency benchmark of the default ACT takes."""
+    parser.add_argument("--threads", default="1,2", help="thread counts to measure, comma-separated")
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the runs are split into")
+    parser.add_argument("--calibration-samples", type=int, default=calibration_samples)
+
+
+def calibration_inputs(samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded random (state, image) calibration inputs for the one-camera default ACT."""
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(1, 2, generator=gen), torch.rand(1, 3, SIZE, SIZE, generator=gen))
+            for _ in range(samples)]  # fmt: skip
+
+
+def lerobot_runner(policy: Any, pre: Any, example: tuple[torch.Tensor, ...]) -> Any:
+    """lerobot's own FP32 `predict_action_chunk` on `example`, as a runner for `measure_latencies`."""
+    normalized = pre({"observation.state": example[0], IMAGE_KEY: example[1]})
+
+    def lerobot_fp32(_: Any) -> Any:
+        with torch.no_grad():
+            return policy.predict_action_chunk(normalized)
+
+    return lerobot_fp32
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="1,2", help="thread counts to measure, comma-separated")
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the runs are split into")
-    parser.add_argument("--calibration-samples", type=int, default=16)
+    add_measurement_arguments(parser, runs=100, calibration_samples=16)
     args = parser.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",")]
     load_before = os.getloadavg()
@@ -115,14 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_inference_model(policy, pre, post)
     spec = model_spec(policy.config)
     example = spec.example_inputs(1)
-    gen = torch.Generator().manual_seed(1)
-    calibration = [(torch.randn(1, 2, generator=gen), torch.rand(1, 3, SIZE, SIZE, generator=gen))
-                   for _ in range(args.calibration_samples)]  # fmt: skip
-    normalized = pre({"observation.state": example[0], IMAGE_KEY: example[1]})
-
-    def lerobot_fp32(_: Any) -> Any:
-        with torch.no_grad():
-            return policy.predict_action_chunk(normalized)
+    calibration = calibration_inputs(args.calibration_samples)
+    lerobot_fp32 = lerobot_runner(policy, pre, example)
 
     file_bytes: dict[str, int] = {"lerobot_fp32": sum(p.numel() * 4 for p in policy.parameters())}
     by_threads: dict[str, Any] = {}
