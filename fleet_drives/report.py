@@ -23,6 +23,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fleet_report.files import save_figure, write_text_atomic
+from quantization.dataset_split import read_dataset_info
+from quantization.errors import QuantizationError
 from rover_runtime.recording import Episode, EpisodeError, open_episode
 
 
@@ -56,19 +58,39 @@ class Group:
 
 
 def load_training(root: Path) -> Training:
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415 - controller only
+    """The training dataset's state and action columns and statistics, from its own files.
 
-    info = json.loads((root / "meta" / "info.json").read_text())
-    dataset = LeRobotDataset(str(info.get("repo_id", root.name)), root=root)
-    columns = dataset.hf_dataset.select_columns(["observation.state", "action"]).with_format("numpy")[:]
-    features = dataset.meta.features
+    The two columns are read from the dataset's parquet files with pyarrow (the LeRobotDataset format that
+    lerobot 0.6.1 writes and reads): lerobot itself would import torch for them, 6 s of every collect.
+    """
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]  # noqa: PLC0415 - controller only
+
+    info = read_dataset_info(root)
+    features = info.get("features")
+    columns = ("observation.state", "action")
+    missing = [c for c in columns if not isinstance(features, dict) or c not in features]
+    files = sorted((root / "data").glob("chunk-*/file-*.parquet"))
+    if missing or not files:
+        what = f"no {' or '.join(missing)} feature" if missing else "no data/chunk-*/file-*.parquet"
+        raise QuantizationError(f"{root}: {what}: not a training dataset the drives can be compared with")
+    assert isinstance(features, dict)
+    try:
+        table = pq.ParquetDataset(files).read(columns=list(columns))
+        stats = json.loads((root / "meta" / "stats.json").read_text())
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from both; JSON's from ValueError
+        raise QuantizationError(f"{root}: unreadable data or statistics: {exc}") from None
+
+    def values(name: str) -> NDArray[np.float64]:
+        column = table.column(name).combine_chunks()
+        return np.asarray(column.flatten().to_numpy(), np.float64).reshape(len(column), -1)
+
     return Training(
         root=root,
         state_names=tuple(features["observation.state"].get("names") or ()),
         action_names=tuple(features["action"].get("names") or ()),
-        state=np.asarray(columns["observation.state"], np.float64),
-        action=np.asarray(columns["action"], np.float64),
-        stats=json.loads((root / "meta" / "stats.json").read_text()),
+        state=values("observation.state"),
+        action=values("action"),
+        stats=stats,
     )
 
 

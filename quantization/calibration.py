@@ -121,7 +121,9 @@ def open_dataset(dataset_root: Path, delta_timestamps: dict[str, list[float]] | 
 def frame_indices(dataset: Any, episodes: list[int]) -> list[int]:
     """The dataset indices of every frame of `episodes`."""
 
-    episode_of = np.asarray(dataset.hf_dataset["episode_index"]).reshape(-1)
+    # One slice reads the column at once (indexing the column iterates row by row: 2 s per 3600 frames).
+    column = dataset.hf_dataset.select_columns(["episode_index"]).with_format("numpy")[:]
+    episode_of = np.asarray(column["episode_index"]).reshape(-1)
     wanted = np.isin(episode_of, np.asarray(episodes, dtype=episode_of.dtype))
     return [int(i) for i in np.flatnonzero(wanted)]
 

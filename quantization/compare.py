@@ -29,7 +29,7 @@ from quantization.calibration import (
     model_inputs,
     open_dataset,
 )
-from quantization.dataset_split import train_and_heldout_episodes
+from quantization.dataset_split import evenly_spaced, train_and_heldout_episodes
 from quantization.errors import QuantizationError, one_line
 from rover_runtime.backends import ModelError, load_model
 from rover_runtime.bundle import Bundle, BundleError, open_bundle
@@ -137,8 +137,7 @@ def load_eval_set(dataset_root: Path, spec: ModelSpec, max_samples: int) -> Eval
     if not indices:
         raise QuantizationError(f"the held-out episodes {heldout} of {dataset_root} have no frames")
     if 0 < max_samples < len(indices):
-        picks = np.linspace(0, len(indices) - 1, max_samples).round().astype(int)
-        indices = [indices[i] for i in picks]
+        indices = [indices[i] for i in evenly_spaced(len(indices), max_samples)]
     inputs, truth, valid = [], [], []
     for index in indices:
         item = dataset[index]

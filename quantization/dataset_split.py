@@ -110,3 +110,12 @@ def train_and_heldout_episodes(dataset_root: Path) -> tuple[list[int], list[int]
         heldout[-1],
     )
     return train, heldout
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """`count` indices of `range(total)`, evenly spaced with the first and the last among them (all of them
+    when `count` is not smaller)."""
+    if count >= total:
+        return list(range(total))
+    spacing = (total - 1) / max(1, count - 1)
+    return [round(i * spacing) for i in range(count)]

@@ -81,8 +81,13 @@ if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; th
   "$venv/bin/pip" check
   echo "$want" >"$stamp"
 else
-  # The venv is shared by clones: point its editable install at this one (fast, no dependencies).
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+  # The venv is shared by clones: point its editable install at this one (no dependencies), unless it
+  # already points here with this pyproject.toml (its package list).
+  editable="$here $(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)"
+  if [[ "$(cat "$venv/.rover-editable" 2>/dev/null)" != "$editable" ]]; then
+    "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+    echo "$editable" >"$venv/.rover-editable"
+  fi
 fi
 
 # The ExecuTorch runtime a car uses (rover-executorch: executorch's C++ libraries and a C interface, no

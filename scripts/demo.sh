@@ -23,6 +23,10 @@ else
   python -m simfleet down --name "$fleet" >/dev/null 2>&1 || true
   python -m simfleet up --name "$fleet" --hosts "$hosts" --inventory "$inventory" --transmitter
 fi
+# Parked (the transmitters off) until the drive: a car that is not driving records nothing, and the deploy
+# and the benchmark need no force. A team parks its cars before a deploy in the same way.
+transmitter() { python -m simfleet transmitter --name "$fleet" all "$@" >/dev/null; }
+transmitter off
 
 step "2/9 demo dataset, demo policy, bundles, comparison, report: python -m quantization demo"
 python -m quantization demo --out "$out"
@@ -40,24 +44,18 @@ step "3/9 provision: ansible-playbook playbooks/provision.yml"
 ansible-playbook -i "$inventory" playbooks/provision.yml
 
 step "4/9 deploy $bundle: ansible-playbook playbooks/deploy.yml"
-# Simulated cars drive all the time (synthetic camera), so the model swap is forced (docs/deploy.md).
-ansible-playbook -i "$inventory" playbooks/deploy.yml \
-  -e rover_deploy_bundle="$out/bundles/$bundle" -e rover_deploy_force=true
+ansible-playbook -i "$inventory" playbooks/deploy.yml -e rover_deploy_bundle="$out/bundles/$bundle"
 
 step "5/9 benchmark every car: ansible-playbook playbooks/benchmark.yml"
-# Benchmarking stops the runtime, which a driving car refuses: forced here for the same reason.
+# 5 s of driving through every part per car (the role's default is 10 s).
 ansible-playbook -i "$inventory" playbooks/benchmark.yml -e rover_benchmark_output_dir="$out/benchmarks" \
-  -e rover_benchmark_force=true
+  -e rover_benchmark_drive_s="${ROVER_DEMO_BENCHMARK_DRIVE_S:-5}"
 
 step "6/9 drive: autopilot, the driver takes over (python -m simfleet transmitter), autopilot again"
-cars=$(python -c 'import json, sys; print(" ".join(h["host"] for h in json.load(sys.stdin)["hosts"]))' \
-  < <(python -m simfleet status --name "$fleet" --json))
-transmitter() { for car in $cars; do python -m simfleet transmitter --name "$fleet" "$car" "$@"; done; }
-transmitter autopilot && sleep "${ROVER_DEMO_DRIVE_S:-15}"
-transmitter manual --steering 0.4 --throttle 0.3 && sleep 6     # the driver grabs the transmitter
-transmitter autopilot && sleep "${ROVER_DEMO_DRIVE_S:-15}"
-transmitter off && sleep 4                                       # switched off: every episode ends
-transmitter autopilot                                            # and the cars drive on
+transmitter autopilot && sleep "${ROVER_DEMO_DRIVE_S:-10}"
+transmitter manual --steering 0.4 --throttle 0.3 && sleep 5     # the driver grabs the transmitter
+transmitter autopilot && sleep "${ROVER_DEMO_DRIVE_S:-10}"
+transmitter off && sleep 4                                       # switched off: every episode ends, parked
 
 step "7/9 collect the drives and write the drive report: ansible-playbook playbooks/collect.yml"
 training=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["dataset"])' "$out/comparison.json")
@@ -77,5 +75,6 @@ Model bundles:         $out/bundles/
 Fleet benchmark:       $run/report.md, report.html, latency.png
 The fleet's drives:    $out/drives/dataset (LeRobotDataset), drive report $out/drives/report/report.md
 Fine-tuned on them:    $out/drives/finetuned/policy
-The simulated fleet is still up: python -m simfleet status --name $fleet; stop it with make fleet-down.
+The simulated fleet is still up, its cars parked: python -m simfleet status --name $fleet;
+drive them with python -m simfleet transmitter --name $fleet all autopilot; stop them with make fleet-down.
 MSG

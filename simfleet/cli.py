@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p_tx = sub.add_parser("transmitter", help="what a car's simulated driver does with the transmitter")
     p_tx.add_argument("--name", default="sim")
-    p_tx.add_argument("host", help="car1, car2, ...")
+    p_tx.add_argument("host", help="car1, car2, ... or all (every car of the fleet)")
     p_tx.add_argument("mode", choices=["manual", "autopilot", "autopilot_neutral", "off"])
     p_tx.add_argument("--steering", type=float, default=0.0, help="the steering stick, -1..1 (manual)")
     p_tx.add_argument("--throttle", type=float, default=0.0, help="the throttle stick, -1..1 (manual)")

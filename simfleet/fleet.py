@@ -436,10 +436,15 @@ def write_transmitter(path: Path, transmitter: Transmitter) -> None:
     tmp.replace(path)
 
 
-def set_transmitter(name: str, host_name: str, transmitter: Transmitter) -> None:
-    host = require_state(name).host(host_name)
-    if not host.rc_file:
+def set_transmitter(name: str, host_name: str, transmitter: Transmitter) -> list[str]:
+    """Set one car's transmitter, or every car's with `host_name` "all"; returns the cars set."""
+    state = require_state(name)
+    hosts = state.hosts if host_name == "all" else [state.host(host_name)]
+    missing = [host.name for host in hosts if not host.rc_file]
+    if missing:
         raise SimFleetError(
-            f"{host.name} of fleet {name!r} has no RC receiver: start it with up --transmitter"
+            f"{', '.join(missing)} of fleet {name!r} has no RC receiver: start it with up --transmitter"
         )
-    write_transmitter(Path(host.rc_file), transmitter)
+    for host in hosts:
+        write_transmitter(Path(host.rc_file), transmitter)
+    return [host.name for host in hosts]

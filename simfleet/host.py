@@ -172,7 +172,8 @@ def log_tail(log_file: Path, lines: int = 25) -> str:
         text = log_file.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail if tail.strip() else "(nothing yet: the container has written no line)"
 
 
 def wait_for_ssh(target: SshTarget, nspawn: Proc, log_file: Path, timeout: float) -> float:

@@ -187,7 +187,7 @@ def test_the_merge_refuses_to_overwrite_and_reports_when_nothing_is_usable(tmp_p
         check=False,
     )
     assert proc.returncode == 2
-    assert "episode.json is unreadable" in proc.stderr
+    assert "episode.json is not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o2").exists()
 
@@ -233,6 +233,64 @@ def test_the_drive_report_compares_the_drives_with_the_training_data(
     assert one["latency_ms"] == {"p50": 12.5, "p95": 12.5, "max": 12.5}
 
 
+LOAD_TRAINING = """
+import json, sys
+from pathlib import Path
+from fleet_drives.report import load_training
+training = load_training(Path(sys.argv[1]))
+assert "torch" not in sys.modules and "lerobot" not in sys.modules, "the report imported torch or lerobot"
+print(json.dumps({"state": training.state.tolist(), "action": training.action.tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_the_drive_report_reads_the_training_data_as_lerobot_does_without_torch(
+    demo_dataset: Path, tmp_path: Path
+) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: PLC0415
+
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_TRAINING, str(demo_dataset)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    read = json.loads(proc.stdout)
+    columns = LeRobotDataset("rover/demo_track", root=demo_dataset).hf_dataset.with_format("numpy")
+    for name, key in (("state", "observation.state"), ("action", "action")):
+        expected = np.asarray(columns[key], np.float64)
+        assert np.array_equal(np.asarray(read[name]), expected), name
+
+    store = tmp_path / "store"
+    store.mkdir()
+    record(store, "car1", 10)
+    old = tmp_path / "old"
+    shutil.copytree(demo_dataset, old)
+    info = json.loads((old / "meta" / "info.json").read_text())
+    (old / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v2.1"}))
+    no_data = tmp_path / "no-data"
+    shutil.copytree(demo_dataset, no_data)
+    shutil.rmtree(no_data / "data")
+    bad_data = tmp_path / "bad-data"
+    shutil.copytree(demo_dataset, bad_data)
+    next((bad_data / "data").rglob("*.parquet")).write_bytes(b"PAR1 not parquet")
+    for training, message in (
+        (tmp_path / "missing", "dataset directory not found"),
+        (store, "not a LeRobot dataset (missing"),
+        (old, "codebase version 'v2.1' cannot be read by lerobot 0.6.1"),
+        (no_data, "no data/chunk-*/file-*.parquet: not a training dataset"),
+        (bad_data, "unreadable data or statistics"),
+    ):
+        out = tmp_path / f"report-{training.name}"
+        args = ["report", "--store", str(store), "--training", str(training), "--output", str(out)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "fleet_drives", *args], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: the training dataset: "), proc.stderr
+        assert message in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert not out.exists()
+
+
 @pytest.mark.slow
 def test_train_demo_fine_tunes_a_policy_on_the_fleet_drives(tiny_policy: Path, tmp_path: Path) -> None:
     from quantization.errors import QuantizationError  # noqa: PLC0415
@@ -242,15 +300,25 @@ def test_train_demo_fine_tunes_a_policy_on_the_fleet_drives(tiny_policy: Path, t
     store.mkdir()
     for car in ("car1", "car2", "car3"):
         record(store, car, 40, takeover=(10, 20), shape=(3, 96, 128))  # the demo policy's camera size
-    merge_episodes(find_episodes(store), tmp_path / "drives")
+    per_episode = merge_episodes(find_episodes(store), tmp_path / "drives").frames // 3
     config = replace(
-        TINY_TRAIN_CONFIG, steps=3, batch_size=2, init_policy=str(tiny_policy), max_steering_mae_ratio=None
+        TINY_TRAIN_CONFIG,
+        steps=3,
+        batch_size=2,
+        init_policy=str(tiny_policy),
+        max_steering_mae_ratio=None,
+        eval_max_frames=16,
     )
     result = train_demo_policy(tmp_path / "drives", tmp_path / "tuned", config)
     assert (result.policy_dir / "model.safetensors").is_file()
     metrics = json.loads(result.metrics_path.read_text())
     assert metrics["train_config"]["init_policy"] == str(tiny_policy)
     assert metrics["heldout_episodes"] == [2]  # the last of three (no split in a fleet dataset)
+    # The MAE on 16 frames spread over the held-out episode's, its first frame among them.
+    assert (metrics["heldout_frames"], metrics["heldout_frames_total"]) == (16, per_episode)
+    indices = metrics["reference"]["dataset_indices"]
+    assert indices[0] == 2 * per_episode
+    assert indices[1] - indices[0] in (2, 3)
 
     small = tmp_path / "small-store"
     small.mkdir()

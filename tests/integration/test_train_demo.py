@@ -175,6 +175,7 @@ def test_cli_hook_reports_a_missing_dataset(tmp_path: Path) -> None:
         ({"n_action_steps": 30}, "must not exceed chunk_size"),
         ({"dim_model": 100}, "divisible"),
         ({"steps": 0}, "positive"),
+        ({"eval_max_frames": 0}, "evaluation frames must be positive"),
     ],
 )
 def test_bad_train_configs_are_refused(changes: dict[str, Any], message: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quantization.dataset_split import train_and_heldout_episodes
+from quantization.dataset_split import evenly_spaced, train_and_heldout_episodes
 from quantization.errors import QuantizationError
 
 
@@ -95,3 +95,14 @@ def test_corrupt_info_json(tmp_path: Path) -> None:
     (tmp_path / "meta" / "info.json").write_text('{"total_episodes": 3,')
     with pytest.raises(QuantizationError, match=r"info.json: invalid JSON"):
         train_and_heldout_episodes(tmp_path)
+
+
+def test_evenly_spaced_picks_distinct_sorted_indices_from_first_to_last() -> None:
+    for total in range(1, 300):
+        for count in range(1, total + 3):
+            picks = evenly_spaced(total, count)
+            assert len(picks) == min(total, count)
+            assert picks == sorted(set(picks))
+            assert picks[0] == 0
+            assert picks[-1] == total - 1 or count == 1
+            assert all(0 <= i < total for i in picks)

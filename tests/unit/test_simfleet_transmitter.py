@@ -14,8 +14,10 @@ from simfleet.fleet import (
     INOTIFY_INSTANCES_PER_HOST,
     Transmitter,
     ensure_inotify_instances,
+    set_transmitter,
     write_transmitter,
 )
+from simfleet.state import FleetState, HostState, save_state
 
 
 def wait_for_mode(sim: FirmwareSimulator, mode: str, timeout: float = 3.0) -> dict[str, object]:
@@ -76,3 +78,51 @@ def test_the_inotify_instance_limit_is_raised_for_a_large_fleet_and_never_lowere
     limit.write_text("100000\n")
     ensure_inotify_instances(50, limit)
     assert int(limit.read_text()) == 100000
+
+
+def _fleet(tmp_path: Path, receivers: list[bool]) -> FleetState:
+    hosts = [
+        HostState(
+            name=f"car{i}",
+            machine=f"t-car{i}",
+            port=2400 + i,
+            release="trixie",
+            image="",
+            root="",
+            host_key_pub="",
+            serial_controller="",
+            serial_host="",
+            firmware_status="",
+            firmware_log="",
+            nspawn_log="",
+            socat_log="",
+            rc_file=str(tmp_path / f"car{i}-rc.json") if receiver else "",
+        )
+        for i, receiver in enumerate(receivers, start=1)
+    ]
+    state = FleetState("t", "amd64", 2401, ["trixie"], 0.0, "", "", "", hosts=hosts)
+    save_state(state)
+    return state
+
+
+def test_all_sets_every_cars_transmitter_and_one_car_only_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROVER_CACHE", str(tmp_path / "cache"))
+    _fleet(tmp_path, [True, True, True])
+    assert set_transmitter("t", "all", Transmitter("autopilot")) == ["car1", "car2", "car3"]
+    assert all((tmp_path / f"car{i}-rc.json").exists() for i in (1, 2, 3))
+    assert set_transmitter("t", "car2", Transmitter("off")) == ["car2"]
+    assert [(tmp_path / f"car{i}-rc.json").exists() for i in (1, 2, 3)] == [True, False, True]
+    set_transmitter("t", "all", Transmitter("off"))  # parked
+    assert not any((tmp_path / f"car{i}-rc.json").exists() for i in (1, 2, 3))
+
+
+def test_all_refuses_a_fleet_with_a_car_without_a_receiver_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROVER_CACHE", str(tmp_path / "cache"))
+    _fleet(tmp_path, [True, False])
+    with pytest.raises(SimFleetError, match=r"car2 of fleet 't' has no RC receiver: start it with up"):
+        set_transmitter("t", "all", Transmitter("autopilot"))
+    assert not (tmp_path / "car1-rc.json").exists()
