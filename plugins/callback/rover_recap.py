@@ -4,12 +4,23 @@ attempted because the rollout stopped before its batch; then one line naming the
 off or out of range: run again for them). Ansible's own PLAY RECAP counts tasks; this names cars.
 
 The playbooks record each car's outcome in the fact `rover_deploy_outcome` ("started" first, a final text
-when the car is done); a car still at "started" when the run ends failed or was interrupted. Enabled in
-ansible.cfg (callbacks_enabled); prints nothing for playbooks that record no outcome (provisioning).
+when the car is done, "skipped: why" or "locked: why" when another deploy holds the car); a car still at
+"started" when the run ends failed or was interrupted. Enabled in ansible.cfg (callbacks_enabled); prints
+nothing for playbooks that record no outcome (provisioning).
+
+With ROVER_RESULTS_FILE set, the same per car is also written there as JSON (atomically), for programs:
+{"cars": {"<car>": {"status": "ok"|"skipped"|"locked"|"failed"|"unreachable"|"not-attempted",
+"message": "<the recap's text>"}}}. The pull agent reads it instead of the printed recap. A failure's
+message is the failing step's own sentence: a car-side helper's JSON {"error": ...} line when its output
+has one (over ssh its stderr is mixed into stdout), else the task's msg and stderr.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from ansible.plugins.callback import CallbackBase
@@ -25,6 +36,7 @@ DOCUMENTATION = """
 """
 
 OUTCOME = "rover_deploy_outcome"
+RESULTS_FILE = "ROVER_RESULTS_FILE"
 FAILED_MESSAGE_LIMIT = 700
 
 
@@ -67,28 +79,59 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
         if not self.outcomes:
             return
         self._display.banner("ROVER RECAP")
+        results: dict[str, dict[str, str]] = {}
         for name in self.targets:
-            outcome = self.outcomes.get(name)
-            if name in self.unreachable:
-                reason = self.failures[name].removeprefix("unreachable: ")
-                line = f"UNREACHABLE: {reason[:FAILED_MESSAGE_LIMIT]}"
-            elif outcome is None:
-                line = "not attempted: the rollout stopped before this car's batch"
-            elif outcome == "started":
-                reason = self.failures.get(name, "interrupted before it finished")
-                line = f"FAILED: {reason[:FAILED_MESSAGE_LIMIT]}"
-            elif outcome.startswith("skipped:"):
-                line = "SKIPPED:" + outcome.removeprefix("skipped:")
-            else:
-                line = f"ok: {outcome}"
-            self._display.display(f"{name}: {line}")
+            status, message = self._result(name)
+            results[name] = {"status": status, "message": message}
+            label = {"ok": "ok", "not-attempted": "not attempted"}.get(status, status.upper())
+            self._display.display(f"{name}: {label}: {message}")
+        path = os.environ.get(RESULTS_FILE)
+        if path:
+            _write_json_atomic(Path(path), {"cars": results})
         missing = [name for name in self.targets if name in self.unreachable]
         if missing:
             names = ", ".join(missing)
             count = f"{len(missing)}/{len(self.targets)}"
             self._display.display(f"unreachable ({count}), not changed, run again for them: {names}")
 
+    def _result(self, name: str) -> tuple[str, str]:
+        """(status, message) of one car."""
+        outcome = self.outcomes.get(name)
+        if name in self.unreachable:
+            return "unreachable", self.failures[name].removeprefix("unreachable: ")[:FAILED_MESSAGE_LIMIT]
+        if outcome is None:
+            return "not-attempted", "the rollout stopped before this car's batch"
+        if outcome == "started":
+            return "failed", self.failures.get(name, "interrupted before it finished")[:FAILED_MESSAGE_LIMIT]
+        for status in ("skipped", "locked"):
+            if outcome.startswith(f"{status}:"):
+                return status, outcome.removeprefix(f"{status}:").strip()
+        return "ok", outcome
+
 
 def _message(result: dict[str, Any]) -> str:
+    """The failing step's own sentence: a helper's {"error": ...} line when its output has one."""
+    for line in reversed(str(result.get("stdout") or "").splitlines()):
+        if line.startswith('{"error": '):
+            try:
+                error = json.loads(line).get("error")
+            except ValueError:
+                continue
+            if isinstance(error, str) and error:
+                return " ".join(error.split())
     text = str(result.get("msg") or result.get("stderr") or result.get("stdout") or "failed")
     return " ".join(text.split())
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -189,13 +189,16 @@ def leftovers(host: Any) -> list[str]:
     return str(out.stdout).split()
 
 
-def container_pid(inventory: Path, name: str) -> int:
-    """The simulated car's init process as seen from this machine (to enter its mount namespace), from the
-    fleet's state.json beside the key its inventory names."""
+def fleet_state(inventory: Path) -> dict[str, Any]:
+    """The simulated fleet's state.json, beside the key its inventory names."""
     key = re.search(r"ansible_ssh_private_key_file: (\S+)/id_ed25519", inventory.read_text())
     assert key, f"{inventory} is not a simfleet inventory"
-    state = json.loads((Path(key.group(1)) / "state.json").read_text())
-    host = next(h for h in state["hosts"] if h["name"] == name)
+    return dict(json.loads((Path(key.group(1)) / "state.json").read_text()))
+
+
+def container_pid(inventory: Path, name: str) -> int:
+    """The simulated car's init process as seen from this machine (to enter its mount namespace)."""
+    host = next(h for h in fleet_state(inventory)["hosts"] if h["name"] == name)
     return int(host["init"]["pid"])
 
 

@@ -7,8 +7,10 @@ A release is the model bundle, the rover_runtime code and the car's runtime.toml
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -29,6 +31,7 @@ from deploy_helpers import (
     current_bundle,
     current_release,
     fleet_inventory,
+    fleet_state,
     journal,
     leftovers,
     make_bundle,
@@ -44,6 +47,7 @@ from deploy_helpers import (
 from quantize_helpers import tiny_bundle
 
 from rover_runtime.testing import write_tiny_bundle
+from simfleet.fleet import power_off, power_on
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -680,8 +684,9 @@ def test_concurrent_deploys_to_one_car_are_refused(deployed: Path, bundles: dict
             time.sleep(0.5)
         second = _deploy_car1(deployed, bundles["c"])
         assert second.rc != 0
-        assert "deploy lock held by" in second.text
-        assert "another deploy is running on this car" in second.text
+        # The lock's own sentence, in the recap too (not "non-zero return code").
+        assert _recap_line(second, "car1").startswith("LOCKED: deploy lock held by "), second.report()
+        assert "another deploy is running on this car" in _recap_line(second, "car1")
     finally:
         out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-4000:]
@@ -888,3 +893,131 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
     )
     _refused_on_the_car(deployed, run, tampered, "the manifest changed after signing")
     assert current_release(car(deployed, "car1")) == before
+
+
+def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Ctrl-C in the operator's terminal right after the switch leaves the run's lock on the car; the same
+    deploy run again from the same controller sees that run's process has ended, takes its lock over and
+    restarts and gates the release, without any flag."""
+    host = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"]).rc == 0
+    good = current_release(host)
+    fresh = make_bundle(tmp_path / "fresh", chunk_size=17)
+    command = playbook_command(
+        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={fresh}",
+        "-e", "rover_health_soak_s=60",
+    )  # fmt: skip
+    deploy = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env=playbook_env(deployed), start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while current_release(host) == good:
+            assert deploy.poll() is None, deploy.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the deploy never switched"
+            time.sleep(0.3)
+        os.killpg(deploy.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the whole process group
+        out, _ = deploy.communicate(timeout=120)
+    finally:
+        if deploy.poll() is None:
+            os.killpg(deploy.pid, signal.SIGKILL)
+            deploy.communicate()
+    assert deploy.returncode != 0, out[-3000:]
+    assert host.file(f"{RELEASES}/.deploy.lock").exists, out[-3000:]  # what the interrupted run left
+
+    run = _deploy_car1(deployed, fresh)
+    assert run.rc == 0, run.report()
+    assert "process on the controller has ended (an interrupted run)" in run.text, run.report()
+    switched = current_release(host)
+    assert switched != good
+    assert releases(host)[switched]["state"] == "good"
+    _wait_running(host, switched)
+    assert leftovers(host) == []
+
+
+def test_a_power_cut_during_the_soak_boots_the_last_good_release(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The battery dies 3 s into a new release's soak: at the next boot the car starts on its last good
+    release, the cut one is `interrupted` (not left as the active, ungated release), and the same deploy run
+    again takes over the dead run's lock (taken before the boot) and gates the release."""
+    fleet = str(fleet_state(deployed)["name"])
+    host = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"]).rc == 0
+    good = current_release(host)
+    assert releases(host)[good]["state"] == "good"
+    fresh = make_bundle(tmp_path / "fresh", chunk_size=16)  # never on this car: a trial release
+    deploy = subprocess.Popen(
+        playbook_command(
+            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={fresh}",
+            "-e", "rover_health_soak_s=120",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(deployed),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # the new release is current, on trial, and its runtime runs: the soak has begun
+            assert deploy.poll() is None, deploy.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the deploy never reached its soak"
+            trial = current_release(host)
+            if trial != good and host.file("/run/rover/metrics.json").exists:
+                running = (metrics(host).get("release") or {}).get("id")
+                if running == trial and releases(host)[trial]["state"] == "trial":
+                    break
+            time.sleep(0.5)
+        time.sleep(3)
+        power_off(fleet, "car1")
+        out, _ = deploy.communicate(timeout=300)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.communicate()
+    assert deploy.returncode != 0, out[-3000:]
+    power_on(fleet, "car1")
+    host = car(deployed, "car1")
+    _wait_running(host, good, timeout=120)
+    assert current_release(host) == good
+    state = releases(host)[trial]
+    assert state["state"] == "interrupted", state
+    assert "the car restarted during its trial" in state["reason"]
+    assert f"release {trial} was on trial" in journal(host)  # the boot check says why, in the unit's journal
+    assert host.file(f"{RELEASES}/.deploy.lock").exists  # the dead run's, from before the boot
+
+    run = _deploy_car1(deployed, fresh)
+    assert run.rc == 0, run.report()
+    assert "it was taken before the car last booted" in run.text, run.report()
+    assert current_release(host) == trial
+    assert releases(host)[trial]["state"] == "good"
+    _wait_running(host, trial)
+    assert leftovers(host) == []
+
+
+def test_a_car_whose_releases_all_failed_stays_stopped_after_a_reboot(
+    deployed: Path, bundles: dict[str, Path]
+) -> None:
+    """A first release that failed its gate stopped the service; a reboot does not start it again."""
+    fleet = str(fleet_state(deployed)["name"])
+    host = car(deployed, "car2")
+    _wipe(deployed, "car2")
+    run = run_playbook(
+        deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['gate-fails']}",
+        "-e", "rover_health_timeout_s=20",
+    )  # fmt: skip
+    assert run.rc != 0
+    bad = current_release(host)
+    power_off(fleet, "car2")
+    power_on(fleet, "car2")
+    host = car(deployed, "car2")
+    deadline = time.monotonic() + 60
+    while "no good release to start" not in journal(host):
+        assert time.monotonic() < deadline, journal(host)
+        time.sleep(1)
+    assert not host.service("rover-runtime").is_running
+    assert current_release(host) == bad
+    assert releases(host)[bad]["state"] == "bad"
+    run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
+    assert run.rc == 0, run.report()
+    _wait_running(host, current_release(host))

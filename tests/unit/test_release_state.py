@@ -44,7 +44,7 @@ def call(capsys, root: Path, *args: str) -> tuple[int, dict]:
         assert "error" not in result
         assert err == ""
     else:
-        assert set(result) == {"error"}
+        assert set(result) == ({"error", "held"} if rc == 3 else {"error"})
         assert result["error"] in err
     return rc, result
 
@@ -138,7 +138,7 @@ def test_lock_same_run_reenters_without_change(tmp_path, capsys):
 def test_lock_contention_names_owner_and_how_to_break(tmp_path, capsys):
     call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "alice@laptop", "--stale-after", "600")
     rc, out = call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "600")
-    assert rc == 1
+    assert rc == 3  # busy: a retry later, not a failure
     msg = out["error"]
     assert msg.startswith("deploy lock held by alice@laptop (run r1) since ")
     assert "Z, 0 s ago: another deploy is running on this car" in msg
@@ -153,7 +153,14 @@ def test_lock_stale_is_taken_over(tmp_path, capsys):
     (tmp_path / ".deploy.lock" / "owner.json").write_text(json.dumps(old))
     rc, out = call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "alice", "--stale-after", "600")
     assert (rc, out["changed"]) == (0, True)
-    assert out["broke"] == old
+    assert out["broke"] == {
+        **old,
+        "boot_id": "",
+        "pid": None,
+        "pid_start": None,
+        "controller": None,
+        "why": "older than 600 s",
+    }
     assert json.loads((tmp_path / ".deploy.lock" / "owner.json").read_text())["run"] == "r1"
 
 
@@ -172,7 +179,7 @@ def test_lock_without_owner_file_is_stale_only_by_mtime(tmp_path, capsys):
     ldir.mkdir()
     (ldir / "owner.json").write_text("{not json")
     rc, out = call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "alice", "--stale-after", "600")
-    assert rc == 1
+    assert rc == 3
     assert "unknown owner" in out["error"]
     assert "owner.json unreadable" in out["error"]
     age(ldir, 3600)
@@ -321,7 +328,8 @@ def test_switch_relative_symlink_previous_and_idempotent(tmp_path, capsys):
     rc, out = call(capsys, tmp_path, "switch", "--to", "b")
     assert out == {"changed": True, "previous": "a", "current": "b"}
     assert str((tmp_path / "current").readlink()) == "releases/b"
-    assert status_of(tmp_path, "b")["state"] == "new"
+    assert status_of(tmp_path, "b")["state"] == "trial"  # until its gate passes
+    assert status_of(tmp_path, "b")["activated_boot"] == rs.boot_id()
     assert not list(tmp_path.glob(".current-*"))
 
     before = (tmp_path / "releases" / "b" / "status.json").read_text()
@@ -517,7 +525,7 @@ def test_cli_lock_contention_end_to_end(tmp_path):
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["changed"] is True
     second = cli(tmp_path, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "600")
-    assert second.returncode == 1
+    assert second.returncode == 3
     assert len(second.stdout.splitlines()) == 1
     error = json.loads(second.stdout)["error"]
     assert "deploy lock held by alice (run r1)" in error
@@ -539,3 +547,270 @@ def test_cli_switch_and_status_end_to_end(tmp_path):
 def test_cli_bad_arguments_exit_2(tmp_path):
     proc = cli(tmp_path, "mark", "--id", "a", "--state", "ugly")
     assert proc.returncode == 2
+
+
+# ---------------------------------------- boots: trial releases and locks from an earlier boot
+
+
+@pytest.fixture
+def boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A stand-in for /proc/sys/kernel/random/boot_id; `boot("new-id")` reboots the car."""
+    path = tmp_path / "boot_id"
+    path.write_text("boot-1\n")
+    monkeypatch.setattr(rs, "BOOT_ID_FILE", path)
+
+    def reboot(new_id: str) -> None:
+        path.write_text(new_id + "\n")
+
+    return reboot
+
+
+def test_the_real_boot_id_is_read() -> None:
+    assert len(rs.boot_id()) == 36  # a UUID: the kernel's (or the container's own)
+
+
+def test_lock_from_an_earlier_boot_is_stale_at_once(tmp_path, capsys, boot):
+    root = tmp_path / "r"
+    call(capsys, root, "lock", "--run", "r1", "--owner", "pull@car", "--stale-after", "3600")
+    rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+    assert rc == 3  # the same boot: held
+    boot("boot-2")
+    rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+    assert (rc, out["changed"]) == (0, True), out
+    assert out["broke"]["why"] == "it was taken before the car last booted"
+    assert out["lock"]["boot_id"] == "boot-2"
+
+
+def test_lock_of_a_process_that_ended_is_stale_at_once(tmp_path, capsys, boot):
+    root = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rc, out = call(
+            capsys,
+            root,
+            "lock",
+            "--run",
+            "r1",
+            "--owner",
+            "pull",
+            "--stale-after",
+            "3600",
+            "--pid",
+            str(holder.pid),
+        )
+        assert (rc, out["lock"]["pid"]) == (0, holder.pid)
+        assert out["lock"]["pid_start"] == rs.process_start(holder.pid)
+        rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+        assert rc == 3, out  # its holder runs
+    finally:
+        holder.kill()
+        holder.wait()
+    rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+    assert (rc, out["changed"]) == (0, True), out
+    assert out["broke"]["why"] == f"its process {holder.pid} has ended"
+
+
+def test_lock_naming_a_process_reused_by_another_is_stale(tmp_path, capsys, boot):
+    (tmp_path / ".deploy.lock").mkdir()
+    mine = os.getpid()  # alive, but not started at the recorded time: another process with the same pid
+    owner = {
+        "run": "r0",
+        "owner": "pull",
+        "since": time.time(),
+        "boot_id": "boot-1",
+        "pid": mine,
+        "pid_start": 1,
+    }
+    (tmp_path / ".deploy.lock" / "owner.json").write_text(json.dumps(owner))
+    rc, out = call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "bob", "--stale-after", "3600")
+    assert (rc, out["broke"]["why"]) == (0, f"its process {mine} has ended")
+
+
+def test_lock_for_a_process_that_does_not_exist_is_refused_and_leaves_nothing(tmp_path, capsys, boot):
+    root = tmp_path / "r"
+    root.mkdir()
+    rc, out = call(
+        capsys, root, "lock", "--run", "r1", "--owner", "x", "--stale-after", "9", "--pid", "999999999"
+    )
+    assert rc == 1
+    assert "no such process on this car" in out["error"]
+    assert not (root / ".deploy.lock").exists()
+
+
+def _boot_check(capsys, root: Path) -> tuple[int, dict]:
+    return call(capsys, root, "boot-check")
+
+
+def test_boot_check_starts_a_good_release_and_a_trial_of_this_boot(tmp_path, capsys, boot):
+    make_release(tmp_path, "a", state="good", activated_at=1.0, gated_at=2.0)
+    make_release(tmp_path, "b", created_at=2000.0)
+    call(capsys, tmp_path, "switch", "--to", "a")
+    assert _boot_check(capsys, tmp_path) == (0, {"start": True, "current": "a", "state": "good"})
+    call(capsys, tmp_path, "switch", "--to", "b")
+    rc, out = _boot_check(capsys, tmp_path)  # the deploy's restart onto b: under its gate
+    assert (rc, out["current"], out["state"]) == (0, "b", "trial")
+    assert status_of(tmp_path, "b")["state"] == "trial"
+
+
+def test_a_trial_cut_by_a_reboot_is_set_aside_for_the_newest_good_release(tmp_path, capsys, boot):
+    make_release(tmp_path, "old", state="good", activated_at=1.0, gated_at=2.0)
+    make_release(tmp_path, "a", state="good", activated_at=5.0, gated_at=6.0)
+    make_release(tmp_path, "b", created_at=2000.0)
+    call(capsys, tmp_path, "switch", "--to", "a")
+    call(capsys, tmp_path, "switch", "--to", "b")
+    boot("boot-2")  # the power came back
+    rc, out = _boot_check(capsys, tmp_path)
+    assert (rc, out["current"], out["set_aside"]) == (0, "a", "b"), out
+    assert "release b was on trial (active since " in out["reason"]
+    assert str((tmp_path / "current").readlink()) == "releases/a"
+    st = status_of(tmp_path, "b")
+    assert st["state"] == "interrupted"
+    assert "the next deploy or pull gates it again" in st["reason"]
+    assert status_of(tmp_path, "a")["activated_boot"] == "boot-2"
+    # The next deploy of b: a trial of this boot again, which boot-check lets start and the gate judges.
+    rc, out = call(capsys, tmp_path, "switch", "--to", "b")
+    assert status_of(tmp_path, "b")["state"] == "trial"
+    assert _boot_check(capsys, tmp_path)[1]["current"] == "b"
+    # Nothing left over from the switch-back.
+    assert not list(tmp_path.glob(".current-*"))
+
+
+def test_with_no_good_release_the_runtime_does_not_start(tmp_path, capsys, boot):
+    make_release(tmp_path, "b")
+    call(capsys, tmp_path, "switch", "--to", "b")
+    boot("boot-2")
+    rc, out = _boot_check(capsys, tmp_path)
+    assert rc == 1
+    assert out["error"].startswith("the runtime does not start: release b was on trial")
+    assert out["error"].endswith("; no good release to start")
+    assert status_of(tmp_path, "b")["state"] == "interrupted"
+    assert str((tmp_path / "current").readlink()) == "releases/b"  # kept for the next deploy to gate
+    rc, out = _boot_check(capsys, tmp_path)  # a manual start later: still not
+    assert rc == 1
+    assert "release b is interrupted (the car restarted during its trial" in out["error"]
+
+
+def test_an_interrupted_release_already_current_is_a_trial_again_when_switched_to(tmp_path, capsys, boot):
+    make_release(tmp_path, "b")
+    call(capsys, tmp_path, "switch", "--to", "b")
+    boot("boot-2")
+    _boot_check(capsys, tmp_path)
+    assert call(capsys, tmp_path, "switch", "--to", "b")[1] == {
+        "changed": False,
+        "previous": "b",
+        "current": "b",
+    }
+    st = status_of(tmp_path, "b")
+    assert (st["state"], st["activated_boot"]) == ("trial", "boot-2")
+    assert _boot_check(capsys, tmp_path)[0] == 0
+
+
+@pytest.mark.parametrize("state", ["new", "trial", "interrupted", "bad", None])
+@pytest.mark.parametrize("same_boot", [True, False])
+@pytest.mark.parametrize("has_good", [True, False])
+def test_boot_check_drives_only_a_proven_release_or_the_trial_under_its_gate(  # noqa: PLR0917
+    tmp_path, capsys, boot, state, same_boot, has_good
+):
+    """Every state of `current` x whether it was activated in this boot x whether a good release exists."""
+    if has_good:
+        make_release(tmp_path, "good", state="good", activated_at=1.0, gated_at=2.0)
+    status = None if state is None else state
+    make_release(tmp_path, "cur", created_at=3000.0, state=status, activated_at=10.0)
+    if status is not None:
+        st = status_of(tmp_path, "cur")
+        st["activated_boot"] = "boot-1" if same_boot else "boot-0"
+        (tmp_path / "releases" / "cur" / "status.json").write_text(json.dumps(st))
+    set_current(tmp_path, "cur")
+    rc, out = _boot_check(capsys, tmp_path)
+    runs_cur = state == "trial" and same_boot
+    current = str((tmp_path / "current").readlink())
+    if runs_cur:
+        assert (rc, current) == (0, "releases/cur")
+    elif has_good:
+        assert (rc, out["current"], current) == (0, "good", "releases/good")
+    else:
+        assert rc == 1
+        assert current == "releases/cur"
+    after = rs.read_release(tmp_path / "releases" / "cur").state
+    expected = {None: "interrupted", "new": "interrupted", "trial": "trial" if runs_cur else "interrupted"}
+    assert after == expected.get(state, state)
+
+
+def test_boot_check_without_any_release_does_not_start(tmp_path, capsys, boot):
+    rc, out = _boot_check(capsys, tmp_path / "absent")
+    assert rc == 1
+    assert "no release" in out["error"]
+    proc = cli(tmp_path, "boot-check")  # as the unit's ExecCondition runs it: exit 1 skips the start
+    assert proc.returncode == 1
+    assert "the runtime does not start: no release is active (no current)" in proc.stderr
+
+
+def test_a_busy_lock_says_who_holds_it_as_data(tmp_path, capsys, boot):
+    call(
+        capsys,
+        tmp_path,
+        "lock",
+        "--run",
+        "r1",
+        "--owner",
+        "alice",
+        "--stale-after",
+        "600",
+        "--controller",
+        "ctl:42:7",
+    )
+    rc, out = call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "600")
+    assert rc == 3
+    assert out["held"]["run"] == "r1"
+    assert out["held"]["controller"] == {"host": "ctl", "pid": 42, "start": 7}
+
+
+def test_take_over_takes_only_the_named_runs_lock(tmp_path, capsys, boot):
+    call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "alice", "--stale-after", "600")
+    rc, out = call(
+        capsys, tmp_path, "lock", "--run", "r3", "--owner", "bob", "--stale-after", "600", "--take-over", "r2"
+    )
+    assert rc == 3  # r1 holds it, not r2: its controller never said r1 ended
+    rc, out = call(
+        capsys, tmp_path, "lock", "--run", "r3", "--owner", "bob", "--stale-after", "600", "--take-over", "r1"
+    )
+    assert (rc, out["broke"]["run"]) == (0, "r1")
+    assert "an interrupted run" in out["broke"]["why"]
+
+
+def test_a_run_of_this_machine_whose_process_ended_is_stale_at_once(tmp_path, capsys, boot):
+    """Pull mode: the deploy runs on the car itself, so the car can tell its run's process has ended."""
+    import socket  # noqa: PLC0415
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    me = f"{socket.gethostname()}:{holder.pid}:{rs.process_start(holder.pid)}"
+    try:
+        call(
+            capsys,
+            tmp_path,
+            "lock",
+            "--run",
+            "r1",
+            "--owner",
+            "pull",
+            "--stale-after",
+            "600",
+            "--controller",
+            me,
+        )
+        assert call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "b", "--stale-after", "600")[0] == 3
+    finally:
+        holder.kill()
+        holder.wait()
+    rc, out = call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "b", "--stale-after", "600")
+    assert (rc, out["broke"]["why"]) == (0, f"its run's process {holder.pid} has ended")
+
+
+@pytest.mark.parametrize("bad", ["ctl", "ctl:1", "ctl:x:1", ":1:2", "ctl:1:-2"])
+def test_a_malformed_controller_process_is_refused(tmp_path, capsys, bad):
+    rc, out = call(
+        capsys, tmp_path, "lock", "--run", "r1", "--owner", "a", "--stale-after", "6", "--controller", bad
+    )
+    assert rc == 1
+    assert "is not <host>:<pid>:<start ticks>" in out["error"]
+    assert not (tmp_path / ".deploy.lock").exists()

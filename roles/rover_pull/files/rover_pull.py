@@ -16,6 +16,9 @@ system Python; standard library only, one file. Each run:
 4. runs the collection's deploy playbook (rover.fleet.deploy) on this car alone with a local connection:
    the same checks, bundle signature verification, release build, switch, health gate and automatic
    rollback as a push from the controller;
+   The attempt is recorded (fsynced) before it starts; the car's result is read from the file the deploy's
+   rover_recap callback writes (ROVER_RESULTS_FILE). Another deploy holding the car's lock, or a car that
+   started driving, is a wait for the next period, not a failed attempt;
 5. writes what happened to <state dir>/status.json (and the journal).
 
     rover_pull.py --config /etc/rover/pull.json [--once-now]
@@ -293,6 +296,8 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         # The simulated car's firmware status lives on the controller: not visible from the car.
         "rover_health_firmware_status_file": "",
         "rover_pull_publication": channel["id"],
+        # The deploy lock is this agent's while it runs: stale at once if the agent dies (or the car reboots).
+        "rover_release_lock_pid": os.getpid(),
         **config.extra_vars,
     }
     (work / "vars.json").write_text(json.dumps(extra, indent=2))
@@ -321,28 +326,40 @@ def extract_collection(tarball: Path, target: Path) -> None:
             archive.extractall(target)  # every member checked above
 
 
-RECAP_LINE = re.compile(r"^(?P<car>\S+): (?P<line>.*)$")
+RESULTS = "result.json"
 
 
-def recap_of(output: str, car: str) -> str:
-    """This car's ROVER RECAP line (the deploy's outcome), or the end of the output."""
-    if "ROVER RECAP" in output:
-        for line in output.split("ROVER RECAP", 1)[1].splitlines():
-            match = RECAP_LINE.match(line.strip())
-            if match and match.group("car") == car:
-                return match.group("line")
-    tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
-    return " / ".join(tail) or "no output"
+@dataclass
+class Applied:
+    """What the deploy did on this car: the status the rover_recap callback wrote for it (ok, skipped,
+    locked, failed, unreachable, not-attempted) and its sentence."""
+
+    status: str
+    message: str
 
 
-def apply(config: PullConfig, work: Path) -> tuple[bool, str]:
+def deploy_result(work: Path, car: str, output: str) -> Applied:
+    """This car's result from the file the deploy's rover_recap callback wrote (ROVER_RESULTS_FILE), not from
+    its printed output; a deploy that wrote none (it crashed or was killed) failed with its output's end."""
+    try:
+        result = json.loads((work / RESULTS).read_text())["cars"][car]
+        status, message = str(result["status"]), str(result["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+        return Applied("failed", "the deploy wrote no result: " + (" / ".join(tail) or "no output"))
+    return Applied(status, message)
+
+
+def apply(config: PullConfig, work: Path) -> Applied:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
     env.update(
         ANSIBLE_CONFIG=str(work / "ansible.cfg"),
         ANSIBLE_COLLECTIONS_PATH=str(work / "collections"),
         ANSIBLE_NOCOLOR="1",
         HOME=env.get("HOME", "/root"),
+        ROVER_RESULTS_FILE=str(work / RESULTS),
     )
+    (work / RESULTS).unlink(missing_ok=True)
     command = [
         str(config.venv / "bin" / "ansible-playbook"),
         "-i",
@@ -355,7 +372,16 @@ def apply(config: PullConfig, work: Path) -> tuple[bool, str]:
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
     output = done.stdout + done.stderr
     (work / "ansible.log").write_text(output)
-    return done.returncode == 0, recap_of(output, config.car)
+    result = deploy_result(work, config.car, output)
+    if done.returncode != 0 and result.status == "ok":  # the car was fine, the run (its controller play) not
+        return Applied("failed", f"the deploy exited {done.returncode}: {result.message}")
+    return result
+
+
+def current_release(root: Path) -> str:
+    """The release `current` names on this car ("" when none)."""
+    link = root / "current"
+    return link.readlink().name if link.is_symlink() else ""
 
 
 def releases_failed_since(root: Path, since: float) -> list[str]:
@@ -440,13 +466,32 @@ def run(config: PullConfig) -> int:
         work = prepare_work(config, channel, objects)
     except (PullError, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError) as exc:
         return finish("refused", f"publication {publication} cannot be unpacked: {exc}", 1)
-    attempts = int(state.get("attempts", 0)) + 1 if state.get("publication") == publication else 1
+    previous_attempts = int(state.get("attempts", 0)) if state.get("publication") == publication else 0
+    attempts = previous_attempts + 1
     started = time.time()
-    ok, line = apply(config, work)
-    release = ""
-    match = re.search(r"release (\w{16})", line)
-    if match:
-        release = match.group(1)
+    # The attempt is on disk (fsynced) before the deploy starts: a release that hangs or reboots the car
+    # (a power cut, the watchdog) counts, so it is not tried again at every boot.
+    write_json(
+        state_path,
+        {
+            "publication": publication,
+            "outcome": "applying",
+            "attempts": attempts,
+            "message": f"attempt {attempts} started at {now_iso()} and did not finish (the car restarted, "
+            "or the agent was stopped)",
+            "release": "",
+            "bytes_received": received,
+        },
+    )
+    result = apply(config, work)
+    if result.status in {"locked", "skipped"}:
+        # Another deploy holds the car, or the car started driving: not this publication's fault. The attempt
+        # does not count; the next period tries again.
+        write_json(state_path, state)  # as before this run
+        return finish("waiting", f"{result.status}: {result.message}: the next period will try", 0)
+    ok = result.status == "ok"
+    line = result.message
+    release = current_release(config.release_root) if ok else ""
     outcome = "applied" if ok else "failed"
     failed_gate = [] if ok else releases_failed_since(config.release_root, started)
     if failed_gate:

@@ -15,29 +15,48 @@ Layout under the root R (``--root``, default /opt/rover)::
         release.json                      written by Ansible, read-only here:
                                           {"id", "bundle", "runtime", "config_sha256", "created_at"}
         status.json                       owned by this script:
-                                          {"state": "new"|"good"|"bad", "reason", "activated_at", "gated_at"}
+                                          {"state", "reason", "activated_at", "activated_boot", "gated_at"}
     R/releases/.incoming-<id>-<run>/      staging of a release
     R/current -> releases/<id>            relative symlink, the active release
-    R/.deploy.lock/owner.json             the deploy lock: {"run", "owner", "since"}
+    R/.deploy.lock/owner.json             the deploy lock: {"run", "owner", "since", "boot_id", "pid"...}
 
-A release without status.json is "new"; one whose release.json is missing or unreadable is "bad" (reason
-"release.json unreadable: ...") and is never a rollback target. Every file is written atomically (a temporary
+A release's state: "new" (published, never active), "trial" (switched to, its health gate not passed yet),
+"good" (passed), "bad" (failed) or "interrupted" (the car booted while it was a trial: a power cut, a
+reboot or a hang during its gate). A release without status.json is "new"; one whose release.json is
+missing or unreadable is "bad" (reason "release.json unreadable: ...") and is never a rollback target.
+
+`boot-check` runs before the runtime starts (the unit's ExecCondition=): a `current` that is good, or a
+trial switched to during this boot (the deploy's own restart), starts; anything else (a trial from an
+earlier boot, a new, interrupted or bad release) is set aside: a trial is marked "interrupted", `current`
+goes back to the newest good release, and with none the runtime does not start (exit 1: the unit is
+skipped, not failed). Pattern of RAUC's mark-good and systemd's boot assessment: only a gated release
+drives after a reboot, and the next deploy gates the interrupted one again.
+
+The deploy lock records the boot it was taken in, the run's ansible-playbook process (--controller) and,
+for a holder that stays running on the car (the pull agent, --pid), that process: a lock from an earlier
+boot or of a process on this car that ended is stale at once; the controller that ran an interrupted run
+(Ctrl-C) sees that its process ended and takes its lock over (--take-over RUN).
+
+Every file is written atomically (a temporary
 file in the same directory, flushed and fsynced, os.replace, then the directory fsynced), `current` is
 switched by renaming a temporary symlink over it. Commands that change something take an flock(2) on R for
 their few milliseconds, so two invocations never interleave (the deploy lock itself is the directory).
 
     release_state.py [--root R] status [--metrics PATH] [--engines-fact PATH]
-    release_state.py [--root R] lock --run RUN --owner TEXT --stale-after SECONDS [--break]
+    release_state.py [--root R] lock --run RUN --owner TEXT --stale-after SECONDS [--pid PID]
+                                     [--controller HOST:PID:START] [--take-over RUN] [--break]
     release_state.py [--root R] unlock --run RUN
     release_state.py [--root R] publish --from REL_PATH --to REL_PATH
     release_state.py [--root R] switch --to ID
     release_state.py [--root R] mark --id ID --state good|bad [--reason TEXT]
     release_state.py [--root R] rollback-target [--to PREFIX]
     release_state.py [--root R] prune --keep N --run RUN --stale-after SECONDS
+    release_state.py [--root R] boot-check
 
 Every command prints exactly one JSON object on stdout. Exit 0 on success (commands that can change
 something report "changed"); exit 1 on a refusal or error, with {"error": "<sentence>"} on stdout and the
-sentence on stderr; exit 2 on bad arguments.
+sentence on stderr; exit 2 on bad arguments; exit 3 when the deploy lock is held by a run that may still be
+going ({"error": ..., "held": <the lock>}: a retry later, not a failure of the release).
 """
 
 from __future__ import annotations
@@ -52,6 +71,7 @@ import math
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -61,7 +81,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_ROOT = "/opt/rover"
-STATES = ("new", "good", "bad")
+STATES = ("new", "trial", "good", "bad", "interrupted")
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 STAGING_PREFIX = ".incoming-"
 LOCK_DIR = ".deploy.lock"
 OWNER_FILE = "owner.json"
@@ -73,6 +94,14 @@ JSON = dict[str, Any]
 
 class Refusal(Exception):
     """A refusal or an error with a sentence for the operator (exit 1)."""
+
+
+class LockBusy(Refusal):
+    """The deploy lock is held by a run that may still be going (exit 3; the held lock is printed too)."""
+
+    def __init__(self, message: str, held: JSON) -> None:
+        super().__init__(message)
+        self.held = held
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -138,6 +167,30 @@ def _read_json_object(path: Path) -> JSON:
     return data
 
 
+def boot_id() -> str:
+    """This boot's id (the kernel's; systemd-nspawn gives each container start its own); "" if unreadable."""
+    try:
+        return BOOT_ID_FILE.read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return ""
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None if it is gone.
+
+    A pid and its start time name one process: a pid reused by another process has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ", comm may hold spaces
+    try:
+        return int(fields[19])  # field 22 of the whole line: the 20th after the command name
+    except (IndexError, ValueError):
+        return None
+
+
 def _lexists(path: Path) -> bool:
     return path.is_symlink() or path.exists()
 
@@ -193,6 +246,7 @@ class Release:
     bundle: str | None
     readable: bool
     status_ok: bool
+    activated_boot: str = ""
 
     def summary(self) -> JSON:
         return {
@@ -200,6 +254,7 @@ class Release:
             "state": self.state,
             "reason": self.reason,
             "activated_at": self.activated_at,
+            "activated_boot": self.activated_boot,
             "gated_at": self.gated_at,
             "created_at": self.created_at,
             "bundle": self.bundle,
@@ -229,6 +284,7 @@ def read_release(path: Path) -> Release:
 
     state, reason = "new", ""
     activated_at: float | None = None
+    activated_boot = ""
     gated_at: float | None = None
     status_ok = False
     try:
@@ -240,6 +296,8 @@ def read_release(path: Path) -> Release:
         reason = raw_reason if isinstance(raw_reason, str) else ""
         activated_at = _opt_number(status.get("activated_at"))
         gated_at = _opt_number(status.get("gated_at"))
+        raw_boot = status.get("activated_boot")
+        activated_boot = raw_boot if isinstance(raw_boot, str) else ""
         status_ok = True
     except FileNotFoundError:
         pass
@@ -259,6 +317,7 @@ def read_release(path: Path) -> Release:
         bundle=bundle,
         readable=not release_error,
         status_ok=status_ok,
+        activated_boot=activated_boot,
     )
 
 
@@ -326,11 +385,24 @@ def _get_release(root: Path, rid: str, action: str) -> Release:
 
 
 def _write_status(
-    release: Release, state: str, reason: str, activated_at: float | None, gated_at: float | None
+    release: Release,
+    *,
+    state: str,
+    reason: str,
+    activated_at: float | None,
+    gated_at: float | None,
+    activated_boot: str | None = None,
 ) -> None:
+    """status.json of `release`; `activated_boot` None keeps the release's own."""
     write_json_atomic(
         release.path / "status.json",
-        {"state": state, "reason": reason, "activated_at": activated_at, "gated_at": gated_at},
+        {
+            "state": state,
+            "reason": reason,
+            "activated_at": activated_at,
+            "activated_boot": release.activated_boot if activated_boot is None else activated_boot,
+            "gated_at": gated_at,
+        },
     )
 
 
@@ -339,7 +411,7 @@ def _write_status(
 
 def read_lock(root: Path) -> JSON | None:
     """The lock owner dict, or None when no lock. An unreadable owner.json gives run/owner None and the
-    directory's mtime as "since", plus "error"."""
+    directory's mtime as "since", plus "error". "boot_id" is "" and "pid" None when the lock has none."""
     ldir = root / LOCK_DIR
     if not ldir.is_dir():
         return None
@@ -349,7 +421,16 @@ def read_lock(root: Path) -> JSON | None:
             raise ValueError('"run" or "owner" is missing or not a string')
         if not _is_number(owner.get("since")):
             raise ValueError('"since" is missing or not a number')
-        return {"run": owner["run"], "owner": owner["owner"], "since": float(owner["since"])}
+        pid, pid_start = owner.get("pid"), owner.get("pid_start")
+        return {
+            "run": owner["run"],
+            "owner": owner["owner"],
+            "since": float(owner["since"]),
+            "boot_id": owner["boot_id"] if isinstance(owner.get("boot_id"), str) else "",
+            "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
+            "pid_start": pid_start if _is_number(pid_start) else None,
+            "controller": _process_or_none(owner.get("controller")),
+        }
     except FileNotFoundError:
         error = "owner.json is missing"
     except (OSError, ValueError) as exc:
@@ -358,11 +439,71 @@ def read_lock(root: Path) -> JSON | None:
         mtime: float | None = ldir.stat().st_mtime
     except OSError:
         mtime = None
-    return {"run": None, "owner": None, "since": mtime, "error": error}
+    return {"run": None, "owner": None, "since": mtime, "boot_id": "", "pid": None, "error": error}
 
 
-def cmd_lock(root: Path, run: str, owner: str, stale_after: float, brk: bool) -> JSON:
+@dataclass
+class LockRequest:
+    """What `lock` is asked for."""
+
+    run: str
+    owner: str
+    stale_after: float
+    brk: bool = False
+    # A process on this car that holds the lock for the run (the pull agent): stale once it ends.
+    pid: int | None = None
+    # The run's ansible-playbook process, "<host>:<pid>:<start ticks>" (recorded; the controller that ran it
+    # can tell whether it ended, and when <host> is this car the check is made here).
+    controller: str = ""
+    # The run whose lock to take over: its controller found that run's process ended (Ctrl-C, a crash).
+    take_over: str = ""
+
+
+def parse_process(text: str) -> JSON:
+    """'<host>:<pid>:<start ticks>' as {"host", "pid", "start"}; Refusal if it is not that."""
+    host, _, rest = text.rpartition(":")
+    host, _, pid = host.rpartition(":")
+    if not host or not pid.isdigit() or not rest.isdigit():
+        raise Refusal(f"--controller {text!r} is not <host>:<pid>:<start ticks>")
+    return {"host": host, "pid": int(pid), "start": int(rest)}
+
+
+def _process_or_none(value: object) -> JSON | None:
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("host"), str)
+        and isinstance(value.get("pid"), int)
+        and isinstance(value.get("start"), int)
+    ):
+        return {"host": value["host"], "pid": value["pid"], "start": value["start"]}
+    return None
+
+
+def _gone_holder(held: JSON) -> str:
+    """Why the holder of `held` cannot be running any more ("" when it may be): the lock was taken in an
+    earlier boot, or the process that holds it (on this car) has ended."""
+    this_boot = boot_id()
+    if held.get("boot_id") and this_boot and held["boot_id"] != this_boot:
+        return "it was taken before the car last booted"
+    pid = held.get("pid")
+    if pid is not None and process_start(pid) != held.get("pid_start"):
+        return f"its process {pid} has ended"
+    controller = held.get("controller")
+    if (
+        isinstance(controller, dict)
+        and controller.get("host") == socket.gethostname()
+        and process_start(controller["pid"]) != controller.get("start")
+    ):
+        return f"its run's process {controller['pid']} has ended"
+    return ""
+
+
+def cmd_lock(root: Path, request: LockRequest) -> JSON:
+    run, pid = request.run, request.pid
     _check_name("run id", run)
+    if pid is not None and process_start(pid) is None:
+        raise Refusal(f"lock --pid {pid}: no such process on this car; pass the pid of the lock's holder")
+    controller = parse_process(request.controller) if request.controller else None
     root.mkdir(mode=0o755, parents=True, exist_ok=True)
     ldir = root / LOCK_DIR
     with _root_mutex(root):
@@ -378,20 +519,29 @@ def cmd_lock(root: Path, run: str, owner: str, stale_after: float, brk: bool) ->
             now = time.time()
             since = held["since"]
             age = now - since if since is not None else math.inf
-            if age < stale_after and not brk:
+            gone = _gone_holder(held)
+            if request.take_over and held["run"] == request.take_over:
+                gone = "its run's process on the controller has ended (an interrupted run)"
+            if age < request.stale_after and not request.brk and not gone:
                 who = (
                     f"{held['owner']} (run {held['run']})"
                     if held["run"] is not None
                     else f"an unknown owner ({held['error']})"
                 )
-                raise Refusal(
+                raise LockBusy(
                     f"deploy lock held by {who} since {_utc(since)}, {round(age)} s ago: another deploy is "
-                    f"running on this car. Wait for it to finish; {BREAK_HINT}"
+                    f"running on this car. Wait for it to finish; {BREAK_HINT}",
+                    held,
                 ) from None
             shutil.rmtree(ldir)
             ldir.mkdir(mode=0o700)
-            broke = held
-        mine = {"run": run, "owner": owner, "since": time.time()}
+            why = gone or ("--break" if request.brk else f"older than {request.stale_after:g} s")
+            broke = {**held, "why": why}
+        mine: JSON = {"run": run, "owner": request.owner, "since": time.time(), "boot_id": boot_id()}
+        if pid is not None:
+            mine.update(pid=pid, pid_start=process_start(pid))
+        if controller is not None:
+            mine["controller"] = controller
         write_json_atomic(ldir / OWNER_FILE, mine)
         _fsync_dir(root)
         result: JSON = {"changed": True, "lock": mine}
@@ -497,6 +647,30 @@ def cmd_publish(root: Path, src_arg: str, dst_arg: str) -> JSON:
         return {"changed": True, "path": dst_arg}
 
 
+def _activate(release: Release) -> None:
+    """Record that `release` became `current` in this boot: a good release stays good (it passed its gate
+    before); anything else is a trial until its gate passes (its earlier reason is kept for the record)."""
+    now = time.time()
+    if release.status_ok and release.state == "good":
+        _write_status(
+            release,
+            state="good",
+            reason=release.reason,
+            activated_at=now,
+            gated_at=release.gated_at,
+            activated_boot=boot_id(),
+        )
+    else:
+        _write_status(
+            release,
+            state="trial",
+            reason=release.reason,
+            activated_at=now,
+            gated_at=None,
+            activated_boot=boot_id(),
+        )
+
+
 def cmd_switch(root: Path, rid: str) -> JSON:
     release = _get_release(root, rid, "switch to")
     link = root / "current"
@@ -505,22 +679,28 @@ def cmd_switch(root: Path, rid: str) -> JSON:
         if _lexists(link) and not link.is_symlink():
             raise Refusal(f"{link} is not a symlink; move it away before switching releases")
         previous, _missing = read_current(root)
-        if link.is_symlink() and str(link.readlink()) == want:
-            return {"changed": False, "previous": previous, "current": rid}
-        tmp = root / f".current-{secrets.token_hex(8)}.tmp"
-        tmp.symlink_to(want)
-        try:
-            tmp.replace(link)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(root)
         release = read_release(release.path)
-        if release.status_ok:
-            _write_status(release, release.state, release.reason, time.time(), release.gated_at)
-        else:  # no status.json yet (or an unreadable one): a release never gated
-            _write_status(release, "new", "", time.time(), None)
+        if link.is_symlink() and str(link.readlink()) == want:
+            # Already current; a release that is not good (an interrupted trial, one marked bad) is about
+            # to be restarted and gated again: a trial of this boot, so that boot-check lets it start.
+            if release.state != "good" and (release.state != "trial" or release.activated_boot != boot_id()):
+                _activate(release)
+            return {"changed": False, "previous": previous, "current": rid}
+        _replace_current(root, want)
+        _activate(release)
         return {"changed": True, "previous": previous, "current": rid}
+
+
+def _replace_current(root: Path, want: str) -> None:
+    """Point `current` at `want` (releases/<id>) atomically: a temporary symlink renamed over it."""
+    tmp = root / f".current-{secrets.token_hex(8)}.tmp"
+    tmp.symlink_to(want)
+    try:
+        tmp.replace(root / "current")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(root)
 
 
 def cmd_mark(root: Path, rid: str, state: str, reason: str) -> JSON:
@@ -529,7 +709,7 @@ def cmd_mark(root: Path, rid: str, state: str, reason: str) -> JSON:
         release = read_release(release.path)
         changed = not release.status_ok or release.state != state or release.reason != reason
         now = time.time()
-        _write_status(release, state, reason, release.activated_at, now)
+        _write_status(release, state=state, reason=reason, activated_at=release.activated_at, gated_at=now)
         return {"changed": changed, "id": rid, "state": state, "reason": reason, "gated_at": now}
 
 
@@ -564,11 +744,68 @@ def cmd_rollback_target(root: Path, prefix: str | None) -> JSON:
     return {"target": target.id, "current": current}
 
 
+def cmd_boot_check(root: Path) -> tuple[JSON, bool]:
+    """Whether the runtime may start on `current` (see the module's docstring); (result, start)."""
+    this_boot = boot_id()
+    if not root.is_dir():
+        return {"start": False, "current": None, "reason": f"{root} does not exist: no release"}, False
+    with _root_mutex(root):
+        releases = list_releases(root)
+        current, missing = read_current(root)
+        release = next((r for r in releases if r.id == current), None)
+        if release is not None and release.readable:
+            if release.state == "good":
+                return {"start": True, "current": current, "state": "good"}, True
+            if release.state == "trial" and this_boot and release.activated_boot == this_boot:
+                return {"start": True, "current": current, "state": "trial", "reason": "under its gate"}, True
+        if current is None:
+            why = "no release is active (no current)"
+        elif release is None or missing:
+            why = f"current names release {current}, which is not on this car"
+        elif not release.readable:
+            why = f"release {current} is unusable, its {release.reason}"
+        elif release.state in ("new", "trial"):
+            when = _utc(release.activated_at)
+            why = f"release {current} was on trial (active since {when}) when the car restarted"
+            _write_status(
+                release,
+                state="interrupted",
+                reason=f"the car restarted during its trial (active since {when}); set aside at "
+                f"{_utc(time.time())}, the next deploy or pull gates it again",
+                activated_at=release.activated_at,
+                gated_at=None,
+            )
+        else:
+            why = f"release {current} is {release.state}" + (f" ({release.reason})" if release.reason else "")
+        target = _newest_good(releases, current)
+        if target is None:
+            return {"start": False, "current": current, "reason": f"{why}; no good release to start"}, False
+        _replace_current(root, f"releases/{target.id}")
+        _write_status(
+            target,
+            state="good",
+            reason=target.reason,
+            activated_at=time.time(),
+            gated_at=target.gated_at,
+            activated_boot=this_boot,
+        )
+        return {
+            "start": True,
+            "current": target.id,
+            "state": "good",
+            "set_aside": current,
+            "reason": f"{why}; started on release {target.id}, the newest good one",
+        }, True
+
+
 def _rank(releases: list[Release], current: str | None) -> list[Release]:
     cur = [r for r in releases if r.id == current]
     rest = [r for r in releases if r.id != current]
     good = sorted((r for r in rest if r.state == "good"), key=lambda r: (_desc(r.activated_at), r.id))
-    new = sorted((r for r in rest if r.state == "new"), key=lambda r: (_desc(r.created_at), r.id))
+    new = sorted(
+        (r for r in rest if r.state in ("new", "trial", "interrupted")),
+        key=lambda r: (_desc(r.created_at), r.id),
+    )
     bad = sorted((r for r in rest if r.state == "bad"), key=lambda r: (_desc(r.activated_at), r.id))
     return cur + good + new + bad
 
@@ -673,12 +910,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", "releases, their states, current, staging and the lock")
     p.add_argument("--metrics", type=Path, default=None, help="also read the runtime's metrics file")
-    p.add_argument("--engines-fact", type=Path, default=None, help="also read the venv's engines (a JSON fact)")
+    p.add_argument(
+        "--engines-fact", type=Path, default=None, help="also read the venv's engines (a JSON fact)"
+    )
     p = add("lock", "take the deploy lock")
     p.add_argument("--run", required=True)
     p.add_argument("--owner", required=True)
     p.add_argument("--stale-after", type=_non_negative, required=True, metavar="SECONDS")
     p.add_argument("--break", dest="brk", action="store_true", help="take the lock even if it is fresh")
+    p.add_argument("--pid", type=int, default=None, help="the holder's process (stale once it ends)")
+    p.add_argument(
+        "--controller", default="", help="the run's ansible-playbook process: <host>:<pid>:<start>"
+    )
+    p.add_argument("--take-over", default="", help="take the lock of this run (its process ended)")
     p = add("unlock", "release the deploy lock if this run holds it")
     p.add_argument("--run", required=True)
     p = add("publish", "rename a staging directory into place (paths relative to the root)")
@@ -696,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_at_least_one, required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--stale-after", type=_non_negative, required=True, metavar="SECONDS")
+    add("boot-check", "may the runtime start on current? (the unit's ExecCondition; exit 1: do not start)")
     return parser
 
 
@@ -705,7 +950,16 @@ def run_command(args: argparse.Namespace) -> JSON:
     if command == "status":
         return cmd_status(root, args.metrics, args.engines_fact)
     if command == "lock":
-        return cmd_lock(root, args.run, args.owner, args.stale_after, args.brk)
+        request = LockRequest(
+            run=args.run,
+            owner=args.owner,
+            stale_after=args.stale_after,
+            brk=args.brk,
+            pid=args.pid,
+            controller=args.controller,
+            take_over=args.take_over,
+        )
+        return cmd_lock(root, request)
     if command == "unlock":
         return cmd_unlock(root, args.run)
     if command == "publish":
@@ -718,15 +972,23 @@ def run_command(args: argparse.Namespace) -> JSON:
         return cmd_rollback_target(root, args.prefix)
     if command == "prune":
         return cmd_prune(root, args.keep, args.run, args.stale_after)
+    if command == "boot-check":
+        result, start = cmd_boot_check(root)
+        if not start:
+            raise Refusal(f"the runtime does not start: {result['reason']}")
+        return result
     raise Refusal(f"unknown command {command!r}")  # argparse already refuses it
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code, held = 1, None
     try:
         result = run_command(args)
     except Refusal as exc:
         message = str(exc)
+        if isinstance(exc, LockBusy):
+            code, held = 3, exc.held
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         message = (
@@ -738,9 +1000,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
         return 0
-    sys.stdout.write(json.dumps({"error": message}, sort_keys=True) + "\n")
+    failure: JSON = {"error": message}
+    if code == 3:
+        failure["held"] = held
+    sys.stdout.write(json.dumps(failure, sort_keys=True) + "\n")
     sys.stderr.write(f"release_state: {message}\n")
-    return 1
+    return code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ with /usr/bin/python3 (3.11 on bookworm, 3.13 on trixie); standard library only;
 one JSON object; a file that does not exist is null, as are a process that is not running and a fact file
 that is missing or unreadable.
 
-    unit_state.py --unit NAME --unit-file PATH --modules-load PATH --engines-fact PATH
+    unit_state.py --unit NAME --unit-file PATH --modules-load PATH --engines-fact PATH --boot-check PATH
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def read_fact(path: str) -> Any:
         return None
 
 
-def unit_state(unit: str, unit_file: str, modules_load: str, engines_fact: str) -> dict[str, Any]:
+def unit_state(unit: str, unit_file: str, modules_load: str, engines_fact: str, boot_check: str) -> dict[str, Any]:
     version = int(systemctl("--version").splitlines()[0].split()[1])
     shown = dict(
         line.split("=", 1)
@@ -66,6 +66,7 @@ def unit_state(unit: str, unit_file: str, modules_load: str, engines_fact: str) 
         "unit_file_state": shown.get("UnitFileState", ""),
         "unit_file": file_state(unit_file),
         "modules_load": file_state(modules_load),
+        "boot_check": file_state(boot_check),
         "engines_fact": read_fact(engines_fact),
     }
 
@@ -76,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unit-file", required=True)
     parser.add_argument("--modules-load", required=True)
     parser.add_argument("--engines-fact", required=True)
+    parser.add_argument("--boot-check", required=True, help="the release check the unit runs before each start")
     args = parser.parse_args(argv)
     try:
-        state = unit_state(args.unit, args.unit_file, args.modules_load, args.engines_fact)
+        state = unit_state(args.unit, args.unit_file, args.modules_load, args.engines_fact, args.boot_check)
     except (OSError, subprocess.CalledProcessError, ValueError, IndexError) as exc:
         sys.stderr.write(f"unit_state: cannot read the unit's state: {exc}\n")
         return 1
