@@ -47,7 +47,9 @@ from deploy_helpers import (
 from quantize_helpers import tiny_bundle
 
 from rover_runtime.testing import write_tiny_bundle
-from simfleet.fleet import power_off, power_on
+from simfleet.fleet import power_off, power_on, set_thermal
+from simfleet.host import DEFAULT_THERMAL
+from simfleet.pi_tools import ThermalReading
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -895,6 +897,19 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
     assert current_release(car(deployed, "car1")) == before
 
 
+def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float = 180) -> str:
+    """The release `deploy` switched to, once its runtime runs it (its soak has begun)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert deploy.poll() is None, (deploy.communicate()[0] or "")[-4000:]
+        assert time.monotonic() < deadline, "the deploy never reached its soak"
+        trial = current_release(host)
+        metrics_file = host.file("/run/rover/metrics.json")
+        if trial != good and metrics_file.exists and (metrics(host).get("release") or {}).get("id") == trial:
+            return trial
+        time.sleep(0.5)
+
+
 def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     deployed: Path, bundles: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -958,16 +973,8 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(deployed),
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:  # the new release is current, on trial, and its runtime runs: the soak has begun
-            assert deploy.poll() is None, deploy.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "the deploy never reached its soak"
-            trial = current_release(host)
-            if trial != good and host.file("/run/rover/metrics.json").exists:
-                running = (metrics(host).get("release") or {}).get("id")
-                if running == trial and releases(host)[trial]["state"] == "trial":
-                    break
-            time.sleep(0.5)
+        trial = _soaking(host, good, deploy)
+        assert releases(host)[trial]["state"] == "trial"
         time.sleep(3)
         power_off(fleet, "car1")
         out, _ = deploy.communicate(timeout=300)
@@ -1021,3 +1028,59 @@ def test_a_car_whose_releases_all_failed_stays_stopped_after_a_reboot(
     run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.report()
     _wait_running(host, current_release(host))
+
+
+def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real soak, a real kill: the runtime is killed 5 s into its soak; systemd restarts it, and the gate
+    fails the release naming the restart and rolls the car back."""
+    host = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"]).rc == 0
+    good = current_release(host)
+    fresh = make_bundle(tmp_path / "killed", chunk_size=19)
+    deploy = subprocess.Popen(
+        playbook_command(
+            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={fresh}",
+            "-e", "rover_health_soak_s=30",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(deployed),
+    )  # fmt: skip
+    try:
+        trial = _soaking(host, good, deploy)
+        time.sleep(5)
+        host.check_output("systemctl kill --signal=SIGKILL rover-runtime")
+        out, _ = deploy.communicate(timeout=300)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.communicate()
+    assert deploy.returncode != 0, out[-3000:]
+    line = _recap_line(PlaybookRun(deploy.returncode, out), "car1")
+    assert line.startswith("FAILED: "), line
+    assert "the unit restarted during the soak" in line, line
+    assert f"rolled back to release {good}" in line, line
+    assert current_release(host) == good
+    assert releases(host)[trial]["state"] == "bad"
+    assert "the unit restarted during the soak" in releases(host)[trial]["reason"]
+    _wait_running(host, good)
+
+
+def test_a_car_at_85_degrees_fails_its_gate_naming_the_temperature(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet = str(fleet_state(deployed)["name"])
+    host = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"]).rc == 0
+    good = current_release(host)
+    fresh = make_bundle(tmp_path / "hot", chunk_size=20)
+    set_thermal(fleet, "car1", ThermalReading(temp_c=85.0))
+    try:
+        run = _deploy_car1(deployed, fresh)
+    finally:
+        set_thermal(fleet, "car1", DEFAULT_THERMAL)
+    assert run.rc != 0, run.report()
+    line = _recap_line(run, "car1")
+    assert "85" in line, line
+    assert current_release(host) == good, line
+    _wait_running(host, good)

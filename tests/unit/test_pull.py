@@ -40,7 +40,8 @@ def _load(path: Path, name: str) -> ModuleType:
     return module
 
 
-agent: Any = _load(REPO / "roles" / "rover_pull" / "files" / "rover_pull.py", "rover_pull_agent")
+AGENT = REPO / "roles" / "rover_pull" / "files" / "rover_pull.py"
+agent: Any = _load(AGENT, "rover_pull_agent")
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -337,3 +338,57 @@ def test_a_release_whose_gate_failed_during_the_run_is_found(tmp_path: Path) -> 
     assert agent.releases_failed_since(tmp_path, 200.0) == ["cccc"]
     assert agent.releases_failed_since(tmp_path, 50.0) == ["aaaa", "cccc"]
     assert agent.releases_failed_since(tmp_path / "none", 0.0) == []
+
+
+def test_a_huge_channel_is_refused_unread_within_bounded_memory(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """A 400 MB channel.json (a sparse file: nothing on disk) is refused after reading 4 MiB of it; the agent,
+    a process of its own as on the car, stays far below the 64 MB the car allows it."""
+    config = _car(tmp_path, controller)
+    with (controller.root / "channel.json").open("wb") as handle:
+        handle.truncate(400 << 20)
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "agent = [sys.executable, sys.argv[1], '--config', sys.argv[2]]\n"
+        "done = subprocess.run(agent, stdout=subprocess.DEVNULL, check=False)\n"
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, str(AGENT), str(tmp_path / "car" / "pull.json")],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    code, peak_kib = (int(v) for v in out.split())
+    assert code == 1
+    status = json.loads((config.state_dir / "status.json").read_text())
+    assert status["outcome"] == "refused"
+    assert f"channel.json is larger than {4 << 20} bytes: refused unread" in status["message"]
+    assert peak_kib < 64 * 1024, f"the agent peaked at {peak_kib} KiB"
+
+
+@pytest.mark.parametrize("nested", ["[" * 100_000, '{"a":' * 100_000])
+def test_a_deeply_nested_channel_is_refused(controller: Controller, tmp_path: Path, nested: str) -> None:
+    config = _car(tmp_path, controller)
+    (controller.root / "channel.json").write_text(nested)
+    assert agent.run(config) == 1
+    status = json.loads((config.state_dir / "status.json").read_text())
+    assert (status["outcome"], status["message"]) == ("refused", "channel.json is nested too deeply: refused")
+
+
+def test_a_cached_object_changed_on_the_car_is_downloaded_again(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """Cached objects are checked by their sha256 before use, not trusted by their size."""
+    controller.publish()
+    payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
+    digest, size = max(payload["objects"].items(), key=lambda item: item[1])
+    config = _car(tmp_path, controller)
+    path, received = agent.ensure_object(config, digest, size)
+    assert received == size
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF  # the same size, another content (a flipped bit on the card)
+    path.write_bytes(bytes(data))
+    path, received = agent.ensure_object(config, digest, size)
+    assert received == size  # downloaded again
+    assert agent.sha256_file(path) == digest
+    assert agent.ensure_object(config, digest, size)[1] == 0  # and now used from the cache

@@ -54,6 +54,9 @@ from typing import Any
 CHANNEL = "channel.json"
 SIGNATURE_NAMESPACE = "rover-release"
 CHUNK = 1 << 20
+# channel.json is read up to this size before any check: a publication names a few objects and one small
+# entry per car (about 200 bytes each), so 4 MiB is thousands of cars; more is refused unread.
+MAX_CHANNEL_BYTES = 4 << 20
 
 
 class PullError(Exception):
@@ -138,9 +141,23 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def fetch(url: str, timeout_s: float) -> bytes:
+def fetch(url: str, timeout_s: float, max_bytes: int = MAX_CHANNEL_BYTES) -> bytes:
+    """The body at `url`, refused (PullError) past `max_bytes`: never more than that is held in memory."""
     with urllib.request.urlopen(url, timeout=timeout_s) as response:  # the configured server
-        return bytes(response.read())
+        body = bytes(response.read(max_bytes + 1))
+    if len(body) > max_bytes:
+        raise PullError(f"{url} is larger than {max_bytes} bytes: refused unread")
+    return body
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """JSON, or PullError naming `what` (nesting too deep for the parser included)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise PullError(f"{what} is nested too deeply: refused") from None
+    except ValueError as exc:
+        raise PullError(f"{what} is not JSON: {exc}") from None
 
 
 def verify_channel(config: PullConfig, payload: bytes, signature: str) -> None:
@@ -177,17 +194,16 @@ def verify_channel(config: PullConfig, payload: bytes, signature: str) -> None:
 
 def open_channel(config: PullConfig, raw: bytes) -> dict[str, Any]:
     """The publication inside channel.json, once its signature is verified."""
-    try:
-        envelope = json.loads(raw)
-    except ValueError as exc:
-        raise PullError(f"channel.json is not JSON: {exc}") from exc
+    envelope = load_json(raw, "channel.json")
     if not isinstance(envelope, dict) or envelope.get("format") != 1:
         raise PullError("channel.json is not a format 1 publication")
     payload, signature = envelope.get("payload"), envelope.get("signature")
     if not isinstance(payload, str) or not isinstance(signature, str):
         raise PullError("channel.json has no payload or no signature")
     verify_channel(config, payload.encode(), signature)
-    data = json.loads(payload)
+    data = load_json(payload, "the publication")
+    if not isinstance(data, dict):
+        raise PullError("the publication is not a JSON object")
     for key in ("id", "objects", "bundle", "runtime", "collection", "cars"):
         if key not in data:
             raise PullError(f"the publication has no {key!r}")
@@ -208,8 +224,8 @@ def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int
         raise PullError(f"channel.json names an object {digest!r} that is not a sha256")
     objects = config.state_dir / "objects"
     target = objects / digest
-    if target.is_file() and target.stat().st_size == size:
-        return target, 0
+    if target.is_file() and target.stat().st_size == size and sha256_file(target) == digest:
+        return target, 0  # a cached object is used only when its content is still the one named
     objects.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=objects, prefix=f".{digest}.")
     tmp = Path(tmp_name)
@@ -422,6 +438,8 @@ def run(config: PullConfig) -> int:
 
     try:
         raw = fetch(f"{config.url}/{CHANNEL}", config.timeout_s)
+    except PullError as exc:
+        return finish("refused", str(exc), 1)
     except (urllib.error.URLError, OSError) as exc:
         return finish("unreachable", f"cannot download the publication from {config.url}: {exc}", 0)
     try:
