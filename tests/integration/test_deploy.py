@@ -897,6 +897,20 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
     assert current_release(car(deployed, "car1")) == before
 
 
+def _deploy_car1_in_background(
+    inventory: Path, bundle: Path, soak_s: int, *, new_session: bool = False
+) -> subprocess.Popen[str]:
+    """deploy.yml of `bundle` to car1, forced, with a soak of `soak_s`, started and left running."""
+    return subprocess.Popen(
+        playbook_command(
+            inventory, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundle}",
+            "-e", f"rover_health_soak_s={soak_s}",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(inventory),
+        start_new_session=new_session,
+    )  # fmt: skip
+
+
 def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float = 180) -> str:
     """The release `deploy` switched to, once its runtime runs it (its soak has begun)."""
     deadline = time.monotonic() + timeout
@@ -920,14 +934,7 @@ def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     assert _deploy_car1(deployed, bundles["a"]).rc == 0
     good = current_release(host)
     fresh = make_bundle(tmp_path / "fresh", chunk_size=17)
-    command = playbook_command(
-        deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={fresh}",
-        "-e", "rover_health_soak_s=60",
-    )  # fmt: skip
-    deploy = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env=playbook_env(deployed), start_new_session=True,
-    )  # fmt: skip
+    deploy = _deploy_car1_in_background(deployed, fresh, soak_s=60, new_session=True)
     try:
         deadline = time.monotonic() + 180
         while current_release(host) == good:
@@ -965,13 +972,7 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     good = current_release(host)
     assert releases(host)[good]["state"] == "good"
     fresh = make_bundle(tmp_path / "fresh", chunk_size=16)  # never on this car: a trial release
-    deploy = subprocess.Popen(
-        playbook_command(
-            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={fresh}",
-            "-e", "rover_health_soak_s=120",
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(deployed),
-    )  # fmt: skip
+    deploy = _deploy_car1_in_background(deployed, fresh, soak_s=120)
     try:
         trial = _soaking(host, good, deploy)
         assert releases(host)[trial]["state"] == "trial"
@@ -1039,13 +1040,7 @@ def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
     assert _deploy_car1(deployed, bundles["a"]).rc == 0
     good = current_release(host)
     fresh = make_bundle(tmp_path / "killed", chunk_size=19)
-    deploy = subprocess.Popen(
-        playbook_command(
-            deployed, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={fresh}",
-            "-e", "rover_health_soak_s=30",
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(deployed),
-    )  # fmt: skip
+    deploy = _deploy_car1_in_background(deployed, fresh, soak_s=30)
     try:
         trial = _soaking(host, good, deploy)
         time.sleep(5)
@@ -1084,3 +1079,40 @@ def test_a_car_at_85_degrees_fails_its_gate_naming_the_temperature(
     assert "85" in line, line
     assert current_release(host) == good, line
     _wait_running(host, good)
+
+
+def test_a_car_that_drove_moments_ago_is_skipped(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """The Arduino stops answering (its simulator frozen): the runtime goes to failsafe and stops driving. A
+    deploy a moment later skips the car: it drove less than rover_release_driving_grace_s (10 s) ago, and a
+    brief failsafe does not mean the car is parked."""
+    host = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"]).rc == 0
+    before = current_release(host)
+    other = make_bundle(tmp_path / "other", chunk_size=21)
+    firmware = next(h for h in fleet_state(deployed)["hosts"] if h["name"] == "car1")["firmware"]["pid"]
+    os.kill(firmware, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 20
+        while metrics(host)["driving"]:
+            assert time.monotonic() < deadline, metrics(host)
+            time.sleep(0.2)
+        run = run_playbook(
+            deployed,
+            "deploy.yml",
+            "--limit",
+            "car1",
+            "-e",
+            f"rover_deploy_bundle={other}",
+        )
+        age = metrics(host)["driving_age_s"]
+    finally:
+        os.kill(firmware, signal.SIGCONT)
+    assert run.rc == 0, run.report()  # a skip is not a failure
+    line = _recap_line(run, "car1")
+    assert line.startswith(
+        "SKIPPED: driving (/run/rover/metrics.json: driving, or drove less than 10 s ago)"
+    ), line
+    assert age is not None, "the car never drove"
+    assert current_release(host) == before

@@ -549,6 +549,13 @@ def test_cli_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2
 
 
+def lock(
+    capsys, root: Path, run: str, *extra: str, owner: str = "alice", stale: str = "600"
+) -> tuple[int, dict]:
+    """`lock --run RUN --owner OWNER --stale-after STALE [extra]` in-process."""
+    return call(capsys, root, "lock", "--run", run, "--owner", owner, "--stale-after", stale, *extra)
+
+
 # ---------------------------------------- boots: trial releases and locks from an earlier boot
 
 
@@ -571,11 +578,11 @@ def test_the_real_boot_id_is_read() -> None:
 
 def test_lock_from_an_earlier_boot_is_stale_at_once(tmp_path, capsys, boot):
     root = tmp_path / "r"
-    call(capsys, root, "lock", "--run", "r1", "--owner", "pull@car", "--stale-after", "3600")
-    rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+    lock(capsys, root, "r1", owner="pull@car", stale="3600")
+    rc, out = lock(capsys, root, "r2", owner="bob", stale="3600")
     assert rc == 3  # the same boot: held
     boot("boot-2")
-    rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+    rc, out = lock(capsys, root, "r2", owner="bob", stale="3600")
     assert (rc, out["changed"]) == (0, True), out
     assert out["broke"]["why"] == "it was taken before the car last booted"
     assert out["lock"]["boot_id"] == "boot-2"
@@ -600,12 +607,12 @@ def test_lock_of_a_process_that_ended_is_stale_at_once(tmp_path, capsys, boot):
         )
         assert (rc, out["lock"]["pid"]) == (0, holder.pid)
         assert out["lock"]["pid_start"] == rs.process_start(holder.pid)
-        rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+        rc, out = lock(capsys, root, "r2", owner="bob", stale="3600")
         assert rc == 3, out  # its holder runs
     finally:
         holder.kill()
         holder.wait()
-    rc, out = call(capsys, root, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "3600")
+    rc, out = lock(capsys, root, "r2", owner="bob", stale="3600")
     assert (rc, out["changed"]) == (0, True), out
     assert out["broke"]["why"] == f"its process {holder.pid} has ended"
 
@@ -622,16 +629,14 @@ def test_lock_naming_a_process_reused_by_another_is_stale(tmp_path, capsys, boot
         "pid_start": 1,
     }
     (tmp_path / ".deploy.lock" / "owner.json").write_text(json.dumps(owner))
-    rc, out = call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "bob", "--stale-after", "3600")
+    rc, out = lock(capsys, tmp_path, "r1", owner="bob", stale="3600")
     assert (rc, out["broke"]["why"]) == (0, f"its process {mine} has ended")
 
 
 def test_lock_for_a_process_that_does_not_exist_is_refused_and_leaves_nothing(tmp_path, capsys, boot):
     root = tmp_path / "r"
     root.mkdir()
-    rc, out = call(
-        capsys, root, "lock", "--run", "r1", "--owner", "x", "--stale-after", "9", "--pid", "999999999"
-    )
+    rc, out = lock(capsys, root, "r1", "--pid", "999999999", owner="x", stale="9")
     assert rc == 1
     assert "no such process on this car" in out["error"]
     assert not (root / ".deploy.lock").exists()
@@ -746,34 +751,18 @@ def test_boot_check_without_any_release_does_not_start(tmp_path, capsys, boot):
 
 
 def test_a_busy_lock_says_who_holds_it_as_data(tmp_path, capsys, boot):
-    call(
-        capsys,
-        tmp_path,
-        "lock",
-        "--run",
-        "r1",
-        "--owner",
-        "alice",
-        "--stale-after",
-        "600",
-        "--controller",
-        "ctl:42:7",
-    )
-    rc, out = call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "bob", "--stale-after", "600")
+    lock(capsys, tmp_path, "r1", "--controller", "ctl:42:7")
+    rc, out = lock(capsys, tmp_path, "r2", owner="bob")
     assert rc == 3
     assert out["held"]["run"] == "r1"
     assert out["held"]["controller"] == {"host": "ctl", "pid": 42, "start": 7}
 
 
 def test_take_over_takes_only_the_named_runs_lock(tmp_path, capsys, boot):
-    call(capsys, tmp_path, "lock", "--run", "r1", "--owner", "alice", "--stale-after", "600")
-    rc, out = call(
-        capsys, tmp_path, "lock", "--run", "r3", "--owner", "bob", "--stale-after", "600", "--take-over", "r2"
-    )
+    lock(capsys, tmp_path, "r1")
+    rc, out = lock(capsys, tmp_path, "r3", "--take-over", "r2", owner="bob")
     assert rc == 3  # r1 holds it, not r2: its controller never said r1 ended
-    rc, out = call(
-        capsys, tmp_path, "lock", "--run", "r3", "--owner", "bob", "--stale-after", "600", "--take-over", "r1"
-    )
+    rc, out = lock(capsys, tmp_path, "r3", "--take-over", "r1", owner="bob")
     assert (rc, out["broke"]["run"]) == (0, "r1")
     assert "an interrupted run" in out["broke"]["why"]
 
@@ -785,32 +774,18 @@ def test_a_run_of_this_machine_whose_process_ended_is_stale_at_once(tmp_path, ca
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     me = f"{socket.gethostname()}:{holder.pid}:{rs.process_start(holder.pid)}"
     try:
-        call(
-            capsys,
-            tmp_path,
-            "lock",
-            "--run",
-            "r1",
-            "--owner",
-            "pull",
-            "--stale-after",
-            "600",
-            "--controller",
-            me,
-        )
-        assert call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "b", "--stale-after", "600")[0] == 3
+        lock(capsys, tmp_path, "r1", "--controller", me, owner="pull")
+        assert lock(capsys, tmp_path, "r2", owner="b")[0] == 3
     finally:
         holder.kill()
         holder.wait()
-    rc, out = call(capsys, tmp_path, "lock", "--run", "r2", "--owner", "b", "--stale-after", "600")
+    rc, out = lock(capsys, tmp_path, "r2", owner="b")
     assert (rc, out["broke"]["why"]) == (0, f"its run's process {holder.pid} has ended")
 
 
 @pytest.mark.parametrize("bad", ["ctl", "ctl:1", "ctl:x:1", ":1:2", "ctl:1:-2"])
 def test_a_malformed_controller_process_is_refused(tmp_path, capsys, bad):
-    rc, out = call(
-        capsys, tmp_path, "lock", "--run", "r1", "--owner", "a", "--stale-after", "6", "--controller", bad
-    )
+    rc, out = lock(capsys, tmp_path, "r1", "--controller", bad, owner="a", stale="6")
     assert rc == 1
     assert "is not <host>:<pid>:<start ticks>" in out["error"]
     assert not (tmp_path / ".deploy.lock").exists()
