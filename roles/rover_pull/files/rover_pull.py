@@ -114,17 +114,18 @@ def now_iso() -> str:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic and durable: a temporary file in the same directory, fsynced, renamed, the directory fsynced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -251,7 +252,7 @@ def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int
                 f"object {digest[:12]} does not match channel.json ({received} bytes, sha256 "
                 f"{digest_of.hexdigest()[:12]}): refused"
             )
-        os.replace(tmp, target)
+        tmp.replace(target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -273,8 +274,8 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str, Path]) -> Path:
-    """<state>/work/<id>/: the bundle, the wheel and its code, the collection, the car's inventory and vars."""
-    work = config.state_dir / "work" / channel["id"]
+    """<state>/work/<id>/: the bundle, the wheel and its code, the collection, this car's inventory, vars."""
+    work: Path = config.state_dir / "work" / str(channel["id"])
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     bundle = work / "bundle"

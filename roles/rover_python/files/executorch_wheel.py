@@ -24,7 +24,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -61,8 +60,8 @@ def compiler_for(arch: str, requested: str | None) -> str:
     cross = CROSS_COMPILERS[arch]
     if shutil.which(cross) is None:
         raise BuildError(
-            f"no C++ compiler for {arch}: {cross} is not installed (Debian: apt-get install g++-{arch.replace('_', '-')}-linux-gnu; "
-            "scripts/bootstrap.sh installs it)"
+            f"no C++ compiler for {arch}: {cross} is not installed (Debian: apt-get install "
+            f"g++-{arch.replace('_', '-')}-linux-gnu; scripts/bootstrap.sh installs it)"
         )
     return cross
 
@@ -74,9 +73,19 @@ def download_executorch(version: str, arch: str, dest: Path) -> Path:
     if wheels:
         return wheels[0]
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-        f"--platform=manylinux_2_28_{arch}", "--python-version=3.13", "--implementation=cp",
-        "--dest", str(dest), f"executorch=={version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        f"--platform=manylinux_2_28_{arch}",
+        "--python-version=3.13",
+        "--implementation=cp",
+        "--dest",
+        str(dest),
+        f"executorch=={version}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(dest.glob(f"executorch-{version}-*{arch}.whl"))
@@ -93,8 +102,14 @@ def wheel_version(wheel: Path) -> str:
 def build_key(executorch_wheel: Path, compiler: str, arch: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), hashlib.sha256(executorch_wheel.read_bytes()).digest(),
-                 version.encode(), arch.encode(), " ".join(DEFINES).encode(), Path(__file__).read_bytes()):
+    for part in (
+        SOURCE.read_bytes(),
+        hashlib.sha256(executorch_wheel.read_bytes()).digest(),
+        version.encode(),
+        arch.encode(),
+        " ".join(DEFINES).encode(),
+        Path(__file__).read_bytes(),
+    ):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 
@@ -103,12 +118,24 @@ def compile_shim(compiler: str, root: Path, out: Path) -> None:
     include = root / "executorch" / "include"
     lib = root / "executorch" / "lib"
     command = [
-        compiler, "-std=c++17", "-O2", "-fPIC", "-shared", *DEFINES,
-        f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}",
-        "-o", str(out), str(SOURCE), f"-L{lib}",
+        compiler,
+        "-std=c++17",
+        "-O2",
+        "-fPIC",
+        "-shared",
+        *DEFINES,
+        f"-I{include}",
+        f"-I{include / 'executorch/runtime/core/portable_type/c10'}",
+        "-o",
+        str(out),
+        str(SOURCE),
+        f"-L{lib}",
         # Link every library (their static constructors register the XNNPACK backend and the kernels).
-        "-Wl,--no-as-needed", *(f"-l{name[3:-3]}" for name in LIBRARIES), "-Wl,--as-needed",
-        "-Wl,-rpath,$ORIGIN", "-s",
+        "-Wl,--no-as-needed",
+        *(f"-l{name[3:-3]}" for name in LIBRARIES),
+        "-Wl,--as-needed",
+        "-Wl,-rpath,$ORIGIN",
+        "-s",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -143,7 +170,9 @@ def write_wheel(files: dict[str, bytes], version: str, arch: str, out: Path) -> 
             archive.writestr(info, data)
 
 
-def build(arch: str, out_dir: Path, executorch_wheel: Path | None, version: str, compiler: str | None) -> dict[str, object]:
+def build(
+    arch: str, out_dir: Path, executorch_wheel: Path | None, version: str, compiler: str | None
+) -> dict[str, object]:
     if arch not in ARCHES:
         raise BuildError(f"unknown architecture {arch!r} ({', '.join(ARCHES)})")
     if not SOURCE.is_file():
@@ -157,7 +186,7 @@ def build(arch: str, out_dir: Path, executorch_wheel: Path | None, version: str,
         if not executorch_wheel.name.endswith(f"_{arch}.whl"):
             raise BuildError(f"{executorch_wheel.name} is not an executorch wheel for {arch}")
         key = build_key(executorch_wheel, cxx, arch)
-        # The local version names the build, so a car's wheelhouse (keyed by its requirements) changes with it.
+        # The local version names the build: a car's wheelhouse (keyed by its requirements) changes with it.
         executorch_version = wheel_version(executorch_wheel)
         version = f"{executorch_version}+rover{key[:12]}"
         wheel = out_dir / f"rover_executorch-{version}-py3-none-manylinux_2_28_{arch}.whl"
@@ -165,25 +194,31 @@ def build(arch: str, out_dir: Path, executorch_wheel: Path | None, version: str,
             return {"changed": False, "wheel": str(wheel), "version": version}
         root = work / "executorch-wheel"
         with zipfile.ZipFile(executorch_wheel) as archive:
-            members = [n for n in archive.namelist()
-                       if n.startswith("executorch/include/") or n in {f"executorch/lib/{lib}" for lib in LIBRARIES}]
+            members = [
+                n
+                for n in archive.namelist()
+                if n.startswith("executorch/include/") or n in {f"executorch/lib/{lib}" for lib in LIBRARIES}
+            ]
             missing = [lib for lib in LIBRARIES if f"executorch/lib/{lib}" not in members]
             if missing:
                 raise BuildError(f"{executorch_wheel.name} lacks {', '.join(missing)}")
             archive.extractall(root, members)
         shim = work / "librover_et.so"
         compile_shim(cxx, root, shim)
-        files = {f"rover_executorch/{lib}": (root / "executorch" / "lib" / lib).read_bytes() for lib in LIBRARIES}
+        files = {
+            f"rover_executorch/{lib}": (root / "executorch" / "lib" / lib).read_bytes() for lib in LIBRARIES
+        }
         files["rover_executorch/librover_et.so"] = shim.read_bytes()
         files["rover_executorch/__init__.py"] = (
-            f'"""ExecuTorch {executorch_version}\'s runtime libraries and librover_et.so, their C interface (no torch)."""\n\n'
+            f'"""ExecuTorch {executorch_version}\'s runtime libraries and librover_et.so, their C interface '
+            '(no torch)."""\n\n'
             "from pathlib import Path\n\n"
             f'EXECUTORCH_VERSION = "{executorch_version}"\n'
             'LIBRARY = Path(__file__).with_name("librover_et.so")\n'
         ).encode()
         staged = work / wheel.name
         write_wheel(files, version, arch, staged)
-        os.replace(staged, wheel)
+        staged.replace(wheel)
         for old in out_dir.glob(f"rover_executorch-*_{arch}.whl"):
             if old != wheel:
                 old.unlink()
@@ -196,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--executorch-wheel", type=Path)
     parser.add_argument("--executorch-version", default="1.5.1")
-    parser.add_argument("--compiler", help="the C++ compiler (default: g++ natively, else the cross compiler)")
+    parser.add_argument(
+        "--compiler", help="the C++ compiler (default: g++ natively, else the cross compiler)"
+    )
     args = parser.parse_args(argv)
     try:
         result = build(args.arch, args.out, args.executorch_wheel, args.executorch_version, args.compiler)

@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         message = (
-            f"cannot fetch the wheelhouse from {args.url}: {reason}; check that the car reaches the controller "
-            "(rover_python_wheelhouse_http_url, a firewall on the controller), or use "
+            f"cannot fetch the wheelhouse from {args.url}: {reason}; check that the car reaches the "
+            "controller (rover_python_wheelhouse_http_url, a firewall on the controller), or use "
             "rover_python_wheelhouse_transfer=copy"
         )
     else:

@@ -79,7 +79,7 @@ def serve(root: Path, bind: str, port: int, ready_file: Path, idle_exit: float) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="serve_wheelhouses.py", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--bind", default="0.0.0.0")  # noqa: S104 - the cars are on the LAN
+    parser.add_argument("--bind", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--idle-exit", type=float, default=600.0)

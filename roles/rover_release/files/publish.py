@@ -16,7 +16,8 @@ lacks. channel.json is replaced atomically (written beside, fsynced, renamed) af
 in place: a car reads the old publication or the new one, never a mix.
 
     publish.py --root DIR --bundle DIR --bundle-signature FILE --wheel FILE --runtime-key KEY
-               --collection FILE --inventory FILE --hosts CAR,CAR --signing-key FILE [--publisher TEXT] [--keep N]
+               --collection FILE --inventory FILE --hosts CAR,CAR --signing-key FILE [--publisher TEXT]
+               [--keep N]
 
 --inventory: the output of `ansible-inventory --list` (variables as written in the inventory, not rendered:
 the car renders them, as a push would). Prints one JSON line (the publication id, its objects' bytes, the
@@ -99,16 +100,16 @@ def normalized(collection: Path) -> bytes:
     MANIFEST.json, FILES.json and gzip header with the build time, so unchanged content would otherwise be a
     new object (and a new download for every car) at every publication."""
     buffer = io.BytesIO()
-    with tarfile.open(collection) as source:
-        with (
-            gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as packed,
-            tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as out,
-        ):
-            for member in source.getmembers():
-                data = source.extractfile(member) if member.isfile() else None
-                member.mtime = 0
-                member.pax_headers = {}
-                out.addfile(member, data)
+    with (
+        tarfile.open(collection) as source,
+        gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as packed,
+        tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as out,
+    ):
+        for member in source.getmembers():
+            data = source.extractfile(member) if member.isfile() else None
+            member.mtime = 0
+            member.pax_headers = {}
+            out.addfile(member, data)
     return buffer.getvalue()
 
 
@@ -128,8 +129,7 @@ def bundle_files(bundle: Path) -> list[Path]:
     manifest = bundle / "manifest.json"
     if not manifest.is_file():
         raise PublishError(f"{bundle} is not a bundle: no manifest.json")
-    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json.sig")
-    return files
+    return sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "manifest.json.sig")
 
 
 def cars_from_inventory(inventory: dict[str, Any], hosts: list[str]) -> dict[str, dict[str, Any]]:
@@ -175,8 +175,15 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     bundle_entry["manifest.json.sig"] = objects.add_bytes(args.bundle_signature.read_bytes())
     content = {
         "bundle": {"files": bundle_entry},
-        "runtime": {"wheel": args.wheel.name, "sha256": objects.add_file(args.wheel), "key": args.runtime_key},
-        "collection": {"file": args.collection.name, "sha256": objects.add_bytes(normalized(args.collection))},
+        "runtime": {
+            "wheel": args.wheel.name,
+            "sha256": objects.add_file(args.wheel),
+            "key": args.runtime_key,
+        },
+        "collection": {
+            "file": args.collection.name,
+            "sha256": objects.add_bytes(normalized(args.collection)),
+        },
         "cars": {
             name: objects.add_bytes(json.dumps(entry, sort_keys=True, indent=1).encode())
             for name, entry in sorted(cars.items())

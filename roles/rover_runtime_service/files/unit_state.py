@@ -50,7 +50,9 @@ def read_fact(path: str) -> Any:
         return None
 
 
-def unit_state(unit: str, unit_file: str, modules_load: str, engines_fact: str, boot_check: str) -> dict[str, Any]:
+def unit_state(
+    unit: str, unit_file: str, modules_load: str, engines_fact: str, boot_check: str
+) -> dict[str, Any]:
     version = int(systemctl("--version").splitlines()[0].split()[1])
     shown = dict(
         line.split("=", 1)
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unit-file", required=True)
     parser.add_argument("--modules-load", required=True)
     parser.add_argument("--engines-fact", required=True)
-    parser.add_argument("--boot-check", required=True, help="the release check the unit runs before each start")
+    parser.add_argument(
+        "--boot-check", required=True, help="the release check the unit runs before each start"
+    )
     args = parser.parse_args(argv)
     try:
         state = unit_state(args.unit, args.unit_file, args.modules_load, args.engines_fact, args.boot_check)
