@@ -26,7 +26,7 @@ from rover_runtime.config import RuntimeConfig, make_serial_link
 from rover_runtime.drive import InputError, InputPlan, describe_plan, make_cameras, plan_inputs
 from rover_runtime.parts.car import missing_features
 from rover_runtime.policy import BundlePolicy, PolicyError, load_policy
-from rover_runtime.thermal import read_thermal
+from rover_runtime.thermal import THROTTLE_FLAGS, read_thermal
 
 CAMERA_SECONDS = 1.0
 
@@ -85,10 +85,19 @@ def run_check(
 
     thermal = read_thermal()
     too_hot = thermal.temperature_c is not None and thermal.temperature_c > max_temp_c
+    thermal_problems = []
+    if too_hot:
+        thermal_problems.append(
+            f"the SoC is at {thermal.temperature_c:.1f} °C, above the {max_temp_c:g} °C limit"
+        )
+    if thermal.throttled_now and thermal.throttled is not None:
+        flags = [name for bit, name in THROTTLE_FLAGS.items() if bit < 4 and thermal.throttled & (1 << bit)]
+        thermal_problems.append(f"throttled now ({thermal.throttled:#x}: {', '.join(flags)})")
     checks["thermal"] = {
-        "ok": not too_hot and not thermal.throttled_now,
+        "ok": not thermal_problems,
         "max_temp_c": max_temp_c,
         **thermal.to_dict(),
+        **({"error": "; ".join(thermal_problems)} if thermal_problems else {}),
     }
 
     if not test_camera:

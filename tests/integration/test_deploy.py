@@ -1053,7 +1053,7 @@ def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
     assert deploy.returncode != 0, out[-3000:]
     line = _recap_line(PlaybookRun(deploy.returncode, out), "car1")
     assert line.startswith("FAILED: "), line
-    assert "the unit restarted during the soak" in line, line
+    assert "the unit restarted during the soak" in line, line  # and, when it was seen down, how it ended
     assert f"rolled back to release {good}" in line, line
     assert current_release(host) == good
     assert releases(host)[trial]["state"] == "bad"
@@ -1076,7 +1076,7 @@ def test_a_car_at_85_degrees_fails_its_gate_naming_the_temperature(
         set_thermal(fleet, "car1", DEFAULT_THERMAL)
     assert run.rc != 0, run.report()
     line = _recap_line(run, "car1")
-    assert "85" in line, line
+    assert "thermal: the SoC is at 85.0 °C, above the 80 °C limit" in line, line
     assert current_release(host) == good, line
     _wait_running(host, good)
 

@@ -280,6 +280,47 @@ def test_a_restart_during_the_soak(healthy: dict[str, Any]) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"ActiveState": "active", "SubState": "running"}, None),
+        (
+            {
+                "ActiveState": "activating",
+                "SubState": "auto-restart",
+                "ExecMainCode": "2",
+                "ExecMainStatus": "9",
+            },
+            "the unit restarted during the soak: its process was killed by signal 9 (SIGKILL) "
+            "(rover-runtime.service is activating/auto-restart (exit status 9))",
+        ),
+        (
+            {"ActiveState": "failed", "SubState": "failed", "ExecMainCode": "1", "ExecMainStatus": "1"},
+            "the unit stopped during the soak: its process exited with status 1 "
+            "(rover-runtime.service is failed/failed (exit status 1))",
+        ),
+        (
+            {
+                "ActiveState": "activating",
+                "SubState": "auto-restart",
+                "ExecMainCode": "3",
+                "ExecMainStatus": "6",
+            },
+            "the unit restarted during the soak: its process was killed by signal 6 (SIGABRT) "
+            "(rover-runtime.service is activating/auto-restart (exit status 6))",
+        ),
+        (
+            {"ActiveState": "inactive", "SubState": "dead", "ExecMainCode": "1", "ExecMainStatus": "0"},
+            "the unit stopped during the soak: its process ended "
+            "(rover-runtime.service is inactive/dead (exit status 0))",
+        ),
+    ],
+)
+def test_a_process_that_ended_during_the_soak_is_named(state: dict[str, str], expected: str | None) -> None:
+    problems = gate.stopped_problems({**UNIT, **state}, "rover-runtime")
+    assert problems == ([] if expected is None else [expected])
+
+
 def test_a_soak_without_fresh_replies_or_inferences(healthy: dict[str, Any]) -> None:
     last = advanced(healthy, replies=0, inferences=0)
     assert gate.soak_problems(healthy, last, UNIT, UNIT) == [

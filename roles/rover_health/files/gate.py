@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ UNIT_PROPERTIES = (
     "NRestarts",
     "InvocationID",
     "ExecMainStatus",
+    "ExecMainCode",
     "MainPID",
 )
 
@@ -343,6 +345,24 @@ def restart_problems(
     return [f"the unit restarted during the soak ({', '.join(changes)})"]
 
 
+def stopped_problems(state: dict[str, str], unit: str) -> list[str]:
+    """The unit's process ended during the soak (the unit is down, or waiting to restart): how it ended."""
+    if not unit_is_down(state):
+        return []
+    code, status = state.get("ExecMainCode", ""), state.get("ExecMainStatus", "")
+    if code in {"2", "3"} and status.isdigit():  # CLD_KILLED, CLD_DUMPED: the status is the signal
+        try:
+            how = f"was killed by signal {status} ({signal.Signals(int(status)).name})"
+        except ValueError:
+            how = f"was killed by signal {status}"
+    elif status not in {"", "0"}:
+        how = f"exited with status {status}"
+    else:
+        how = "ended"
+    verb = "restarted" if state.get("SubState") == "auto-restart" else "stopped"
+    return [f"the unit {verb} during the soak: its process {how} ({unit_problems(state, unit)[0]})"]
+
+
 def soak_problems(
     first: dict[str, Any],
     last: dict[str, Any],
@@ -577,8 +597,12 @@ def run_gate(args: argparse.Namespace) -> dict[str, Any]:
         last = observe(args, expect)
         samples += 1
         problems = list(last.problems)
-        if last.metrics is not None and "error" not in last.unit:
-            problems += restart_problems(first_unit, last.unit, first.get("pid"), last.metrics.get("pid"))
+        if "error" not in last.unit:
+            stopped = stopped_problems(last.unit, args.unit)
+            if stopped:  # the cause first: the runtime's process ended during the soak
+                problems = stopped + problems
+            elif last.metrics is not None:
+                problems += restart_problems(first_unit, last.unit, first.get("pid"), last.metrics.get("pid"))
         if problems:
             reason = failure_reason(problems, last.unit, args.unit)
             summary = summarize(first, last.metrics, last.unit)
