@@ -686,8 +686,10 @@ def cmd_switch(root: Path, rid: str) -> JSON:
             if release.state != "good" and (release.state != "trial" or release.activated_boot != boot_id()):
                 _activate(release)
             return {"changed": False, "previous": previous, "current": rid}
-        _replace_current(root, want)
+        # The status first: a power cut between the two leaves `current` on the old release (this one merely
+        # marked as a trial), never `current` on a release whose status does not say it is on trial.
         _activate(release)
+        _replace_current(root, want)
         return {"changed": True, "previous": previous, "current": rid}
 
 
