@@ -1,0 +1,5 @@
+import sys
+
+from fleet_keys.cli import main
+
+sys.exit(main())
