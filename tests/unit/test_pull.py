@@ -392,3 +392,21 @@ def test_a_cached_object_changed_on_the_car_is_downloaded_again(
     assert received == size  # downloaded again
     assert agent.sha256_file(path) == digest
     assert agent.ensure_object(config, digest, size)[1] == 0  # and now used from the cache
+
+
+def test_the_deploys_result_is_read_from_its_results_file(tmp_path: Path) -> None:
+    results = {"cars": {"car1": {"status": "locked", "message": "deploy lock held by someone"}}}
+    (tmp_path / agent.RESULTS).write_text(json.dumps(results))
+    assert agent.deploy_result(tmp_path, "car1", "ok: [car1] car1: ok: looks fine") == agent.Applied(
+        "locked", "deploy lock held by someone"
+    )
+    # No result for this car, or none at all (the deploy crashed): failed, with the end of its output.
+    for text in (json.dumps({"cars": {}}), "{torn", None):
+        if text is None:
+            (tmp_path / agent.RESULTS).unlink()
+        else:
+            (tmp_path / agent.RESULTS).write_text(text)
+        applied = agent.deploy_result(tmp_path, "car1", "line 1\nERROR! the playbook crashed\n")
+        assert applied == agent.Applied(
+            "failed", "the deploy wrote no result: line 1 / ERROR! the playbook crashed"
+        )
