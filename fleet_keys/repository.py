@@ -21,8 +21,6 @@ within a week.
 from __future__ import annotations
 
 import datetime
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from securesystemslib.signer import SSlibKey
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from fleet_keys.keys import ONLINE_ROLES, ROLES, KeyStore, KeyStoreError
+from rover_runtime.metrics import write_bytes_atomic
 
 SOON = datetime.timedelta(days=7)
 
@@ -107,24 +106,7 @@ class Repository:
     # --- writing ------------------------------------------------------------------------------------------
 
     def _write(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            tmp.chmod(0o644)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_bytes_atomic(path, data, durable=True)
 
     def _sign(self, md: Metadata[Any], role: str, keys: list[SSlibKey], passphrase: bytes | None) -> bytes:
         for index, key in enumerate(keys):

@@ -25,12 +25,17 @@ log = logging.getLogger(__name__)
 def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False) -> None:
     """Replace `path` with `data` as JSON in one rename: readers see the old file or the new one, never a
     part. `durable`: also fsync the file and its directory, so the new file survives a power cut."""
+    text = json.dumps(data, indent=1, sort_keys=True, default=str) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), durable=durable)
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Replace `path` with `data` in one rename (0644); `durable` as for write_json_atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True, default=str)
-            stream.write("\n")
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
             if durable:
                 stream.flush()
                 os.fsync(stream.fileno())
