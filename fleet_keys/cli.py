@@ -5,12 +5,13 @@
     python -m fleet_keys [--repo DIR] [--keys DIR] publish NAME FILE [--custom JSON]
     python -m fleet_keys [--repo DIR] [--keys DIR] refresh         re-sign what expires soon (a daily timer)
     python -m fleet_keys [--repo DIR] [--keys DIR] rotate ROLE     a new key for ROLE (the old one is dropped)
+    python -m fleet_keys [--repo DIR] [--keys DIR] add-key ROLE    one more key for ROLE (a spare)
     python -m fleet_keys [--repo DIR] [--keys DIR] revoke KEYID    remove one key (a lost or stolen one)
 
-The root key's passphrase is asked for (or read from $ROVER_ROOT_PASSPHRASE) by init, rotate and revoke, the
-only commands that sign root metadata. --repo defaults to out/publish/repository (served to the cars with
-the publication), --keys to $ROVER_KEYS or ~/.config/rover/keys (never beside the caches). Exit 0 when done,
-2 with one line on stderr when refused.
+The root key's passphrase is asked for (or read from $ROVER_ROOT_PASSPHRASE) by init, rotate, add-key and
+revoke, the only commands that sign root metadata. --repo defaults to out/publish/repository (served to the
+cars with the publication), --keys to $ROVER_KEYS or ~/.config/rover/keys (never beside the caches). Exit 0
+when done, 2 with one line on stderr when refused.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("refresh", help="re-sign the timestamp (and what expires within a week)")
     p = sub.add_parser("rotate", help="replace ROLE's key")
     p.add_argument("role", choices=ROLES)
+    p = sub.add_parser("add-key", help="one more key for ROLE")
+    p.add_argument("role", choices=ROLES)
     p = sub.add_parser("revoke", help="remove a key from the root")
     p.add_argument("keyid", help="a key id or a unique prefix of one (status lists them)")
     args = parser.parse_args(argv)
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             result = {"signed": repo.refresh()}
         elif args.command == "rotate":
             key = repo.rotate(args.role, _passphrase(confirm=False))
+            result = {"role": args.role, "new_key": key.keyid[:16], "root_version": repo.root().version}
+        elif args.command == "add-key":
+            key = repo.add_key(args.role, _passphrase(confirm=False))
             result = {"role": args.role, "new_key": key.keyid[:16], "root_version": repo.root().version}
         else:
             role, key = repo.revoke(args.keyid, _passphrase(confirm=False))

@@ -224,6 +224,19 @@ class Repository:
             self.keys.remove(key)
         return new
 
+    def add_key(self, role: str, root_passphrase: bytes) -> SSlibKey:
+        """One more key for `role` in a new root version: a spare to switch to, or one for a second operator.
+        Either key's signatures count (threshold 1)."""
+        if role not in ROLES:
+            raise RepositoryError(f"{role!r} is not a role: one of {', '.join(ROLES)}")
+        root = self.root()
+        signers = self.role_keys("root")
+        new = self.keys.create(role, root_passphrase if role == "root" else None)
+        root.add_key(new, role)
+        root.version += 1
+        self._write_root(root, signers + ([new] if role == "root" else []), root_passphrase)
+        return new
+
     def revoke(self, keyid_prefix: str, root_passphrase: bytes) -> tuple[str, SSlibKey]:
         """Remove one key from the root (a lost or stolen key): every car refuses its signatures once it has
         the new root. A role's last key cannot be revoked: rotate it instead."""

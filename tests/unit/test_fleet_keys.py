@@ -155,6 +155,31 @@ def test_rotating_the_root_key_keeps_cars_that_hold_the_old_root(
     assert json.loads((car.directory / "metadata" / "root.json").read_text())["signed"]["version"] == 3
 
 
+def test_a_revoked_key_is_refused_by_the_car(served: tuple[Repository, str], tmp_path: Path) -> None:
+    """A second targets key, then the first one revoked (it was stolen): the car, once it has the new root,
+    refuses what the stolen key signs and accepts what the remaining key signs."""
+    repo, url = served
+    car = _car(tmp_path, repo, url)
+    car.check()
+    stolen_key = repo.role_keys("targets")[0]
+    thief = tmp_path / "stolen"
+    shutil.copytree(repo.keys.directory, thief)
+    spare = repo.add_key("targets", PASSPHRASE)
+    role, revoked = repo.revoke(stolen_key.keyid[:12], PASSPHRASE)
+    assert (role, revoked.keyid) == ("targets", stolen_key.keyid)
+    assert [k.keyid for k in repo.role_keys("targets")] == [spare.keyid]
+    repo.publish("publication.json", b"signed by the spare", {})
+    assert car.publication()[0] == b"signed by the spare"
+    md = Metadata.from_bytes(repo._latest("targets")[1])  # noqa: SLF001
+    assert isinstance(md.signed, Targets)
+    md.signed.version += 1
+    md.sign(KeyStore(thief).signer(stolen_key))
+    repo._write(repo.metadata_dir / f"{md.signed.version}.targets.json", md.to_bytes())  # noqa: SLF001
+    repo._snapshot_and_timestamp(md.to_bytes(), md.signed.version)  # noqa: SLF001
+    with pytest.raises(exceptions.UnsignedMetadataError):
+        car.check()
+
+
 def test_the_last_key_of_a_role_cannot_be_revoked(served: tuple[Repository, str]) -> None:
     repo, _ = served
     keyid = repo.role_keys("targets")[0].keyid
