@@ -75,6 +75,17 @@ def _car(tmp_path: Path, repo: Repository, url: str) -> Car:
     return Car(tmp_path / "car", url, (repo.metadata_dir / "root.json").read_bytes())
 
 
+def _serve_targets_signed_by(repo: Repository, signer: Any) -> None:
+    """What a thief holding `signer` (a targets key) and the server's online keys can serve: a new targets
+    version signed by that key, with a snapshot and timestamp naming it."""
+    md = Metadata.from_bytes(repo._latest("targets")[1])
+    assert isinstance(md.signed, Targets)
+    md.signed.version += 1
+    md.sign(signer)
+    repo._write(repo.metadata_dir / f"{md.signed.version}.targets.json", md.to_bytes())
+    repo._snapshot_and_timestamp(md.to_bytes(), md.signed.version)
+
+
 def test_a_car_gets_each_new_publication(served: tuple[Repository, str], tmp_path: Path) -> None:
     repo, url = served
     car = _car(tmp_path, repo, url)
@@ -132,13 +143,7 @@ def test_a_rotated_key_is_refused_after_the_root_update(
     repo.publish("publication.json", b"legit", {})
     assert car.publication()[0] == b"legit"  # the car walked to root v2 and trusts the new key
     # The thief signs new targets with the old key; the server's online snapshot/timestamp keys go along.
-    stolen = KeyStore(thief).signer(old_targets_key)
-    md = Metadata.from_bytes(repo._latest("targets")[1])
-    assert isinstance(md.signed, Targets)
-    md.signed.version += 1
-    md.sign(stolen)
-    repo._write(repo.metadata_dir / f"{md.signed.version}.targets.json", md.to_bytes())
-    repo._snapshot_and_timestamp(md.to_bytes(), md.signed.version)
+    _serve_targets_signed_by(repo, KeyStore(thief).signer(old_targets_key))
     with pytest.raises(exceptions.UnsignedMetadataError):
         car.check()
 
@@ -170,12 +175,7 @@ def test_a_revoked_key_is_refused_by_the_car(served: tuple[Repository, str], tmp
     assert [k.keyid for k in repo.role_keys("targets")] == [spare.keyid]
     repo.publish("publication.json", b"signed by the spare", {})
     assert car.publication()[0] == b"signed by the spare"
-    md = Metadata.from_bytes(repo._latest("targets")[1])  # noqa: SLF001
-    assert isinstance(md.signed, Targets)
-    md.signed.version += 1
-    md.sign(KeyStore(thief).signer(stolen_key))
-    repo._write(repo.metadata_dir / f"{md.signed.version}.targets.json", md.to_bytes())  # noqa: SLF001
-    repo._snapshot_and_timestamp(md.to_bytes(), md.signed.version)  # noqa: SLF001
+    _serve_targets_signed_by(repo, KeyStore(thief).signer(stolen_key))
     with pytest.raises(exceptions.UnsignedMetadataError):
         car.check()
 
