@@ -16,6 +16,7 @@ from typing import Any
 
 import testinfra
 
+from fleet_keys.keys import default_key_dir
 from rover_runtime.bundle import open_bundle
 from rover_runtime.testing import write_tiny_bundle
 
@@ -211,9 +212,9 @@ def journal(host: Any) -> str:
 
 
 def signing_key() -> Path:
-    """The controller's bundle signing key the deploy and provisioning use by default (role rover_release)."""
-    cache = Path(os.environ.get("ROVER_CACHE") or Path.home() / ".cache" / "rover")
-    return cache / "keys" / "rover-bundle-signing"
+    """The controller's bundle signing key the deploy and provisioning use by default (role rover_release):
+    in the private key directory, beside fleet_keys' update keys."""
+    return default_key_dir() / "rover-bundle-signing"
 
 
 def sign_manifest(bundle: Path, key: Path) -> Path:
