@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -924,6 +925,24 @@ def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float
         time.sleep(0.5)
 
 
+def _cut_the_soak(
+    host: Any, good: str, deploy: subprocess.Popen[str], after_s: float, cut: Callable[[], object]
+) -> tuple[str, str]:
+    """`cut()` `after_s` into the soak of the release `deploy` switched to; (that release, the deploy's output
+    once it ended). The deploy is killed if anything goes wrong before it ends by itself."""
+    try:
+        trial = _soaking(host, good, deploy)
+        assert releases(host)[trial]["state"] == "trial"
+        time.sleep(after_s)
+        cut()
+        out, _ = deploy.communicate(timeout=300)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.communicate()
+    return trial, out
+
+
 def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     deployed: Path, bundles: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -973,16 +992,7 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     assert releases(host)[good]["state"] == "good"
     fresh = make_bundle(tmp_path / "fresh", chunk_size=16)  # never on this car: a trial release
     deploy = _deploy_car1_in_background(deployed, fresh, soak_s=120)
-    try:
-        trial = _soaking(host, good, deploy)
-        assert releases(host)[trial]["state"] == "trial"
-        time.sleep(3)
-        power_off(fleet, "car1")
-        out, _ = deploy.communicate(timeout=300)
-    finally:
-        if deploy.poll() is None:
-            deploy.kill()
-            deploy.communicate()
+    trial, out = _cut_the_soak(host, good, deploy, 3, lambda: power_off(fleet, "car1"))
     assert deploy.returncode != 0, out[-3000:]
     power_on(fleet, "car1")
     host = car(deployed, "car1")
@@ -1041,15 +1051,9 @@ def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
     good = current_release(host)
     fresh = make_bundle(tmp_path / "killed", chunk_size=19)
     deploy = _deploy_car1_in_background(deployed, fresh, soak_s=30)
-    try:
-        trial = _soaking(host, good, deploy)
-        time.sleep(5)
-        host.check_output("systemctl kill --signal=SIGKILL rover-runtime")
-        out, _ = deploy.communicate(timeout=300)
-    finally:
-        if deploy.poll() is None:
-            deploy.kill()
-            deploy.communicate()
+    trial, out = _cut_the_soak(
+        host, good, deploy, 5, lambda: host.check_output("systemctl kill --signal=SIGKILL rover-runtime")
+    )
     assert deploy.returncode != 0, out[-3000:]
     line = _recap_line(PlaybookRun(deploy.returncode, out), "car1")
     assert line.startswith("FAILED: "), line

@@ -650,25 +650,15 @@ def cmd_publish(root: Path, src_arg: str, dst_arg: str) -> JSON:
 def _activate(release: Release) -> None:
     """Record that `release` became `current` in this boot: a good release stays good (it passed its gate
     before); anything else is a trial until its gate passes (its earlier reason is kept for the record)."""
-    now = time.time()
-    if release.status_ok and release.state == "good":
-        _write_status(
-            release,
-            state="good",
-            reason=release.reason,
-            activated_at=now,
-            gated_at=release.gated_at,
-            activated_boot=boot_id(),
-        )
-    else:
-        _write_status(
-            release,
-            state="trial",
-            reason=release.reason,
-            activated_at=now,
-            gated_at=None,
-            activated_boot=boot_id(),
-        )
+    good = release.status_ok and release.state == "good"
+    _write_status(
+        release,
+        state="good" if good else "trial",
+        reason=release.reason,
+        activated_at=time.time(),
+        gated_at=release.gated_at if good else None,
+        activated_boot=boot_id(),
+    )
 
 
 def cmd_switch(root: Path, rid: str) -> JSON:
