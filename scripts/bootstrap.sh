@@ -71,6 +71,9 @@ stamp="$venv/.rover-deps"
 want=$(sha256sum "$lock" | cut -d' ' -f1)
 if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   python=$(find_python)
+  # The interpreter a venv was made from, not the venv's own (which `rm -rf` is about to delete): with
+  # this venv's bin first on PATH, python3.13 is the venv's.
+  python=$("$python" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')
   echo "==> creating the venv in $venv with $python ($("$python" -V)); lerobot + torch: a few minutes the first time"
   # Always from scratch; the stamp is written last, so an interrupted install is redone by the next run.
   rm -rf "$venv"
