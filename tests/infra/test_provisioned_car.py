@@ -202,10 +202,7 @@ def test_car_trusts_the_bundle_signing_key(host: Any, settings: dict[str, Any]) 
     keys = [line for line in allowed.content_string.splitlines() if line and not line.startswith("#")]
     assert len(keys) == 1 + len(settings["rover_release_trusted_keys"])
     identity = settings["rover_release_signer_identity"]
-    # Bundle signatures, and pull mode's publications (signed with the same key).
-    namespaces = (
-        f"{settings['rover_release_signature_namespace']},{settings['rover_release_publication_namespace']}"
-    )
-    prefix = f'{identity} namespaces="{namespaces}" '
+    # Bundle signatures only: pull mode's publications are signed by the update repository's keys (TUF).
+    prefix = f'{identity} namespaces="{settings["rover_release_signature_namespace"]}" '
     assert all(line.startswith(prefix + "ssh-") for line in keys), keys
     assert host.exists("ssh-keygen")

@@ -1,14 +1,18 @@
-"""Pull mode's two ends without a car: the controller's publisher (roles/rover_release/files/publish.py)
-and the car's agent (roles/rover_pull/files/rover_pull.py) over real HTTP, with real SSH signatures. What
-the agent refuses never reaches its deploy step; the deploy on a car: tests/integration/test_pull_mode.py."""
+"""Pull mode's two ends without a car: the controller's publisher (roles/rover_release/files/publish.py,
+writing into an update repository made by fleet_keys) and the car's agent
+(roles/rover_pull/files/rover_pull.py, on tuf.ngclient) over real HTTP, with real TUF metadata and keys.
+What the agent refuses (a replayed, expired, tampered, foreign, oversized or hostile repository) never
+reaches its deploy step; the deploy on a car: tests/integration/test_pull_mode.py."""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,10 +28,13 @@ from typing import Any
 
 import pytest
 
+from fleet_keys.keys import KeyStore
+from fleet_keys.repository import Lifetimes, Repository
 from rover_runtime.testing import write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLISH = REPO / "roles" / "rover_release" / "files" / "publish.py"
+PASSPHRASE = b"pull test root passphrase"
 
 
 def _load(path: Path, name: str) -> ModuleType:
@@ -52,17 +59,22 @@ class QuietHandler(SimpleHTTPRequestHandler):
 @dataclass
 class Controller:
     root: Path
+    keys: Path
     url: str
-    key: Path
+    signing_key: Path
     bundle: Path
     wheel: Path
     collection: Path
     inventory: Path
 
+    @property
+    def repository(self) -> Repository:
+        return Repository(self.root, KeyStore(self.keys))
+
     def publish(self, *extra: str) -> dict[str, Any]:
         sig = self.root.parent / "manifest.json.sig"
         signed = subprocess.run(
-            ["ssh-keygen", "-Y", "sign", "-f", str(self.key), "-n", "rover-bundle"],
+            ["ssh-keygen", "-Y", "sign", "-f", str(self.signing_key), "-n", "rover-bundle"],
             input=(self.bundle / "manifest.json").read_bytes(),
             capture_output=True,
             check=True,
@@ -88,8 +100,8 @@ class Controller:
                 str(self.inventory),
                 "--hosts",
                 "car1,car2",
-                "--signing-key",
-                str(self.key),
+                "--keys",
+                str(self.keys),
                 *extra,
             ],
             capture_output=True,
@@ -98,6 +110,12 @@ class Controller:
         )
         assert done.returncode == 0, done.stderr
         return dict(json.loads(done.stdout))
+
+    def payload(self) -> dict[str, Any]:
+        """The publication the repository's newest targets metadata names."""
+        target = self.repository.targets().targets["publication.json"]
+        path = self.root / "targets" / f"{target.hashes['sha256']}.publication.json"
+        return dict(json.loads(path.read_text()))
 
 
 def _keypair(path: Path) -> Path:
@@ -109,8 +127,9 @@ def _keypair(path: Path) -> Path:
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Controller]:
     root = tmp_path / "publish"
-    root.mkdir()
-    key = _keypair(tmp_path / "keys" / "signing")
+    keys = tmp_path / "keys" / "tuf"
+    Repository(root, KeyStore(keys)).init(PASSPHRASE)
+    signing_key = _keypair(tmp_path / "keys" / "signing")
     bundle = write_tiny_bundle(tmp_path / "bundle")
     wheel = tmp_path / "rover_fleet-0.1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -142,8 +161,9 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     try:
         yield Controller(
             root=root,
+            keys=keys,
             url=f"http://127.0.0.1:{server.server_address[1]}",
-            key=key,
+            signing_key=signing_key,
             bundle=bundle,
             wheel=wheel,
             collection=collection,
@@ -154,21 +174,21 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         server.server_close()
 
 
-def _car(tmp_path: Path, controller: Controller, trusted: Path | None = None) -> Any:
-    signers = tmp_path / "car" / "allowed_signers"
-    signers.parent.mkdir(parents=True, exist_ok=True)
-    public = Path(f"{trusted or controller.key}.pub").read_text().strip()
-    signers.write_text(f'rover-controller namespaces="rover-bundle,rover-release" {public}\n')
-    config = tmp_path / "car" / "pull.json"
+def _car(tmp_path: Path, controller: Controller, trusted_root: Path | None = None) -> Any:
+    """A provisioned car: the repository's root metadata pinned, as role rover_pull installs it."""
+    car = tmp_path / "car"
+    car.mkdir(exist_ok=True)
+    shutil.copyfile(trusted_root or controller.root / "metadata" / "root.json", car / "root.json")
+    config = car / "pull.json"
     config.write_text(
         json.dumps(
             {
                 "url": controller.url,
                 "car": "car1",
-                "state_dir": str(tmp_path / "car" / "state"),
-                "venv": str(tmp_path / "car" / "no-venv"),
-                "allowed_signers": str(signers),
-                "metrics_path": str(tmp_path / "car" / "metrics.json"),
+                "state_dir": str(car / "state"),
+                "venv": str(car / "no-venv"),
+                "trusted_root": str(car / "root.json"),
+                "metrics_path": str(car / "metrics.json"),
                 "timeout_s": 5,
             }
         )
@@ -176,13 +196,24 @@ def _car(tmp_path: Path, controller: Controller, trusted: Path | None = None) ->
     return agent.PullConfig.load(config)
 
 
+def _status(config: Any) -> dict[str, Any]:
+    return dict(json.loads((config.state_dir / "status.json").read_text()))
+
+
 def test_a_publication_is_signed_content_addressed_and_names_each_cars_entry(
     controller: Controller, tmp_path: Path
 ) -> None:
     result = controller.publish()
-    envelope = json.loads((controller.root / "channel.json").read_text())
-    payload = json.loads(envelope["payload"])
+    payload = controller.payload()
     assert payload["id"] == result["id"]
+    target = controller.repository.targets().targets["publication.json"]
+    assert target.custom == {
+        "rover": {
+            "publication": result["id"],
+            "hosts": ["car1", "car2"],
+            "published_at": payload["published_at"],
+        }
+    }
     for digest, size in payload["objects"].items():
         data = (controller.root / "objects" / digest).read_bytes()
         assert len(data) == size
@@ -214,7 +245,7 @@ def test_the_car_downloads_only_what_it_lacks_and_unpacks_the_release(
 ) -> None:
     controller.publish()
     config = _car(tmp_path, controller)
-    channel = agent.open_channel(config, agent.fetch(f"{controller.url}/channel.json", 5))
+    channel = agent.open_publication(agent.fetch_publication(config))
     objects: dict[str, Path] = {}
     received = 0
     for digest, size in channel["objects"].items():
@@ -237,34 +268,102 @@ def test_the_car_downloads_only_what_it_lacks_and_unpacks_the_release(
     assert extra["rover_runtime_service_wheel_key"] == "key-1"
 
 
-def test_a_channel_changed_after_signing_is_refused(controller: Controller, tmp_path: Path) -> None:
+def test_a_publication_changed_after_signing_is_refused(controller: Controller, tmp_path: Path) -> None:
     controller.publish()
-    channel_path = controller.root / "channel.json"
-    envelope = json.loads(channel_path.read_text())
-    envelope["payload"] = envelope["payload"].replace('"car1"', '"car9"', 1)
-    channel_path.write_text(json.dumps(envelope))
+    target = controller.repository.targets().targets["publication.json"]
+    path = controller.root / "targets" / f"{target.hashes['sha256']}.publication.json"
+    path.write_text(path.read_text().replace('"car1"', '"car9"', 1))  # the same length, another content
     config = _car(tmp_path, controller)
     assert agent.run(config) == 1
-    status = json.loads((config.state_dir / "status.json").read_text())
+    status = _status(config)
     assert status["outcome"] == "refused"
-    assert "not signed by a key this car trusts" in status["message"]
+    assert "is not the one its signed metadata names (changed after signing)" in status["message"]
     assert not (config.state_dir / "objects").exists()  # nothing was downloaded
 
 
-def test_a_publication_signed_by_another_controller_is_refused(
+def test_a_repository_of_another_controller_is_refused(controller: Controller, tmp_path: Path) -> None:
+    controller.publish()
+    other = Repository(tmp_path / "other", KeyStore(tmp_path / "other-keys"))
+    other.init(PASSPHRASE)
+    config = _car(tmp_path, controller, trusted_root=other.metadata_dir / "root.json")
+    assert agent.run(config) == 1
+    status = _status(config)
+    assert status["outcome"] == "refused"
+    assert "not signed by the keys this car trusts" in status["message"]
+
+
+def _snapshot_of_server(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in (root / "metadata").iterdir()}
+
+
+def test_an_older_publication_put_back_on_the_server_is_refused(
     controller: Controller, tmp_path: Path
 ) -> None:
-    controller.publish()
-    config = _car(tmp_path, controller, trusted=_keypair(tmp_path / "other" / "key"))
+    """The replay of issue #27: publish A, the car sees A; publish B, the car sees B; put A's metadata back
+    on the server: refused, the car stays on B (and never deploys A again)."""
+    config = _car(tmp_path, controller)
+    first = controller.publish()
+    assert agent.open_publication(agent.fetch_publication(config))["id"] == first["id"]
+    old = _snapshot_of_server(controller.root)
+    controller.bundle = write_tiny_bundle(tmp_path / "bundle-2", chunk_size=7)
+    second = controller.publish()
+    assert agent.open_publication(agent.fetch_publication(config))["id"] == second["id"]
+    for path, data in old.items():
+        path.write_bytes(data)
     assert agent.run(config) == 1
-    assert json.loads((config.state_dir / "status.json").read_text())["outcome"] == "refused"
+    status = _status(config)
+    assert status["outcome"] == "refused"
+    assert "older than this car has already seen (an old publication put back)" in status["message"]
+    assert "publication" not in status
+
+
+def test_a_server_whose_metadata_expired_is_stale_and_says_since_when(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """A server frozen on one state (or replaying it): once its timestamp expires the car reports `stale`
+    (exit 1, the unit failed) with when it expired and when the car last had fresh metadata; it deploys
+    nothing. A car that cannot reach the server past that expiry is stale too, not `unreachable`."""
+    controller.publish()
+    short = Repository(
+        controller.root, KeyStore(controller.keys), Lifetimes(timestamp=datetime.timedelta(seconds=2))
+    )
+    short.refresh()
+    config = _car(tmp_path, controller)
+    agent.fetch_publication(config)  # fresh: the car holds that timestamp
+    (config.state_dir / "status.json").write_text(json.dumps({"last_fresh_at": "2026-12-05T10:00:00Z"}))
+    time.sleep(3)
+    assert agent.run(config) == 1
+    status = _status(config)
+    assert status["outcome"] == "stale", status
+    expires = json.loads((controller.root / "metadata" / "timestamp.json").read_text())["signed"]["expires"]
+    assert status["stale_since"] == expires
+    assert status["last_fresh_at"] == "2026-12-05T10:00:00Z"
+    assert "timestamp.json is expired" in status["message"]
+    assert not (config.state_dir / "objects").exists()
+    config.url = "http://127.0.0.1:9"  # nothing listens: still stale, since the same time
+    assert agent.run(config) == 1
+    assert (_status(config)["outcome"], _status(config)["stale_since"]) == ("stale", expires)
+    config.url = controller.url
+    controller.repository.refresh()  # the server's timer runs again
+    assert agent.open_publication(agent.fetch_publication(config))
+
+
+def test_a_rotated_key_is_followed_by_the_car(controller: Controller, tmp_path: Path) -> None:
+    """The targets key replaced (root v2, signed by the root key): a car provisioned with root v1 follows."""
+    config = _car(tmp_path, controller)
+    controller.publish()
+    controller.repository.rotate("targets", PASSPHRASE)
+    controller.bundle = write_tiny_bundle(tmp_path / "bundle-2", chunk_size=7)
+    second = controller.publish()
+    assert agent.open_publication(agent.fetch_publication(config))["id"] == second["id"]
+    assert json.loads((config.state_dir / "tuf" / "root.json").read_text())["signed"]["version"] == 2
 
 
 def test_an_object_changed_on_the_server_is_refused_and_never_kept(
     controller: Controller, tmp_path: Path
 ) -> None:
     controller.publish()
-    payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
+    payload = controller.payload()
     model = next(d for name, d in payload["bundle"]["files"].items() if name != "manifest.json")
     target = controller.root / "objects" / model
     data = bytearray(target.read_bytes())
@@ -274,7 +373,7 @@ def test_an_object_changed_on_the_server_is_refused_and_never_kept(
     assert agent.run(config) == 1
     status = json.loads((config.state_dir / "status.json").read_text())
     assert status["outcome"] == "refused"
-    assert f"object {model[:12]} does not match channel.json" in status["message"]
+    assert f"object {model[:12]} does not match the publication" in status["message"]
     assert not (config.state_dir / "objects" / model).exists()
     assert not [p for p in (config.state_dir / "objects").iterdir() if p.name.startswith(".")]
 
@@ -323,7 +422,7 @@ def test_old_publications_objects_are_pruned_on_the_server(controller: Controlle
     assert second["id"] != first["id"]
     assert second["objects_removed"] > 0
     assert not (controller.root / "publications" / f"{first['id']}.json").exists()
-    payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
+    payload = controller.payload()
     assert {p.name for p in (controller.root / "objects").iterdir()} == set(payload["objects"])
 
 
@@ -340,13 +439,15 @@ def test_a_release_whose_gate_failed_during_the_run_is_found(tmp_path: Path) -> 
     assert agent.releases_failed_since(tmp_path / "none", 0.0) == []
 
 
-def test_a_huge_channel_is_refused_unread_within_bounded_memory(
+def test_a_huge_timestamp_is_refused_unread_within_bounded_memory(
     controller: Controller, tmp_path: Path
 ) -> None:
-    """A 400 MB channel.json (a sparse file: nothing on disk) is refused after reading 4 MiB of it; the agent,
-    a process of its own as on the car, stays far below the 64 MB the car allows it."""
+    """A 400 MB timestamp.json (a sparse file: nothing on disk) is refused once it passes the 16 KiB a
+    timestamp may have; the agent, a process of its own as on the car, stays far below the 64 MB the car
+    allows it."""
+    controller.publish()
     config = _car(tmp_path, controller)
-    with (controller.root / "channel.json").open("wb") as handle:
+    with (controller.root / "metadata" / "timestamp.json").open("wb") as handle:
         handle.truncate(400 << 20)
     wrapper = (
         "import resource, subprocess, sys\n"
@@ -360,19 +461,21 @@ def test_a_huge_channel_is_refused_unread_within_bounded_memory(
     ).stdout  # fmt: skip
     code, peak_kib = (int(v) for v in out.split())
     assert code == 1
-    status = json.loads((config.state_dir / "status.json").read_text())
+    status = _status(config)
     assert status["outcome"] == "refused"
-    assert f"channel.json is larger than {4 << 20} bytes: refused unread" in status["message"]
+    assert "the server sent more than the signed metadata allows" in status["message"]
     assert peak_kib < 64 * 1024, f"the agent peaked at {peak_kib} KiB"
 
 
-@pytest.mark.parametrize("nested", ["[" * 100_000, '{"a":' * 100_000])
-def test_a_deeply_nested_channel_is_refused(controller: Controller, tmp_path: Path, nested: str) -> None:
+@pytest.mark.parametrize("nested", ["[" * 8_000, '{"a":' * 3_000])
+def test_a_deeply_nested_timestamp_is_refused(controller: Controller, tmp_path: Path, nested: str) -> None:
+    controller.publish()
     config = _car(tmp_path, controller)
-    (controller.root / "channel.json").write_text(nested)
+    (controller.root / "metadata" / "timestamp.json").write_text(nested)
     assert agent.run(config) == 1
-    status = json.loads((config.state_dir / "status.json").read_text())
-    assert (status["outcome"], status["message"]) == ("refused", "channel.json is nested too deeply: refused")
+    status = _status(config)
+    assert status["outcome"] == "refused", status
+    assert status["message"].startswith("the update metadata is not valid"), status
 
 
 def test_a_cached_object_changed_on_the_car_is_downloaded_again(
@@ -380,7 +483,7 @@ def test_a_cached_object_changed_on_the_car_is_downloaded_again(
 ) -> None:
     """Cached objects are checked by their sha256 before use, not trusted by their size."""
     controller.publish()
-    payload = json.loads(json.loads((controller.root / "channel.json").read_text())["payload"])
+    payload = controller.payload()
     digest, size = max(payload["objects"].items(), key=lambda item: item[1])
     config = _car(tmp_path, controller)
     path, received = agent.ensure_object(config, digest, size)

@@ -2,16 +2,19 @@
 """Pull mode on a car: converge to the release the controller published, by the same playbook a push runs.
 
 Run by rover-pull.service (a oneshot started by rover-pull.timer, with a random delay) as root with the car's
-system Python; standard library only, one file. Each run:
+venv Python (/opt/rover/venv: python-tuf and ansible-core). Each run:
 
-1. downloads <url>/channel.json (the publication and its signature, in one file the controller replaces
-   atomically) and refuses it unless the signature is a good "rover-release" signature by a key
-   /etc/rover/allowed_signers trusts (the key provisioning installed: the same trust as a push's bundles);
+1. updates the car's copy of the controller's update repository (The Update Framework, tuf.ngclient) from
+   <url>/metadata/, starting from the root metadata provisioning pinned (/etc/rover/tuf/root.json): metadata
+   older than what the car has seen (a replayed publication) is refused, metadata past its expiry (a server
+   frozen on an old publication) is `stale`, a key the newest root does not list (revoked) is refused, and
+   every file is bounded by the length its signed parent names; then downloads the target
+   `publication.json` (checked against its signed length and sha256);
 2. stops when this car is not in the publication, when it was already applied here, when it failed here
    `max_attempts` times or its release failed its health gate here once (it waits for a new publication:
    a car never drives a release known to fail its gate again), or when the car is driving (next period);
 3. downloads the files of the publication it does not have yet (content-addressed: <url>/objects/<sha256>,
-   each checked against the size and sha256 the signed channel names; a file that does not match is
+   each checked against the size and sha256 the signed publication names; a file that does not match is
    refused, nothing of it is used);
 4. runs the collection's deploy playbook (rover.fleet.deploy) on this car alone with a local connection:
    the same checks, bundle signature verification, release build, switch, health gate and automatic
@@ -24,8 +27,9 @@ system Python; standard library only, one file. Each run:
     rover_pull.py --config /etc/rover/pull.json [--once-now]
 
 Exit 0 when the car is on the published release, has nothing to do, or cannot reach the server (a car out
-of range is normal); 1 when the publication was refused or its deploy failed (the unit is then "failed" and
-the status says why); 2 on a bad configuration.
+of range is normal) while its metadata is still fresh; 1 when the publication was refused, its deploy failed,
+or the car has had no fresh metadata past its expiry (`stale`, with since when) (the unit is then "failed"
+and the status says why); 2 on a bad configuration.
 """
 
 from __future__ import annotations
@@ -51,12 +55,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CHANNEL = "channel.json"
-SIGNATURE_NAMESPACE = "rover-release"
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata
+from tuf.api.serialization import DeserializationError, SerializationError
+from tuf.ngclient import Updater, UpdaterConfig, Urllib3Fetcher
+
+TARGET = "publication.json"
 CHUNK = 1 << 20
-# channel.json is read up to this size before any check: a publication names a few objects and one small
-# entry per car (about 200 bytes each), so 4 MiB is thousands of cars; more is refused unread.
-MAX_CHANNEL_BYTES = 4 << 20
+# Upper bounds on what the repository may send (tuf refuses a longer file as it arrives): the timestamp is
+# about 500 bytes, a publication names a few objects and one small entry per car (about 200 bytes each).
+TUF_LIMITS = UpdaterConfig(
+    max_root_rotations=32,
+    root_max_length=64 * 1024,
+    timestamp_max_length=16 * 1024,
+    snapshot_max_length=256 * 1024,
+    targets_max_length=4 << 20,
+)
 
 
 class PullError(Exception):
@@ -69,8 +83,7 @@ class PullConfig:
     car: str
     state_dir: Path
     venv: Path
-    allowed_signers: Path
-    signer_identity: str
+    trusted_root: Path
     metrics_path: Path
     release_root: Path
     force: bool
@@ -92,8 +105,7 @@ class PullConfig:
             car=str(raw["car"]),
             state_dir=Path(raw.get("state_dir", "/var/lib/rover/pull")),
             venv=Path(raw.get("venv", "/opt/rover/venv")),
-            allowed_signers=Path(raw.get("allowed_signers", "/etc/rover/allowed_signers")),
-            signer_identity=str(raw.get("signer_identity", "rover-controller")),
+            trusted_root=Path(raw.get("trusted_root", "/etc/rover/tuf/root.json")),
             metrics_path=Path(raw.get("metrics_path", "/run/rover/metrics.json")),
             release_root=Path(raw.get("release_root", "/opt/rover")),
             force=bool(raw.get("force", False)),
@@ -142,15 +154,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def fetch(url: str, timeout_s: float, max_bytes: int = MAX_CHANNEL_BYTES) -> bytes:
-    """The body at `url`, refused (PullError) past `max_bytes`: never more than that is held in memory."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # the configured server
-        body = bytes(response.read(max_bytes + 1))
-    if len(body) > max_bytes:
-        raise PullError(f"{url} is larger than {max_bytes} bytes: refused unread")
-    return body
-
-
 def load_json(text: str | bytes, what: str) -> Any:
     """JSON, or PullError naming `what` (nesting too deep for the parser included)."""
     try:
@@ -161,48 +164,95 @@ def load_json(text: str | bytes, what: str) -> Any:
         raise PullError(f"{what} is not JSON: {exc}") from None
 
 
-def verify_channel(config: PullConfig, payload: bytes, signature: str) -> None:
-    if not config.allowed_signers.is_file():
-        raise PullError(f"no {config.allowed_signers}: this car trusts no signing key (provision it)")
-    with tempfile.TemporaryDirectory() as tmp:
-        sig = Path(tmp) / "channel.sig"
-        sig.write_text(signature)
-        done = subprocess.run(
-            [
-                "ssh-keygen",
-                "-Y",
-                "verify",
-                "-f",
-                str(config.allowed_signers),
-                "-I",
-                config.signer_identity,
-                "-n",
-                SIGNATURE_NAMESPACE,
-                "-s",
-                str(sig),
-            ],
-            input=payload,
-            capture_output=True,
-            check=False,
+class Stale(Exception):
+    """The repository's metadata is past its expiry: the server is frozen on an old state (or replays one)."""
+
+
+class Unreachable(Exception):
+    """The server cannot be reached, or a download broke off."""
+
+
+def _tuf_error(exc: Exception) -> Exception:
+    """A tuf failure as this agent's outcome: Stale, Unreachable or PullError (refused), in words."""
+    if isinstance(exc, tuf_errors.ExpiredMetadataError):
+        return Stale(str(exc))
+    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
+        return PullError(f"the server sent more than the signed metadata allows: {exc}")
+    if isinstance(exc, tuf_errors.DownloadError):
+        return Unreachable(str(exc) or type(exc).__name__)
+    if isinstance(exc, tuf_errors.BadVersionNumberError):
+        return PullError(
+            "the server offers metadata older than this car has already seen (an old publication put back): "
+            f"{exc}"
         )
-    if done.returncode != 0:
-        detail = " ".join(done.stderr.decode(errors="replace").split())
+    if isinstance(exc, tuf_errors.UnsignedMetadataError):
+        return PullError(f"the update metadata is not signed by the keys this car trusts: {exc}")
+    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
+        return PullError(
+            f"a file on the server is not the one its signed metadata names (changed after signing): {exc}"
+        )
+    if isinstance(exc, (DeserializationError, SerializationError)):
+        cause = exc.__cause__ or exc.__context__
+        detail = "nested too deeply" if isinstance(cause, RecursionError) else str(exc)
+        return PullError(f"the update metadata is not valid: {detail}")
+    if isinstance(exc, tuf_errors.RepositoryError):
+        return PullError(f"the update repository is not valid: {exc}")
+    return Unreachable(f"{type(exc).__name__}: {exc}")  # urllib3's errors while a download streams
+
+
+def expired_since(metadata_dir: Path) -> str:
+    """When the newest timestamp metadata this car holds expired ("" when it has none, or it has not)."""
+    with contextlib.suppress(Exception):
+        expires = Metadata.from_file(str(metadata_dir / "timestamp.json")).signed.expires
+        since = str(expires.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        return since if since <= now_iso() else ""
+    return ""
+
+
+def fetch_publication(config: PullConfig) -> bytes:
+    """The publication's bytes, through tuf: every check of the update repository passed. Raises Stale,
+    Unreachable or PullError."""
+    try:
+        bootstrap = config.trusted_root.read_bytes()
+    except OSError as exc:
         raise PullError(
-            f"the published channel.json is not signed by a key this car trusts "
-            f"(tampered with, or signed by another controller): {detail}"
+            f"cannot read {config.trusted_root}, the update repository's root this car trusts "
+            f"(provision the car with rover_pull_enabled): {exc.strerror}"
+        ) from None
+    metadata_dir = config.state_dir / "tuf"
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        updater = Updater(
+            metadata_dir=str(metadata_dir),
+            metadata_base_url=f"{config.url}/metadata/",
+            target_base_url=f"{config.url}/targets/",
+            target_dir=str(config.state_dir),
+            fetcher=Urllib3Fetcher(socket_timeout=int(config.timeout_s), app_user_agent="rover-pull"),
+            config=TUF_LIMITS,
+            bootstrap=bootstrap,
         )
+        updater.refresh()
+        info = updater.get_targetinfo(TARGET)
+        if info is None:
+            raise PullError(
+                f"the update repository at {config.url} has no {TARGET} yet: nothing was published"
+            )
+        path = updater.find_cached_target(info, str(config.state_dir / TARGET))
+        if path is None:
+            tmp = config.state_dir / f".{TARGET}.tmp"
+            updater.download_target(info, str(tmp))
+            tmp.replace(config.state_dir / TARGET)
+            path = str(config.state_dir / TARGET)
+        return Path(path).read_bytes()
+    except (PullError, OSError):
+        raise
+    except Exception as exc:  # tuf's errors, urllib3's mid-stream ones: sorted by _tuf_error
+        raise _tuf_error(exc) from None
 
 
-def open_channel(config: PullConfig, raw: bytes) -> dict[str, Any]:
-    """The publication inside channel.json, once its signature is verified."""
-    envelope = load_json(raw, "channel.json")
-    if not isinstance(envelope, dict) or envelope.get("format") != 1:
-        raise PullError("channel.json is not a format 1 publication")
-    payload, signature = envelope.get("payload"), envelope.get("signature")
-    if not isinstance(payload, str) or not isinstance(signature, str):
-        raise PullError("channel.json has no payload or no signature")
-    verify_channel(config, payload.encode(), signature)
-    data = load_json(payload, "the publication")
+def open_publication(raw: bytes) -> dict[str, Any]:
+    """The publication, already verified by tuf against its signed length and hash."""
+    data = load_json(raw, "the publication")
     if not isinstance(data, dict):
         raise PullError("the publication is not a JSON object")
     for key in ("id", "objects", "bundle", "runtime", "collection", "cars"):
@@ -222,7 +272,7 @@ def sha256_file(path: Path) -> str:
 def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int]:
     """The object <digest> in the local cache, downloaded when missing; returns it and the bytes received."""
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise PullError(f"channel.json names an object {digest!r} that is not a sha256")
+        raise PullError(f"the publication names an object {digest!r} that is not a sha256")
     objects = config.state_dir / "objects"
     target = objects / digest
     if target.is_file() and target.stat().st_size == size and sha256_file(target) == digest:
@@ -242,14 +292,16 @@ def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int
             while block := response.read(CHUNK):
                 received += len(block)
                 if received > size:
-                    raise PullError(f"object {digest[:12]} is larger than the {size} bytes channel.json says")
+                    raise PullError(
+                        f"object {digest[:12]} is larger than the {size} bytes the publication says"
+                    )
                 digest_of.update(block)
                 handle.write(block)
             handle.flush()
             os.fsync(handle.fileno())
         if received != size or digest_of.hexdigest() != digest:
             raise PullError(
-                f"object {digest[:12]} does not match channel.json ({received} bytes, sha256 "
+                f"object {digest[:12]} does not match the publication ({received} bytes, sha256 "
                 f"{digest_of.hexdigest()[:12]}): refused"
             )
         tmp.replace(target)
@@ -429,7 +481,15 @@ def prune(config: PullConfig, keep_objects: set[str], keep_work: str) -> None:
 def run(config: PullConfig) -> int:
     state_path = config.state_dir / "state.json"
     state = read_json(state_path)
-    status: dict[str, Any] = {"checked_at": now_iso(), "url": config.url, "car": config.car}
+    checked_at = now_iso()
+    # When the car last had fresh, verified metadata (kept across runs in status.json).
+    last_fresh = str(read_json(config.state_dir / "status.json").get("last_fresh_at", ""))
+    status: dict[str, Any] = {
+        "checked_at": checked_at,
+        "url": config.url,
+        "car": config.car,
+        "last_fresh_at": last_fresh,
+    }
 
     def finish(outcome: str, message: str, code: int, **more: Any) -> int:
         status.update(outcome=outcome, message=message, **more)
@@ -438,15 +498,33 @@ def run(config: PullConfig) -> int:
         return code
 
     try:
-        raw = fetch(f"{config.url}/{CHANNEL}", config.timeout_s)
-    except PullError as exc:
-        return finish("refused", str(exc), 1)
-    except (urllib.error.URLError, OSError) as exc:
+        raw = fetch_publication(config)
+        channel = open_publication(raw)
+    except Stale as exc:
+        since = expired_since(config.state_dir / "tuf")
+        return finish(
+            "stale",
+            f"the server's update metadata expired{' at ' + since if since else ''} and was not renewed (a "
+            f"frozen or replayed server, or its refresh timer stopped): the car stays on its release ({exc})",
+            1,
+            stale_since=since or checked_at,
+        )
+    except Unreachable as exc:
+        since = expired_since(config.state_dir / "tuf")
+        if since:
+            return finish(
+                "stale",
+                f"cannot reach {config.url}, and the newest update metadata this car has expired at {since}: "
+                f"no fresh publication since then ({exc})",
+                1,
+                stale_since=since,
+            )
         return finish("unreachable", f"cannot download the publication from {config.url}: {exc}", 0)
-    try:
-        channel = open_channel(config, raw)
     except PullError as exc:
         return finish("refused", str(exc), 1)
+    except OSError as exc:
+        return finish("failed", f"the car's disk: {exc}", 1)
+    status["last_fresh_at"] = checked_at
     publication = channel["id"]
     status["publication"] = publication
     if config.car not in channel["cars"]:

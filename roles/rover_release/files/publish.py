@@ -7,17 +7,23 @@ The publication directory (served by any HTTP server; docs/pull.md) holds:
                             controller's manifest signature), the rover_runtime wheel, the rover.fleet
                             collection and one JSON per car ({"groups": [...], "vars": {...}}: its inventory
                             entry without the connection variables)
-    channel.json            {"format": 1, "payload": "<publication JSON>", "signature": "<SSH signature of
-                            the payload, namespace rover-release, by the controller's bundle signing key>"}
+    metadata/, targets/     the update repository (The Update Framework, python-tuf; fleet_keys): the
+                            publication JSON is its one target, `publication.json`, named with its length
+                            and sha256 in targets metadata signed by the targets key, under a snapshot and a
+                            short-lived timestamp (timestamp.json, written last)
     publications/<id>.json  the payloads published so far (the objects of the last `--keep` stay)
 
-A car downloads channel.json, checks its signature against the keys it trusts, and fetches only the objects it
-lacks. channel.json is replaced atomically (written beside, fsynced, renamed) after every object it names is
-in place: a car reads the old publication or the new one, never a mix.
+A car's agent (tuf.ngclient, from the root metadata provisioning pinned) refuses metadata older than what it
+has seen, expired, or signed by a key the root does not list, then downloads publication.json (checked against
+the signed length and hash) and fetches only the objects it lacks, each checked against the sha256 the
+publication names. Every file is in place before the metadata that names it, timestamp.json last: a car reads
+the old publication or the new one, never a mix.
 
     publish.py --root DIR --bundle DIR --bundle-signature FILE --wheel FILE --runtime-key KEY
-               --collection FILE --inventory FILE --hosts CAR,CAR --signing-key FILE [--publisher TEXT]
-               [--keep N]
+               --collection FILE --inventory FILE --hosts CAR,CAR --keys DIR [--publisher TEXT] [--keep N]
+
+--keys: the update repository's key directory (fleet_keys: the online targets, snapshot and timestamp keys);
+the repository itself is created once with `python -m fleet_keys --repo DIR init`.
 
 --inventory: the output of `ansible-inventory --list` (variables as written in the inventory, not rendered:
 the car renders them, as a push would). Prints one JSON line (the publication id, its objects' bytes, the
@@ -35,18 +41,19 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
-# The project's own helpers (PYTHONPATH = the controller's rover_runtime source, as verify_bundle.py).
+# The project's own helpers (PYTHONPATH = the controller's source, as verify_bundle.py).
+from fleet_keys.keys import KeyStore, KeyStoreError
+from fleet_keys.repository import Repository, RepositoryError
 from rover_runtime.bundle import sha256_file
 from rover_runtime.metrics import write_json_atomic
 
-NAMESPACE = "rover-release"
+TARGET = "publication.json"
 CHUNK = 1 << 20
 
 
@@ -113,18 +120,6 @@ def normalized(collection: Path) -> bytes:
     return buffer.getvalue()
 
 
-def sign(payload: bytes, key: Path) -> str:
-    done = subprocess.run(
-        ["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", NAMESPACE],
-        input=payload,
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise PublishError(f"signing with {key} failed: {done.stderr.decode(errors='replace').strip()}")
-    return done.stdout.decode()
-
-
 def bundle_files(bundle: Path) -> list[Path]:
     manifest = bundle / "manifest.json"
     if not manifest.is_file():
@@ -164,6 +159,13 @@ def cars_from_inventory(inventory: dict[str, Any], hosts: list[str]) -> dict[str
 
 def publish(args: argparse.Namespace) -> dict[str, Any]:
     root: Path = args.root
+    repository = Repository(root, KeyStore(args.keys))
+    if not repository.exists():
+        raise PublishError(
+            f"{root} holds no update repository: create its keys and metadata once with "
+            f"`python -m fleet_keys --repo {root} --keys {args.keys} init` (it asks for a passphrase for the "
+            "root key; docs/pull.md)"
+        )
     hosts = [name for name in args.hosts.split(",") if name]
     if not hosts:
         raise PublishError("--hosts names no car")
@@ -198,12 +200,22 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
         **content,
     }
     text = json.dumps(payload, sort_keys=True, indent=1)
-    envelope = {"format": 1, "payload": text, "signature": sign(text.encode(), args.signing_key)}
     write_json_atomic(root / "publications" / f"{publication_id}.json", payload, durable=True)
-    write_json_atomic(root / "channel.json", envelope, durable=True)
+    custom = {
+        "rover": {
+            "publication": publication_id,
+            "hosts": sorted(cars),
+            "published_at": payload["published_at"],
+        }
+    }
+    try:
+        version = repository.publish(TARGET, text.encode(), custom)
+    except (RepositoryError, KeyStoreError) as exc:
+        raise PublishError(f"signing the publication: {exc}") from None
     removed = prune(root, args.keep, publication_id)
     return {
         "id": publication_id,
+        "targets_version": version,
         "cars": len(cars),
         "objects": len(objects.sizes),
         "bytes": sum(objects.sizes.values()),
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collection", type=Path, required=True)
     parser.add_argument("--inventory", type=Path, required=True)
     parser.add_argument("--hosts", required=True)
-    parser.add_argument("--signing-key", type=Path, required=True)
+    parser.add_argument("--keys", type=Path, required=True)
     parser.add_argument("--publisher", default="")
     parser.add_argument("--keep", type=int, default=2)
     args = parser.parse_args(argv)
