@@ -62,6 +62,7 @@ from test_pull_mode import (  # noqa: E402
     _bytes_received,
     _on,
     _status,
+    update_repository,
 )
 
 from benchmarks.fleet_scale import SETTINGS, emit  # noqa: E402
@@ -163,8 +164,7 @@ def measure(args: argparse.Namespace, report: dict[str, Any], work: Path) -> Non
     period_s = span_seconds(args.period)
     timer_bound_s = span_seconds(args.boot_delay) + span_seconds(args.random_delay)
     names = [f"car{i}" for i in range(1, args.cars + 1)]
-    publish_dir = work / "publish"
-    publish_dir.mkdir()
+    publish_dir, keys = update_repository(work)
     server = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(publish_dir))
     )
@@ -178,6 +178,8 @@ def measure(args: argparse.Namespace, report: dict[str, Any], work: Path) -> Non
         "rover_pull_period": args.period,
         "rover_pull_random_delay": args.random_delay,
         "rover_pull_force": True,  # a simulated car always drives
+        "rover_pull_root_metadata": str(publish_dir / "metadata" / "root.json"),
+        "rover_pull_car_keys_dir": str(keys / "cars"),
         # The cars' own runs render the runtime as the push does (the light cars of SETTINGS).
         "rover_pull_extra_vars": {
             key: value
@@ -199,7 +201,14 @@ def measure(args: argparse.Namespace, report: dict[str, Any], work: Path) -> Non
     try:
         with running_fleet(FLEET, hosts=args.cars, base_port=args.base_port, releases=RELEASES) as fleet:
             inventory = Path(fleet.inventory)
-            pull = PullFleet(fleet=fleet, inventory=inventory, publish_dir=publish_dir, bundles=bundles)
+            pull = PullFleet(
+                fleet=fleet,
+                inventory=inventory,
+                publish_dir=publish_dir,
+                keys=keys,
+                bundles=bundles,
+                published={},
+            )
             started = time.monotonic()
             run = run_playbook(inventory, "provision.yml", "-e", json.dumps(settings), timeout=3600)
             if run.rc != 0:

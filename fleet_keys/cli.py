@@ -9,8 +9,8 @@
     python -m fleet_keys [--repo DIR] [--keys DIR] revoke KEYID    remove one key (a lost or stolen one)
 
 The root key's passphrase is asked for (or read from $ROVER_ROOT_PASSPHRASE) by init, rotate, add-key and
-revoke, the only commands that sign root metadata. --repo defaults to out/publish/repository (served to the
-cars with the publication), --keys to $ROVER_KEYS or ~/.config/rover/keys (never beside the caches). Exit 0
+revoke, the only commands that sign root metadata. --repo defaults to out/publish (where publish.yml
+writes, served to the cars), --keys to $ROVER_KEYS or ~/.config/rover/keys (never beside the caches). Exit 0
 when done, 2 with one line on stderr when refused.
 """
 
@@ -54,7 +54,7 @@ def _status(repo: Repository) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleet_keys", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path("out/publish/repository"))
+    parser.add_argument("--repo", type=Path, default=Path("out/publish"))
     parser.add_argument(
         "--keys", type=Path, default=None, help="the key directory (default ~/.config/rover/keys)"
     )

@@ -1,8 +1,9 @@
 """Pull mode on two simulated cars (trixie: Python 3.13, bookworm: 3.11), with real ansible-playbook on the
-cars, real systemd timers, real HTTP and real SSH signatures: playbooks/publish.yml writes a signed
-publication, each car's rover-pull.timer converges the car to it through the collection's deploy playbook.
-A car switched off during a publication catches up after it boots; a release that fails its gate is rolled
-back on the car and reported; a publication changed after signing is refused. The tests run in order."""
+cars, real systemd timers, real HTTP and a real update repository (TUF: `python -m fleet_keys init`,
+python-tuf on the cars): playbooks/publish.yml signs a publication into it, each car's rover-pull.timer
+converges the car to it through the collection's deploy playbook. A car switched off during a publication
+catches up after it boots; a release that fails its gate is rolled back on the car and reported; an older
+publication put back on the server is refused. The tests run in order."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import functools
 import json
 import os
 import shlex
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,7 +58,10 @@ class PullFleet:
     fleet: FleetState
     inventory: Path
     publish_dir: Path
+    keys: Path
     bundles: dict[str, Path]
+    # The repository's metadata files right after each publication (what a replaying server would serve).
+    published: dict[str, dict[Path, bytes]]
 
     def publish(self, bundle: str) -> str:
         run = run_playbook(
@@ -65,17 +71,42 @@ class PullFleet:
             f"rover_deploy_bundle={self.bundles[bundle]}",
             "-e",
             f"rover_release_publish_dir={self.publish_dir}",
+            "-e",
+            f"rover_release_publish_keys={self.keys}",
         )
         assert run.rc == 0, run.report()
-        payload = json.loads(json.loads((self.publish_dir / "channel.json").read_text())["payload"])
-        return str(payload["id"])
+        publication = str(self.payload()["id"])
+        self.published[publication] = self.metadata()
+        return publication
+
+    def payload(self) -> dict[str, Any]:
+        """The publication the repository's newest targets metadata names."""
+        metadata = self.publish_dir / "metadata"
+        newest = max(int(p.name.split(".")[0]) for p in metadata.glob("*.targets.json"))
+        targets = json.loads((metadata / f"{newest}.targets.json").read_text())["signed"]["targets"]
+        digest = targets["publication.json"]["hashes"]["sha256"]
+        return dict(json.loads((self.publish_dir / "targets" / f"{digest}.publication.json").read_text()))
+
+    def metadata(self) -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in (self.publish_dir / "metadata").iterdir()}
+
+
+def update_repository(root: Path) -> tuple[Path, Path]:
+    """<root>/publish, an update repository made as a user makes it once (docs/pull.md), and its keys."""
+    publish_dir, keys = root / "publish", root / "keys"
+    subprocess.run(
+        [sys.executable, "-m", "fleet_keys", "--repo", str(publish_dir), "--keys", str(keys), "init"],
+        env={**os.environ, "ROVER_ROOT_PASSPHRASE": "pull-mode test root key"},
+        check=True,
+        capture_output=True,
+    )
+    return publish_dir, keys
 
 
 @pytest.fixture(scope="module")
 def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
     root = tmp_path_factory.mktemp("pull")
-    publish_dir = root / "publish"
-    publish_dir.mkdir()
+    publish_dir, keys = update_repository(root)
     server = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(publish_dir))
     )
@@ -96,10 +127,19 @@ def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
                 "rover_pull_random_delay": "3s",
                 "rover_pull_force": True,  # a simulated car always drives
                 "rover_pull_timeout_s": 10,
+                "rover_pull_root_metadata": str(publish_dir / "metadata" / "root.json"),
+                "rover_pull_car_keys_dir": str(keys / "cars"),  # where publish.yml reads them (keys/cars)
             }
             run = run_playbook(inventory, "provision.yml", "-e", json.dumps(settings), timeout=1800)
             assert run.rc == 0, run.report()
-            yield PullFleet(fleet=fleet, inventory=inventory, publish_dir=publish_dir, bundles=bundles)
+            yield PullFleet(
+                fleet=fleet,
+                inventory=inventory,
+                publish_dir=publish_dir,
+                keys=keys,
+                bundles=bundles,
+                published={},
+            )
     finally:
         server.shutdown()
         server.server_close()
@@ -167,7 +207,7 @@ def test_a_car_that_was_off_converges_after_it_boots(pull_fleet: PullFleet) -> N
         publication = pull_fleet.publish("b")
         status = _wait(pull_fleet, "car1", "publication b applied", _on(pull_fleet, "b", publication))
         # Only the new bundle's files moved: the runtime wheel and the collection were already on the car.
-        payload = json.loads(json.loads((pull_fleet.publish_dir / "channel.json").read_text())["payload"])
+        payload = pull_fleet.payload()
         bundle_bytes = sum(payload["objects"][d] for d in set(payload["bundle"]["files"].values()))
         assert 0 < _bytes_received(status) <= bundle_bytes
     finally:
@@ -207,22 +247,29 @@ def test_a_release_that_fails_its_gate_is_rolled_back_and_reported(pull_fleet: P
         assert all(r.get("state") == "bad" for r in bad), bad
 
 
-def test_a_publication_changed_after_signing_is_refused(pull_fleet: PullFleet) -> None:
+def test_an_older_publication_put_back_on_the_server_is_refused(pull_fleet: PullFleet) -> None:
+    """The replay of issue #27: the server serves publication a's metadata again (the cars have applied b and
+    seen gate-fails since): every car refuses it and stays where it is."""
     before = {name: current_bundle(car(pull_fleet.inventory, name)) for name in CARS}
-    channel_path = pull_fleet.publish_dir / "channel.json"
-    envelope = json.loads(channel_path.read_text())
-    payload = json.loads(envelope["payload"])
-    payload["id"] = "0" * 16  # a new "publication" pointing at the last good bundle
-    envelope["payload"] = json.dumps(payload, sort_keys=True, indent=1)
-    channel_path.write_text(json.dumps(envelope, indent=1))
+    now = pull_fleet.metadata()
+    first = next(iter(pull_fleet.published))
+    try:
+        for path, data in pull_fleet.published[first].items():
+            path.write_bytes(data)
 
-    def refused(host: Any, status: dict[str, Any]) -> bool:
-        return status.get("outcome") == "refused"
+        def refused(host: Any, status: dict[str, Any]) -> bool:
+            return status.get("outcome") == "refused"
 
-    for name in CARS:
-        status = _wait(pull_fleet, name, "the changed publication refused", refused, timeout=6 * PERIOD_S)
-        assert "not signed by a key this car trusts" in status["message"], status
-        assert current_bundle(car(pull_fleet.inventory, name)) == before[name]
+        for name in CARS:
+            status = _wait(pull_fleet, name, "the old publication refused", refused, timeout=6 * PERIOD_S)
+            assert "older than this car has already seen (an old publication put back)" in status["message"]
+            assert current_bundle(car(pull_fleet.inventory, name)) == before[name]
+    finally:
+        for path in (pull_fleet.publish_dir / "metadata").iterdir():
+            if path not in now:
+                path.unlink()
+        for path, data in now.items():
+            path.write_bytes(data)
 
 
 def _hold_lock(host: Any, *, boot_id: str, pid: int | None = None) -> None:

@@ -102,6 +102,8 @@ class Controller:
                 "car1,car2",
                 "--keys",
                 str(self.keys),
+                "--car-keys",
+                str(self.car_keys),
                 *extra,
             ],
             capture_output=True,
@@ -110,6 +112,10 @@ class Controller:
         )
         assert done.returncode == 0, done.stderr
         return dict(json.loads(done.stdout))
+
+    @property
+    def car_keys(self) -> Path:
+        return self.keys.parent / "cars"
 
     def payload(self) -> dict[str, Any]:
         """The publication the repository's newest targets metadata names."""
@@ -129,6 +135,9 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     root = tmp_path / "publish"
     keys = tmp_path / "keys" / "tuf"
     Repository(root, KeyStore(keys)).init(PASSPHRASE)
+    (keys.parent / "cars").mkdir(mode=0o700)
+    for car in ("car1", "car2"):  # as role rover_pull makes them
+        (keys.parent / "cars" / f"{car}.key").write_text(os.urandom(32).hex() + "\n")
     signing_key = _keypair(tmp_path / "keys" / "signing")
     bundle = write_tiny_bundle(tmp_path / "bundle")
     wheel = tmp_path / "rover_fleet-0.1.0-py3-none-any.whl"
@@ -175,10 +184,12 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
 
 
 def _car(tmp_path: Path, controller: Controller, trusted_root: Path | None = None) -> Any:
-    """A provisioned car: the repository's root metadata pinned, as role rover_pull installs it."""
+    """A provisioned car: the repository's root metadata pinned and its pull key, as role rover_pull
+    installs them."""
     car = tmp_path / "car"
     car.mkdir(exist_ok=True)
     shutil.copyfile(trusted_root or controller.root / "metadata" / "root.json", car / "root.json")
+    shutil.copyfile(controller.car_keys / "car1.key", car / "pull.key")
     config = car / "pull.json"
     config.write_text(
         json.dumps(
@@ -188,6 +199,7 @@ def _car(tmp_path: Path, controller: Controller, trusted_root: Path | None = Non
                 "state_dir": str(car / "state"),
                 "venv": str(car / "no-venv"),
                 "trusted_root": str(car / "root.json"),
+                "car_key": str(car / "pull.key"),
                 "metrics_path": str(car / "metrics.json"),
                 "timeout_s": 5,
             }
@@ -218,10 +230,23 @@ def test_a_publication_is_signed_content_addressed_and_names_each_cars_entry(
         data = (controller.root / "objects" / digest).read_bytes()
         assert len(data) == size
         assert hashlib.sha256(data).hexdigest() == digest
-    car2 = json.loads((controller.root / "objects" / payload["cars"]["car2"]).read_text())
-    # Groups with their parents; no connection variable (the car runs the playbook locally).
+    # Each car's entry is readable by that car alone (its pull key): groups with their parents, no connection
+    # variable (the car runs the playbook locally).
+    config = _car(tmp_path, controller)
+    sealed = {name: (controller.root / "objects" / d).read_bytes() for name, d in payload["cars"].items()}
+    assert b"ttyUSB0" not in sealed["car2"]
+    assert b"rate_hz" not in sealed["car1"]
+    config.car = "car2"
+    config.car_key = controller.car_keys / "car2.key"
+    car2 = agent.open_car_entry(config, sealed["car2"])
     assert car2 == {"groups": ["rovers", "simulated"], "vars": {"simfleet_serial_device": "/dev/ttyUSB0"}}
-    car1 = json.loads((controller.root / "objects" / payload["cars"]["car1"]).read_text())
+    config.car_key = controller.car_keys / "car1.key"
+    with pytest.raises(agent.PullError, match="does not open with"):  # car2's entry, car1's key
+        agent.open_car_entry(config, sealed["car2"])
+    with pytest.raises(agent.PullError, match="does not open with"):  # car1's entry passed off as car2's
+        agent.open_car_entry(config, sealed["car1"])
+    config.car = "car1"
+    car1 = agent.open_car_entry(config, sealed["car1"])
     assert car1 == {"groups": ["rovers"], "vars": {"rover_runtime_service_rate_hz": 30}}
     assert set(payload["bundle"]["files"]) >= {"manifest.json", "manifest.json.sig"}
     # Publishing the same release again writes no byte and names the same publication.
@@ -238,6 +263,21 @@ def test_a_publication_is_signed_content_addressed_and_names_each_cars_entry(
         archive.add(playbook, arcname="playbooks/deploy.yml")
     rebuilt = controller.publish()
     assert (rebuilt["id"], rebuilt["bytes_written"]) == (result["id"], 0)
+
+
+def test_a_car_without_a_pull_key_is_not_published_to(controller: Controller, tmp_path: Path) -> None:
+    (controller.car_keys / "car2.key").unlink()
+    done = subprocess.run(
+        [sys.executable, str(PUBLISH), "--root", str(controller.root), "--bundle", str(controller.bundle),
+         "--bundle-signature", str(controller.bundle / "manifest.json"), "--wheel", str(controller.wheel),
+         "--runtime-key", "k", "--collection", str(controller.collection), "--inventory",
+         str(controller.inventory), "--hosts", "car1,car2", "--keys", str(controller.keys),
+         "--car-keys", str(controller.car_keys)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: car2 has no pull key ({controller.car_keys / 'car2.key'})")
+    assert not (controller.root / "objects").exists()  # refused before anything was written
 
 
 def test_the_car_downloads_only_what_it_lacks_and_unpacks_the_release(

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
 from tuf.api.serialization import DeserializationError, SerializationError
@@ -84,6 +86,7 @@ class PullConfig:
     state_dir: Path
     venv: Path
     trusted_root: Path
+    car_key: Path
     metrics_path: Path
     release_root: Path
     force: bool
@@ -106,6 +109,7 @@ class PullConfig:
             state_dir=Path(raw.get("state_dir", "/var/lib/rover/pull")),
             venv=Path(raw.get("venv", "/opt/rover/venv")),
             trusted_root=Path(raw.get("trusted_root", "/etc/rover/tuf/root.json")),
+            car_key=Path(raw.get("car_key", "/etc/rover/pull.key")),
             metrics_path=Path(raw.get("metrics_path", "/run/rover/metrics.json")),
             release_root=Path(raw.get("release_root", "/opt/rover")),
             force=bool(raw.get("force", False)),
@@ -312,6 +316,24 @@ def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int
     return target, received
 
 
+def open_car_entry(config: PullConfig, sealed: bytes) -> dict[str, Any]:
+    """This car's inventory entry, decrypted with its pull key (publish.py's `seal`)."""
+    try:
+        key = bytes.fromhex(config.car_key.read_text().strip())
+        entry = AESGCM(key).decrypt(sealed[:12], sealed[12:], f"rover-pull car {config.car}".encode())
+    except OSError as exc:
+        raise PullError(f"cannot read this car's pull key {config.car_key}: {exc.strerror}") from None
+    except (ValueError, InvalidTag):
+        raise PullError(
+            f"this car's entry in the publication does not open with {config.car_key}: the controller's key "
+            f"for {config.car} differs (provision the car again: playbooks/provision.yml --tags rover_pull)"
+        ) from None
+    data = load_json(entry, "this car's entry")
+    if not isinstance(data, dict):
+        raise PullError("this car's entry is not a JSON object")
+    return data
+
+
 def driving(config: PullConfig) -> bool:
     metrics = read_json(config.metrics_path)
     return bool(metrics.get("driving", False))
@@ -343,7 +365,7 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
     extract_collection(
         objects[channel["collection"]["sha256"]], collections / "ansible_collections" / "rover" / "fleet"
     )
-    car = json.loads(objects[channel["cars"][config.car]].read_text())
+    car = open_car_entry(config, objects[channel["cars"][config.car]].read_bytes())
     host_vars = dict(car.get("vars", {}))
     host_vars.update(ansible_connection="local", ansible_python_interpreter="/usr/bin/python3")
     inventory: dict[str, Any] = {"all": {"children": {}}}

@@ -5,8 +5,10 @@ The publication directory (served by any HTTP server; docs/pull.md) holds:
 
     objects/<sha256>        every file of the publication, content-addressed: the bundle's files (with the
                             controller's manifest signature), the rover_runtime wheel, the rover.fleet
-                            collection and one JSON per car ({"groups": [...], "vars": {...}}: its inventory
-                            entry without the connection variables)
+                            collection and one entry per car ({"groups": [...], "vars": {...}}: its inventory
+                            entry without the connection variables), encrypted for that car alone (AES-256-GCM
+                            with the car's pull key, which provisioning made and gave the car: the variables
+                            may hold secrets, and the server serves anyone)
     metadata/, targets/     the update repository (The Update Framework, python-tuf; fleet_keys): the
                             publication JSON is its one target, `publication.json`, named with its length
                             and sha256 in targets metadata signed by the targets key, under a snapshot and a
@@ -20,10 +22,12 @@ publication names. Every file is in place before the metadata that names it, tim
 the old publication or the new one, never a mix.
 
     publish.py --root DIR --bundle DIR --bundle-signature FILE --wheel FILE --runtime-key KEY
-               --collection FILE --inventory FILE --hosts CAR,CAR --keys DIR [--publisher TEXT] [--keep N]
+               --collection FILE --inventory FILE --hosts CAR,CAR --keys DIR --car-keys DIR
+               [--publisher TEXT] [--keep N]
 
 --keys: the update repository's key directory (fleet_keys: the online targets, snapshot and timestamp keys);
-the repository itself is created once with `python -m fleet_keys --repo DIR init`.
+the repository itself is created once with `python -m fleet_keys --repo DIR init`. --car-keys: <car>.key for
+each car (64 hex digits, made by role rover_pull when it provisions the car).
 
 --inventory: the output of `ansible-inventory --list` (variables as written in the inventory, not rendered:
 the car renders them, as a push would). Prints one JSON line (the publication id, its objects' bytes, the
@@ -37,6 +41,7 @@ import contextlib
 import datetime
 import gzip
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -46,6 +51,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # The project's own helpers (PYTHONPATH = the controller's source, as verify_bundle.py).
 from fleet_keys.keys import KeyStore, KeyStoreError
@@ -120,6 +127,33 @@ def normalized(collection: Path) -> bytes:
     return buffer.getvalue()
 
 
+def car_key(directory: Path, car: str) -> bytes:
+    """The car's pull key (32 bytes) from <directory>/<car>.key, which role rover_pull made."""
+    path = directory / f"{car}.key"
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        raise PublishError(
+            f"{car} has no pull key ({path}): provision it with rover_pull_enabled true "
+            "(playbooks/provision.yml --tags rover_pull makes the key and gives it to the car)"
+        ) from None
+    except ValueError:
+        raise PublishError(f"{path} is not a pull key (64 hex digits)") from None
+    if len(key) != 32:
+        raise PublishError(f"{path} is not a pull key (64 hex digits)")
+    return key
+
+
+def seal(key: bytes, car: str, entry: bytes) -> bytes:
+    """`entry` encrypted and authenticated for `car` (AES-256-GCM, the car's name as associated data, so an
+    entry cannot be passed off as another car's). The nonce is derived from the key and the content: the same
+    entry seals to the same object (no new download for an unchanged car), different entries never share a
+    nonce."""
+    aad = f"rover-pull car {car}".encode()
+    nonce = hmac.new(key, aad + b"\0" + entry, hashlib.sha256).digest()[:12]
+    return nonce + AESGCM(key).encrypt(nonce, entry, aad)
+
+
 def bundle_files(bundle: Path) -> list[Path]:
     manifest = bundle / "manifest.json"
     if not manifest.is_file():
@@ -170,6 +204,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     if not hosts:
         raise PublishError("--hosts names no car")
     cars = cars_from_inventory(json.loads(args.inventory.read_text()), hosts)
+    keys = {name: car_key(args.car_keys, name) for name in cars}  # every car's, before anything is written
     objects = Objects(root)
     bundle_entry: dict[str, str] = {}
     for path in bundle_files(args.bundle):
@@ -187,7 +222,9 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
             "sha256": objects.add_bytes(normalized(args.collection)),
         },
         "cars": {
-            name: objects.add_bytes(json.dumps(entry, sort_keys=True, indent=1).encode())
+            name: objects.add_bytes(
+                seal(keys[name], name, json.dumps(entry, sort_keys=True, indent=1).encode())
+            )
             for name, entry in sorted(cars.items())
         },
     }
@@ -254,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inventory", type=Path, required=True)
     parser.add_argument("--hosts", required=True)
     parser.add_argument("--keys", type=Path, required=True)
+    parser.add_argument("--car-keys", type=Path, required=True)
     parser.add_argument("--publisher", default="")
     parser.add_argument("--keep", type=int, default=2)
     args = parser.parse_args(argv)
