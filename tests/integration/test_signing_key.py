@@ -1,6 +1,7 @@
 """The controller's bundle signing key (role rover_release, tasks_from: public_key) on this machine alone, by
 ansible-playbook on localhost: made in the private key directory, never beside the caches, and a key that an
-older version kept in $ROVER_CACHE/keys moved there once (the cars already trust it)."""
+older version kept in $ROVER_CACHE/keys moved there once (the cars already trust it). A key held by ssh-agent
+alone (a real agent) signs when the setting names its public half."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from rover_runtime.testing import write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = """
@@ -83,3 +86,91 @@ def test_a_key_already_in_place_wins_and_the_cached_one_is_left_alone(tmp_path: 
     out = _run(tmp_path)
     assert f"PUBLIC ssh-ed25519 {Path(f'{new}.pub').read_text().split()[1]}" in out
     assert old.exists()
+
+
+SIGN_PLAYBOOK = """
+- name: Sign a bundle with the controller's key
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Verify and sign
+      ansible.builtin.include_role:
+        name: rover_release
+        tasks_from: controller
+    - name: Write the signature
+      ansible.builtin.copy:
+        content: "{{ hostvars['localhost']['rover_release_controller'].signature }}"
+        dest: "{{ signature_out }}"
+        mode: "0644"
+"""
+
+
+def _agent(tmp_path: Path) -> dict[str, str]:
+    """A real ssh-agent of this test's own (its socket in tmp_path)."""
+    socket = tmp_path / "agent.sock"
+    done = subprocess.run(["ssh-agent", "-a", str(socket), "-s"], capture_output=True, text=True, check=True)
+    pid = next(
+        line.split("=", 1)[1].split(";")[0]
+        for line in done.stdout.split()
+        if line.startswith("SSH_AGENT_PID=")
+    )
+    return {"SSH_AUTH_SOCK": str(socket), "SSH_AGENT_PID": pid}
+
+
+def _sign(tmp_path: Path, key: Path, agent: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    playbook = tmp_path / "sign.yml"
+    playbook.write_text(SIGN_PLAYBOOK)
+    env = {
+        **os.environ,
+        **agent,
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(tmp_path / "facts"),
+        "ROVER_CACHE": str(tmp_path / "cache"),
+        "ROVER_KEYS": str(tmp_path / "keys"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local"]
+    extra = [
+        "-e", f"rover_release_bundle={bundle}", "-e", f"rover_release_signing_key={key}",
+        "-e", f"signature_out={tmp_path / 'manifest.json.sig'}",
+        "-e", f"rover_release_controller_source={REPO}",
+    ]  # fmt: skip
+    return subprocess.run(
+        [*command, *extra, str(playbook)], capture_output=True, text=True, env=env, cwd=REPO, check=False,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_a_key_held_by_ssh_agent_signs_bundles(tmp_path: Path) -> None:
+    """rover_release_signing_key names a public key (`.pub`): the private half is only in ssh-agent (as a
+    hardware key's would be), never on disk; the signature verifies against the public key."""
+    key = tmp_path / "agent-keys" / "rover"
+    _keygen(key)
+    agent = _agent(tmp_path)
+    try:
+        public = Path(f"{key}.pub")
+        refused = _sign(tmp_path, public, agent)  # the agent does not hold it yet
+        assert refused.returncode != 0
+        assert (
+            "names a public key whose private half must be in ssh-agent, but the agent does not hold it"
+            in (refused.stdout)
+        )
+        subprocess.run(
+            ["ssh-add", "-q", str(key)], env={**os.environ, **agent}, check=True, capture_output=True
+        )
+        key.unlink()  # the private half now lives in the agent alone
+        done = _sign(tmp_path, public, agent)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        signers = tmp_path / "allowed_signers"
+        signers.write_text(f'rover-controller namespaces="rover-bundle" {public.read_text().strip()}\n')
+        verify = subprocess.run(
+            ["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", "rover-controller", "-n", "rover-bundle",
+             "-s", str(tmp_path / "manifest.json.sig")],
+            input=(tmp_path / "bundle" / "manifest.json").read_bytes(), capture_output=True, check=False,
+        )  # fmt: skip
+        assert verify.returncode == 0, verify.stderr
+        assert not (tmp_path / "keys").exists()  # no key was generated beside it
+    finally:
+        subprocess.run(["kill", agent["SSH_AGENT_PID"]], check=False)
