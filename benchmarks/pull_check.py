@@ -105,6 +105,9 @@ def stand_ins(work: Path, cars: int) -> dict[str, Path]:
     with tarfile.open(collection, "w:gz") as archive:
         archive.add(playbook, arcname="playbooks/deploy.yml")
     hostvars = {f"car{i}": {"ansible_host": f"10.0.{i // 250}.{i % 250 + 1}"} for i in range(1, cars + 1)}
+    (work / "keys" / "cars").mkdir(mode=0o700)
+    for name in hostvars:  # each car's pull key, as role rover_pull makes them
+        (work / "keys" / "cars" / f"{name}.key").write_text(os.urandom(32).hex() + "\n")
     inventory = work / "inventory.json"
     inventory.write_text(
         json.dumps({"_meta": {"hostvars": hostvars}, "rovers": {"hosts": sorted(hostvars)}, "all": {}})
@@ -128,6 +131,7 @@ def publish(root: Path, files: dict[str, Path], cars: int) -> dict[str, Any]:
         "--runtime-key", "key-1",
         "--collection", str(files["collection"]), "--inventory", str(files["inventory"]),
         "--hosts", ",".join(f"car{i}" for i in range(1, cars + 1)), "--keys", str(files["keys"]),
+        "--car-keys", str(files["keys"].parent / "cars"),
     ]  # fmt: skip
     started = time.monotonic()
     use = measure(argv)
@@ -141,6 +145,7 @@ def car_config(work: Path, url: str, root: Path, publication: str) -> Path:
     car = work / "car"
     car.mkdir()
     shutil.copyfile(root / "metadata" / "root.json", car / "root.json")
+    shutil.copyfile(work / "keys" / "cars" / "car1.key", car / "pull.key")
     state = car / "state"
     state.mkdir()
     (state / "state.json").write_text(
@@ -150,7 +155,8 @@ def car_config(work: Path, url: str, root: Path, publication: str) -> Path:
     config.write_text(
         json.dumps(
             {"url": url, "car": "car1", "state_dir": str(state), "venv": str(car / "venv"),
-             "trusted_root": str(car / "root.json"), "metrics_path": str(car / "metrics.json"),
+             "trusted_root": str(car / "root.json"), "car_key": str(car / "pull.key"),
+             "metrics_path": str(car / "metrics.json"),
              "timeout_s": 10}
         )
     )  # fmt: skip
