@@ -899,13 +899,13 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
 
 
 def _deploy_car1_in_background(
-    inventory: Path, bundle: Path, soak_s: int, *, new_session: bool = False
+    inventory: Path, bundle: Path, *args: str, soak_s: int, new_session: bool = False
 ) -> subprocess.Popen[str]:
     """deploy.yml of `bundle` to car1, forced, with a soak of `soak_s`, started and left running."""
     return subprocess.Popen(
         playbook_command(
             inventory, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundle}",
-            "-e", f"rover_health_soak_s={soak_s}",
+            "-e", f"rover_health_soak_s={soak_s}", *args,
         ),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(inventory),
         start_new_session=new_session,
@@ -977,6 +977,44 @@ def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     assert releases(host)[switched]["state"] == "good"
     _wait_running(host, switched)
     assert leftovers(host) == []
+
+
+def test_a_controller_without_proc_deploys_and_never_takes_over_a_live_runs_lock(
+    deployed: Path, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """A controller without a process table in /proc (macOS; rover_release_controller_proc names a missing
+    one here) deploys, recording no process in the lock. After Ctrl-C its run's lock cannot be told from a
+    live run's, so the same deploy again is refused naming the holder (never taken over); with
+    rover_release_break_lock it converges."""
+    no_proc = ("-e", "rover_release_controller_proc=/nonexistent-proc")
+    host = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"], *no_proc).rc == 0
+    good = current_release(host)
+    fresh = make_bundle(tmp_path / "fresh", chunk_size=18)
+    deploy = _deploy_car1_in_background(deployed, fresh, *no_proc, soak_s=60, new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while current_release(host) == good:
+            assert deploy.poll() is None, deploy.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the deploy never switched"
+            time.sleep(0.3)
+        owner = json.loads(host.file(f"{RELEASES}/.deploy.lock/owner.json").content_string)
+        os.killpg(deploy.pid, signal.SIGINT)
+        out, _ = deploy.communicate(timeout=120)
+    finally:
+        if deploy.poll() is None:
+            os.killpg(deploy.pid, signal.SIGKILL)
+            deploy.communicate()
+    assert "controller" not in owner, owner
+    assert deploy.returncode != 0, out[-3000:]
+    refused = _deploy_car1(deployed, fresh, *no_proc)
+    assert refused.rc != 0
+    assert _recap_line(refused, "car1").startswith("LOCKED: "), refused.report()
+    run = _deploy_car1(deployed, fresh, *no_proc, "-e", "rover_release_break_lock=true")
+    assert run.rc == 0, run.report()
+    switched = current_release(host)
+    assert releases(host)[switched]["state"] == "good"
+    _wait_running(host, switched)
 
 
 def test_a_power_cut_during_the_soak_boots_the_last_good_release(
