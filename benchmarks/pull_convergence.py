@@ -201,14 +201,7 @@ def measure(args: argparse.Namespace, report: dict[str, Any], work: Path) -> Non
     try:
         with running_fleet(FLEET, hosts=args.cars, base_port=args.base_port, releases=RELEASES) as fleet:
             inventory = Path(fleet.inventory)
-            pull = PullFleet(
-                fleet=fleet,
-                inventory=inventory,
-                publish_dir=publish_dir,
-                keys=keys,
-                bundles=bundles,
-                published={},
-            )
+            pull = PullFleet(fleet, inventory, publish_dir, keys, bundles)
             started = time.monotonic()
             run = run_playbook(inventory, "provision.yml", "-e", json.dumps(settings), timeout=3600)
             if run.rc != 0:

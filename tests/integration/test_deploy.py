@@ -912,6 +912,15 @@ def _deploy_car1_in_background(
     )  # fmt: skip
 
 
+def _until_switched(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float = 180) -> None:
+    """Until `deploy` has moved car1's `current` away from `good`."""
+    deadline = time.monotonic() + timeout
+    while current_release(host) == good:
+        assert deploy.poll() is None, (deploy.communicate()[0] or "")[-4000:]
+        assert time.monotonic() < deadline, "the deploy never switched"
+        time.sleep(0.3)
+
+
 def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float = 180) -> str:
     """The release `deploy` switched to, once its runtime runs it (its soak has begun)."""
     deadline = time.monotonic() + timeout
@@ -955,11 +964,7 @@ def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     fresh = make_bundle(tmp_path / "fresh", chunk_size=17)
     deploy = _deploy_car1_in_background(deployed, fresh, soak_s=60, new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while current_release(host) == good:
-            assert deploy.poll() is None, deploy.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "the deploy never switched"
-            time.sleep(0.3)
+        _until_switched(host, good, deploy)
         os.killpg(deploy.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the whole process group
         out, _ = deploy.communicate(timeout=120)
     finally:
@@ -993,11 +998,7 @@ def test_a_controller_without_proc_deploys_and_never_takes_over_a_live_runs_lock
     fresh = make_bundle(tmp_path / "fresh", chunk_size=18)
     deploy = _deploy_car1_in_background(deployed, fresh, *no_proc, soak_s=60, new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while current_release(host) == good:
-            assert deploy.poll() is None, deploy.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "the deploy never switched"
-            time.sleep(0.3)
+        _until_switched(host, good, deploy)
         owner = json.loads(host.file(f"{RELEASES}/.deploy.lock/owner.json").content_string)
         os.killpg(deploy.pid, signal.SIGINT)
         out, _ = deploy.communicate(timeout=120)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ class PullFleet:
     keys: Path
     bundles: dict[str, Path]
     # The repository's metadata files right after each publication (what a replaying server would serve).
-    published: dict[str, dict[Path, bytes]]
+    published: dict[str, dict[Path, bytes]] = field(default_factory=dict)
 
     def publish(self, bundle: str) -> str:
         run = run_playbook(
@@ -132,14 +132,7 @@ def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
             }
             run = run_playbook(inventory, "provision.yml", "-e", json.dumps(settings), timeout=1800)
             assert run.rc == 0, run.report()
-            yield PullFleet(
-                fleet=fleet,
-                inventory=inventory,
-                publish_dir=publish_dir,
-                keys=keys,
-                bundles=bundles,
-                published={},
-            )
+            yield PullFleet(fleet, inventory, publish_dir, keys, bundles)
     finally:
         server.shutdown()
         server.server_close()

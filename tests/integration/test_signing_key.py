@@ -28,11 +28,15 @@ PLAYBOOK = """
 """
 
 
-def _run(tmp_path: Path) -> str:
-    playbook = tmp_path / "key.yml"
-    playbook.write_text(PLAYBOOK)
-    env = {
+def _playbook(
+    tmp_path: Path, text: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """ansible-playbook of `text` on localhost, with this test's own caches and key directory."""
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(text)
+    environment = {
         **os.environ,
+        **(env or {}),
         "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
         "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
         "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(tmp_path / "facts"),
@@ -41,9 +45,14 @@ def _run(tmp_path: Path) -> str:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     command = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local"]
-    done = subprocess.run(
-        [*command, str(playbook)], capture_output=True, text=True, env=env, cwd=REPO, check=False, timeout=300
-    )
+    return subprocess.run(
+        [*command, *args, str(playbook)], capture_output=True, text=True, env=environment, cwd=REPO,
+        check=False, timeout=300,
+    )  # fmt: skip
+
+
+def _run(tmp_path: Path) -> str:
+    done = _playbook(tmp_path, PLAYBOOK)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     return done.stdout
 
@@ -119,28 +128,12 @@ def _agent(tmp_path: Path) -> dict[str, str]:
 
 def _sign(tmp_path: Path, key: Path, agent: dict[str, str]) -> subprocess.CompletedProcess[str]:
     bundle = write_tiny_bundle(tmp_path / "bundle")
-    playbook = tmp_path / "sign.yml"
-    playbook.write_text(SIGN_PLAYBOOK)
-    env = {
-        **os.environ,
-        **agent,
-        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
-        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(tmp_path / "facts"),
-        "ROVER_CACHE": str(tmp_path / "cache"),
-        "ROVER_KEYS": str(tmp_path / "keys"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    command = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local"]
     extra = [
         "-e", f"rover_release_bundle={bundle}", "-e", f"rover_release_signing_key={key}",
         "-e", f"signature_out={tmp_path / 'manifest.json.sig'}",
         "-e", f"rover_release_controller_source={REPO}",
     ]  # fmt: skip
-    return subprocess.run(
-        [*command, *extra, str(playbook)], capture_output=True, text=True, env=env, cwd=REPO, check=False,
-        timeout=300,
-    )  # fmt: skip
+    return _playbook(tmp_path, SIGN_PLAYBOOK, *extra, env=agent)
 
 
 def test_a_key_held_by_ssh_agent_signs_bundles(tmp_path: Path) -> None:
