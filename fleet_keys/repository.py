@@ -128,7 +128,8 @@ class Repository:
         self._write(self.metadata_dir / f"{root.version}.root.json", data)
         self._write(self.metadata_dir / "root.json", data)
 
-    def _snapshot_and_timestamp(self, targets_data: bytes, targets_version: int) -> None:
+    def _snapshot_and_timestamp(self, targets_data: bytes, targets_version: int) -> tuple[int, int]:
+        """A new snapshot naming this targets version, then a timestamp naming it: their versions."""
         try:
             snapshot_md, _ = self._latest("snapshot")
             assert isinstance(snapshot_md.signed, Snapshot)
@@ -140,7 +141,12 @@ class Repository:
             meta={"targets.json": MetaFile.from_data(targets_version, targets_data, ["sha256"])},
         )
         snapshot_data = self._write_role(snapshot, "snapshot")
-        self._timestamp(MetaFile.from_data(version, snapshot_data, ["sha256"]))
+        return version, self._timestamp(MetaFile.from_data(version, snapshot_data, ["sha256"]))
+
+    def _timestamp_of_current_snapshot(self) -> int:
+        """A new timestamp naming the snapshot in force (the only re-signing a fresh snapshot needs)."""
+        snapshot_md, snapshot_data = self._latest("snapshot")
+        return self._timestamp(MetaFile.from_data(snapshot_md.signed.version, snapshot_data, ["sha256"]))
 
     def _timestamp(self, snapshot_meta: MetaFile) -> int:
         try:
@@ -187,7 +193,7 @@ class Repository:
         """Re-sign the timestamp (and the snapshot and targets when they expire within a week)."""
         signed: dict[str, int] = {}
         targets_md, targets_data = self._latest("targets")
-        snapshot_md, snapshot_data = self._latest("snapshot")
+        snapshot_md, _ = self._latest("snapshot")
         deadline = _now() + SOON
         assert isinstance(targets_md.signed, Targets)
         assert isinstance(snapshot_md.signed, Snapshot)
@@ -197,11 +203,11 @@ class Repository:
             targets_data = self._write_role(targets, "targets")
             signed["targets"] = targets.version
         if "targets" in signed or snapshot_md.signed.expires <= deadline:
-            self._snapshot_and_timestamp(targets_data, targets_md.signed.version)
-            signed["snapshot"] = self._latest("snapshot")[0].signed.version
+            signed["snapshot"], signed["timestamp"] = self._snapshot_and_timestamp(
+                targets_data, targets_md.signed.version
+            )
         else:
-            self._timestamp(MetaFile.from_data(snapshot_md.signed.version, snapshot_data, ["sha256"]))
-        signed["timestamp"] = self._latest("timestamp")[0].signed.version
+            signed["timestamp"] = self._timestamp_of_current_snapshot()
         return signed
 
     def rotate(self, role: str, root_passphrase: bytes) -> SSlibKey:
@@ -281,6 +287,4 @@ class Repository:
         if role in {"targets", "snapshot"}:
             self._snapshot_and_timestamp(targets_data, targets_md.signed.version)
         else:
-            _, snapshot_data = self._latest("snapshot")
-            snapshot_version = self._latest("snapshot")[0].signed.version
-            self._timestamp(MetaFile.from_data(snapshot_version, snapshot_data, ["sha256"]))
+            self._timestamp_of_current_snapshot()

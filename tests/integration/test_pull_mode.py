@@ -33,6 +33,8 @@ from deploy_helpers import (
     run_playbook,
 )
 
+from fleet_keys.keys import KeyStore
+from fleet_keys.repository import Repository
 from simfleet.fleet import power_off, power_on
 from simfleet.state import FleetState
 from simfleet.testing import running_fleet
@@ -81,11 +83,9 @@ class PullFleet:
 
     def payload(self) -> dict[str, Any]:
         """The publication the repository's newest targets metadata names."""
-        metadata = self.publish_dir / "metadata"
-        newest = max(int(p.name.split(".")[0]) for p in metadata.glob("*.targets.json"))
-        targets = json.loads((metadata / f"{newest}.targets.json").read_text())["signed"]["targets"]
-        digest = targets["publication.json"]["hashes"]["sha256"]
-        return dict(json.loads((self.publish_dir / "targets" / f"{digest}.publication.json").read_text()))
+        target = Repository(self.publish_dir, KeyStore(self.keys)).targets().targets["publication.json"]
+        path = self.publish_dir / "targets" / f"{target.hashes['sha256']}.publication.json"
+        return dict(json.loads(path.read_text()))
 
     def metadata(self) -> dict[Path, bytes]:
         return {p: p.read_bytes() for p in (self.publish_dir / "metadata").iterdir()}
