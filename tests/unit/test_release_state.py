@@ -1,4 +1,4 @@
-"""Unit tests for roles/rover_release/files/release_state.py (the car-side release state helper).
+"""Unit tests for plugins/module_utils/release_state.py (the car-side release state helper).
 
 The script is standard-library only and not part of a package: it is imported by path, and a few cases run
 it as a subprocess exactly as ``ansible.builtin.script`` would.
@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "rover_release" / "files" / "release_state.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "plugins" / "module_utils" / "release_state.py"
 
 
 def _load() -> ModuleType:

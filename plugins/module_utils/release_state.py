@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Keep the release state of a car: the deploy lock, publishing, `current`, health states and pruning.
 
-Run by the `rover_release` role on the car, as root, through ``ansible.builtin.script`` with
-/usr/bin/python3 (3.11 on bookworm, 3.13 on trixie). Standard library only, one file.
+Run on the car, as root, by the module ``rover.fleet.rover_release_state`` (plugins/modules: the
+`rover_release` role's tasks) on the Python Ansible uses there (3.11 on bookworm, 3.13 on trixie), and as a
+script by the runtime's unit before each start (``boot-check``, installed by `rover_runtime_service`).
+Standard library only, one file: the module and the script run the same code.
 
 Layout under the root R (``--root``, default /opt/rover)::
 
@@ -53,10 +55,11 @@ their few milliseconds, so two invocations never interleave (the deploy lock its
     release_state.py [--root R] prune --keep N --run RUN --stale-after SECONDS
     release_state.py [--root R] boot-check
 
-Every command prints exactly one JSON object on stdout. Exit 0 on success (commands that can change
-something report "changed"); exit 1 on a refusal or error, with {"error": "<sentence>"} on stdout and the
-sentence on stderr; exit 2 on bad arguments; exit 3 when the deploy lock is held by a run that may still be
-going ({"error": ..., "held": <the lock>}: a retry later, not a failure of the release).
+`execute(argv)` runs one command and returns (code, result); as a script, the result is printed as one
+JSON object on stdout. Code 0 on success (commands that can change something report "changed"); 1 on a
+refusal or error, with {"error": "<sentence>"} (the sentence on stderr too); 2 on bad arguments; 3 when the
+deploy lock is held by a run that may still be going ({"error": ..., "held": <the lock>}: a retry later,
+not a failure of the release).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DEFAULT_ROOT = "/opt/rover"
 STATES = ("new", "trial", "good", "bad", "interrupted")
@@ -94,6 +97,17 @@ JSON = dict[str, Any]
 
 class Refusal(Exception):
     """A refusal or an error with a sentence for the operator (exit 1)."""
+
+
+class UsageError(Exception):
+    """Arguments the parser refuses (code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so the module gets the sentence (subparsers are one too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 class LockBusy(Refusal):
@@ -888,7 +902,7 @@ def _at_least_one(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="release_state.py", description=(__doc__ or "").splitlines()[0])
+    parser = _Parser(prog="release_state.py", description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--root", default=DEFAULT_ROOT, help=f"the release root on the car (default {DEFAULT_ROOT})"
     )
@@ -972,31 +986,37 @@ def run_command(args: argparse.Namespace) -> JSON:
     raise Refusal(f"unknown command {command!r}")  # argparse already refuses it
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code, held = 1, None
+def execute(argv: list[str]) -> tuple[int, JSON]:
+    """Run the command `argv` names: (0, its result), or (1|2|3, {"error": ...}) as described above."""
     try:
-        result = run_command(args)
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return 2, {"error": f"bad arguments: {exc}"}
+    try:
+        return 0, run_command(args)
+    except LockBusy as exc:
+        return 3, {"error": str(exc), "held": exc.held}
     except Refusal as exc:
-        message = str(exc)
-        if isinstance(exc, LockBusy):
-            code, held = 3, exc.held
+        return 1, {"error": str(exc)}
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        message = (
-            f"{args.command} failed: {exc.strerror or exc}{where}; check the file system and the "
-            "permissions on the car, then run the deploy again"
-        )
+        return 1, {
+            "error": (
+                f"{args.command} failed: {exc.strerror or exc}{where}; check the file system and the "
+                "permissions on the car, then run the deploy again"
+            )
+        }
     except Exception as exc:
-        message = f"{args.command} failed unexpectedly: {type(exc).__name__}: {exc}"
-    else:
-        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
-        return 0
-    failure: JSON = {"error": message}
-    if code == 3:
-        failure["held"] = held
-    sys.stdout.write(json.dumps(failure, sort_keys=True) + "\n")
-    sys.stderr.write(f"release_state: {message}\n")
+        return 1, {"error": f"{args.command} failed unexpectedly: {type(exc).__name__}: {exc}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    code, result = execute(sys.argv[1:] if argv is None else argv)
+    if code == 2:
+        build_parser().print_usage(sys.stderr)
+    if code:
+        sys.stderr.write(f"release_state: {result['error']}\n")
+    sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     return code
 
 
