@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ansible.plugins.callback import CallbackBase
+from ansible_collections.rover.fleet.plugins.module_utils.release_state import (  # type: ignore[import-untyped]
+    write_json_atomic,
+)
 
 DOCUMENTATION = """
     name: rover_recap
@@ -87,7 +89,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
             self._display.display(f"{name}: {label}: {message}")
         path = os.environ.get(RESULTS_FILE)
         if path:
-            _write_json_atomic(Path(path), {"cars": results})
+            write_json_atomic(Path(path), {"cars": results})
         missing = [name for name in self.targets if name in self.unreachable]
         if missing:
             names = ", ".join(missing)
@@ -121,17 +123,3 @@ def _message(result: dict[str, Any]) -> str:
                 return " ".join(error.split())
     text = str(result.get("msg") or result.get("stderr") or result.get("stdout") or "failed")
     return " ".join(text.split())
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

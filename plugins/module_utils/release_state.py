@@ -69,6 +69,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -155,7 +156,11 @@ def _fsync_file(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: JSON) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, os.replace, fsync the dir."""
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, os.replace, fsync the dir.
+
+    The car's one durable JSON writer: the pull agent (beside this file on the car) and the rover_recap
+    callback use it too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -170,6 +175,15 @@ def write_json_atomic(path: Path, data: JSON) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_json_object(path: Path) -> JSON:

@@ -87,6 +87,9 @@ def test_the_collection_holds_the_ansible_content_and_nothing_else(collection: P
         "playbooks/provision.yml",
         "playbooks/reachable.yml",
         "plugins/callback/rover_recap.py",
+        "plugins/modules/rover_release_state.py",
+        "plugins/module_utils/release_state.py",
+        "roles/rover_deploy/tasks/main.yml",
     ):
         assert expected in names, expected
     tops = {name.split("/")[0] for name in names}
@@ -216,6 +219,51 @@ def test_a_playbook_of_the_collection_runs_by_its_name(installed: tuple[Path, di
     run = _run([str(BIN / "ansible-playbook"), "-i", str(inventory), "rover.fleet.deploy"], work, env)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-2000:]
     assert "pass the bundle to deploy: -e rover_deploy_bundle=" in run.stdout, run.stdout[-3000:]
+
+
+def test_a_role_of_the_collection_runs_its_car_side_modules(installed: tuple[Path, dict[str, str]]) -> None:
+    """rover.fleet.rover_release's plan reads the car's releases through the collection's own module
+    (rover_release_state over its module_utils), outside the project: what a pull-mode car runs."""
+    work, env = installed
+    root = work / "car-root"
+    root.mkdir()
+    playbook = work / "plan.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Read the releases with the collection's module",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "name": "Read the releases",
+                            "rover.fleet.rover_release_state": {"command": "status", "root": str(root)},
+                            "register": "state",
+                        },
+                        {
+                            "name": "Take the lock",
+                            "rover.fleet.rover_release_state": {
+                                "command": "lock",
+                                "root": str(root),
+                                "run": "run-1",
+                                "owner": "awx",
+                                "stale_after": 60,
+                            },
+                        },
+                        {
+                            "name": "Show them",
+                            "ansible.builtin.debug": {"msg": "releases={{ state.releases | length }}"},
+                        },
+                    ],
+                }
+            ]
+        )
+    )
+    run = _run([str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook)], work, env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "releases=0" in run.stdout
+    assert json.loads((root / ".deploy.lock" / "owner.json").read_text())["run"] == "run-1"
 
 
 def test_the_execution_environment_installs_what_the_project_pins(collection: Path) -> None:

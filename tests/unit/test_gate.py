@@ -1,4 +1,4 @@
-"""roles/rover_health/files/gate.py: the deploy's health gate, judged on metrics the real runtime writes.
+"""plugins/module_utils/health_gate.py: the deploy's health gate, judged on metrics the real runtime writes.
 
 The gate is a standalone stdlib script (it must not import rover_runtime), loaded here by path. The metrics
 dicts come from a real Vehicle.snapshot() (stub policy, synthetic camera, a serial link not yet open), plus
@@ -27,7 +27,7 @@ from rover_runtime.drive import build_vehicle
 from rover_runtime.policy import StubPolicy
 from rover_runtime.sd_notify import Notifier
 
-GATE_PATH = Path(__file__).resolve().parents[2] / "roles" / "rover_health" / "files" / "gate.py"
+GATE_PATH = Path(__file__).resolve().parents[2] / "plugins" / "module_utils" / "health_gate.py"
 RELEASE = "r-2024-abc123"
 NOW = 1_700_000_000.0
 

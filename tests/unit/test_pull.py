@@ -48,6 +48,8 @@ def _load(path: Path, name: str) -> ModuleType:
 
 
 AGENT = REPO / "roles" / "rover_pull" / "files" / "rover_pull.py"
+# On the car the agent imports release_state.py from its own directory (the role installs it there).
+_load(REPO / "plugins" / "module_utils" / "release_state.py", "release_state")
 agent: Any = _load(AGENT, "rover_pull_agent")
 
 
@@ -444,7 +446,7 @@ def test_a_publication_that_failed_here_is_tried_max_attempts_times(
 ) -> None:
     result = controller.publish()
     config = _car(tmp_path, controller)
-    agent.write_json(
+    agent.write_json_atomic(
         config.state_dir / "state.json",
         {"publication": result["id"], "outcome": "failed", "attempts": 2, "message": "FAILED: gate"},
     )
@@ -495,8 +497,12 @@ def test_a_huge_timestamp_is_refused_unread_within_bounded_memory(
         "done = subprocess.run(agent, stdout=subprocess.DEVNULL, check=False)\n"
         "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
+    installed = tmp_path / "lib"  # as the role installs it: the agent with release_state.py beside it
+    installed.mkdir()
+    for source in (AGENT, REPO / "plugins" / "module_utils" / "release_state.py"):
+        shutil.copy2(source, installed / source.name)
     out = subprocess.run(
-        [sys.executable, "-c", wrapper, str(AGENT), str(tmp_path / "car" / "pull.json")],
+        [sys.executable, "-c", wrapper, str(installed / AGENT.name), str(tmp_path / "car" / "pull.json")],
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout  # fmt: skip
     code, peak_kib = (int(v) for v in out.split())

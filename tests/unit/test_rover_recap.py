@@ -12,10 +12,14 @@ from typing import Any
 
 import pytest
 
-PLUGIN = Path(__file__).resolve().parents[2] / "plugins" / "callback" / "rover_recap.py"
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = REPO / "plugins" / "callback" / "rover_recap.py"
 
 
 def _load() -> ModuleType:
+    """The callback as ansible-playbook loads it, its collection (this project) importable."""
+    if str(REPO / "collections") not in sys.path:
+        sys.path.insert(0, str(REPO / "collections"))
     spec = importlib.util.spec_from_file_location("rover_recap", PLUGIN)
     assert spec is not None
     assert spec.loader is not None
@@ -53,6 +57,6 @@ def test_a_failed_cars_message_is_its_helpers_own_sentence(result: dict[str, Any
 
 def test_the_results_file_is_written_whole(tmp_path: Path) -> None:
     path = tmp_path / "result.json"
-    recap._write_json_atomic(path, {"cars": {"car1": {"status": "ok", "message": "deployed"}}})
+    recap.write_json_atomic(path, {"cars": {"car1": {"status": "ok", "message": "deployed"}}})
     assert json.loads(path.read_text())["cars"]["car1"]["status"] == "ok"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

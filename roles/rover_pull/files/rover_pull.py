@@ -57,6 +57,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# The car's durable JSON writer and sha256, one stdlib file installed beside this one (the deploy's release
+# bookkeeping, plugins/module_utils/release_state.py).
+from release_state import sha256_file, write_json_atomic
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
 from tuf.api.serialization import DeserializationError, SerializationError
@@ -125,29 +129,6 @@ def log(message: str) -> None:
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic and durable: a temporary file in the same directory, fsynced, renamed, the directory fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -263,14 +244,6 @@ def open_publication(raw: bytes) -> dict[str, Any]:
         if key not in data:
             raise PullError(f"the publication has no {key!r}")
     return dict(data)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_object(config: PullConfig, digest: str, size: int) -> tuple[Path, int]:
@@ -515,7 +488,7 @@ def run(config: PullConfig) -> int:
 
     def finish(outcome: str, message: str, code: int, **more: Any) -> int:
         status.update(outcome=outcome, message=message, **more)
-        write_json(config.state_dir / "status.json", status)
+        write_json_atomic(config.state_dir / "status.json", status)
         log(f"{outcome}: {message}")
         return code
 
@@ -590,7 +563,7 @@ def run(config: PullConfig) -> int:
     started = time.time()
     # The attempt is on disk (fsynced) before the deploy starts: a release that hangs or reboots the car
     # (a power cut, the watchdog) counts, so it is not tried again at every boot.
-    write_json(
+    write_json_atomic(
         state_path,
         {
             "publication": publication,
@@ -606,7 +579,7 @@ def run(config: PullConfig) -> int:
     if result.status in {"locked", "skipped"}:
         # Another deploy holds the car, or the car started driving: not this publication's fault. The attempt
         # does not count; the next period tries again.
-        write_json(state_path, state)  # as before this run
+        write_json_atomic(state_path, state)  # as before this run
         return finish("waiting", f"{result.status}: {result.message}: the next period will try", 0)
     ok = result.status == "ok"
     line = result.message
@@ -621,7 +594,7 @@ def run(config: PullConfig) -> int:
             f"release {failed_gate[0]} failed its health gate on this car and it went back to its last good "
             f"release; waiting for a new publication ({line})"
         )
-    write_json(
+    write_json_atomic(
         state_path,
         {
             "publication": publication,

@@ -1,11 +1,12 @@
 #!/usr/bin/python3
-"""The deploy's health gate, run on the car (as root, by ansible.builtin.script) after a release switch.
+"""The deploy's health gate, run on the car (as root, by the module rover.fleet.rover_health_gate) after a
+release switch; also a script (``python3 health_gate.py --help``) for a look by hand.
 
 Standard library only, one file, and it never imports rover_runtime: it judges a release whose code may be
 broken. It reads what the running service says about itself: `systemctl show` for the unit and the
 runtime's metrics file (docs/runtime.md, "Metrics file").
 
-  gate.py --metrics PATH --unit NAME --expect-release ID [--expect-bundle HASH] --timeout-s S
+  health_gate.py --metrics PATH --unit NAME --expect-release ID [--expect-bundle HASH] --timeout-s S
           --soak-s S [--interval-s 1] [--min-rate-ratio 0.9] [--max-reply-age-s 2.0] [--no-serial]
 
 Start phase: every interval until --timeout-s, the unit must be active/running and one metrics sample must
@@ -19,9 +20,10 @@ release.id is the expected release; bundle.content_hash is the expected hash (if
 and the last reply from the firmware at most --max-reply-age-s old (unless --no-serial); the metrics file
 written within the last 5 s.
 
-Prints exactly one JSON object: {"ok", "phase", "reason", "waited_s", "soak_s", "samples", "summary"}, and
-exits 0 healthy, 1 not healthy, 2 bad arguments. The reason is composed from what the runtime and systemd
-say (failsafe reasons, camera error, serial state, the unit's state and its last journal lines).
+`run_gate` returns the report {"ok", "phase", "reason", "waited_s", "soak_s", "samples", "summary"}, the
+module's result; the script prints it as one JSON object and exits 0 healthy, 1 not healthy, 2 bad
+arguments. The reason is composed from what the runtime and systemd say (failsafe reasons, camera error,
+serial state, the unit's state and its last journal lines).
 """
 
 from __future__ import annotations
@@ -496,7 +498,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gate.py", description="The deploy's health gate for rover-runtime on one car.")
+    parser = _Parser(prog="health_gate.py", description="The deploy's health gate on a car.")
     parser.add_argument("--metrics", type=Path, required=True, help="the runtime's metrics file")
     parser.add_argument("--unit", required=True, help="systemd unit, e.g. rover-runtime")
     parser.add_argument("--expect-release", required=True, help="release id the metrics must report")
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except ArgumentError as exc:
-        sys.stderr.write(f"{build_parser().format_usage()}gate.py: error: {exc}\n")
+        sys.stderr.write(f"{build_parser().format_usage()}health_gate.py: error: {exc}\n")
         report = _report(
             False,
             "start",

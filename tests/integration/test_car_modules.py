@@ -1,0 +1,142 @@
+"""The car-side modules (plugins/modules) run by ansible itself, as the roles run them: their results are the
+tasks' data, refusals are failures with the helper's own sentence, and bad parameters are refused by the
+module's argument spec before anything runs. (On the simulated fleet, tests/integration/test_deploy.py runs
+them on cars.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run_module(module: str, args: dict[str, Any], tmp_path: Path, *, check: bool = False) -> dict[str, Any]:
+    """`ansible localhost -m rover.fleet.<module>` from the project (its ansible.cfg and collections path)."""
+    env = dict(
+        os.environ,
+        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+        ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json",
+        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+    )
+    argv = [
+        str(BIN / "ansible"),
+        "localhost",
+        "-c",
+        "local",
+        "-m",
+        f"rover.fleet.{module}",
+        "-a",
+        json.dumps(args),
+    ]
+    done = subprocess.run(
+        [*argv, *(["--check"] if check else [])],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        pytest.fail(
+            f"no JSON from ansible (rc {done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}"
+        )
+    result: dict[str, Any] = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return result
+
+
+def test_the_deploy_lock_is_data_held_by_one_run_at_a_time(tmp_path: Path) -> None:
+    root = str(tmp_path / "rover")
+    (tmp_path / "rover").mkdir()
+    lock = {"command": "lock", "root": root, "owner": "alice@laptop", "stale_after": 3600}
+    first = run_module("rover_release_state", {**lock, "run": "run-a"}, tmp_path)
+    assert not first.get("failed"), first
+    assert first["busy"] is False
+    assert first["lock"]["run"] == "run-a"
+
+    second = run_module("rover_release_state", {**lock, "run": "run-b", "owner": "bob@desk"}, tmp_path)
+    assert not second.get("failed"), second  # busy is an outcome the role acts on, not a failure
+    assert second["busy"] is True
+    assert second["held"]["run"] == "run-a"
+    assert "alice@laptop" in second["error"]
+
+    released = run_module(
+        "rover_release_state", {"command": "unlock", "root": root, "run": "run-a"}, tmp_path
+    )
+    assert released["changed"] is True
+    assert released["lock"] is None
+    status = run_module("rover_release_state", {"command": "status", "root": root}, tmp_path, check=True)
+    assert status["lock"] is None
+    assert status["current"] is None
+    assert status["releases"] == []
+
+
+def test_a_refusal_fails_with_the_helpers_sentence(tmp_path: Path) -> None:
+    (tmp_path / "rover").mkdir()
+    result = run_module(
+        "rover_release_state", {"command": "rollback-target", "root": str(tmp_path / "rover")}, tmp_path
+    )
+    assert result["failed"] is True
+    assert result["msg"] == result["error"], result
+    assert "no good release" in result["msg"]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ({"command": "mark", "release": "abc", "state": "fine"}, "state"),
+        ({"command": "lock", "run": "r"}, "owner"),
+        ({"command": "prune", "keep": 0, "run": "r", "stale_after": 1}, "keep"),
+        ({"command": "switch", "release": "../../etc"}, "release"),
+    ],
+)
+def test_bad_parameters_are_refused_before_anything_runs(
+    tmp_path: Path, args: dict[str, Any], named: str
+) -> None:
+    root = tmp_path / "rover"
+    root.mkdir()
+    result = run_module("rover_release_state", {"root": str(root), **args}, tmp_path)
+    assert result["failed"] is True
+    assert named in result["msg"], result
+    assert sorted(p.name for p in root.iterdir()) == []
+
+
+def test_the_check_mode_of_a_change_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "rover"
+    root.mkdir()
+    lock = {"command": "lock", "root": str(root), "run": "r", "owner": "o", "stale_after": 60}
+    result = run_module("rover_release_state", lock, tmp_path, check=True)
+    assert result["changed"] is False
+    assert "check mode" in result["msg"]
+    assert list(root.iterdir()) == []
+
+
+def test_the_health_gate_fails_with_the_reason_and_its_report(tmp_path: Path) -> None:
+    args = {
+        "metrics": str(tmp_path / "metrics.json"),
+        "unit": "rover-runtime-absent.service",
+        "expect_release": "5e93c1d2",
+        "timeout_s": 0,
+        "soak_s": 0,
+    }
+    result = run_module("rover_health_gate", args, tmp_path)
+    assert result["failed"] is True
+    assert result["ok"] is False
+    assert result["phase"] == "start"
+    assert "metrics.json" in result["reason"], result
+    assert result["reason"] in result["msg"]
+    bad = run_module("rover_health_gate", {**args, "interval_s": 0}, tmp_path)
+    assert bad["failed"] is True
+    assert "bad arguments" in bad["msg"]
+    assert "--interval-s" in bad["msg"]
