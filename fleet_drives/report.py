@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fleet_report.files import save_figure, write_text_atomic
+from fleet_report.files import save_figure
 from quantization.dataset_split import read_dataset_info
 from quantization.errors import QuantizationError
+from rover_runtime.metrics import write_bytes_atomic
 from rover_runtime.recording import Episode, EpisodeError, open_episode
 
 
@@ -213,9 +214,9 @@ def write_report(episode_dirs: Sequence[Path], training_root: Path, output: Path
     output.mkdir(parents=True, exist_ok=True)
     _plot_actions(groups, training, output / "actions.png")
     _plot_timeline(groups, output / "timeline.png")
-    write_text_atomic(output / "report.json", json.dumps(document, indent=2) + "\n")
-    write_text_atomic(output / "report.md", to_markdown(document))
-    write_text_atomic(output / "report.html", to_html(document))
+    write_bytes_atomic(output / "report.json", (json.dumps(document, indent=2) + "\n").encode())
+    write_bytes_atomic(output / "report.md", to_markdown(document).encode())
+    write_bytes_atomic(output / "report.html", to_html(document).encode())
     return document
 
 

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from fleet_report.evaluate import evaluate
-from fleet_report.files import write_text_atomic
 from fleet_report.limits import LimitsError, load_limits
 from fleet_report.plot import plot_latency
 from fleet_report.render import Report, to_html, to_markdown
 from fleet_report.results import ResultError, load_run
+from rover_runtime.metrics import write_bytes_atomic
 
 log = logging.getLogger("fleet_report")
 
@@ -40,8 +40,8 @@ def build_report(run_dir: Path, limits_file: Path | None, hosts: list[str] | Non
         missing_hosts=missing,
         plot_file=plot.name,
     )
-    write_text_atomic(run_dir / "report.md", to_markdown(report))
-    write_text_atomic(run_dir / "report.html", to_html(report))
+    write_bytes_atomic(run_dir / "report.md", to_markdown(report).encode())
+    write_bytes_atomic(run_dir / "report.html", to_html(report).encode())
     summary = {
         "ok": report.ok,
         "missing_hosts": list(missing),
@@ -56,7 +56,9 @@ def build_report(run_dir: Path, limits_file: Path | None, hosts: list[str] | Non
             for v in verdicts
         },
     }
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_bytes_atomic(
+        run_dir / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
+    )
     return report
 
 

@@ -1,4 +1,5 @@
-"""Report files written whole: a reader sees the old file or the new one, never a part."""
+"""Report figures written whole: a reader sees the old file or the new one, never a part (text and JSON:
+rover_runtime.metrics.write_bytes_atomic, the project's one atomic writer)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        Path(tmp).chmod(0o644)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_figure(fig: Any, target: Path) -> Path:

@@ -83,12 +83,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from quantization.compare import compare_bundles, format_table, write_json  # noqa: PLC0415
+    from quantization.compare import compare_bundles, format_table  # noqa: PLC0415
+    from rover_runtime.metrics import write_json_atomic  # noqa: PLC0415
 
     comparison = compare_bundles(args.bundles, args.dataset, args.threads, args.runs, args.max_samples)
     print(format_table(comparison))
     if args.output:
-        write_json(comparison, args.output)
+        write_json_atomic(args.output, comparison)
         print(f"comparison: {args.output}")
     failed = [b for b in comparison["bundles"] if b["failed"]]
     for row in failed:

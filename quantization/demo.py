@@ -22,13 +22,14 @@ from pathlib import Path
 from quantization.backends.torch import Options as TorchOptions
 from quantization.bundle_writer import publish_directory
 from quantization.code_fingerprint import code_fingerprint, package_files
-from quantization.compare import compare_bundles, write_json
+from quantization.compare import compare_bundles
 from quantization.demo_data import DemoDataConfig, ensure_demo_dataset
 from quantization.errors import QuantizationError
 from quantization.quantize import QuantizeRequest, quantize_policy
 from quantization.report import write_report
 from quantization.train_demo import TrainConfig, dataset_fingerprint, ensure_demo_policy
 from rover_runtime.bundle import Bundle, BundleError, open_bundle, sha256_file
+from rover_runtime.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ def run_demo(options: DemoOptions) -> dict[str, Path]:
         log.info("[4/5] compare on the held-out episodes (%d timed runs per bundle)", options.runs)
         roots = [b.root for b in bundles]
         comparison = compare_bundles(roots, dataset, options.threads, options.runs, options.max_samples)
-        write_json(comparison, comparison_path)
-        write_json(comparison, cached)
+        write_json_atomic(comparison_path, comparison)
+        write_json_atomic(cached, comparison)
     log.info("[5/5] report")
     md, js = write_report(comparison_path, out / "report", policy)
     if not md.is_file():

@@ -33,6 +33,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from rover_runtime import protocol
+from rover_runtime.metrics import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +255,6 @@ def read_rc_file(path: Path) -> tuple[int, int, int] | None:
         return (int(data["steer_us"]), int(data["throttle_us"]), int(data["switch_us"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def _set_raw(fd: int) -> None:
@@ -560,7 +555,7 @@ class FirmwareSimulator:
         now = time.monotonic()
         if not force and (not self._status_dirty or now - self._last_status_write < _STATUS_MIN_INTERVAL_S):
             return
-        _write_json_atomic(self.status_file, self._snapshot_locked())
+        write_json_atomic(self.status_file, self._snapshot_locked())
         self._last_status_write = now
         self._status_dirty = False
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rover_runtime.metrics import write_bytes_atomic
 from simfleet.errors import SimFleetError
 
 THERMAL_FILE = "/etc/simfleet/thermal"
@@ -70,18 +71,12 @@ def install_pi_tools(root: Path) -> None:
     tool.chmod(0o755)
 
 
-def _write_atomic(target: Path, text: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    tmp.replace(target)
-
-
 def write_thermal(root: Path, reading: ThermalReading) -> None:
     """Sets what the host's vcgencmd and its thermal-zone stand-in report (each file atomically)."""
-    _write_atomic(_inside(root, THERMAL_FILE), f"temp={reading.temp_c:.1f}\nthrottled={reading.throttled}\n")
-    _write_atomic(_inside(root, THERMAL_ZONE_TEMP), f"{round(reading.temp_c * 1000)}\n")
+    write_bytes_atomic(
+        _inside(root, THERMAL_FILE), f"temp={reading.temp_c:.1f}\nthrottled={reading.throttled}\n".encode()
+    )
+    write_bytes_atomic(_inside(root, THERMAL_ZONE_TEMP), f"{round(reading.temp_c * 1000)}\n".encode())
 
 
 def write_cpufreq(root: Path) -> None:
