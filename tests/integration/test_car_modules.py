@@ -140,3 +140,22 @@ def test_the_health_gate_fails_with_the_reason_and_its_report(tmp_path: Path) ->
     assert bad["failed"] is True
     assert "bad arguments" in bad["msg"]
     assert "--interval-s" in bad["msg"]
+
+
+def test_the_wheelhouse_fetch_names_an_unreachable_controller_and_writes_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "wheelhouse"
+    args = {
+        "url": "http://127.0.0.1:9/wheelhouse",  # discard port: nothing listens
+        "dest": str(dest),
+        "sums_sha256": "0" * 64,
+        "requirements_sha256": "0" * 64,
+        "timeout": 5,
+    }
+    result = run_module("rover_wheelhouse_fetch", args, tmp_path)
+    assert result["failed"] is True
+    assert "cannot fetch the wheelhouse from http://127.0.0.1:9/wheelhouse" in result["msg"], result
+    assert "rover_python_wheelhouse_transfer=copy" in result["msg"]
+    assert not dest.exists() or list(dest.iterdir()) == []
+    checked = run_module("rover_wheelhouse_fetch", args, tmp_path, check=True)
+    assert checked["changed"] is False
+    assert not checked.get("failed")

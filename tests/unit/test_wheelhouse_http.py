@@ -1,6 +1,7 @@
 """The wheelhouse over HTTP, both ends as the role runs them (real processes, real HTTP): the controller's
-server (roles/rover_python/files/serve_wheelhouses.py) and the car's fetcher (fetch_wheelhouse.py). What
-the car refuses never lands in its wheelhouse; a cut-off download leaves nothing half-written. On cars:
+server (roles/rover_python/files/serve_wheelhouses.py) and the car's fetcher
+(plugins/module_utils/wheelhouse_fetch.py, under the module rover_wheelhouse_fetch). What the car refuses
+never lands in its wheelhouse; a cut-off download leaves nothing half-written. On cars:
 tests/integration/test_provision.py."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 FILES = Path(__file__).resolve().parents[2] / "roles" / "rover_python" / "files"
 SERVE = FILES / "serve_wheelhouses.py"
-FETCH = FILES / "fetch_wheelhouse.py"
+FETCH = Path(__file__).resolve().parents[2] / "plugins" / "module_utils" / "wheelhouse_fetch.py"
 
 
 def sha256(data: bytes) -> str:

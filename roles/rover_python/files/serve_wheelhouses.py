@@ -6,7 +6,7 @@ serves ``--root`` read-only (GET/HEAD), writes ``{"port": N, "pid": P}`` to ``--
 listens, and stops when it is told to (SIGTERM, at the end of the run) or after ``--idle-exit`` seconds
 without a request (a run that was interrupted). Nothing it serves is trusted by the cars as such: each
 car checks SHA256SUMS and requirements.txt against the hashes the controller computed, and every wheel
-against SHA256SUMS (files/fetch_wheelhouse.py).
+against SHA256SUMS (module rover_wheelhouse_fetch).
 
     serve_wheelhouses.py --root DIR --bind ADDRESS --port N --ready-file FILE --idle-exit SECONDS
 """

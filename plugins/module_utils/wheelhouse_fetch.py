@@ -2,17 +2,18 @@
 """Fetch a wheelhouse from the controller over HTTP into DEST: only the files DEST lacks or holds with
 another hash, each checked before it is renamed into place.
 
-Run by the rover_python role on the car through ansible.builtin.script with /usr/bin/python3 (3.11 on
-bookworm, 3.13 on trixie); standard library only. Nothing from the server is trusted as it comes:
-SHA256SUMS and requirements.txt must have the sha256 the controller computed (``--sums-sha256``,
-``--requirements-sha256``), and every wheel the sha256 SHA256SUMS lists. A file that fails its check, a
-server that stops answering or a download cut off half-way (the Wi-Fi dropped) leaves DEST as it was,
-apart from the files already verified and in place; the next run fetches only what is still missing.
-SHA256SUMS and requirements.txt are written last, so a DEST with a SHA256SUMS is complete.
+Run on the car by the module rover.fleet.rover_wheelhouse_fetch (the rover_python role), on the Python
+Ansible uses there (3.11 on bookworm, 3.13 on trixie); standard library only; also a script. Nothing from
+the server is trusted as it comes: SHA256SUMS and requirements.txt must have the sha256 the controller
+computed (``--sums-sha256``, ``--requirements-sha256``), and every wheel the sha256 SHA256SUMS lists. A file
+that fails its check, a server that stops answering or a download cut off half-way (the Wi-Fi dropped)
+leaves DEST as it was, apart from the files already verified and in place; the next run fetches only what
+is still missing. SHA256SUMS and requirements.txt are written last, so a DEST with a SHA256SUMS is complete.
 
-    fetch_wheelhouse.py --url URL --dest DIR --sums-sha256 HEX --requirements-sha256 HEX [--timeout S]
+    wheelhouse_fetch.py --url URL --dest DIR --sums-sha256 HEX --requirements-sha256 HEX [--timeout S]
 
-Prints {"fetched": files, "bytes": bytes received}; exit 1 with one sentence on stderr otherwise.
+`fetch_explained` returns {"fetched": files, "bytes": bytes received} (the module's result; the script
+prints it) or raises FetchError with one sentence (the module's msg; the script's stderr and exit 1).
 """
 
 from __future__ import annotations
@@ -120,8 +121,27 @@ def fetch(url: str, dest: Path, sums_sha256: str, requirements_sha256: str, time
     return {"fetched": fetched, "bytes": received}
 
 
+def fetch_explained(
+    url: str, dest: Path, sums_sha256: str, requirements_sha256: str, timeout: float
+) -> dict[str, int]:
+    """`fetch`, with every way it can fail as one FetchError sentence for the operator."""
+    try:
+        return fetch(url, dest, sums_sha256, requirements_sha256, timeout)
+    except FetchError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise FetchError(f"cannot fetch {exc.url}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise FetchError(
+            f"cannot fetch the wheelhouse from {url}: {reason}; check that the car reaches the "
+            "controller (rover_python_wheelhouse_http_url, a firewall on the controller), or use "
+            "rover_python_wheelhouse_transfer=copy"
+        ) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fetch_wheelhouse.py", description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wheelhouse_fetch.py", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--url", required=True)
     parser.add_argument("--dest", type=Path, required=True)
     parser.add_argument("--sums-sha256", required=True)
@@ -129,23 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     try:
-        result = fetch(args.url, args.dest, args.sums_sha256, args.requirements_sha256, args.timeout)
-    except FetchError as exc:
-        message = str(exc)
-    except urllib.error.HTTPError as exc:
-        message = f"cannot fetch {exc.url}: HTTP {exc.code} {exc.reason}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        message = (
-            f"cannot fetch the wheelhouse from {args.url}: {reason}; check that the car reaches the "
-            "controller (rover_python_wheelhouse_http_url, a firewall on the controller), or use "
-            "rover_python_wheelhouse_transfer=copy"
+        result = fetch_explained(
+            args.url, args.dest, args.sums_sha256, args.requirements_sha256, args.timeout
         )
-    else:
-        sys.stdout.write(json.dumps(result) + "\n")
-        return 0
-    sys.stderr.write(f"fetch_wheelhouse: {message}\n")
-    return 1
+    except FetchError as exc:
+        sys.stderr.write(f"fetch_wheelhouse: {exc}\n")
+        return 1
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
