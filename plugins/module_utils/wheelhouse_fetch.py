@@ -28,6 +28,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+try:  # the module: its collection's module_utils (AnsiballZ ships it beside this one)
+    from ansible_collections.rover.fleet.plugins.module_utils.release_state import (  # type: ignore[import-untyped]
+        sha256_file,
+    )
+except ImportError:  # the script, run from plugins/module_utils: the file beside it
+    from release_state import sha256_file
+
 SUMS = "SHA256SUMS"
 REQUIREMENTS = "requirements.txt"
 BLOCK = 1 << 20
@@ -35,14 +42,6 @@ BLOCK = 1 << 20
 
 class FetchError(Exception):
     """One sentence for the operator."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, name: str, expected: str, timeout: float) -> int:
