@@ -5,8 +5,10 @@ them on cars.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def run_module(module: str, args: dict[str, Any], tmp_path: Path, *, check: bool = False) -> dict[str, Any]:
+def run_module(
+    module: str, args: dict[str, Any], tmp_path: Path, *, check: bool = False, python: str = ""
+) -> dict[str, Any]:
     """`ansible localhost -m rover.fleet.<module>` from the project (its ansible.cfg and collections path)."""
     env = dict(
         os.environ,
@@ -34,11 +38,14 @@ def run_module(module: str, args: dict[str, Any], tmp_path: Path, *, check: bool
         "local",
         "-m",
         f"rover.fleet.{module}",
-        "-a",
-        json.dumps(args),
+        *(["-a", json.dumps(args)] if args else []),
     ]
     done = subprocess.run(
-        [*argv, *(["--check"] if check else [])],
+        [
+            *argv,
+            *(["--check"] if check else []),
+            *(["-e", f"ansible_python_interpreter={python}"] if python else []),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -159,3 +166,112 @@ def test_the_wheelhouse_fetch_names_an_unreachable_controller_and_writes_nothing
     checked = run_module("rover_wheelhouse_fetch", args, tmp_path, check=True)
     assert checked["changed"] is False
     assert not checked.get("failed")
+
+
+def test_the_thermal_reading_judges_vcgencmd_then_sysfs(tmp_path: Path) -> None:
+    vcgencmd = tmp_path / "vcgencmd"
+    vcgencmd.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in measure_temp) echo "temp=85.0\'C";; get_throttled) echo throttled=0x20002;; esac\n'
+    )
+    vcgencmd.chmod(0o755)
+    sysfs = tmp_path / "temp"
+    sysfs.write_text("72512\n")
+    hot = run_module("rover_thermal_reading", {"vcgencmd": str(vcgencmd), "sysfs": str(sysfs)}, tmp_path)
+    assert {k: hot[k] for k in ("status", "temp_c", "throttled", "source")} == {
+        "status": "over",
+        "temp_c": 85.0,
+        "throttled": "0x20002",
+        "source": "vcgencmd",
+    }
+    warm = run_module("rover_thermal_reading", {"source": "sysfs", "sysfs": str(sysfs)}, tmp_path, check=True)
+    assert {k: warm[k] for k in ("status", "temp_c", "throttled", "source")} == {
+        "status": "warn",
+        "temp_c": 72.5,
+        "throttled": "unknown",
+        "source": "sysfs",
+    }
+    none = run_module(
+        "rover_thermal_reading",
+        {"vcgencmd": str(tmp_path / "absent"), "sysfs": str(tmp_path / "absent")},
+        tmp_path,
+    )
+    assert not none.get("failed"), none  # the role decides: it fails the car naming the reason
+    assert none["status"] == "error"
+    assert "not found" in none["error"]
+
+
+def test_the_thermal_fact_reads_its_settings_as_data(tmp_path: Path) -> None:
+    """The local fact's settings are shell-quoted KEY=VALUE words: read as data, never run; an unknown key
+    is refused."""
+    script = REPO / "plugins" / "module_utils" / "thermal_reading.py"
+    pwned = tmp_path / "pwned"
+    hostile = f"{tmp_path / 'temp'} $(touch {pwned}); touch {pwned}"
+    (tmp_path / "temp").write_text("48312\n")
+    argv = [sys.executable, str(script), "source=sysfs", f"sysfs={hostile}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1, done.stdout  # no such file: the hostile value is one path
+    assert json.loads(done.stdout)["status"] == "error"
+    assert not pwned.exists()
+    good = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "source=sysfs",
+            f"sysfs={tmp_path / 'temp'}",
+            "limit=80.0",
+            "warn=70.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert good.returncode == 0, good.stdout
+    assert good.stdout.startswith('{"status": "ok", "temp_c": 48.3')
+    bad = subprocess.run(
+        [sys.executable, str(script), "colour=blue"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout) == {"status": "error", "error": "unknown setting 'colour=blue'"}
+
+
+def test_the_thermal_conf_is_parsed_as_shell_quoted_words(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "thermal_reading", REPO / "plugins/module_utils/thermal_reading.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    thermal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(thermal)
+    conf = tmp_path / "thermal.conf"
+    hostile = "/sys/x $(touch /tmp/pwned); touch /tmp/pwned"
+    conf.write_text(f"# managed\nsource='sysfs'\nsysfs={shlex.quote(hostile)}\nlimit='80.0'\n")
+    values = thermal.settings(conf, ["warn=65"])
+    assert values == {
+        "source": "sysfs",
+        "vcgencmd": "vcgencmd",
+        "sysfs": hostile,
+        "limit": "80.0",
+        "warn": "65",
+    }
+    assert thermal.settings(tmp_path / "absent.conf", []) == thermal.DEFAULTS
+    conf.write_text("sysfs='unterminated\n")
+    with pytest.raises(thermal.SettingError, match=r"thermal\.conf"):
+        thermal.settings(conf, [])
+
+
+def test_torch_is_imported_in_the_interpreter_the_task_names() -> None:
+    """The venv's python imports torch and names its quantized engines; a python without torch is named."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    found = run_module("rover_torch_engines", {}, tmp, python=sys.executable)
+    assert not found.get("failed"), found
+    assert found["python"] == sys.executable
+    assert found["version"].startswith("2.")
+    assert set(found["engines"]) & {"x86", "fbgemm", "onednn", "qnnpack"}
+    bare = "/usr/bin/python3"
+    if subprocess.run([bare, "-c", "import torch"], capture_output=True, check=False).returncode == 0:
+        pytest.skip(f"{bare} has torch here")
+    missing = run_module("rover_torch_engines", {}, tmp, python=bare)
+    assert missing["failed"] is True
+    assert missing["msg"].startswith(f"torch does not import in {bare}: "), missing
