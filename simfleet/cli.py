@@ -1,4 +1,5 @@
-"""python -m simfleet up|down|status|set-thermal|ssh: a fleet of simulated cars on this machine."""
+"""python -m simfleet up|down|status|poweroff|poweron|unplug|plug|set-thermal|transmitter|ssh: a fleet of
+simulated cars on this machine (containers, or virtual machines with their own kernel)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from typing import NoReturn
 
 from simfleet.errors import SimFleetError
 from simfleet.fleet import (
+    DEVICES,
+    KINDS,
     FleetConfig,
     Transmitter,
     down,
+    plug,
     power_off,
     power_on,
     require_state,
@@ -21,6 +25,7 @@ from simfleet.fleet import (
     set_transmitter,
     status,
     target_for,
+    unplug,
     up,
 )
 from simfleet.image import DEFAULT_RELEASE, RELEASES
@@ -57,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         "--arch", default="amd64", choices=["amd64", "arm64"], help="arm64 runs under qemu-user"
     )
     p_up.add_argument(
+        "--kind",
+        default="nspawn",
+        choices=KINDS,
+        help="nspawn (default, fast): containers on the controller's kernel; vm: QEMU virtual machines with "
+        "Debian's kernel, udev, a USB-serial Arduino and a V4L2 camera",
+    )
+    p_up.add_argument(
         "--release",
         type=_releases,
         action="append",
@@ -80,12 +92,21 @@ def _parser() -> argparse.ArgumentParser:
     p_tx.add_argument("--steering", type=float, default=0.0, help="the steering stick, -1..1 (manual)")
     p_tx.add_argument("--throttle", type=float, default=0.0, help="the throttle stick, -1..1 (manual)")
 
-    p_off = sub.add_parser("poweroff", help="switch one car off at once (its disk is kept)")
+    p_off = sub.add_parser("poweroff", help="shut one car down (its disk is kept); --hard: pull its battery")
     p_off.add_argument("--name", default="sim")
     p_off.add_argument("host", help="car1, car2, ...")
+    p_off.add_argument(
+        "--hard", action="store_true", help="a power cut: stop at once, nothing not yet on its disk survives"
+    )
     p_on = sub.add_parser("poweron", help="boot a car that was switched off, from its disk")
     p_on.add_argument("--name", default="sim")
     p_on.add_argument("host", help="car1, car2, ...")
+
+    for verb, what in (("unplug", "pull a VM car's Arduino or camera"), ("plug", "plug it back in")):
+        p_dev = sub.add_parser(verb, help=what)
+        p_dev.add_argument("--name", default="sim")
+        p_dev.add_argument("host", help="car1, car2, ...")
+        p_dev.add_argument("device", choices=DEVICES)
 
     p_down = sub.add_parser("down", help="stop every process of the fleet and remove its hosts")
     p_down.add_argument("--name", default="sim")
@@ -111,13 +132,15 @@ def _print_status(report: dict[str, object]) -> None:
     if not report["hosts"]:
         print(f"fleet {report['name']}: not up")
         return
-    print(f"fleet {report['name']} ({report['arch']}), inventory {report['inventory']}")
+    print(f"fleet {report['name']} ({report['arch']} {report['kind']}), inventory {report['inventory']}")
     for h in report["hosts"]:  # type: ignore[attr-defined]
         fw = h["firmware_status"]
         fw_text = json.dumps(fw) if isinstance(fw, dict) else str(fw)
         print(
             f"  {h['host']:<6} {h['release']:<8} port {h['port']}  running={h['running']} ssh={h['ssh']} "
-            f"serial={h['serial']} firmware_sim={h['firmware_sim']} status={fw_text[:120]}"
+            f"serial={h['serial']} firmware_sim={h['firmware_sim']}"
+            + (f" accelerator={h['accelerator']}" if h["accelerator"] else "")
+            + f" status={fw_text[:120]}"
         )
 
 
@@ -137,6 +160,7 @@ def run(argv: list[str]) -> int:
             inventory=args.inventory,
             releases=tuple(r for group in args.release or [[DEFAULT_RELEASE]] for r in group),
             transmitter=args.transmitter,
+            kind=args.kind,
         )
         state = up(config)
         boots = ", ".join(f"{h.name} {h.release} {h.boot_seconds} s" for h in state.hosts)
@@ -153,8 +177,12 @@ def run(argv: list[str]) -> int:
             _print_status(report)
         return 0 if report["hosts"] and report["up"] else 1
     elif args.command == "poweroff":
-        killed = power_off(args.name, args.host)
-        print(f"{args.host} off" + (f" (killed: {', '.join(killed)})" if killed else " (it was not running)"))
+        killed = power_off(args.name, args.host, hard=args.hard)
+        how = "power cut" if args.hard else "shut down"
+        print(f"{args.host} off ({how})" + (f"; killed: {', '.join(killed)}" if killed else ""))
+    elif args.command in ("unplug", "plug"):
+        (unplug if args.command == "unplug" else plug)(args.name, args.host, args.device)
+        print(f"{args.host}: {args.device} {args.command}ged")
     elif args.command == "poweron":
         host = power_on(args.name, args.host)
         print(f"{host.name} on: sshd answers after {host.boot_seconds} s")

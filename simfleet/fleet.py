@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import socket
 import time
 from dataclasses import dataclass
@@ -15,16 +16,29 @@ from typing import Any
 
 from simfleet.binfmt import ensure_emulation, require_qemu
 from simfleet.errors import SimFleetError
-from simfleet.host import boot, generate_key, prepare_root, wait_for_ssh
+from simfleet.host import boot, generate_key, log_tail, prepare_root, wait_for_ssh, write_identity
 from simfleet.host_root import remove_tree
 from simfleet.image import DEFAULT_RELEASE, RELEASES, ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir
-from simfleet.pi_tools import ThermalReading, write_thermal
+from simfleet.pi_tools import ThermalReading, thermal_files, write_thermal
 from simfleet.processes import Proc, child_processes, is_alive, kill_now, send_sigterm, stop_all
 from simfleet.serial_link import start_firmware_sim, start_pty_pair
 from simfleet.ssh import SshTarget, ssh_run
 from simfleet.state import FleetState, HostState, load_state, save_state, state_path
+from simfleet.vm import (
+    VmSpec,
+    accelerator,
+    create_overlay,
+    machine_id,
+    plug_arduino,
+    power_button,
+    qemu_version,
+    unplug_arduino,
+    write_seed,
+)
+from simfleet.vm import start as start_vm
+from simfleet.vm_image import PI_UID, VmImage, ensure_vm_image
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +49,11 @@ MAX_HOSTS = 64
 # Seconds until sshd must answer: emulated arm64 boots slower.
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
 POWEROFF_GRACE = {"amd64": 30.0, "arm64": 90.0}
+KINDS = ("nspawn", "vm")
+# A VM car under TCG emulation (measured: sshd after 30-40 s on 2 shared cores; more while others boot).
+VM_BOOT_TIMEOUT = 240.0
+VM_POWEROFF_GRACE = 90.0
+DEVICES = ("arduino", "camera")
 NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
 # Emulated hosts: systemd 257 (trixie) starts every unit through clone(CLONE_PIDFD), which qemu-user
 # rejects before 8.0 ("Failed to spawn executor: Invalid argument": nothing starts, not even sshd).
@@ -53,8 +72,17 @@ class FleetConfig:
     releases: tuple[str, ...] = (DEFAULT_RELEASE,)
     # Each car's firmware simulator has an RC receiver, its transmitter in autopilot until `transmitter`.
     transmitter: bool = False
+    # "nspawn" (containers, the default: fast) or "vm" (QEMU virtual machines with their own kernel).
+    kind: str = "nspawn"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SimFleetError(f"--kind {self.kind!r}: choose {' or '.join(KINDS)}")
+        if self.kind == "vm" and (self.arch != "amd64" or native_arch() != "amd64"):
+            raise SimFleetError(
+                f"--kind vm runs amd64 cars on an amd64 controller (this is {native_arch()}, --arch "
+                f"{self.arch}): an emulated arm64 machine is far too slow to provision"
+            )
         if not _NAME.match(self.name):
             raise SimFleetError(f"--name {self.name!r}: use lowercase letters, digits and '-' (max 31)")
         if not 1 <= self.hosts <= MAX_HOSTS:
@@ -130,6 +158,8 @@ def up(config: FleetConfig) -> FleetState:
     busy = [p for p in ports if not port_free(p)]
     if busy:
         raise SimFleetError(f"127.0.0.1 port(s) {busy} in use (another fleet?): choose another --base-port")
+    if config.kind == "vm":
+        qemu_version()  # missing or too old: one line, before anything is built or started
     if config.arch != native_arch():
         ensure_emulation(config.arch)
         for release in dict.fromkeys(config.releases):
@@ -139,7 +169,11 @@ def up(config: FleetConfig) -> FleetState:
     images: dict[str, Path] = {}
     build_seconds = 0.0
     for release in dict.fromkeys(config.releases):
-        images[release], seconds = ensure_image(config.arch, release)
+        if config.kind == "vm":
+            vm_image, seconds = ensure_vm_image(release)
+            images[release] = vm_image.path
+        else:
+            images[release], seconds = ensure_image(config.arch, release)
         build_seconds += seconds
     base = fleet_dir(config.name)
     remove_tree(base)
@@ -154,10 +188,14 @@ def up(config: FleetConfig) -> FleetState:
         key=str(key),
         known_hosts=str(base / "known_hosts"),
         inventory=str(config.inventory.resolve()),
+        kind=config.kind,
     )
     save_state(state)
     try:
-        _start_hosts(state, config, key, ports, images)
+        if config.kind == "vm":
+            _start_vm_hosts(state, config, key, ports, images)
+        else:
+            _start_hosts(state, config, key, ports, images)
     except BaseException:
         log.error("fleet %s did not come up; stopping what was started", config.name)
         # A systemd still booting may not act on the halt signal yet: no long wait for a failed fleet.
@@ -240,6 +278,103 @@ def _start_hosts(
     save_state(state)
 
 
+def _start_vm_hosts(
+    state: FleetState, config: FleetConfig, key: Path, ports: list[int], images: dict[str, Path]
+) -> None:
+    """Each car: a seed disk with its identity, a qcow2 overlay of the release's image, the pty pair
+    and firmware simulator of its Arduino, then QEMU; returns when every car's sshd answers."""
+    base = fleet_dir(config.name)
+    controller_key = generate_key(key, f"simfleet-{config.name}")
+    accel = {r: accelerator(VmImage(images[r])) for r in dict.fromkeys(config.releases)}
+    for release, (name, reason) in accel.items():
+        log.info("VM cars of %s run on %s: %s", release, name, reason)
+    known = []
+    for i, port in enumerate(ports, start=1):
+        name = f"car{i}"
+        hdir = base / "hosts" / name
+        release = config.release_of(i - 1)
+        hdir.mkdir(parents=True, exist_ok=True)
+        host = HostState(
+            name=name,
+            machine=f"{config.name}-{name}",
+            port=port,
+            release=release,
+            image=str(images[release]),
+            root="",
+            host_key_pub="",
+            serial_controller=str(hdir / "serial-controller"),
+            serial_host=str(hdir / "serial-host"),
+            firmware_status=str(hdir / "firmware-status.json"),
+            firmware_log=str(hdir / "firmware.log"),
+            nspawn_log=str(hdir / "qemu.log"),
+            socat_log=str(hdir / "socat.log"),
+            disk=str(hdir / "disk.qcow2"),
+            seed=str(hdir / "seed.img"),
+            qmp=str(hdir / "qmp.sock"),
+            console_log=str(hdir / "console.log"),
+            accelerator=accel[release][0],
+            usb_serial=f"SIMFLEET-{config.name}-{name}"[:30],
+        )
+        state.hosts.append(host)
+        seed_dir = hdir / "seed"
+        host.host_key_pub = write_identity(
+            seed_dir / "root", name, controller_key, (PI_UID, PI_UID), listen_port=None
+        )
+        write_seed(seed_dir, Path(host.seed))
+        create_overlay(VmImage(images[release]), Path(host.disk))
+        known.append(f"[127.0.0.1]:{port} {' '.join(host.host_key_pub.split()[:2])}")
+        host.socat, host.serial_pty = start_pty_pair(
+            Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
+        )
+        save_state(state)
+        if config.transmitter:
+            host.rc_file = str(hdir / "rc.json")
+            write_transmitter(Path(host.rc_file), Transmitter("autopilot"))
+        host.firmware = start_firmware_sim(
+            Path(host.serial_controller),
+            Path(host.firmware_status),
+            Path(host.firmware_log),
+            rc_file=Path(host.rc_file) if host.rc_file else None,
+        )
+        host.qemu = start_vm(vm_spec(host), Path(host.nspawn_log))
+        save_state(state)
+        log.info("%s (%s): VM booting on %s", host.machine, release, host.accelerator)
+    Path(state.known_hosts).write_text("\n".join(known) + "\n")
+    boot_started = time.monotonic()
+    for host in state.hosts:
+        _wait_for_vm(state, host)
+        host.boot_seconds = round(time.monotonic() - boot_started, 1)
+        log.info("%s: sshd answers on 127.0.0.1:%d after %.1f s", host.machine, host.port, host.boot_seconds)
+    write_inventory(state)
+    save_state(state)
+
+
+def vm_spec(host: HostState) -> VmSpec:
+    return VmSpec(
+        machine=host.machine,
+        hostname=host.name,
+        image=VmImage(Path(host.image)),
+        disk=Path(host.disk),
+        seed=Path(host.seed),
+        port=host.port,
+        serial_pty=host.serial_pty,
+        usb_serial=host.usb_serial,
+        qmp=Path(host.qmp),
+        console_log=Path(host.console_log),
+        accelerator=host.accelerator,
+        machine_id=machine_id(host.machine),
+    )
+
+
+def _wait_for_vm(state: FleetState, host: HostState) -> None:
+    assert host.qemu is not None
+    try:
+        wait_for_ssh(target_for(state, host), host.qemu, Path(host.console_log), VM_BOOT_TIMEOUT)
+    except SimFleetError as err:
+        qemu_said = log_tail(Path(host.nspawn_log), 5)
+        raise SimFleetError(f"{err}\nQEMU ({host.nspawn_log}):\n{qemu_said}") from None
+
+
 def container_init(nspawn: Proc) -> Proc | None:
     """The container's PID 1 as seen from the controller: the one child of the nspawn process."""
     children = child_processes(nspawn.pid)
@@ -264,6 +399,9 @@ def down(name: str, grace_seconds: float | None = None) -> list[str]:
     if state is None:
         remove_tree(fleet_dir(name))
         return []
+    # A VM car's disk is removed with the fleet: nothing to shut down cleanly for.
+    vms = [h.qemu for h in state.hosts if h.qemu is not None and is_alive(h.qemu)]
+    kill_now(vms)
     nspawns = [h.nspawn for h in state.hosts if h.nspawn is not None and is_alive(h.nspawn)]
     for host in state.hosts:
         if host.nspawn is None or not is_alive(host.nspawn):
@@ -283,7 +421,7 @@ def down(name: str, grace_seconds: float | None = None) -> list[str]:
     left = [
         p.what
         for h in state.hosts
-        for p in (h.nspawn, h.init, h.firmware, h.socat)
+        for p in (h.nspawn, h.init, h.qemu, h.firmware, h.socat)
         if p is not None and is_alive(p)
     ]
     if left:
@@ -299,13 +437,17 @@ def down(name: str, grace_seconds: float | None = None) -> list[str]:
     return killed
 
 
-def power_off(name: str, host_name: str) -> list[str]:
-    """Switches one car off as its battery would: the container stops at once (SIGKILL to nspawn and its
-    init, no clean shutdown); its disk (the root overlay), serial stand-in and firmware simulator stay.
-    Returns what had to be killed."""
+def power_off(name: str, host_name: str, *, hard: bool = True) -> list[str]:
+    """Switches one car off. `hard` (the default) as its battery would: at once, no clean shutdown (SIGKILL
+    to its QEMU, or to nspawn and the container's init); else as its owner would (ACPI's power button for
+    a VM, `systemctl poweroff` in a container), waiting for it to stop. Its disk, serial stand-in and
+    firmware simulator stay. Returns what had to be killed."""
     state = require_state(name)
     host = state.host(host_name)
-    procs = [p for p in (host.nspawn, host.init) if p is not None and is_alive(p)]
+    procs = [p for p in (host.nspawn, host.init, host.qemu) if p is not None and is_alive(p)]
+    if procs and not hard:
+        _shut_down(state, host)
+        procs = [p for p in procs if is_alive(p)]
     killed = [p.what for p in procs]
     kill_now(procs)
     left = [p.what for p in procs if is_alive(p)]
@@ -315,28 +457,96 @@ def power_off(name: str, host_name: str) -> list[str]:
         (NSPAWN_PROPAGATE / host.machine).rmdir()
     host.nspawn = None
     host.init = None
+    host.qemu = None
     save_state(state)
     return killed
+
+
+def _shut_down(state: FleetState, host: HostState) -> None:
+    """A clean shutdown, waited for (up to the grace period; the caller kills what is left)."""
+    if state.kind == "vm":
+        assert host.qemu is not None
+        power_button(Path(host.qmp))
+        grace, procs = VM_POWEROFF_GRACE, [host.qemu]
+    else:
+        _poweroff_over_ssh(state, host)
+        grace = POWEROFF_GRACE.get(state.arch, 30.0)
+        procs = [p for p in (host.nspawn, host.init) if p is not None]
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(is_alive(p) for p in procs):
+        time.sleep(0.5)
 
 
 def power_on(name: str, host_name: str) -> HostState:
     """Boots a car that was switched off (power_off) from the disk it had; returns once sshd answers."""
     state = require_state(name)
     host = state.host(host_name)
-    if host.nspawn is not None and is_alive(host.nspawn):
+    if any(p is not None and is_alive(p) for p in (host.nspawn, host.qemu)):
         raise SimFleetError(f"{host.machine} is already running")
-    emulated = state.arch != native_arch()
-    host.nspawn = boot(
-        Path(host.root), host.machine, host.name, host.serial_pty, Path(host.nspawn_log), emulated=emulated
-    )
-    save_state(state)
     started = time.monotonic()
-    wait_for_ssh(target_for(state, host), host.nspawn, Path(host.nspawn_log), BOOT_TIMEOUT[state.arch])
-    host.init = container_init(host.nspawn)
+    if state.kind == "vm":
+        host.qemu = start_vm(vm_spec(host), Path(host.nspawn_log))
+        save_state(state)
+        _wait_for_vm(state, host)
+    else:
+        emulated = state.arch != native_arch()
+        host.nspawn = boot(
+            Path(host.root),
+            host.machine,
+            host.name,
+            host.serial_pty,
+            Path(host.nspawn_log),
+            emulated=emulated,
+        )
+        save_state(state)
+        wait_for_ssh(target_for(state, host), host.nspawn, Path(host.nspawn_log), BOOT_TIMEOUT[state.arch])
+        host.init = container_init(host.nspawn)
     host.boot_seconds = round(time.monotonic() - started, 1)
     save_state(state)
     log.info("%s: powered on, sshd answers after %.1f s", host.machine, host.boot_seconds)
     return host
+
+
+# The camera of a VM car is vivid's platform device; unbinding its driver removes /dev/video0 as pulling a
+# USB camera's cable would, binding it again brings it back.
+VIVID_DRIVER = "/sys/bus/platform/drivers/vivid"
+VIVID_DEVICE = "vivid.0"
+
+
+def unplug(name: str, host_name: str, device: str) -> None:
+    """Pulls a VM car's Arduino (its USB device leaves the bus) or camera (its driver is unbound)."""
+    _replug(name, host_name, device, plugged=False)
+
+
+def plug(name: str, host_name: str, device: str) -> None:
+    """Plugs a VM car's Arduino or camera back in."""
+    _replug(name, host_name, device, plugged=True)
+
+
+def _replug(name: str, host_name: str, device: str, *, plugged: bool) -> None:
+    if device not in DEVICES:
+        raise SimFleetError(f"device {device!r}: choose {' or '.join(DEVICES)}")
+    state = require_state(name)
+    host = state.host(host_name)
+    verb = "plug" if plugged else "unplug"
+    if state.kind != "vm":
+        raise SimFleetError(
+            f"{verb}: fleet {name!r} is of kind {state.kind}; devices can be pulled only on VM cars "
+            "(up --kind vm), where a kernel sees them go"
+        )
+    if host.qemu is None or not is_alive(host.qemu):
+        raise SimFleetError(f"{host.machine} is not running")
+    if device == "arduino":
+        if plugged:
+            plug_arduino(Path(host.qmp), host.usb_serial)
+        else:
+            unplug_arduino(Path(host.qmp))
+        return
+    action = "bind" if plugged else "unbind"
+    script = f"echo {VIVID_DEVICE} > {VIVID_DRIVER}/{action}"
+    result = ssh_run(target_for(state, host), ["sudo", "-n", "sh", "-c", shlex.quote(script)], timeout=60)
+    if result.returncode != 0:
+        raise SimFleetError(f"{host.machine}: camera {action} failed: {result.stderr.strip()[:300]}")
 
 
 def _read_firmware_status(path: Path) -> Any:
@@ -357,7 +567,7 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
         return {"name": name, "up": False, "hosts": []}
     hosts = []
     for host in state.hosts:
-        running = any(p is not None and is_alive(p) for p in (host.nspawn, host.init))
+        running = any(p is not None and is_alive(p) for p in (host.nspawn, host.init, host.qemu))
         ssh_ok = (
             running and check_ssh and ssh_run(target_for(state, host), ["true"], timeout=15).returncode == 0
         )
@@ -375,12 +585,15 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
                 "transmitter": bool(host.rc_file),
                 "firmware_status": _read_firmware_status(Path(host.firmware_status)),
                 "boot_seconds": host.boot_seconds,
+                # VM cars: what QEMU runs them on (kvm or tcg); "" for containers.
+                "accelerator": host.accelerator,
             }
         )
     return {
         "name": name,
         "up": all(h["running"] for h in hosts),
         "arch": state.arch,
+        "kind": state.kind,
         "releases": state.releases,
         "inventory": state.inventory,
         "image_build_seconds": state.image_build_seconds,
@@ -397,7 +610,18 @@ def require_state(name: str) -> FleetState:
 
 def set_thermal(name: str, host_name: str, reading: ThermalReading) -> None:
     state = require_state(name)
-    write_thermal(Path(state.host(host_name).root), reading)
+    host = state.host(host_name)
+    if state.kind != "vm":
+        write_thermal(Path(host.root), reading)
+        return
+    # A VM's disk is its own: the same files, written inside it (each atomically, as write_thermal does).
+    script = " && ".join(
+        f"printf %s {shlex.quote(text)} > {path}.tmp && mv {path}.tmp {path}"
+        for path, text in thermal_files(reading).items()
+    )
+    result = ssh_run(target_for(state, host), ["sudo", "-n", "sh", "-c", shlex.quote(script)], timeout=60)
+    if result.returncode != 0:
+        raise SimFleetError(f"{host.machine}: set-thermal failed: {result.stderr.strip()[:300]}")
 
 
 # The receiver's mode switch pulse per mode (the firmware: < 1300 us manual, <= 1700 us autopilot with the

@@ -82,29 +82,61 @@ def prepare_root(
     """Makes the host's root (`root`: an overlay on the image, or a copy) and gives it its identity;
     returns the host's public host key."""
     make_root(image, root.parent)
+    host_key_pub = write_identity(root, hostname, authorized_key, _uid_gid(root, PI_USER), listen_port=port)
+    (root / "etc" / "machine-id").write_text(secrets.token_hex(16) + "\n")
+    if emulated:
+        # An empty assignment resets the list the unit file set; only settings the unit uses are reset
+        # (bookworm's systemd 252 does not know ImportCredential=).
+        for unit, settings in units_with_credentials(root).items():
+            dropin = root / "etc" / "systemd" / "system" / f"{unit}.d" / "simfleet-qemu-user.conf"
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text("[Service]\n" + "".join(f"{key}=\n" for key in settings))
+    return host_key_pub
+
+
+# /etc/hosts as Debian writes it, for a seed (which has no /etc/hosts to add the hostname to).
+DEBIAN_HOSTS = (
+    "127.0.0.1\tlocalhost\n"
+    "::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+    "ff02::1\t\tip6-allnodes\n"
+    "ff02::2\t\tip6-allrouters\n"
+)
+
+
+def write_identity(
+    root: Path, hostname: str, authorized_key: str, owner: tuple[int, int], *, listen_port: int | None
+) -> str:
+    """A host's identity under `root` (its root directory, or a VM's seed): hostname, its own ssh host
+    key, sshd keys-only (on 127.0.0.1:`listen_port` for a container sharing the controller's network),
+    the fleet's key for `pi` (owned by `owner`), no login gate, the Pi tool stand-ins. Returns the host's
+    public host key."""
     etc = root / "etc"
+    (etc / "ssh" / "sshd_config.d").mkdir(parents=True, exist_ok=True)
     (etc / "hostname").write_text(hostname + "\n")
-    hosts = (etc / "hosts").read_text() if (etc / "hosts").exists() else ""
+    hosts = (etc / "hosts").read_text() if (etc / "hosts").exists() else DEBIAN_HOSTS
     (etc / "hosts").write_text(f"127.0.1.1\t{hostname}\n" + hosts)
-    (etc / "machine-id").write_text(secrets.token_hex(16) + "\n")
     host_key_pub = generate_key(etc / "ssh" / "ssh_host_ed25519_key", f"root@{hostname}")
-    (etc / "ssh" / "sshd_config.d" / "simfleet.conf").write_text(
+    listen = (
         "# simfleet: hosts share the controller's network; each sshd has its own loopback port.\n"
-        f"Port {port}\n"
-        "ListenAddress 127.0.0.1\n"
-        "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+        f"Port {listen_port}\nListenAddress 127.0.0.1\n"
+        if listen_port is not None
+        else "# simfleet: a virtual machine; QEMU forwards a port on the controller's 127.0.0.1 to 22.\n"
+    )
+    (etc / "ssh" / "sshd_config.d" / "simfleet.conf").write_text(
+        listen + "HostKey /etc/ssh/ssh_host_ed25519_key\n"
         "PasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\n"
         "PermitRootLogin no\n"
         "UseDNS no\n"
     )
-    uid, gid = _uid_gid(root, PI_USER)
-    ssh_dir = root / "home" / PI_USER / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    uid, gid = owner
+    home = root / "home" / PI_USER
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keys = ssh_dir / "authorized_keys"
     keys.write_text(authorized_key + "\n")
     keys.chmod(0o600)
-    for p in (ssh_dir, keys):
+    for p in (home, ssh_dir, keys):
         os.chown(p, uid, gid)
     # systemd-tmpfiles creates /run/nologin at boot and systemd-user-sessions.service removes it. That unit
     # failed once under heavy load, which locked `pi` out for good (sshd up, logins refused). A simulated car
@@ -116,13 +148,6 @@ def prepare_root(
     install_pi_tools(root)
     write_thermal(root, DEFAULT_THERMAL)
     write_cpufreq(root)
-    if emulated:
-        # An empty assignment resets the list the unit file set; only settings the unit uses are reset
-        # (bookworm's systemd 252 does not know ImportCredential=).
-        for unit, settings in units_with_credentials(root).items():
-            dropin = etc / "systemd" / "system" / f"{unit}.d" / "simfleet-qemu-user.conf"
-            dropin.parent.mkdir(parents=True, exist_ok=True)
-            dropin.write_text("[Service]\n" + "".join(f"{key}=\n" for key in settings))
     return host_key_pub
 
 

@@ -94,6 +94,19 @@ def ensure_image(arch: str, release: str = DEFAULT_RELEASE) -> tuple[Path, float
 
 
 def _build(arch: str, release: str, root: Path) -> float:
+    tmp = root.with_name(root.name + ".building")
+    started = time.monotonic()
+    log.info("building the %s %s image in %s (once; cached)", release, arch, root)
+    build_root(arch, release, tmp, PACKAGES)
+    tmp.rename(root)
+    seconds = time.monotonic() - started
+    log.info("image %s built in %.1f s", root.name, seconds)
+    return seconds
+
+
+def build_root(arch: str, release: str, dest: Path, packages: tuple[str, ...]) -> None:
+    """mmdebstrap of `release` for `arch` with `packages` into `dest` (replaced), then what every host
+    shares (customize). On failure `dest` is removed and the error names mmdebstrap's last lines."""
     tools = {"mmdebstrap": "mmdebstrap", "chroot": "coreutils"}
     if arch != native_arch():
         ensure_emulation(arch)
@@ -101,10 +114,7 @@ def _build(arch: str, release: str, root: Path) -> float:
     for tool, package in tools.items():
         if shutil.which(tool) is None:
             raise SimFleetError(f"{tool} not found: apt-get install {package} (see docs/simulation.md)")
-    tmp = root.with_name(root.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    started = time.monotonic()
-    log.info("building the %s %s image in %s (once; cached)", release, arch, root)
+    shutil.rmtree(dest, ignore_errors=True)
     cmd = [
         "mmdebstrap",
         "--quiet",
@@ -112,34 +122,34 @@ def _build(arch: str, release: str, root: Path) -> float:
         "--variant=apt",
         "--mode=root",
         "--format=directory",
-        f"--include={','.join(PACKAGES)}",
+        f"--include={','.join(packages)}",
         release,
-        str(tmp),
+        str(dest),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(dest, ignore_errors=True)
         tail = "\n".join((result.stderr or result.stdout).splitlines()[-20:])
         raise SimFleetError(f"mmdebstrap failed for {release} {arch} (exit {result.returncode}):\n{tail}")
-    _customize(tmp)
-    tmp.rename(root)
-    seconds = time.monotonic() - started
-    log.info("image %s built in %.1f s", root.name, seconds)
-    return seconds
+    try:
+        customize(dest)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
-def _chroot(root: Path, *args: str) -> None:
+def chroot(root: Path, *args: str) -> None:
     result = subprocess.run(["chroot", str(root), *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SimFleetError(f"chroot {root} {' '.join(args)} failed: {result.stderr.strip()}")
 
 
-def _customize(root: Path) -> None:
+def customize(root: Path) -> None:
     """What every host shares: the `pi` user with passwordless sudo (as on Raspberry Pi OS), no host keys
     (each host gets its own), an empty machine-id, masked timers. (The Pi tool stand-ins are written per
     host, so changing them needs no image rebuild.)"""
     groups = [g for g in PI_GROUPS if _has_group(root, g)]
-    _chroot(root, "useradd", "--create-home", "--shell", "/bin/bash", "--groups", ",".join(groups), PI_USER)
+    chroot(root, "useradd", "--create-home", "--shell", "/bin/bash", "--groups", ",".join(groups), PI_USER)
     sudoers = root / "etc" / "sudoers.d" / "010_pi-nopasswd"
     sudoers.write_text(f"{PI_USER} ALL=(ALL) NOPASSWD: ALL\n")
     sudoers.chmod(0o440)

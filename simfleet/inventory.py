@@ -10,9 +10,10 @@ import yaml
 from simfleet.host import SERIAL_DEVICE
 from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_FILE, THERMAL_ZONE_TEMP
 from simfleet.ssh import SshTarget
-from simfleet.state import FleetState
+from simfleet.state import FleetState, HostState
 
 MARKER = "# Written by `python -m simfleet up`"
+KIND_TEXT = {"nspawn": "systemd-nspawn", "vm": "QEMU virtual machines"}
 
 
 def host_vars(state: FleetState, index: int) -> dict[str, Any]:
@@ -37,6 +38,18 @@ def host_vars(state: FleetState, index: int) -> dict[str, Any]:
         "simfleet_thermal_file": THERMAL_FILE,
         "simfleet_thermal_zone_temp": THERMAL_ZONE_TEMP,
         "simfleet_cpufreq_root": CPUFREQ_ROOT,
+        "simfleet_kind": state.kind,
+    } | (_vm_vars(host) if state.kind == "vm" else {})
+
+
+def _vm_vars(host: HostState) -> dict[str, Any]:
+    """A VM car's Arduino is QEMU's FTDI adapter on USB: the rover_serial rule matches it by its ids and
+    serial number, as on a car with more than one such board."""
+    return {
+        "rover_serial_usb_vendor_id": "0403",
+        "rover_serial_usb_product_id": "6001",
+        "rover_serial_usb_serial": host.usb_serial,
+        "simfleet_accelerator": host.accelerator,
     }
 
 
@@ -47,14 +60,23 @@ def render(state: FleetState) -> str:
         "all": {
             "children": {
                 "rovers": {"hosts": hosts},
-                # Sim-only group: group_vars/simulated can point role variables at the stand-ins.
-                "simulated": {"hosts": dict.fromkeys(hosts)},
+                # Sim-only group: group_vars/simulated can point role variables at the stand-ins,
+                # group_vars/simulated_vm (its child) back at the real devices a VM car has.
+                "simulated": {
+                    "hosts": dict.fromkeys(hosts),
+                    **(
+                        {"children": {"simulated_vm": {"hosts": dict.fromkeys(hosts)}}}
+                        if state.kind == "vm"
+                        else {}
+                    ),
+                },
             }
         }
     }
     header = (
         f"{MARKER} --name {state.name}; removed by `down`. Do not edit.\n"
-        f"# {len(hosts)} simulated {state.arch} hosts ({releases}; systemd-nspawn); see docs/simulation.md.\n"
+        f"# {len(hosts)} simulated {state.arch} hosts ({releases}; {KIND_TEXT[state.kind]}); "
+        "see docs/simulation.md.\n"
     )
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
 

@@ -71,12 +71,18 @@ def install_pi_tools(root: Path) -> None:
     tool.chmod(0o755)
 
 
+def thermal_files(reading: ThermalReading) -> dict[str, str]:
+    """The stand-in files (path in the host: content) that make vcgencmd and the zone report `reading`."""
+    return {
+        THERMAL_FILE: f"temp={reading.temp_c:.1f}\nthrottled={reading.throttled}\n",
+        THERMAL_ZONE_TEMP: f"{round(reading.temp_c * 1000)}\n",
+    }
+
+
 def write_thermal(root: Path, reading: ThermalReading) -> None:
     """Sets what the host's vcgencmd and its thermal-zone stand-in report (each file atomically)."""
-    write_bytes_atomic(
-        _inside(root, THERMAL_FILE), f"temp={reading.temp_c:.1f}\nthrottled={reading.throttled}\n".encode()
-    )
-    write_bytes_atomic(_inside(root, THERMAL_ZONE_TEMP), f"{round(reading.temp_c * 1000)}\n".encode())
+    for path, text in thermal_files(reading).items():
+        write_bytes_atomic(_inside(root, path), text.encode())
 
 
 def write_cpufreq(root: Path) -> None:

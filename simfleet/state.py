@@ -38,6 +38,15 @@ class HostState:
     boot_seconds: float | None = None
     # The firmware simulator's RC receiver pulses (`up --transmitter`); "" = the car has no receiver.
     rc_file: str = ""
+    # A virtual-machine car (fleet kind "vm"): its QEMU, qcow2 disk, seed disk, monitor socket, console
+    # log, accelerator (kvm or tcg) and the serial number of its USB Arduino.
+    qemu: Proc | None = None
+    disk: str = ""
+    seed: str = ""
+    qmp: str = ""
+    console_log: str = ""
+    accelerator: str = ""
+    usb_serial: str = ""
 
 
 @dataclass
@@ -53,6 +62,8 @@ class FleetState:
     known_hosts: str
     inventory: str
     hosts: list[HostState] = field(default_factory=list)
+    # "nspawn": containers sharing the controller's kernel; "vm": QEMU virtual machines with their own.
+    kind: str = "nspawn"
 
     def host(self, name: str) -> HostState:
         for host in self.hosts:
@@ -91,7 +102,7 @@ def load_state(name: str) -> FleetState | None:
 
 def _host_from_dict(raw: dict[str, Any]) -> HostState:
     fields = dict(raw)
-    for key in ("nspawn", "socat", "firmware", "init"):
+    for key in ("nspawn", "socat", "firmware", "init", "qemu"):
         value = fields.get(key)
         fields[key] = Proc(**value) if isinstance(value, dict) else None
     return HostState(**fields)
