@@ -29,7 +29,7 @@ lint: setup
 	ansible-lint --profile production --offline -q
 
 unit: setup
-	pytest -m "not fleet and not arm64"
+	pytest -m "not fleet and not arm64 and not vm"
 
 test: setup
 	scripts/run-tests.sh

@@ -51,20 +51,33 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The emulated arm64 trixie car needs qemu-user >= 8 (systemd 257 spawns its services in a way qemu 7.2,
-# bookworm's, refuses). On bookworm, take it from Debian's bookworm-backports (qemu 10).
-qemu_version=$(dpkg-query -W -f='${Version}' qemu-user-static 2>/dev/null | sed -E 's/^[0-9]+://; s/[.+~].*//')
-if [[ ${qemu_version:-0} -lt 8 ]] && grep -q '^VERSION_CODENAME=bookworm' /etc/os-release; then
-  echo "==> qemu-user-static ${qemu_version:-?} is too old for trixie arm64 cars: installing it from bookworm-backports"
-  backports=/etc/apt/sources.list.d/rover-bookworm-backports.sources
-  if [[ ! -f $backports ]]; then
-    printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
-      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$backports.tmp"
-    mv "$backports.tmp" "$backports"
-  fi
+# QEMU: qemu-user for the emulated arm64 car, which needs >= 8 (systemd 257 spawns its services in a way
+# qemu 7.2, bookworm's, refuses), and qemu-system-x86 + qemu-utils for the VM cars (simfleet up --kind vm;
+# tested with 10.0). On bookworm all three come from Debian's bookworm-backports (qemu 10).
+qemu_packages=(qemu-user-static qemu-system-x86 qemu-utils)
+qemu_major() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -nE 's/^install ok installed ([0-9]+:)?([0-9]+).*/\2/p'; }
+qemu_old=()
+for p in "${qemu_packages[@]}"; do
+  v=$(qemu_major "$p")
+  [[ ${v:-0} -ge 8 ]] || qemu_old+=("$p")
+done
+if ((${#qemu_old[@]})); then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-user-static >/dev/null
+  if grep -q '^VERSION_CODENAME=bookworm' /etc/os-release; then
+    echo "==> ${qemu_old[*]}: missing or older than 8, installing QEMU from bookworm-backports"
+    backports=/etc/apt/sources.list.d/rover-bookworm-backports.sources
+    if [[ ! -f $backports ]]; then
+      printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+        'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$backports.tmp"
+      mv "$backports.tmp" "$backports"
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports "${qemu_packages[@]}" >/dev/null
+  else
+    echo "==> apt-get install ${qemu_old[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${qemu_old[@]}" >/dev/null
+  fi
 fi
 
 stamp="$venv/.rover-deps"

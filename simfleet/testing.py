@@ -46,10 +46,12 @@ def running_fleet(
     base_port: int = 2321,
     inventory: Path | None = None,
     releases: str | Sequence[str] = (DEFAULT_RELEASE,),
+    kind: str = "nspawn",
 ) -> Iterator[FleetState]:
     """Boots a fleet (after stopping leftovers of the same name from an interrupted run) and stops it at
     the end. The inventory defaults to `$ROVER_CACHE/fleets/<name>/hosts.yml`, outside the repo.
-    `releases` ("trixie", or ("trixie", "bookworm") for a mixed fleet) go to car1, car2, ... in turn."""
+    `releases` ("trixie", or ("trixie", "bookworm") for a mixed fleet) go to car1, car2, ... in turn;
+    `kind` "vm" makes them virtual machines."""
     with fleet_lock(name):
         down(name)
         config = FleetConfig(
@@ -59,6 +61,7 @@ def running_fleet(
             base_port=base_port,
             inventory=inventory or fleet_dir(name) / "hosts.yml",
             releases=(releases,) if isinstance(releases, str) else tuple(releases),
+            kind=kind,
         )
         state = up(config)
         try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from typing import Any, NoReturn
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
 FRESH_S = 5.0  # the runtime rewrites the metrics file about once per second
 JOURNAL_LINES = 15
+FAULT_LINES = 4  # the runtime's most recent distinct faults, in the gate's one-line reason
 SAMPLE_RATE_SHARE = 0.5  # a single sample's rate must reach this share of --min-rate-ratio
 CRASH_LOOP = 3  # restarts while waiting for the first healthy sample: give up early
 COMMAND_TIMEOUT_S = 15.0
@@ -460,6 +462,44 @@ def journal_tail(unit: str, lines: int = JOURNAL_LINES) -> str:
     return "\n".join((own or every)[-lines:])
 
 
+# The runtime's log lines as journald keeps them (-o cat): "LEVEL logger: message"; its failsafe lines name
+# the faults it went neutral for: "failsafe #3: neutral (serial: ... not connected; camera front: ...)".
+_LOG_LINE = re.compile(r"^(?P<level>WARNING|ERROR|CRITICAL) [\w.]+: (?P<message>.+)$")
+_FAILSAFE = re.compile(r"^failsafe(?: #\d+)?: (?:still )?neutral \((?P<faults>.+)\)$")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def runtime_faults(journal_text: str, limit: int = FAULT_LINES) -> list[str]:
+    """The runtime's own most recent distinct faults in `journal_text` (journalctl -o cat), oldest first:
+    the reasons its failsafe lines give and its error lines. Faults differing only in numbers (a frame's
+    age, an attempt count) count once, as their latest wording."""
+    found: dict[str, str] = {}
+    for line in journal_text.splitlines():
+        logged = _LOG_LINE.match(line.strip())
+        if logged is None:
+            continue
+        message = logged.group("message").strip()
+        failsafe = _FAILSAFE.match(message)
+        if failsafe is not None:
+            items = [f.strip() for f in failsafe.group("faults").split("; ")]
+        elif logged.group("level") != "WARNING":
+            items = [message]
+        else:
+            continue
+        for item in items:
+            key = _NUMBER.sub("#", item)
+            found.pop(key, None)
+            found[key] = item
+    return list(found.values())[-limit:]
+
+
+def journal_faults(unit: str, since: float) -> list[str]:
+    """runtime_faults of the unit's journal since the epoch time `since` ([] if it cannot be read)."""
+    argv = ["journalctl", "-u", unit, f"--since=@{since:.0f}", "-p", "warning", "--no-pager", "-o", "cat"]
+    rc, out, _ = _run(argv)
+    return runtime_faults(out) if rc == 0 else []
+
+
 @dataclass
 class Observation:
     unit: dict[str, str]
@@ -478,8 +518,16 @@ def observe(args: argparse.Namespace, expect: Expect) -> Observation:
     return Observation(state, metrics, problems)
 
 
-def failure_reason(problems: list[str], state: dict[str, str], unit: str) -> str:
+def failure_reason(
+    problems: list[str], state: dict[str, str], unit: str, since: float, *, failing: bool = False
+) -> str:
+    """The problems in one line; when the runtime keeps failing (`failing`: a crash loop, or it never
+    became healthy) or is down, with its own last faults since `since` (epoch) from its journal, and when
+    it is down, its last journal lines below."""
+    faults = journal_faults(unit, since) if failing or unit_is_down(state) else []
     reason = "; ".join(problems)
+    if faults:
+        reason += f"; the runtime's last faults: ({'; '.join(faults)})"
     if unit_is_down(state):
         reason += f"\nlast {JOURNAL_LINES} journal lines of {unit_display_name(unit)}:\n{journal_tail(unit)}"
     return reason
@@ -563,6 +611,9 @@ def run_gate(args: argparse.Namespace) -> dict[str, Any]:
         serial=not args.no_serial,
     )
     started = time.monotonic()
+    # The runtime's faults are read from its journal since the gate began (a little before: the role
+    # restarted the unit right before it).
+    since = time.time() - 5.0
     deadline = started + args.timeout_s
     samples = 0
     restarts_at_start: int | None = None
@@ -581,7 +632,7 @@ def run_gate(args: argparse.Namespace) -> dict[str, Any]:
         if crash_loop:
             seen.problems.insert(0, f"crash loop: {crashes} restarts in {now - started:.0f} s")
         if now >= deadline or crash_loop:
-            reason = failure_reason(seen.problems, seen.unit, args.unit)
+            reason = failure_reason(seen.problems, seen.unit, args.unit, since, failing=True)
             summary = summarize(None, seen.metrics, seen.unit)
             return _report(
                 False, "start", reason, waited_s=now - started, soak_s=0.0, samples=samples, summary=summary
@@ -599,6 +650,7 @@ def run_gate(args: argparse.Namespace) -> dict[str, Any]:
         last = observe(args, expect)
         samples += 1
         problems = list(last.problems)
+        stopped: list[str] = []
         if "error" not in last.unit:
             stopped = stopped_problems(last.unit, args.unit)
             if stopped:  # the cause first: the runtime's process ended during the soak
@@ -606,7 +658,7 @@ def run_gate(args: argparse.Namespace) -> dict[str, Any]:
             elif last.metrics is not None:
                 problems += restart_problems(first_unit, last.unit, first.get("pid"), last.metrics.get("pid"))
         if problems:
-            reason = failure_reason(problems, last.unit, args.unit)
+            reason = failure_reason(problems, last.unit, args.unit, since, failing=bool(stopped))
             summary = summarize(first, last.metrics, last.unit)
             soaked = time.monotonic() - soak_start
             return _report(

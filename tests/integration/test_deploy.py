@@ -799,6 +799,27 @@ def test_crash_loop_never_leaves_the_service_failed(deployed: Path) -> None:
     assert host.service("rover-runtime").is_running, journal(host)
 
 
+def test_a_runtime_that_keeps_failing_is_failed_in_its_own_words(
+    deployed: Path, bundles: dict[str, Path]
+) -> None:
+    """A release whose runtime cannot open its Arduino (a wrong port in its config) never becomes healthy:
+    the gate's line and the ROVER RECAP carry the runtime's own fault from its journal, not only the unit's
+    state, and the car goes back to its last good release."""
+    canary = car(deployed, "car1")
+    assert _deploy_car1(deployed, bundles["a"]).rc == 0
+    good = current_release(canary)
+    run = _deploy_car1(
+        deployed, bundles["a"], "-e", "rover_runtime_service_serial_port=/dev/rover-nothing",
+        "-e", "rover_health_timeout_s=20",
+    )  # fmt: skip
+    assert run.rc != 0
+    line = _recap_line(run, "car1")
+    assert "the runtime's last faults: (" in line, line
+    assert "serial: /dev/rover-nothing not connected" in line, line
+    assert current_release(canary) == good
+    _wait_running(canary, good)
+
+
 # --- signed bundles: every new release's manifest.json.sig is checked on the car before it is published --
 
 

@@ -504,3 +504,34 @@ def test_the_gate_reports_a_failed_unit_with_its_journal(tmp_path: Path) -> None
     assert report["phase"] == "start"
     assert report["reason"].startswith("rover-runtime.service is failed/failed (exit status 2); metrics file")
     assert report["reason"].endswith("config policy.bundle: cannot read\nbye")
+
+
+def test_the_runtimes_own_faults_come_from_its_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real vehicle with no Arduino and a camera that fails: its log lines, as journald keeps them, give
+    the gate the faults it went neutral for, each once, with its error lines; systemd's lines and the
+    runtime's other warnings are not faults."""
+    config = load_config(None, {"serial.port": str(tmp_path / "no-arduino"), "metrics.path": ""})
+    camera_source = SyntheticSource(64, 48, fps=30)
+    camera_source.fail(OSError("cannot be opened"))
+    camera = Camera(camera_source, retry_interval_s=0.05, name="front")
+    vehicle = build_vehicle(
+        config, StubPolicy(chunk_size=10), make_serial_link(config.serial), cameras=[camera],
+        notifier=Notifier(environ={}),
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        vehicle.run(max_cycles=40)
+    journal = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records]
+    journal += [
+        "rover-runtime.service: Watchdog timeout (limit 15s)!",
+        "rover-runtime.service: Main process exited, code=dumped, status=6/ABRT",
+        "WARNING rover_runtime.vehicle: control.realtime_priority 20 refused (EPERM); normal scheduling",
+        "ERROR rover_runtime.inference_worker: inference failed: RuntimeError: shape mismatch",
+    ]
+    faults = gate.runtime_faults("\n".join(journal))
+    assert any(f.startswith("serial: ") and "not connected" in f for f in faults), journal
+    assert any(f.startswith("camera front") for f in faults), journal
+    assert faults[-1] == "inference failed: RuntimeError: shape mismatch"
+    assert not any("Watchdog" in f or "realtime_priority" in f for f in faults)
+    assert len(faults) == len({gate._NUMBER.sub("#", f) for f in faults}) <= gate.FAULT_LINES

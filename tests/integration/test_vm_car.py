@@ -1,0 +1,242 @@
+"""A car with a kernel: one trixie VM car (`simfleet up --kind vm`) provisioned, deployed and driven through
+its USB-serial Arduino (ftdi_sio, the udev rule's /dev/rover-arduino) and a V4L2 camera (/dev/video0), both
+pulled and plugged back while it drives, and a power cut during a deploy's soak.
+
+Runs in the `vm` stage of `make test` (scripts/run-tests.sh), beside the container fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import RELEASES, REPO, make_bundle, playbook_command, playbook_env, run_playbook
+
+from simfleet.fleet import plug, power_off, power_on, status, target_for, unplug
+from simfleet.ssh import ssh_run
+from simfleet.state import FleetState, load_state
+from simfleet.testing import running_fleet
+
+pytestmark = pytest.mark.vm
+
+FLEET = "pytest-vm"
+BASE_PORT = 2391
+FORCE = ("-e", "rover_deploy_force=true")  # the car drives all the time: past the driving guard
+
+
+@pytest.fixture(scope="module")
+def vm_fleet() -> Iterator[FleetState]:
+    with running_fleet(FLEET, hosts=1, base_port=BASE_PORT, kind="vm") as state:
+        yield state
+
+
+def guest(state: FleetState, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`command` on car1 (as pi, through the remote shell)."""
+    fresh = load_state(state.name)
+    assert fresh is not None
+    return ssh_run(target_for(fresh, fresh.host("car1")), [command], timeout=timeout)
+
+
+def guest_out(state: FleetState, command: str) -> str:
+    result = guest(state, command)
+    assert result.returncode == 0, f"{command}: {result.stderr}"
+    return result.stdout
+
+
+def car_metrics(state: FleetState) -> dict[str, Any]:
+    """The runtime's metrics file; {} while there is none (the runtime not started yet)."""
+    result = guest(state, "cat /run/rover/metrics.json")
+    return dict(json.loads(result.stdout)) if result.returncode == 0 else {}
+
+
+def is_driving(state: FleetState) -> bool:
+    return bool(car_metrics(state).get("driving"))
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def provisioned(vm_fleet: FleetState) -> Path:
+    inventory = Path(vm_fleet.inventory)
+    run = run_playbook(inventory, "provision.yml", timeout=1800)
+    assert run.rc == 0, run.report()
+    return inventory
+
+
+@pytest.fixture(scope="module")
+def driving(provisioned: Path, tmp_path_factory: pytest.TempPathFactory, vm_fleet: FleetState) -> str:
+    """A release of a one-camera bundle deployed and gated; the runtime drives from /dev/video0 and
+    /dev/rover-arduino. Returns the release id."""
+    bundle = make_bundle(tmp_path_factory.mktemp("vm-release") / "bundle", chunk_size=10)
+    run = run_playbook(provisioned, "deploy.yml", "-e", f"rover_deploy_bundle={bundle}", *FORCE)
+    assert run.rc == 0, run.report()
+    release = current(vm_fleet)
+    assert release
+    return release
+
+
+def test_the_car_runs_its_own_kernel(vm_fleet: FleetState) -> None:
+    report = status(FLEET)
+    (host,) = report["hosts"]
+    assert report["kind"] == "vm"
+    assert host["running"]
+    assert host["ssh"]
+    assert host["accelerator"] in ("kvm", "tcg")
+    assert guest_out(vm_fleet, "uname -r").strip() != os.uname().release
+    assert guest_out(vm_fleet, "systemd-detect-virt").strip() in ("qemu", "kvm")
+    assert guest_out(vm_fleet, "systemctl is-system-running --wait").strip() == "running"
+
+
+def test_udev_names_the_usb_arduino_by_the_roles_rule(vm_fleet: FleetState, provisioned: Path) -> None:
+    node = guest_out(vm_fleet, "readlink -f /dev/rover-arduino").strip()
+    assert node.startswith("/dev/ttyUSB"), node
+    props = dict(
+        line.split("=", 1)
+        for line in guest_out(vm_fleet, f"udevadm info --query=property --name={node}").splitlines()
+        if "=" in line
+    )
+    assert (props["ID_VENDOR_ID"], props["ID_MODEL_ID"]) == ("0403", "6001")
+    assert props["ID_SERIAL_SHORT"] == vm_fleet.hosts[0].usb_serial
+    assert props["ID_USB_DRIVER"] == "ftdi_sio"
+    assert guest_out(vm_fleet, f"stat -c '%G %a' {node}").split() == ["dialout", "660"]
+
+
+QUERYCAP = """
+import fcntl, struct
+buf = bytearray(104)
+with open('/dev/video0', 'rb', buffering=0) as dev:
+    fcntl.ioctl(dev, 0x80685600, buf)  # VIDIOC_QUERYCAP
+driver, card = (bytes(buf[a:b]).rstrip(b'\\0').decode() for a, b in ((0, 16), (16, 48)))
+caps = struct.unpack_from('<I', buf, 88)[0]  # device_caps
+print(driver, caps & 0x1)  # V4L2_CAP_VIDEO_CAPTURE
+"""
+
+
+def test_the_camera_is_a_v4l2_capture_device(vm_fleet: FleetState) -> None:
+    out = guest_out(vm_fleet, f"sudo -n python3 -c {shlex.quote(QUERYCAP)}").split()
+    assert out == ["vivid", "1"], out
+
+
+def test_the_runtime_drives_through_the_usb_arduino_and_the_camera(
+    vm_fleet: FleetState, driving: str
+) -> None:
+    wait_for("driving", lambda: is_driving(vm_fleet))
+    m = car_metrics(vm_fleet)
+    assert m["release"]["id"] == driving
+    assert m["serial"]["port"] == "/dev/rover-arduino"
+    assert m["serial"]["connected"]
+    assert m["cameras"]["front"]["source"] == "camera 0"
+    assert m["cameras"]["front"]["frames"] > 0
+    # The unit's sandbox on a real kernel: no network but loopback in the runtime's namespace.
+    pid = guest_out(vm_fleet, "systemctl show -P MainPID rover-runtime").strip()
+    links = guest_out(vm_fleet, f"sudo -n nsenter -t {pid} -n ip -o link").splitlines()
+    assert [line.split(":")[1].strip() for line in links] == ["lo"], links
+
+
+def test_a_pulled_arduino_is_named_and_comes_back_by_itself(vm_fleet: FleetState, driving: str) -> None:
+    wait_for("driving", lambda: is_driving(vm_fleet))
+    before = car_metrics(vm_fleet)["serial"]["reconnects"]
+    unplug(FLEET, "car1", "arduino")
+    try:
+        wait_for(
+            "the failsafe naming the serial link",
+            lambda: (
+                "serial: /dev/rover-arduino not connected" in car_metrics(vm_fleet)["failsafe"]["reasons"]
+            ),
+            timeout=30,
+        )
+        assert not car_metrics(vm_fleet)["driving"]
+    finally:
+        plug(FLEET, "car1", "arduino")
+    wait_for("the link back", lambda: car_metrics(vm_fleet)["serial"]["reconnects"] > before, timeout=60)
+    wait_for("driving again", lambda: is_driving(vm_fleet), timeout=60)
+    assert guest(vm_fleet, "systemctl is-active rover-runtime").stdout.strip() == "active"
+
+
+def test_a_pulled_camera_is_named_and_frames_resume(vm_fleet: FleetState, driving: str) -> None:
+    wait_for("driving", lambda: is_driving(vm_fleet))
+    before = car_metrics(vm_fleet)["cameras"]["front"]["reopens"]
+    unplug(FLEET, "car1", "camera")
+    try:
+        wait_for(
+            "the failsafe naming the camera",
+            lambda: any("camera front" in r for r in car_metrics(vm_fleet)["failsafe"]["reasons"]),
+            timeout=30,
+        )
+    finally:
+        plug(FLEET, "car1", "camera")
+    wait_for("the camera back", lambda: car_metrics(vm_fleet)["cameras"]["front"]["reopens"] > before, 60)
+    wait_for("driving again", lambda: is_driving(vm_fleet), timeout=60)
+
+
+def current(state: FleetState) -> str:
+    return guest_out(state, f"readlink {RELEASES}/current").strip().rsplit("/", 1)[-1]
+
+
+def release_states(state: FleetState) -> dict[str, str]:
+    script = (
+        "import json, pathlib\n"
+        f"root = pathlib.Path('{RELEASES}/releases')\n"
+        "print(json.dumps({d.name: json.loads((d / 'status.json').read_text())['state']\n"
+        "                  for d in root.glob('[!.]*') if (d / 'status.json').exists()}))\n"
+    )
+    return dict(json.loads(guest_out(state, f"python3 -c {shlex.quote(script)}")))
+
+
+def test_a_power_cut_during_the_soak_boots_the_last_good_release(
+    vm_fleet: FleetState, provisioned: Path, driving: str, tmp_path: Path
+) -> None:
+    """The battery dies 3 s into a new release's soak: at the next boot (a real one: the kernel replays its
+    file system's journal) the car drives its last good release, and the cut release is `interrupted`."""
+    fresh = make_bundle(tmp_path / "fresh", chunk_size=16)
+    command = playbook_command(
+        provisioned,
+        "deploy.yml",
+        *FORCE,
+        "-e",
+        f"rover_deploy_bundle={fresh}",
+        "-e",
+        "rover_health_soak_s=300",
+    )
+    deploy = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=playbook_env(provisioned),
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 900
+        while True:  # until the new release runs: its soak has begun
+            assert deploy.poll() is None, (deploy.communicate()[0] or "")[-4000:]
+            assert time.monotonic() < deadline, "the deploy never reached its soak"
+            trial = current(vm_fleet)
+            runs = car_metrics(vm_fleet).get("release") or {}
+            if trial != driving and runs.get("id") == trial:
+                break
+            time.sleep(1)
+        assert release_states(vm_fleet)[trial] == "trial"
+        time.sleep(3)
+        power_off(FLEET, "car1", hard=True)
+        out, _ = deploy.communicate(timeout=300)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.communicate()
+    assert deploy.returncode != 0, out[-3000:]
+    power_on(FLEET, "car1")
+    wait_for("driving again", lambda: is_driving(vm_fleet), timeout=180)
+    assert car_metrics(vm_fleet)["release"]["id"] == driving
+    assert current(vm_fleet) == driving
+    states = release_states(vm_fleet)
+    assert states[driving] == "good"
+    assert states[trial] == "interrupted", states
