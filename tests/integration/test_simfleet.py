@@ -74,6 +74,8 @@ def read_status(host: HostState) -> dict[str, object]:
         ({"releases": ("sid",)}, r"--release 'sid': choose one of trixie, bookworm"),
         ({"releases": ()}, r"--release: give at least one"),
         ({"hosts": 1, "releases": ("trixie", "bookworm")}, r"2 releases for 1 host\(s\): at most 1"),
+        ({"kind": "lxc"}, r"--kind 'lxc': choose nspawn or vm"),
+        ({"kind": "vm", "arch": "arm64"}, r"--kind vm runs amd64 cars on an amd64 controller"),
     ],
 )
 def test_config_rejects_bad_options(kwargs: dict[str, Any], message: str) -> None:
@@ -125,6 +127,59 @@ def test_qemu_versions_are_read_from_its_banner() -> None:
     assert binfmt._parse_version("qemu-aarch64 version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)") == (7, 2)
     assert binfmt._parse_version("qemu-aarch64 version 10.0.2 (Debian ...)") == (10, 0)
     assert binfmt._parse_version("nonsense") is None
+
+
+def _fake_qemu(bindir: Path, banner: str) -> None:
+    """A qemu-system-x86_64 that only prints `banner` for --version: an old QEMU cannot be installed here."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        (bindir / tool).write_text(f"#!/bin/sh\necho '{banner}'\n")
+        (bindir / tool).chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("banner", "message"),
+    [
+        (None, "simfleet: error: qemu-system-x86_64 not found: apt-get install qemu-system-x86 qemu-utils"),
+        (
+            "QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2)",
+            "simfleet: error: qemu-system-x86_64 6.2 is too old",
+        ),
+    ],
+)
+def test_vm_cars_without_a_usable_qemu_are_refused_in_one_line(
+    banner: str | None, message: str, tmp_path: Path
+) -> None:
+    """No QEMU on PATH, or one too old: one line, before any image is built or anything started."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if banner is not None:
+        _fake_qemu(bindir, banner)
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simfleet",
+            "up",
+            "--kind",
+            "vm",
+            "--name",
+            f"{NAME}-noqemu",
+            "--base-port",
+            "2397",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "ROVER_CACHE": str(cache), "PATH": str(bindir)},
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert not (cache / "fleets" / f"{NAME}-noqemu").exists()
+    assert not (cache / "images").exists()
 
 
 def test_up_refuses_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
