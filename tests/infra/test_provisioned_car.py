@@ -154,6 +154,73 @@ def test_udev_rule_names_the_arduino(host: Any, settings: dict[str, Any]) -> Non
         assert clause in lines[0]
 
 
+def has_a_kernel(host: Any) -> bool:
+    """A car with its own kernel and udev (a Pi, a VM car); a container car shares the controller's."""
+    return host.run("systemd-detect-virt --container --quiet").rc != 0
+
+
+NO_KERNEL = "a container car has no kernel or udev of its own (docs/simulation.md); VM and real cars run this"
+
+
+def test_udev_names_the_usb_arduino(host: Any, settings: dict[str, Any]) -> None:
+    """The rule fired: its name points at a USB serial device with the rule's ids (and serial number),
+    group and mode."""
+    if not has_a_kernel(host):
+        pytest.skip(NO_KERNEL)
+    node = host.check_output(f"readlink -f /dev/{settings['rover_serial_device_name']}")
+    assert re.fullmatch(r"/dev/tty(USB|ACM)\d+", node), node
+    props = dict(
+        line.split("=", 1)
+        for line in host.check_output(f"udevadm info --query=property --name={node}").splitlines()
+        if "=" in line
+    )
+    assert props["ID_VENDOR_ID"] == settings["rover_serial_usb_vendor_id"].lower()
+    assert props["ID_MODEL_ID"] == settings["rover_serial_usb_product_id"].lower()
+    if settings["rover_serial_usb_serial"]:
+        assert props["ID_SERIAL_SHORT"] == settings["rover_serial_usb_serial"]
+    assert host.file(node).group == settings["rover_serial_device_group"]
+    assert host.file(node).mode == int(settings["rover_serial_device_mode"], 8)
+
+
+QUERYCAP = (
+    "import fcntl, struct, sys\n"
+    "buf = bytearray(104)\n"
+    "with open(sys.argv[1], 'rb', buffering=0) as dev:\n"
+    "    fcntl.ioctl(dev, 0x80685600, buf)  # VIDIOC_QUERYCAP\n"
+    "print(struct.unpack_from('<I', buf, 88)[0] & 0x1)  # device_caps & V4L2_CAP_VIDEO_CAPTURE\n"
+)
+
+
+def test_the_camera_is_a_v4l2_capture_device(host: Any) -> None:
+    if not has_a_kernel(host):
+        pytest.skip(NO_KERNEL)
+    with host.sudo():
+        caps = host.check_output(f"python3 -c {shlex.quote(QUERYCAP)} /dev/video0")
+    assert caps == "1"
+    assert host.file("/dev/video0").group == "video"
+
+
+def test_the_runtimes_sandbox_holds_on_the_kernel(host: Any) -> None:
+    """systemd's own rating of the unit, and its network namespace as the kernel has it: loopback only."""
+    if not has_a_kernel(host):
+        pytest.skip(NO_KERNEL)
+    if host.run("systemctl cat rover-runtime.service").rc != 0:
+        pytest.skip("no rover-runtime.service yet (the first deploy installs it)")
+    with host.sudo():
+        security = host.check_output("systemd-analyze security --no-pager rover-runtime.service")
+        score = re.search(r"Overall exposure level for rover-runtime\.service: (\d+\.\d+)", security)
+        assert score, security[-2000:]
+        assert float(score.group(1)) <= 2.0, security
+        pid = host.check_output("systemctl show -P MainPID rover-runtime.service")
+        if pid == "0":
+            pytest.skip("rover-runtime is not running")
+        links = host.check_output(f"nsenter -t {pid} -n ip -o link").splitlines()
+        assert [line.split(":")[1].strip() for line in links] == ["lo"], links
+        assert host.check_output(f"readlink /proc/{pid}/ns/ipc") != host.check_output(
+            "readlink /proc/1/ns/ipc"
+        )
+
+
 def test_cpu_governor_is_applied_and_persistent(host: Any, settings: dict[str, Any]) -> None:
     unit = host.service("rover-cpu-governor.service")
     assert unit.is_enabled

@@ -119,6 +119,19 @@ def run_playbook(inventory: Path, playbook: str, *args: str, timeout: float = 90
     return PlaybookRun(rc=done.returncode, stdout=done.stdout + done.stderr)
 
 
+def run_infra_suite(inventory: Path, timeout: float = 1800) -> PlaybookRun:
+    """The testinfra suite (tests/infra) against every car of `inventory`, as a user checks a real fleet;
+    -rA lists every test's outcome (PASSED/SKIPPED/FAILED with its node id) at the end."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "tests/infra", "-p", "no:cacheprovider", "-q", "-rA",
+            "--hosts=rovers", f"--ansible-inventory={inventory}", "--connection=ansible",
+        ],
+        cwd=REPO, env=playbook_env(inventory), capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    return PlaybookRun(rc=done.returncode, stdout=done.stdout + done.stderr)
+
+
 def make_bundle(target: Path, chunk_size: int, manifest_chunk_size: int | None = None) -> Path:
     """A tiny ONNX bundle; a different chunk size gives different model bytes (another release).
     With `manifest_chunk_size` the manifest (correct hashes) describes a chunk the model does not produce:

@@ -28,6 +28,7 @@ from deploy_helpers import (
     make_bundle,
     metrics,
     releases,
+    run_infra_suite,
     run_playbook,
 )
 
@@ -95,6 +96,21 @@ def test_first_run_provisions_every_car(first_run: PlaybookRun, sim_fleet: Fleet
     assert f"ready ({len(sim_fleet.hosts)}/{len(sim_fleet.hosts)})" in first_run.stdout
     host = car(Path(sim_fleet.inventory), sim_fleet.hosts[0].name)
     assert host.file("/opt/rover/venv/bin/python").exists
+
+
+def test_the_testinfra_suite_passes_on_the_provisioned_fleet(
+    first_run: PlaybookRun, sim_fleet: FleetState
+) -> None:
+    """The suite a user runs against a real fleet (tests/infra), on every car of the session's fleet: only
+    the checks a container cannot answer (udev, the camera device, the kernel's view of the sandbox: the VM
+    stage runs them) and torch where the car has none may skip."""
+    run = run_infra_suite(Path(sim_fleet.inventory))
+    assert run.rc == 0, run.report()
+    passed = re.findall(r"^PASSED ", run.stdout, re.MULTILINE)
+    assert len(passed) >= 10 * len(sim_fleet.hosts), run.report()
+    allowed = ("a container car has no kernel or udev of its own", "no torch", "torch")
+    for skipped in re.findall(r"^SKIPPED \[\d+\] (.*)$", run.stdout, re.MULTILINE):
+        assert any(reason in skipped for reason in allowed), skipped
 
 
 @pytest.mark.parametrize("transfer", ["http", "copy"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import RELEASES, REPO, make_bundle, playbook_command, playbook_env, run_playbook
+from deploy_helpers import (
+    RELEASES,
+    REPO,
+    make_bundle,
+    playbook_command,
+    playbook_env,
+    run_infra_suite,
+    run_playbook,
+)
 
 from simfleet.fleet import plug, power_off, power_on, status, target_for, unplug
 from simfleet.ssh import ssh_run
@@ -145,6 +154,24 @@ def test_the_runtime_drives_through_the_usb_arduino_and_the_camera(
     assert [line.split(":")[1].strip() for line in links] == ["lo"], links
 
 
+KERNEL_CHECKS = (
+    "test_udev_names_the_usb_arduino",
+    "test_the_camera_is_a_v4l2_capture_device",
+    "test_the_runtimes_sandbox_holds_on_the_kernel",
+)
+
+
+def test_the_testinfra_suite_passes_on_the_vm_car_with_its_kernel_checks(
+    vm_fleet: FleetState, driving: str
+) -> None:
+    """The suite a user runs against a real fleet, unchanged, on the VM car: the checks only a kernel can
+    answer (skipped on container cars) pass here."""
+    run = run_infra_suite(Path(vm_fleet.inventory))
+    assert run.rc == 0, run.report()
+    for check in KERNEL_CHECKS:
+        assert re.search(rf"^PASSED \S+::{check}\[", run.stdout, re.MULTILINE), run.report()
+
+
 def test_a_pulled_arduino_is_named_and_comes_back_by_itself(vm_fleet: FleetState, driving: str) -> None:
     wait_for("driving", lambda: is_driving(vm_fleet))
     before = car_metrics(vm_fleet)["serial"]["reconnects"]
@@ -198,8 +225,9 @@ def release_states(state: FleetState) -> dict[str, str]:
 def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     vm_fleet: FleetState, provisioned: Path, driving: str, tmp_path: Path
 ) -> None:
-    """The battery dies 3 s into a new release's soak: at the next boot (a real one: the kernel replays its
-    file system's journal) the car drives its last good release, and the cut release is `interrupted`."""
+    """The battery dies 3 s into a new release's soak, while the black box records: at the next boot (a
+    real one: the kernel replays its file system's journal) the car drives its last good release, the cut
+    release is `interrupted`, and the episode cut mid-write is recovered (or, too short, discarded)."""
     fresh = make_bundle(tmp_path / "fresh", chunk_size=16)
     command = playbook_command(
         provisioned,
@@ -235,8 +263,13 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     assert deploy.returncode != 0, out[-3000:]
     power_on(FLEET, "car1")
     wait_for("driving again", lambda: is_driving(vm_fleet), timeout=180)
-    assert car_metrics(vm_fleet)["release"]["id"] == driving
+    after = car_metrics(vm_fleet)
+    assert after["release"]["id"] == driving
     assert current(vm_fleet) == driving
+    recorder = after["recorder"]
+    assert recorder["episodes_recovered"] + recorder["episodes_discarded"] >= 1, recorder
+    assert recorder["last_error"] is None, recorder
+    assert "recovery complete" in guest_out(vm_fleet, "sudo -n journalctl -k -b --no-pager")
     states = release_states(vm_fleet)
     assert states[driving] == "good"
     assert states[trial] == "interrupted", states
