@@ -273,3 +273,30 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     states = release_states(vm_fleet)
     assert states[driving] == "good"
     assert states[trial] == "interrupted", states
+
+
+def test_a_car_that_reboots_comes_back_and_drives(vm_fleet: FleetState, driving: str) -> None:
+    """`sudo reboot` (what a role's reboot does): the machine resets, boots again from its disk, the same
+    QEMU keeps running, and the runtime drives its release again."""
+    boot_id = guest_out(vm_fleet, "cat /proc/sys/kernel/random/boot_id").strip()
+    qemu_before = _qemu_of(vm_fleet)
+    guest(vm_fleet, "sudo -n systemctl reboot", timeout=30)
+    wait_for(
+        "the car back with a new boot",
+        lambda: (
+            guest(vm_fleet, "cat /proc/sys/kernel/random/boot_id", timeout=20).stdout.strip()
+            not in ("", boot_id)
+        ),
+        timeout=300,
+    )
+    assert _qemu_of(vm_fleet) == qemu_before  # a reset, not a new machine
+    wait_for("driving again", lambda: is_driving(vm_fleet), timeout=180)
+    assert car_metrics(vm_fleet)["release"]["id"] == current(vm_fleet)
+
+
+def _qemu_of(state: FleetState) -> int:
+    fresh = load_state(state.name)
+    assert fresh is not None
+    qemu = fresh.host("car1").qemu
+    assert qemu is not None
+    return qemu.pid
