@@ -300,3 +300,37 @@ def _qemu_of(state: FleetState) -> int:
     qemu = fresh.host("car1").qemu
     assert qemu is not None
     return qemu.pid
+
+
+def test_a_power_cut_during_the_venv_install_is_repaired_by_the_next_run(
+    vm_fleet: FleetState, provisioned: Path
+) -> None:
+    """The battery dies while pip unpacks the runtime's packages into the car's venv (forced to install
+    again): the next provisioning run sees the install did not finish, installs every package again, and
+    the venv imports its engines."""
+    command = playbook_command(provisioned, "provision.yml", "-e", "rover_python_force_install=true")
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=playbook_env(provisioned),
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        wait_for(
+            "pip installing in the venv",
+            lambda: guest(vm_fleet, "pgrep -f '/opt/rover/venv/bin/pip install'", timeout=20).returncode == 0,
+            timeout=900,
+        )
+        time.sleep(5)  # unpacking
+        assert guest(vm_fleet, "test -e /opt/rover/venv/rover-install.incomplete").returncode == 0
+        power_off(FLEET, "car1", hard=True)
+        out, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode != 0, out[-3000:]
+    power_on(FLEET, "car1")
+    again = run_playbook(provisioned, "provision.yml", timeout=1800)
+    assert again.rc == 0, again.report()
+    assert guest(vm_fleet, "test -e /opt/rover/venv/rover-install.incomplete").returncode == 1
+    guest_out(vm_fleet, "/opt/rover/venv/bin/python -c 'import numpy, cv2, onnxruntime, serial'")
+    guest_out(vm_fleet, "/opt/rover/venv/bin/pip check")
