@@ -334,3 +334,32 @@ def test_a_power_cut_during_the_venv_install_is_repaired_by_the_next_run(
     assert guest(vm_fleet, "test -e /opt/rover/venv/rover-install.incomplete").returncode == 1
     guest_out(vm_fleet, "/opt/rover/venv/bin/python -c 'import numpy, cv2, onnxruntime, serial'")
     guest_out(vm_fleet, "/opt/rover/venv/bin/pip check")
+
+
+def test_the_benchmark_and_collect_playbooks_run_on_the_vm_car(
+    vm_fleet: FleetState, driving: str, tmp_path: Path
+) -> None:
+    """The fleet's other playbooks, unchanged: the car benchmarks its release (its own hostname and figures
+    in the report) and brings its drives home (the episodes its black box finished, the one recovered
+    after the power cut among them)."""
+    inventory = Path(vm_fleet.inventory)
+    bench = run_playbook(
+        inventory, "benchmark.yml", *FORCE, "-e", f"rover_benchmark_output_dir={tmp_path / 'bench'}",
+        "-e", "rover_benchmark_iterations=10", "-e", "rover_benchmark_warmup=2",
+    )  # fmt: skip
+    assert bench.rc == 0, bench.report()
+    (run_dir,) = (tmp_path / "bench" / "runs").iterdir()
+    assert json.loads((run_dir / "car1.json").read_text())["hostname"] == "car1"
+    store, dataset = tmp_path / "store", tmp_path / "dataset"
+    collect = run_playbook(
+        inventory,
+        "collect.yml",
+        "-e",
+        f"rover_collect_store={store}",
+        "-e",
+        f"rover_collect_dataset={dataset}",
+    )
+    assert collect.rc == 0, collect.report()
+    found = re.search(r"collected (\d+) new episode\(s\)", collect.text)
+    assert found, collect.report()
+    assert int(found.group(1)) >= 1, collect.report()
