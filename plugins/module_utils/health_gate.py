@@ -494,8 +494,9 @@ def runtime_faults(journal_text: str, limit: int = FAULT_LINES) -> list[str]:
 
 
 def journal_faults(unit: str, since: float) -> list[str]:
-    """runtime_faults of the unit's journal since the epoch time `since` ([] if it cannot be read)."""
-    argv = ["journalctl", "-u", unit, f"--since=@{since:.0f}", "-p", "warning", "--no-pager", "-o", "cat"]
+    """runtime_faults of the unit's journal since the epoch time `since` ([] if it cannot be read). (Not
+    filtered by priority: journald files every line the runtime writes to stdout at the stream's.)"""
+    argv = ["journalctl", "-u", unit, f"--since=@{since:.0f}", "--no-pager", "-o", "cat"]
     rc, out, _ = _run(argv)
     return runtime_faults(out) if rc == 0 else []
 
@@ -524,8 +525,9 @@ def failure_reason(
     """The problems in one line; when the runtime keeps failing (`failing`: a crash loop, or it never
     became healthy) or is down, with its own last faults since `since` (epoch) from its journal, and when
     it is down, its last journal lines below."""
-    faults = journal_faults(unit, since) if failing or unit_is_down(state) else []
     reason = "; ".join(problems)
+    found = journal_faults(unit, since) if failing or unit_is_down(state) else []
+    faults = [f for f in found if f not in reason]  # the metrics' own failsafe reasons are there already
     if faults:
         reason += f"; the runtime's last faults: ({'; '.join(faults)})"
     if unit_is_down(state):
