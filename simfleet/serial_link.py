@@ -52,9 +52,11 @@ def firmware_sim_available() -> bool:
 
 
 def start_firmware_sim(
-    device: Path, status_file: Path, log_file: Path, rc_file: Path | None = None
+    device: Path, status_file: Path, log_file: Path, rc_file: Path | None = None, timeout_ms: int = 250
 ) -> Proc | None:
-    """Drives the controller side of the pty with the firmware simulator; None if it is not installed."""
+    """Drives the controller side of the pty with the firmware simulator; None if it is not installed.
+    `timeout_ms`: its failsafe timeout (the sketch's 250 ms; longer for a car emulated instruction by
+    instruction)."""
     if not firmware_sim_available():
         log.warning(
             "%s not importable: serial stand-in runs without the firmware simulator", FIRMWARE_SIM_MODULE
@@ -70,6 +72,8 @@ def start_firmware_sim(
         str(status_file),
         "--log",
         str(log_file),
+        "--timeout-ms",
+        str(timeout_ms),
     ]
     if rc_file is not None:  # a receiver fitted: its pulses come from rc_file (simfleet transmitter)
         cmd += ["--rc-receiver", "--rc-file", str(rc_file)]
