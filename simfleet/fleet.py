@@ -57,6 +57,7 @@ VM_POWEROFF_GRACE = 90.0
 # by more than the sketch's 250 ms when the controller is busy (its runtime's acknowledgement limit is
 # raised to match in group_vars/simulated_vm.yml). KVM cars and containers get the sketch's own.
 TCG_FIRMWARE_TIMEOUT_MS = 1000
+FIRMWARE_TIMEOUT_MS = 250  # the sketch's
 DEVICES = ("arduino", "camera")
 NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
 # Emulated hosts: systemd 257 (trixie) starts every unit through clone(CLONE_PIDFD), which qemu-user
@@ -244,20 +245,7 @@ def _start_hosts(
             emulated=config.arch != native_arch(),
         )
         known.append(f"[127.0.0.1]:{port} {' '.join(host.host_key_pub.split()[:2])}")
-        host.socat, host.serial_pty = start_pty_pair(
-            Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
-        )
-        save_state(state)
-        if config.transmitter:
-            host.rc_file = str(hdir / "rc.json")
-            write_transmitter(Path(host.rc_file), Transmitter("autopilot"))
-        host.firmware = start_firmware_sim(
-            Path(host.serial_controller),
-            Path(host.firmware_status),
-            Path(host.firmware_log),
-            rc_file=Path(host.rc_file) if host.rc_file else None,
-        )
-        save_state(state)
+        _wire_arduino(state, host, hdir, transmitter=config.transmitter, timeout_ms=FIRMWARE_TIMEOUT_MS)
         host.nspawn = boot(
             Path(host.root),
             host.machine,
@@ -279,6 +267,28 @@ def _start_hosts(
         host.boot_seconds = round(time.monotonic() - boot_started, 1)
         log.info("%s: sshd answers on 127.0.0.1:%d after %.1f s", host.machine, host.port, host.boot_seconds)
     write_inventory(state)
+    save_state(state)
+
+
+def _wire_arduino(
+    state: FleetState, host: HostState, hdir: Path, *, transmitter: bool, timeout_ms: int
+) -> None:
+    """The car's Arduino stand-in: its socat pty pair, its RC receiver's file (with `transmitter`) and the
+    firmware simulator on the controller's side of the pair."""
+    host.socat, host.serial_pty = start_pty_pair(
+        Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
+    )
+    save_state(state)
+    if transmitter:
+        host.rc_file = str(hdir / "rc.json")
+        write_transmitter(Path(host.rc_file), Transmitter("autopilot"))
+    host.firmware = start_firmware_sim(
+        Path(host.serial_controller),
+        Path(host.firmware_status),
+        Path(host.firmware_log),
+        rc_file=Path(host.rc_file) if host.rc_file else None,
+        timeout_ms=timeout_ms,
+    )
     save_state(state)
 
 
@@ -327,20 +337,8 @@ def _start_vm_hosts(
         write_seed(seed_dir, Path(host.seed))
         create_overlay(VmImage(images[release]), Path(host.disk))
         known.append(f"[127.0.0.1]:{port} {' '.join(host.host_key_pub.split()[:2])}")
-        host.socat, host.serial_pty = start_pty_pair(
-            Path(host.serial_controller), Path(host.serial_host), Path(host.socat_log)
-        )
-        save_state(state)
-        if config.transmitter:
-            host.rc_file = str(hdir / "rc.json")
-            write_transmitter(Path(host.rc_file), Transmitter("autopilot"))
-        host.firmware = start_firmware_sim(
-            Path(host.serial_controller),
-            Path(host.firmware_status),
-            Path(host.firmware_log),
-            rc_file=Path(host.rc_file) if host.rc_file else None,
-            timeout_ms=TCG_FIRMWARE_TIMEOUT_MS if host.accelerator == "tcg" else 250,
-        )
+        timeout_ms = TCG_FIRMWARE_TIMEOUT_MS if host.accelerator == "tcg" else FIRMWARE_TIMEOUT_MS
+        _wire_arduino(state, host, hdir, transmitter=config.transmitter, timeout_ms=timeout_ms)
         host.qemu = start_vm(vm_spec(host), Path(host.nspawn_log))
         save_state(state)
         log.info("%s (%s): VM booting on %s", host.machine, release, host.accelerator)
