@@ -80,31 +80,54 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+def cut_the_power_during(
+    state: FleetState,
+    inventory: Path,
+    playbook: tuple[str, ...],
+    *,
+    what: str,
+    until: Callable[[], bool],
+) -> None:
+    """Runs `playbook` (its file and arguments) in the background; once `until()` holds (`what`, within
+    20 min), poweroff --hard (a pulled battery) and the playbook must fail; then poweron (returns once sshd
+    answers)."""
+    run = subprocess.Popen(
+        playbook_command(inventory, *playbook), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=playbook_env(inventory), cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 1200
+        while not until():
+            assert run.poll() is None, (
+                f"{playbook} ended before {what}: " + (run.communicate()[0] or "")[-4000:]
+            )
+            assert time.monotonic() < deadline, f"{playbook}: never {what}"
+            time.sleep(1)
+        power_off(state.name, "car1", hard=True)
+        out, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode != 0, out[-3000:]
+    power_on(state.name, "car1")
+
+
 @pytest.fixture(scope="module")
 def provisioned(vm_fleet: FleetState) -> Path:
     """The car provisioned the way a battery allows: the first provision.yml is cut (poweroff --hard) while
     pip unpacks the runtime's packages into the venv; after poweron the second run must finish the job."""
     inventory = Path(vm_fleet.inventory)
-    first = subprocess.Popen(
-        playbook_command(inventory, "provision.yml"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env=playbook_env(inventory), cwd=REPO,
-    )  # fmt: skip
-    try:
-        wait_for(
-            "pip installing into the venv",
-            lambda: guest(vm_fleet, f"pgrep -f '{VENV}/bin/pip install'", timeout=20).returncode == 0,
-            timeout=1200,
-        )
-        time.sleep(5)  # unpacking
-        assert guest(vm_fleet, f"test -e {INCOMPLETE}").returncode == 0
-        power_off(FLEET, "car1", hard=True)
-        out, _ = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
-    assert first.returncode != 0, out[-3000:]
-    power_on(FLEET, "car1")
+
+    def unpacking() -> bool:  # pip installing into the venv, past its first seconds
+        if guest(vm_fleet, f"pgrep -f '{VENV}/bin/pip install'", timeout=20).returncode != 0:
+            return False
+        time.sleep(5)
+        return guest(vm_fleet, f"test -e {INCOMPLETE}").returncode == 0
+
+    cut_the_power_during(
+        vm_fleet, inventory, ("provision.yml",), what="pip installing into the venv", until=unpacking
+    )
     run = run_playbook(inventory, "provision.yml", timeout=1800)
     assert run.rc == 0, run.report()
     return inventory
@@ -233,39 +256,19 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     real one: the kernel replays its file system's journal) the car drives its last good release, the cut
     release is `interrupted`, and the episode cut mid-write is recovered (or, too short, discarded)."""
     fresh = make_bundle(tmp_path / "fresh", chunk_size=16)
-    command = playbook_command(
-        provisioned,
-        "deploy.yml",
-        *FORCE,
-        "-e",
-        f"rover_deploy_bundle={fresh}",
-        "-e",
-        "rover_health_soak_s=300",
-    )
-    deploy = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=playbook_env(provisioned),
-        cwd=REPO,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 900
-        while True:  # until the new release runs: its soak has begun
-            assert deploy.poll() is None, (deploy.communicate()[0] or "")[-4000:]
-            assert time.monotonic() < deadline, "the deploy never reached its soak"
-            trial = current(vm_fleet)
-            runs = car_metrics(vm_fleet).get("release") or {}
-            if trial != driving and runs.get("id") == trial:
-                break
-            time.sleep(1)
+    trial = ""
+
+    def soaking() -> bool:  # the new release runs: its soak has begun; then 3 s into it
+        nonlocal trial
+        trial = current(vm_fleet)
+        if trial == driving or (car_metrics(vm_fleet).get("release") or {}).get("id") != trial:
+            return False
         assert release_states(vm_fleet)[trial] == "trial"
         time.sleep(3)
-        power_off(FLEET, "car1", hard=True)
-        out, _ = deploy.communicate(timeout=300)
-    finally:
-        if deploy.poll() is None:
-            deploy.kill()
-            deploy.communicate()
-    assert deploy.returncode != 0, out[-3000:]
-    power_on(FLEET, "car1")
+        return True
+
+    deploy = ("deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={fresh}", "-e", "rover_health_soak_s=300")
+    cut_the_power_during(vm_fleet, provisioned, deploy, what="in the new release's soak", until=soaking)
     wait_for("driving again", lambda: is_driving(vm_fleet), timeout=180)
     after = car_metrics(vm_fleet)
     assert after["release"]["id"] == driving
