@@ -47,7 +47,9 @@ def make_wheelhouse(root: Path) -> dict[str, str]:
     return {"sums": sha256(sums), "requirements": sha256(requirements.encode())}
 
 
-def start_server(root: Path, ready: Path, idle_exit: float) -> subprocess.Popen[str]:
+def start_server(
+    root: Path, ready: Path, idle_exit: float, first_request_exit: float = 3600
+) -> subprocess.Popen[str]:
     """serve_wheelhouses.py as provisioning starts it, on loopback."""
     return subprocess.Popen(
         [
@@ -57,6 +59,7 @@ def start_server(root: Path, ready: Path, idle_exit: float) -> subprocess.Popen[
             "--bind=127.0.0.1",
             f"--ready-file={ready}",
             f"--idle-exit={idle_exit}",
+            f"--first-request-exit={first_request_exit}",
         ],
         text=True,
     )
@@ -224,16 +227,6 @@ def test_the_server_serves_files_only_and_stops_when_told(
     assert proc.wait(timeout=10) == 0
 
 
-def test_the_server_of_an_interrupted_run_stops_when_idle(tmp_path: Path) -> None:
-    ready = tmp_path / "ready.json"
-    proc = start_server(tmp_path, ready, idle_exit=1)
-    try:
-        assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
-    assert not ready.exists()
-
-
 def test_a_server_that_cannot_listen_says_why(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(SERVE), f"--root={tmp_path / 'missing'}", f"--ready-file={tmp_path / 'r'}"],
@@ -243,3 +236,37 @@ def test_a_server_that_cannot_listen_says_why(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "is not a directory" in done.stderr
+
+
+def test_the_idle_limit_counts_from_the_first_request_not_from_the_start(tmp_path: Path) -> None:
+    """A slow car fetches long after the run started the server: without any request the server waits
+    --first-request-exit; after one, --idle-exit without another stops it; and with none it stops too."""
+    root = tmp_path / "wheelhouses"
+    root.mkdir()
+    (root / "a.txt").write_text("a")
+    ready = tmp_path / "ready.json"
+    proc = start_server(root, ready, idle_exit=1, first_request_exit=60)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        port = json.loads(ready.read_text())["port"]
+        time.sleep(3)  # three idle limits without a request: still serving
+        assert proc.poll() is None
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/a.txt", timeout=10) as answer:
+            assert answer.read() == b"a"
+        assert proc.wait(timeout=30) == 0  # then one idle limit after it
+        assert not ready.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lonely = start_server(root, tmp_path / "ready2.json", idle_exit=60, first_request_exit=1)
+    try:
+        assert lonely.wait(timeout=30) == 0  # nobody came: an interrupted run's server stops
+    finally:
+        if lonely.poll() is None:
+            lonely.kill()
+            lonely.wait()

@@ -4,11 +4,14 @@
 Started in the background by the rover_python role (tasks_from: serve) with the controller's Python:
 serves ``--root`` read-only (GET/HEAD), writes ``{"port": N, "pid": P}`` to ``--ready-file`` once it
 listens, and stops when it is told to (SIGTERM, at the end of the run) or after ``--idle-exit`` seconds
-without a request (a run that was interrupted). Nothing it serves is trusted by the cars as such: each
+without a request, or ``--first-request-exit`` seconds without any request at all (a run that was
+interrupted; the first request can come long after the start, once the slowest car's earlier roles are
+done). Nothing it serves is trusted by the cars as such: each
 car checks SHA256SUMS and requirements.txt against the hashes the controller computed, and every wheel
 against SHA256SUMS (module rover_wheelhouse_fetch).
 
     serve_wheelhouses.py --root DIR --bind ADDRESS --port N --ready-file FILE --idle-exit SECONDS
+                         [--first-request-exit SECONDS]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Handler(SimpleHTTPRequestHandler):
 
     def send_head(self) -> Any:
         self.activity[0] = time.monotonic()
+        self.activity[1] = 1.0  # a request came
         if self.path.endswith("/"):
             self.send_error(404, "no directory listings")
             return None
@@ -52,8 +56,10 @@ def write_ready(path: Path, data: dict[str, int]) -> None:
     Path(tmp).replace(path)
 
 
-def serve(root: Path, bind: str, port: int, ready_file: Path, idle_exit: float) -> None:
-    activity = [time.monotonic()]
+def serve(
+    root: Path, bind: str, port: int, ready_file: Path, *, idle_exit: float, first_request_exit: float
+) -> None:
+    activity = [time.monotonic(), 0.0]  # the last request's time; 1.0 once any request came
     handler = functools.partial(Handler, directory=str(root), activity=activity)
     server = ThreadingHTTPServer((bind, port), handler)
     server.daemon_threads = True
@@ -62,8 +68,8 @@ def serve(root: Path, bind: str, port: int, ready_file: Path, idle_exit: float) 
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     def watch_idle() -> None:
-        while time.monotonic() - activity[0] < idle_exit:
-            time.sleep(min(5.0, idle_exit))
+        while time.monotonic() - activity[0] < (idle_exit if activity[1] else first_request_exit):
+            time.sleep(min(5.0, idle_exit, first_request_exit))
         stop()
 
     signal.signal(signal.SIGTERM, stop)
@@ -83,12 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--idle-exit", type=float, default=600.0)
+    parser.add_argument("--first-request-exit", type=float, default=3600.0)
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         sys.stderr.write(f"serve_wheelhouses: {args.root} is not a directory\n")
         return 1
     try:
-        serve(args.root, args.bind, args.port, args.ready_file, args.idle_exit)
+        serve(
+            args.root,
+            args.bind,
+            args.port,
+            args.ready_file,
+            idle_exit=args.idle_exit,
+            first_request_exit=args.first_request_exit,
+        )
     except OSError as exc:
         sys.stderr.write(f"serve_wheelhouses: cannot serve on {args.bind}:{args.port}: {exc}\n")
         return 1
