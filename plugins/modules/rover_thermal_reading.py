@@ -17,7 +17,7 @@ description:
     (millidegrees), judged against O(limit) and O(warn). The same code is the local fact
     /etc/ansible/facts.d/rover_thermal.fact (plugins/module_utils/thermal_reading.py).
   - Read-only; runs in check mode too. A car whose temperature cannot be read is not a failure of the module
-    (RV(status) is C(error), with RV(error)): the role decides.
+    (RV(status) is C(error), with RV(error)); the role decides.
 options:
   source:
     description: Where the reading comes from.
