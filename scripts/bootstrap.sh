@@ -34,7 +34,7 @@ find_python() {
 apt_packages=(
   python3-venv python3-dev build-essential git rsync socat openssh-client iproute2
   mmdebstrap systemd-container qemu-user-static binfmt-support debian-archive-keyring arch-test
-  gcc-avr avr-libc binutils-avr arduino-core-avr libsimavr-dev g++
+  gcc-avr avr-libc binutils-avr arduino-core-avr libsimavr-dev g++ avrdude
   # builds the cars' ExecuTorch runtime (roles/rover_python/files/executorch_wheel.py) for the Pi
   g++-aarch64-linux-gnu
   # FFmpeg 5.1's libraries, which lerobot's video decoder (torchcodec) loads
@@ -55,7 +55,8 @@ fi
 # qemu 7.2, bookworm's, refuses), and qemu-system-x86 + qemu-utils for the VM cars (simfleet up --kind vm;
 # tested with 10.0). On bookworm all three come from Debian's bookworm-backports (qemu 10).
 qemu_packages=(qemu-user-static qemu-system-x86 qemu-utils)
-qemu_major() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -nE 's/^install ok installed ([0-9]+:)?([0-9]+).*/\2/p'; }
+# (A package that is not installed prints nothing: dpkg-query's status must not end the script.)
+qemu_major() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | sed -nE 's/^install ok installed ([0-9]+:)?([0-9]+).*/\2/p'; }
 qemu_old=()
 for p in "${qemu_packages[@]}"; do
   v=$(qemu_major "$p")
