@@ -48,7 +48,7 @@ def make_wheelhouse(root: Path) -> dict[str, str]:
 
 
 def start_server(
-    root: Path, ready: Path, idle_exit: float, first_request_exit: float = 3600
+    root: Path, ready: Path, idle_exit: float, first_request_exit: float = 3600, run_pid: int | None = None
 ) -> subprocess.Popen[str]:
     """serve_wheelhouses.py as provisioning starts it, on loopback."""
     return subprocess.Popen(
@@ -60,6 +60,7 @@ def start_server(
             f"--ready-file={ready}",
             f"--idle-exit={idle_exit}",
             f"--first-request-exit={first_request_exit}",
+            *([f"--run-pid={run_pid}"] if run_pid is not None else []),
         ],
         text=True,
     )
@@ -270,3 +271,47 @@ def test_the_idle_limit_counts_from_the_first_request_not_from_the_start(tmp_pat
         if lonely.poll() is None:
             lonely.kill()
             lonely.wait()
+
+
+def test_the_server_stops_when_its_run_ends(tmp_path: Path) -> None:
+    """A provisioning run stopped by Ctrl-C never reaches the task that stops its server: with --run-pid
+    (the run's ansible-playbook, here a stand-in process) the server stops, removing its ready file, within
+    seconds of that process ending, long before its idle limits; a run pid that is not running is refused."""
+    root = tmp_path / "wheelhouses"
+    root.mkdir()
+    ready = tmp_path / "ready.json"
+    run = subprocess.Popen(["sleep", "600"])
+    proc = start_server(root, ready, idle_exit=600, first_request_exit=600, run_pid=run.pid)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None, "the server exited before it listened"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2)
+        assert proc.poll() is None, "the server stopped while its run was still going"
+        run.kill()
+        run.wait()
+        assert proc.wait(timeout=15) == 0
+        assert not ready.exists()
+    finally:
+        for p in (run, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    gone = run.pid
+    refused = subprocess.run(
+        [
+            sys.executable,
+            str(SERVE),
+            f"--root={root}",
+            f"--ready-file={tmp_path / 'r2'}",
+            f"--run-pid={gone}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert f"--run-pid {gone} is not a running process" in refused.stderr
+    assert not (tmp_path / "r2").exists()
