@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fleet_drives.merge import DEFAULT_TASK, MergeError, find_episodes, merge_episodes
 from fleet_drives.receive import receive_episodes
-from rover_runtime.recording import EpisodeError, open_episode
+from rover_runtime.episode_format import EpisodeError, open_episode
 
 
 def main(argv: list[str] | None = None) -> int:

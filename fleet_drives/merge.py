@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from rover_runtime.recording import PARTIAL, Episode, EpisodeError, open_episode
+from rover_runtime.episode_format import PARTIAL, Episode, EpisodeError, open_episode
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rover_runtime.recording import PARTIAL, EpisodeError, open_episode
+from rover_runtime.episode_format import PARTIAL, EpisodeError, open_episode
 from rover_runtime.safe_files import tree_bytes
 
 

@@ -25,8 +25,8 @@ from numpy.typing import NDArray
 from fleet_report.files import save_figure
 from quantization.dataset_split import read_dataset_info
 from quantization.errors import QuantizationError
+from rover_runtime.episode_format import Episode, EpisodeError, open_episode
 from rover_runtime.metrics import write_bytes_atomic
-from rover_runtime.recording import Episode, EpisodeError, open_episode
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from test_fleet_drives_merge import record
 
 from fleet_drives.merge import find_episodes, merge_episodes
 from fleet_drives.receive import receive_episodes
-from rover_runtime.recording import EPISODE_FILE, STEPS_FILE, EpisodeError, open_episode
+from rover_runtime.episode_format import EPISODE_FILE, STEPS_FILE, EpisodeError, open_episode
 
 pytestmark = pytest.mark.slow
 

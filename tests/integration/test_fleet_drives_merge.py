@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from fleet_drives.merge import SIDECAR, MergeError, find_episodes, merge_episodes
-from rover_runtime.recording import (
-    FRAMES_SUFFIX,
-    CameraSpec,
-    EpisodeInfo,
-    Recorder,
-    RecorderSettings,
-    StepRecord,
-    finished_episodes,
-)
+from rover_runtime.episode_format import FRAMES_SUFFIX, CameraSpec, EpisodeInfo, StepRecord, finished_episodes
+from rover_runtime.recording import Recorder, RecorderSettings
 
 SHAPE = (3, 48, 64)
 

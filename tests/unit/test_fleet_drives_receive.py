@@ -11,7 +11,8 @@ from pathlib import Path
 from test_recording import INFO, settings, step
 
 from fleet_drives.receive import receive_episodes
-from rover_runtime.recording import EPISODES, STEPS_FILE, Recorder, finished_episodes
+from rover_runtime.episode_format import EPISODES, STEPS_FILE, finished_episodes
+from rover_runtime.recording import Recorder
 
 
 def recorded(directory: Path, episodes: int) -> list[Path]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rover_runtime.recording import (
+from rover_runtime.episode_format import (
     EPISODE_FILE,
     EPISODES,
     FRAMES_SUFFIX,
@@ -25,13 +25,12 @@ from rover_runtime.recording import (
     STEPS_FILE,
     CameraSpec,
     EpisodeInfo,
-    Recorder,
-    RecorderSettings,
     StepRecord,
     decode_jpeg,
     finished_episodes,
-    recover_episode,
 )
+from rover_runtime.episode_writer import recover_episode
+from rover_runtime.recording import Recorder, RecorderSettings
 
 INFO = EpisodeInfo(
     car="car1",
