@@ -35,10 +35,10 @@ from vehicle_rig import (
 )
 
 from rover_runtime.benchmark import rss_mb
-from rover_runtime.vehicle import Cycle
+from rover_runtime.vehicle import BasePart, Cycle
 
 
-class MinuteProbe:
+class MinuteProbe(BasePart):
     """A part that keeps the current minute's period errors in a preallocated array (no growth)."""
 
     name = "probe"
@@ -48,9 +48,6 @@ class MinuteProbe:
         self.errors = np.zeros(int(rate_hz * 60 * 1.2) + 10)
         self.count = 0
         self._previous: float | None = None
-
-    def start(self) -> None:
-        pass
 
     def update(self, cycle: Cycle) -> None:
         if self._previous is not None and self.count < len(self.errors):
@@ -65,9 +62,6 @@ class MinuteProbe:
 
     def status(self) -> dict[str, Any]:
         return {"cycles_this_minute": self.count}
-
-    def stop(self) -> None:
-        pass
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from rover_runtime.camera import Camera, make_source
 from rover_runtime.config import RuntimeConfig
+from rover_runtime.episode_format import CameraSpec, EpisodeInfo
 from rover_runtime.parts.cameras import CameraPart
 from rover_runtime.parts.car import CarInput, CarOutput
 from rover_runtime.parts.pilot import PilotPart, PilotSettings
@@ -26,7 +27,7 @@ from rover_runtime.parts.smoothing import SmoothingPart, SmoothingSettings
 from rover_runtime.parts.state import Source, StatePart, StateSourceError, needed_features, resolve_sources
 from rover_runtime.parts.transmitter import TransmitterPart
 from rover_runtime.policy import Policy, PolicyInfo
-from rover_runtime.recording import CameraSpec, EpisodeInfo, Recorder, RecorderSettings, default_car_name
+from rover_runtime.recording import Recorder, RecorderSettings, default_car_name
 from rover_runtime.sd_notify import Notifier
 from rover_runtime.serial_link import SerialLink
 from rover_runtime.vehicle import Part, Vehicle, VehicleSettings

@@ -16,11 +16,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from rover_runtime.camera import Frame
 from rover_runtime.policy import Policy
+from rover_runtime.stats import percentile
 from rover_runtime.threads import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,6 @@ class InferenceResult:
     chunk: NDArray[Any] | None  # [chunk_size, 2] or None when the policy raised
     error: str | None
     latency_s: float
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return float(np.percentile(np.asarray(values), q))
 
 
 class InferenceWorker:

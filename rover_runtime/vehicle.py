@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rover_runtime.inference_worker import percentile
 from rover_runtime.sd_notify import Notifier
+from rover_runtime.stats import ms_stats
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,61 @@ class Cycle:
 
 
 class Part(Protocol):
-    """One piece of the vehicle. `name` is its key in the status snapshot."""
+    """One piece of the vehicle. `name` is its key in the status snapshot; `reads` and `writes` are the
+    cycle values it uses and sets (its wiring, checked when the vehicle is built)."""
 
     name: str
 
+    @property
+    def reads(self) -> tuple[str, ...]: ...
+    @property
+    def writes(self) -> tuple[str, ...]: ...
     def start(self) -> None: ...
     def update(self, cycle: Cycle) -> None: ...
     def status(self) -> dict[str, Any]: ...
     def stop(self) -> None: ...
+
+
+class BasePart:
+    """A part's defaults: nothing to start, stop or report. A part sets `name`, `reads`, `writes` and
+    defines `update`."""
+
+    name: str = ""
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    def start(self) -> None:
+        """Nothing to open."""
+
+    def update(self, cycle: Cycle) -> None:
+        raise NotImplementedError(f"part {self.name!r} has no update()")
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        """Nothing to close."""
+
+
+class WiringError(ValueError):
+    """Parts that cannot work in this order: a part reads a value no earlier part writes."""
+
+
+def check_wiring(parts: Sequence[Part]) -> None:
+    """Refuses parts whose names repeat, or a part that reads a value no earlier part writes (it would read
+    None every cycle)."""
+    names = [part.name for part in parts]
+    if len(set(names)) != len(names):
+        raise WiringError(f"two parts share a name: {names}")
+    written: dict[str, str] = {}  # value -> the first part that writes it
+    for index, part in enumerate(parts):
+        for key in part.reads:
+            if key not in written:
+                later = [p.name for p in parts[index + 1 :] if key in p.writes]
+                where = f" (part {later[0]!r} writes it, after it)" if later else " (no part writes it)"
+                raise WiringError(f"part {part.name!r} reads {key!r}, which no earlier part writes{where}")
+        for key in part.writes:
+            written.setdefault(key, part.name)
 
 
 @dataclass(frozen=True)
@@ -99,9 +146,7 @@ class Vehicle:
         info: dict[str, Any] | None = None,
         record_timings: bool = False,
     ) -> None:
-        names = [part.name for part in parts]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two parts share a name: {names}")
+        check_wiring(parts)
         self.parts = list(parts)
         self.settings = settings
         self.period = 1.0 / settings.rate_hz
@@ -243,6 +288,10 @@ class Vehicle:
             },
             "failsafe": {
                 "active": self._failsafe_since is not None,
+                # When the current failsafe began (the cycle that went neutral), as Unix time; null if none.
+                "since_unix": None
+                if self._failsafe_since is None
+                else round(time.time() - (now - self._failsafe_since), 3),
                 "count": self.failsafe_count,
                 "cycles": self.failsafe_cycles,
                 "reasons": list(self.failsafe_reasons),
@@ -261,15 +310,6 @@ class Vehicle:
 
 def _kind(reason: str) -> str:
     return reason.split(":", maxsplit=1)[0]
-
-
-def ms_stats(values: list[float]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for q in (50, 95, 99):
-        p = percentile(values, q)
-        out[f"p{q}"] = None if p is None else round(p * 1000, 4)
-    out["max"] = round(max(values) * 1000, 4) if values else None
-    return out
 
 
 def _set_realtime(priority: int) -> None:

@@ -11,6 +11,12 @@
 | CarOutput (`command`) | car.py | `command` | `command.sent`, `driving` |
 | RecorderPart (`recorder`), when `record.enabled` | recorder.py | all of the above | episodes on disk |
 
+Each part declares the values it reads and writes (`reads`, `writes`: the table above, as code) and the
+vehicle refuses, when it is built, a part that reads a value no earlier part writes
+(`rover_runtime.vehicle.check_wiring`: "part 'inference' reads 'state', which no earlier part writes (part
+'state' writes it, after it)"). Parts derive from `rover_runtime.vehicle.BasePart` (nothing to start, stop
+or report unless they say so).
+
 The values (`rover_runtime.vehicle.Cycle.values`), fresh every cycle:
 - `car.steering`, `car.throttle` (float): what the car outputs now, from the firmware's last acknowledgement
   (the Pi's command it applied, the driver's sticks, or neutral), normalized to [-1, 1];

@@ -8,16 +8,17 @@ from typing import Any
 
 from rover_runtime.camera import Camera
 from rover_runtime.parts import image_key
-from rover_runtime.vehicle import Cycle
+from rover_runtime.vehicle import BasePart, Cycle
 
 
-class CameraPart:
+class CameraPart(BasePart):
     """Wraps a `Camera` (its capture thread). Faults when the camera is disconnected (a failed open or read:
     at once, not when its last frame has aged) or its newest frame is older than `max_age_s`."""
 
     def __init__(self, camera: Camera, max_age_s: float) -> None:
         self.camera = camera
         self.name = f"cameras.{camera.name}"
+        self.writes = (image_key(camera.name),)
         self.max_age_s = max_age_s
         self._age: float | None = None
 

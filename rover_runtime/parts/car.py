@@ -27,7 +27,7 @@ from rover_runtime.parts import (
     COMMAND_SENT,
 )
 from rover_runtime.serial_link import SerialLink
-from rover_runtime.vehicle import DRIVING, Cycle
+from rover_runtime.vehicle import DRIVING, BasePart, Cycle
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ def missing_features(needed: dict[int, str], firmware: protocol.Version) -> list
     ]
 
 
-class CarInput:
+class CarInput(BasePart):
     """Polls the link, publishes what the car outputs and senses, and faults when the link is not sound.
 
     `needed_features`: protocol.FEATURE_* bits the policy's inputs need (e.g. the wheel speed sensor); a
     firmware that identifies itself without one is a fault naming it."""
 
     name = "serial"
+    writes = (CAR_STEERING, CAR_THROTTLE, CAR_TRANSMITTER, CAR_MODE, CAR_WHEEL_SPEED, CAR_BATTERY)
 
     def __init__(self, link: SerialLink, needed_features: dict[int, str] | None = None) -> None:
         self.link = link
@@ -103,12 +104,14 @@ class CarInput:
         self.link.close()  # sends neutral first
 
 
-class CarOutput:
+class CarOutput(BasePart):
     """Writes the cycle's command (neutral when a part found a fault) and says whether the Pi drives.
 
     `neutral_only` (benchmarks): every part does its real work but the line written is always neutral."""
 
     name = "command"
+    reads = (COMMAND, CAR_TRANSMITTER)
+    writes = (COMMAND_SENT, DRIVING)
 
     def __init__(self, link: SerialLink, *, neutral_only: bool = False) -> None:
         self.link = link
@@ -148,6 +151,3 @@ class CarOutput:
             "unsent": self.link.stats.unsent_commands,
             "neutral_only": self.neutral_only,
         }
-
-    def stop(self) -> None:
-        pass

@@ -26,7 +26,7 @@ from rover_runtime.camera import Frame
 from rover_runtime.inference_worker import InferenceRequest, InferenceWorker
 from rover_runtime.parts import PILOT_ACTION, PILOT_LATENCY_MS, STATE, image_key
 from rover_runtime.policy import Policy, PolicyInfo
-from rover_runtime.vehicle import Cycle
+from rover_runtime.vehicle import BasePart, Cycle
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ def make_action_queue(settings: PilotSettings, info: PolicyInfo) -> ActionQueue:
     return ChunkQueue(min(settings.n_action_steps or info.n_action_steps, info.chunk_size))
 
 
-class PilotPart:
+class PilotPart(BasePart):
     name = "inference"
+    writes = (PILOT_ACTION, PILOT_LATENCY_MS)
 
     def __init__(self, policy: Policy, settings: PilotSettings, cameras: Sequence[str]) -> None:
         if len(cameras) != len(policy.info.image_keys):
@@ -73,6 +74,7 @@ class PilotPart:
         self.policy = policy
         self.settings = settings
         self.cameras = tuple(cameras)  # in the policy's image order
+        self.reads = (STATE, *(image_key(camera) for camera in self.cameras))
         self.mode = queue_mode(settings, policy.info)
         self.queue = make_action_queue(settings, policy.info)
         self.worker = InferenceWorker(policy, nice=settings.background_nice)

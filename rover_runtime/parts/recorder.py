@@ -2,14 +2,16 @@
 or the car has no receiver) it hands every step to the recorder's writer thread: the frames, the state, the
 policy's action, the command sent, what the car applied, the mode and the faults. An episode begins when a
 driving mode begins and ends `end_after_s` after it ends (a brief signal loss stays in the episode). The part
-only queues references (a few microseconds); encoding and writing happen in the writer
-(`rover_runtime.recording`), which drops steps rather than delay the loop."""
+only queues references (a few microseconds); encoding and writing happen in the recorder's thread
+(`rover_runtime.recording`, writing with `rover_runtime.episode_writer`), which drops steps rather than delay
+the loop."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from rover_runtime.episode_format import EpisodeInfo, StepRecord
 from rover_runtime.parts import (
     CAR_MODE,
     CAR_STEERING,
@@ -21,19 +23,23 @@ from rover_runtime.parts import (
     STATE,
     image_key,
 )
-from rover_runtime.recording import EpisodeInfo, Recorder, StepRecord
-from rover_runtime.vehicle import Cycle
+from rover_runtime.recording import Recorder
+from rover_runtime.vehicle import BasePart, Cycle
 
 # protocol.MODE_NAMES in which the car is being driven, by the driver or by the Pi.
 RECORDING_MODES = ("pi_only", "manual", "autopilot", "autopilot_neutral_fallback")
 
 
-class RecorderPart:
+class RecorderPart(BasePart):
     name = "recorder"
 
     def __init__(self, recorder: Recorder, info: EpisodeInfo, end_after_s: float) -> None:
         self.recorder = recorder
         self.info = info
+        self.reads = (
+            CAR_MODE, CAR_STEERING, CAR_THROTTLE, CAR_TRANSMITTER, STATE, PILOT_ACTION, PILOT_LATENCY_MS,
+            COMMAND_SENT, *(image_key(camera.name) for camera in info.cameras),
+        )  # fmt: skip
         self.end_after_s = end_after_s
         self._open = False
         self._last_driving_mode_at: float | None = None

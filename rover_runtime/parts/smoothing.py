@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rover_runtime.parts import CAR_STEERING, CAR_THROTTLE, CAR_TRANSMITTER, COMMAND, PILOT_ACTION
-from rover_runtime.vehicle import Cycle
+from rover_runtime.vehicle import BasePart, Cycle
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,10 @@ def _toward(current: float, target: float, max_step: float) -> float:
     return current + max(-max_step, min(max_step, target - current))
 
 
-class SmoothingPart:
+class SmoothingPart(BasePart):
     name = "smoothing"
+    reads = (PILOT_ACTION, CAR_STEERING, CAR_THROTTLE, CAR_TRANSMITTER)
+    writes = (COMMAND,)
 
     def __init__(self, settings: SmoothingSettings) -> None:
         self.settings = settings
@@ -45,9 +47,6 @@ class SmoothingPart:
         self._since: float | None = None  # start of the current faultless stretch
         self.command = (0.0, 0.0)
         self.limited_cycles = 0  # cycles where the command differs from the policy's action
-
-    def start(self) -> None:
-        pass
 
     def update(self, cycle: Cycle) -> None:
         action = cycle.values.get(PILOT_ACTION)
@@ -96,6 +95,3 @@ class SmoothingPart:
             "throttle_rate": self.settings.throttle_rate,
             "ramp_s": self.settings.ramp_s,
         }
-
-    def stop(self) -> None:
-        pass

@@ -20,7 +20,7 @@ from typing import Any
 
 from rover_runtime import protocol
 from rover_runtime.parts import CAR_BATTERY, CAR_STEERING, CAR_THROTTLE, CAR_WHEEL_SPEED, STATE
-from rover_runtime.vehicle import Cycle
+from rover_runtime.vehicle import BasePart, Cycle
 
 
 @dataclass(frozen=True)
@@ -98,16 +98,15 @@ def needed_features(state_names: Sequence[str], sources: Sequence[Source]) -> di
     return out
 
 
-class StatePart:
+class StatePart(BasePart):
     name = "state"
+    writes = (STATE,)
 
     def __init__(self, state_names: Sequence[str], sources: Sequence[Source]) -> None:
         self.state_names = tuple(state_names)
         self.sources = tuple(sources)
+        self.reads = tuple(dict.fromkeys(source.value_key for source in self.sources))
         self.values: tuple[float, ...] | None = None
-
-    def start(self) -> None:
-        pass
 
     def update(self, cycle: Cycle) -> None:
         values = []
@@ -127,6 +126,3 @@ class StatePart:
             "sources": [s.name for s in self.sources],
             "values": None if self.values is None else [round(v, 4) for v in self.values],
         }
-
-    def stop(self) -> None:
-        pass

@@ -9,22 +9,20 @@ import time
 from typing import Any
 
 from rover_runtime.parts import CAR_MODE, CAR_TRANSMITTER
-from rover_runtime.vehicle import Cycle
+from rover_runtime.vehicle import BasePart, Cycle
 
 log = logging.getLogger(__name__)
 
 
-class TransmitterPart:
+class TransmitterPart(BasePart):
     name = "rc"
+    reads = (CAR_MODE, CAR_TRANSMITTER)
 
     def __init__(self) -> None:
         self.mode: str | None = None
         self.in_charge = False
         self._since = time.monotonic()
         self.handovers = 0  # times the transmitter took the car
-
-    def start(self) -> None:
-        pass
 
     def update(self, cycle: Cycle) -> None:
         mode = cycle.values.get(CAR_MODE)
@@ -49,6 +47,3 @@ class TransmitterPart:
             "for_s": round(time.monotonic() - self._since, 3),
             "handovers": self.handovers,
         }
-
-    def stop(self) -> None:
-        pass

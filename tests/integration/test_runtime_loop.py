@@ -197,10 +197,15 @@ def test_inference_raising_goes_neutral_is_counted_and_the_loop_continues(
 def test_camera_without_frames_goes_neutral_and_is_retried(
     rig_factory: Callable[..., Rig], caplog: pytest.LogCaptureFixture
 ) -> None:
+    started = time.time()
     with caplog.at_level(logging.WARNING, logger="rover_runtime"):
         rig = rig_factory(**{"camera.synthetic_stop_after_s": 1.0}).start()
         assert wait_for(rig.driving_on_wire)
         assert wait_for(rig.neutral_on_wire, timeout=3.0)
+        failsafe = rig.vehicle.snapshot()["failsafe"]
+        # It began after the frames stopped (1 s in), by the runtime's own clock, and is still on.
+        assert failsafe["active"], failsafe
+        assert started + 1.0 < failsafe["since_unix"] <= time.time(), failsafe
         assert wait_for(lambda: rig.camera.stats.reopens >= 1)
     assert any(r.startswith("camera front") for r in rig.vehicle.failsafe_reasons)
     assert "failsafe #1: neutral (camera front stale: newest frame" in caplog.text
@@ -379,6 +384,7 @@ def test_the_transmitter_is_in_charge(rig_factory: Callable[..., Rig]) -> None:
     assert snap["driving"] is False
     assert snap["healthy"] is True
     assert snap["failsafe"]["active"] is False
+    assert snap["failsafe"]["since_unix"] is None
     assert snap["failsafe"]["holds"] == ["transmitter in charge: manual"]
     assert snap["state"]["values"] == [pytest.approx(0.8), pytest.approx(0.4)]  # the driver's command
     # The policy keeps running in manual (autopilot resumes at once), on the driver's command as its state.
@@ -441,7 +447,12 @@ def test_the_black_box_records_autopilot_takeover_and_manual(
     """The recorder in the real loop: an episode begins with the driving modes, marks the driver's takeover,
     records what the car applied (the driver's sticks in manual) and frames at the bundle's size, and ends
     when the receiver's signal is lost."""
-    from rover_runtime.recording import EPISODES, FRAMES_SUFFIX, decode_jpeg, finished_episodes  # noqa: PLC0415
+    from rover_runtime.episode_format import (  # noqa: PLC0415
+        EPISODES,
+        FRAMES_SUFFIX,
+        decode_jpeg,
+        finished_episodes,
+    )
 
     rig = rig_factory(
         sim_limits=FirmwareLimits(rc_receiver=True),
