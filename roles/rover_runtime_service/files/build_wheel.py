@@ -4,10 +4,11 @@
     build_wheel.py --source REPO_DIR --cache CACHE_DIR
 
 The cache key is a sha256 over the files that go into the wheel (pyproject.toml, README.md and every file
-of the rover_runtime package), so an unchanged source reuses the same wheel file: the copy to the car and
-the install are then skipped. The build runs `pip wheel --no-deps --no-build-isolation` in a temporary copy
-of just those files (nothing is written into the source tree) and the wheel is moved into place only when
-complete. Prints JSON: {"wheel": PATH, "key": KEY, "built": BOOL}; on error exit 1 with a one-line message.
+of the rover_runtime package but its test-only modules, TEST_ONLY, which never go to a car), so an unchanged
+source reuses the same wheel file: the copy to the car and the install are then skipped. The build runs
+`pip wheel --no-deps --no-build-isolation` in a temporary copy of just those files (nothing is written into
+the source tree) and the wheel is moved into place only when complete. Prints JSON: {"wheel": PATH, "key":
+KEY, "built": BOOL}; on error exit 1 with a one-line message.
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ from pathlib import Path
 
 PACKAGE = "rover_runtime"
 TOP_FILES = ("pyproject.toml", "README.md")
+# Modules of the package that only the controller's tests, benchmarks and simulated fleet use: the firmware
+# simulator (the simulated cars' Arduino, run on the controller) and the tiny-bundle writer.
+TEST_ONLY = ("firmware_sim.py", "testing.py")
 
 
 def source_files(source: Path) -> list[Path]:
     files = [source / name for name in TOP_FILES]
     package = source / PACKAGE
     files += sorted(
-        p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        p
+        for p in package.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and p.suffix != ".pyc"
+        and p.relative_to(package).as_posix() not in TEST_ONLY
     )
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
