@@ -11,9 +11,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+// The version and protocol a build answers with (`make FIRMWARE_DEFINES=...` builds others: the flashing tests
+// upgrade and downgrade between such builds).
+#ifndef ROVER_PROTOCOL_VERSION
 #define ROVER_PROTOCOL_VERSION 2
+#endif
 #define ROVER_FIRMWARE_NAME "rover_car"
+#ifndef ROVER_FIRMWARE_VERSION
 #define ROVER_FIRMWARE_VERSION "2.0.0"
+#endif
 #define ROVER_MAX_LINE 63    // characters before '\n'; longer lines are rejected
 #define ROVER_REPLY_MAX 72   // a reply line including "*XX\n" and the terminating NUL
 #define ROVER_TICK_MAX (2 * ROVER_REPLY_MAX)  // rover_tick writes up to two lines (T and R)

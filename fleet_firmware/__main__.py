@@ -1,0 +1,5 @@
+import sys
+
+from fleet_firmware.cli import main
+
+sys.exit(main())
