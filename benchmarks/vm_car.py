@@ -11,7 +11,8 @@ and a power cut, measured on this machine; prints JSON.
   loop                   car1's runtime over 30 s of driving: its loop's achieved rate (cycles / s), the
                          target, inference latency p50/p95 (the runtime's own metrics)
   unplug                 the Arduino pulled through QMP: from the guest kernel's "USB disconnect" to the
-                         runtime's failsafe line (neutral), in ms and in control periods
+                         start of the runtime's cycle that went neutral (failsafe.since_unix), in ms and
+                         in control periods
   replug                 the Arduino plugged back: from the kernel's "attached to ttyUSB" to the runtime's
                          "failsafe cleared" (driving again), in ms
   power_cut              a deploy's new release cut 3 s into its soak (poweroff --hard); after poweron:
@@ -86,9 +87,17 @@ def _journal_since(state: FleetState, since_epoch: float) -> list[dict[str, Any]
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def _kernel_time_us(record: dict[str, Any]) -> int:
+    """When the kernel printed a record, as Unix time in µs: journald stamps a record when it reads it,
+    which under TCG can be tens of ms later; a kernel record carries its own (monotonic) time too."""
+    received = int(record["__REALTIME_TIMESTAMP"])
+    source = record.get("_SOURCE_MONOTONIC_TIMESTAMP")
+    return received if source is None else received - (int(record["__MONOTONIC_TIMESTAMP"]) - int(source))
+
+
 def _first(records: list[dict[str, Any]], text: str, after_us: int = 0) -> int | None:
     for record in records:
-        stamp = int(record["__REALTIME_TIMESTAMP"])
+        stamp = _kernel_time_us(record)
         if stamp >= after_us and text in str(record.get("MESSAGE", "")):
             return stamp
     return None
@@ -99,34 +108,50 @@ def _guest_now(state: FleetState) -> float:
 
 
 def _unplug_replug(state: FleetState, period_ms: float) -> dict[str, Any]:
+    """The kernel's own times for the device leaving and coming back; the runtime's own for its failsafe
+    beginning (metrics: failsafe.since_unix, the cycle that went neutral) and "failsafe cleared" (the
+    journal's time of the line: good to a few tens of ms, against a limit of 3 s)."""
     start = _guest_now(state)
     unplug(FLEET, "car1", "arduino")
     _wait(
         "the runtime's serial fault", lambda: not _metrics(state).get("serial", {}).get("connected", True), 60
     )
+    neutral_unix = _metrics(state).get("failsafe", {}).get("since_unix")
     time.sleep(2)
     plug(FLEET, "car1", "arduino")
     _wait("driving again", lambda: bool(_metrics(state).get("driving")), 120)
     records = _journal_since(state, start)
     start_us = int(start * 1e6)
     gone = _first(records, "USB disconnect", start_us)
-    neutral = _first(records, "neutral (serial:", gone or start_us)
     back = _first(records, "now attached to ttyUSB", gone or start_us)
     cleared = _first(records, "failsafe cleared", back or start_us)
-    unplug_ms = (neutral - gone) / 1000 if gone and neutral else None
+    unplug_ms = None
+    if gone is not None and neutral_unix is not None:
+        unplug_ms = round(neutral_unix * 1000 - gone / 1000, 1)
     return {
         "unplug": {
             "ms": unplug_ms,
             "control_periods": round(unplug_ms / period_ms, 2) if unplug_ms is not None else None,
+            "note": "negative: the car was already neutral for another fault when the device left"
+            if unplug_ms is not None and unplug_ms < 0
+            else None,
         },
-        "replug": {"ms": (cleared - back) / 1000 if back and cleared else None},
+        "replug": {"ms": round((cleared - back) / 1000, 1) if back and cleared else None},
     }
 
 
 def _power_cut(state: FleetState, inventory: Path, good: str, tmp: Path) -> dict[str, Any]:
     fresh = make_bundle(tmp / "fresh", chunk_size=16)
     command = playbook_command(
-        inventory, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={fresh}", "-e", "rover_health_soak_s=300"
+        inventory,
+        "deploy.yml",
+        "--limit",
+        "car1",
+        *FORCE,
+        "-e",
+        f"rover_deploy_bundle={fresh}",
+        "-e",
+        "rover_health_soak_s=300",
     )
     deploy = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=playbook_env(inventory), cwd=REPO
@@ -202,6 +227,7 @@ def main() -> int:
             "rate_hz_target": last["loop"]["rate_hz_target"],
             "inference_latency_ms": last["inference"]["latency_ms"],
             "camera_fps": last["cameras"]["front"]["fps"] if "front" in last["cameras"] else None,
+            "work_ms": last["loop"]["work_ms"],  # one cycle, wake to end: when its output was written
         }
         car1 = load_state(FLEET)
         assert car1 is not None

@@ -30,10 +30,12 @@ from simfleet.vm import (
     VmSpec,
     accelerator,
     create_overlay,
+    kernel_starts,
     machine_id,
     plug_arduino,
     power_button,
     qemu_version,
+    reboot_loop,
     unplug_arduino,
     write_seed,
 )
@@ -345,7 +347,7 @@ def _start_vm_hosts(
     Path(state.known_hosts).write_text("\n".join(known) + "\n")
     boot_started = time.monotonic()
     for host in state.hosts:
-        _wait_for_vm(state, host)
+        _wait_for_vm(state, host, kernel_starts_before=0)
         host.boot_seconds = round(time.monotonic() - boot_started, 1)
         log.info("%s: sshd answers on 127.0.0.1:%d after %.1f s", host.machine, host.port, host.boot_seconds)
     write_inventory(state)
@@ -369,13 +371,24 @@ def vm_spec(host: HostState) -> VmSpec:
     )
 
 
-def _wait_for_vm(state: FleetState, host: HostState) -> None:
+def _wait_for_vm(state: FleetState, host: HostState, kernel_starts_before: int) -> None:
+    """Until the car's sshd answers; a clear error, with the console's or QEMU's last lines, when QEMU
+    exits, the guest loops rebooting (it does not boot) or VM_BOOT_TIMEOUT passes."""
     assert host.qemu is not None
+    console = Path(host.console_log)
     try:
-        wait_for_ssh(target_for(state, host), host.qemu, Path(host.console_log), VM_BOOT_TIMEOUT)
+        wait_for_ssh(
+            target_for(state, host),
+            host.qemu,
+            console,
+            VM_BOOT_TIMEOUT,
+            gave_up=lambda: reboot_loop(console, kernel_starts_before),
+        )
     except SimFleetError as err:
-        qemu_said = log_tail(Path(host.nspawn_log), 5)
-        raise SimFleetError(f"{err}\nQEMU ({host.nspawn_log}):\n{qemu_said}") from None
+        qemu_log = Path(host.nspawn_log)
+        if not qemu_log.is_file() or not qemu_log.read_text(errors="replace").strip():
+            raise
+        raise SimFleetError(f"{err}\nQEMU ({qemu_log}):\n{log_tail(qemu_log, 5)}") from None
 
 
 def container_init(nspawn: Proc) -> Proc | None:
@@ -488,9 +501,10 @@ def power_on(name: str, host_name: str) -> HostState:
         raise SimFleetError(f"{host.machine} is already running")
     started = time.monotonic()
     if state.kind == "vm":
+        starts = kernel_starts(Path(host.console_log))
         host.qemu = start_vm(vm_spec(host), Path(host.nspawn_log))
         save_state(state)
-        _wait_for_vm(state, host)
+        _wait_for_vm(state, host, kernel_starts_before=starts)
     else:
         emulated = state.arch != native_arch()
         host.nspawn = boot(

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from simfleet.errors import SimFleetError
@@ -198,18 +199,28 @@ def log_tail(log_file: Path, lines: int = 25) -> str:
     except OSError:
         return "(no log)"
     tail = "\n".join(text.splitlines()[-lines:])
-    return tail if tail.strip() else "(nothing yet: the container has written no line)"
+    return tail if tail.strip() else "(nothing yet: the car has written no line)"
 
 
-def wait_for_ssh(target: SshTarget, nspawn: Proc, log_file: Path, timeout: float) -> float:
+def wait_for_ssh(
+    target: SshTarget,
+    nspawn: Proc,
+    log_file: Path,
+    timeout: float,
+    gave_up: Callable[[], str | None] | None = None,
+) -> float:
     """Polls until `ssh pi@host true` succeeds; returns seconds waited. A clear error with the boot
-    log tail if the container exits or the timeout passes."""
+    log tail if the container exits or the timeout passes, or when `gave_up` returns why the host will
+    not boot (an error whose first line says so, then what the host printed)."""
     started = time.monotonic()
     while True:
         if not is_alive(nspawn):
             raise SimFleetError(
                 f"{target.label} exited while booting; {log_file} ends with:\n{log_tail(log_file)}"
             )
+        reason = gave_up() if gave_up is not None else None
+        if reason is not None:
+            raise SimFleetError(f"{target.label} does not boot: {reason}")
         if ssh_run(target, ["true"], timeout=10).returncode == 0:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import logging
 import platform
+import shlex
 import shutil
 import subprocess
 import time
@@ -104,9 +105,18 @@ def _build(arch: str, release: str, root: Path) -> float:
     return seconds
 
 
-def build_root(arch: str, release: str, dest: Path, packages: tuple[str, ...]) -> None:
+def build_root(
+    arch: str,
+    release: str,
+    dest: Path,
+    packages: tuple[str, ...],
+    files_first: dict[str, str] | None = None,
+) -> None:
     """mmdebstrap of `release` for `arch` with `packages` into `dest` (replaced), then what every host
-    shares (customize). On failure `dest` is removed and the error names mmdebstrap's last lines."""
+    shares (customize). `files_first` (path in the root -> text; executable when it starts with "#!") are
+    written after the essential packages and before `packages`, so their postinst scripts see them (an
+    initramfs configuration before the kernel's). On failure `dest` is removed and the error names
+    mmdebstrap's last lines."""
     tools = {"mmdebstrap": "mmdebstrap", "chroot": "coreutils"}
     if arch != native_arch():
         ensure_emulation(arch)
@@ -115,6 +125,16 @@ def build_root(arch: str, release: str, dest: Path, packages: tuple[str, ...]) -
         if shutil.which(tool) is None:
             raise SimFleetError(f"{tool} not found: apt-get install {package} (see docs/simulation.md)")
     shutil.rmtree(dest, ignore_errors=True)
+    first = dest.with_name(dest.name + ".first")
+    shutil.rmtree(first, ignore_errors=True)
+    hooks = []
+    if files_first:
+        for path, text in files_first.items():
+            target = first / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            target.chmod(0o755 if text.startswith("#!") else 0o644)
+        hooks.append(f'--essential-hook=cp -a {shlex.quote(str(first))}/. "$1"/')
     cmd = [
         "mmdebstrap",
         "--quiet",
@@ -123,14 +143,22 @@ def build_root(arch: str, release: str, dest: Path, packages: tuple[str, ...]) -
         "--mode=root",
         "--format=directory",
         f"--include={','.join(packages)}",
+        *hooks,
         release,
         str(dest),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    finally:
+        shutil.rmtree(first, ignore_errors=True)
     if result.returncode != 0:
         shutil.rmtree(dest, ignore_errors=True)
-        tail = "\n".join((result.stderr or result.stdout).splitlines()[-20:])
-        raise SimFleetError(f"mmdebstrap failed for {release} {arch} (exit {result.returncode}):\n{tail}")
+        lines = (result.stderr or result.stdout).splitlines()
+        # apt's own error ("E: Unable to locate package linux-image-amd64") on the first line, then context.
+        apt_error = next((line for line in lines if line.startswith("E: ")), None)
+        head = f"mmdebstrap failed for {release} {arch} (exit {result.returncode})"
+        head += f": {apt_error}" if apt_error else ""
+        raise SimFleetError(head + "\n" + "\n".join(lines[-20:]))
     try:
         customize(dest)
     except BaseException:

@@ -40,10 +40,11 @@ QEMU = "qemu-system-x86_64"
 # Nothing used here is newer than Debian bookworm's QEMU; tested with 10.0 (bookworm-backports).
 QEMU_MINIMUM = (7, 2)
 # A car's memory on the controller is the guest's RAM it has touched (its page cache fills it soon), TCG's
-# translated-code cache and QEMU itself: 576 + 64 MB keeps a running car under 700 MB. A provisioned car
-# driving the demo bundle uses about 300 MB of it; QEMU's default code cache (1 GiB) alone would be more
-# than a car is allowed.
-MEMORY_MB = 576
+# translated-code cache, the kernel and initramfs QEMU keeps mapped for reboots (vm_image keeps the
+# initramfs small) and QEMU itself (about 90 MB): 512 + 64 MB keeps a running car under 700 MB. A
+# provisioned car driving uses under 200 MB of its RAM, the rest is page cache; QEMU's default code cache
+# (1 GiB) alone would be more than a car is allowed.
+MEMORY_MB = 512
 CPUS = 2
 TB_SIZE_MB = 64
 ARDUINO_ID = "arduino"
@@ -51,6 +52,12 @@ ARDUINO_CHARDEV = "arduino-link"
 XHCI_ID = "xhci"
 ACCELERATORS = ("kvm", "tcg")
 KVM_PROBE_SECONDS = 20.0
+# The kernel's first line on the console, once per boot of the machine.
+KERNEL_START = re.compile(r"^\[\s*0\.0+\] Linux version ", re.MULTILINE)
+_PRINTK_TIME = re.compile(r"^\[\s*[0-9.]+\]\s*")
+# With panic=-1 a kernel that cannot mount its root (or an initramfs that gives up) reboots at once, so a
+# guest that cannot boot loops: its kernel starting this often before sshd answers means it never will.
+BOOT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ def qemu_command(spec: VmSpec) -> list[str]:
         "-serial",
         "chardev:console",
         "-qmp",
-        f"unix:{spec.qmp},server=on,wait=off",
+        f"unix:{spec.qmp.name},server=on,wait=off",  # relative: QEMU runs in the socket's directory (start)
         "-display",
         "none",
         "-monitor",
@@ -198,7 +205,39 @@ def write_seed(seed_dir: Path, seed: Path) -> None:
 
 def start(spec: VmSpec, log_file: Path) -> Proc:
     spec.qmp.unlink(missing_ok=True)
-    return spawn(qemu_command(spec), log_file, what=f"qemu {spec.machine}")
+    # In the car's directory: the QMP socket's path is relative to it (a socket's path has a 107-byte limit).
+    return spawn(qemu_command(spec), log_file, what=f"qemu {spec.machine}", cwd=spec.qmp.parent)
+
+
+def kernel_starts(console_log: Path) -> int:
+    """How many times the guest's kernel has started, by its console log (appended across boots)."""
+    try:
+        return len(KERNEL_START.findall(console_log.read_text(errors="replace")))
+    except OSError:
+        return 0
+
+
+def reboot_loop(console_log: Path, starts_before: int) -> str | None:
+    """Why the guest will not boot when it is in a reboot loop (its kernel started BOOT_ATTEMPTS times
+    since `starts_before`), with how its last complete attempt ended; None while it may still boot."""
+    try:
+        text = console_log.read_text(errors="replace")
+    except OSError:
+        return None
+    starts = [m.start() for m in KERNEL_START.finditer(text)]
+    if len(starts) - starts_before < BOOT_ATTEMPTS:
+        return None
+    attempt = text[starts[-2] : starts[-1]].splitlines()
+    # The kernel's panic, or the initramfs giving up on the root ("ALERT!  LABEL=... does not exist").
+    panic = next(
+        (_PRINTK_TIME.sub("", line) for line in attempt if "Kernel panic" in line or "ALERT!" in line), None
+    )
+    tail = "\n".join(attempt[-15:])
+    return (
+        f"its kernel started {len(starts) - starts_before} times without sshd answering (a reboot loop)"
+        + (f": {panic}" if panic else "")
+        + f"\nits last attempt ended with ({console_log}):\n{tail}"
+    )
 
 
 def machine_id(machine: str) -> str:
@@ -212,11 +251,18 @@ class Qmp:
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
+        # A socket's path is limited to 107 bytes and a car's directory under $ROVER_CACHE may be longer:
+        # reach it through a descriptor of its directory (QEMU made it relative to that directory).
+        directory = -1
         try:
-            self._sock.connect(str(path))
+            directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+            self._sock.connect(f"/proc/self/fd/{directory}/{path.name}")
         except OSError as err:
             self._sock.close()
             raise SimFleetError(f"QEMU monitor {path} does not answer ({err}): is the car running?") from err
+        finally:
+            if directory >= 0:
+                os.close(directory)
         self._file = self._sock.makefile("rw", encoding="utf-8")
         self._read()  # the greeting
         self.execute("qmp_capabilities")

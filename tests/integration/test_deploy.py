@@ -902,12 +902,14 @@ def test_manifest_changed_after_signing_is_refused_on_the_car(deployed: Path, tm
 def _deploy_car1_in_background(
     inventory: Path, bundle: Path, *args: str, soak_s: int, new_session: bool = False
 ) -> subprocess.Popen[str]:
-    """deploy.yml of `bundle` to car1, forced, with a soak of `soak_s`, started and left running."""
+    """deploy.yml of `bundle` to car1, forced, with a soak of `soak_s`, started and left running, with
+    SIGINT at its default as a terminal starts it (a test session run as a background job inherits SIGINT
+    ignored, and the Ctrl-C tests would then interrupt nothing)."""
     return subprocess.Popen(
-        playbook_command(
+        ["env", "--default-signal=INT", *playbook_command(
             inventory, "deploy.yml", *FORCE, "--limit", "car1", "-e", f"rover_deploy_bundle={bundle}",
             "-e", f"rover_health_soak_s={soak_s}", *args,
-        ),
+        )],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=playbook_env(inventory),
         start_new_session=new_session,
     )  # fmt: skip
@@ -967,7 +969,8 @@ def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     try:
         _until_switched(host, good, deploy)
         os.killpg(deploy.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the whole process group
-        out, _ = deploy.communicate(timeout=120)
+        # A guard against a hang, not a speed: at a load average of 5-8 this took over 120 s.
+        out, _ = deploy.communicate(timeout=300)
     finally:
         if deploy.poll() is None:
             os.killpg(deploy.pid, signal.SIGKILL)
@@ -1002,7 +1005,7 @@ def test_a_controller_without_proc_deploys_and_never_takes_over_a_live_runs_lock
         _until_switched(host, good, deploy)
         owner = json.loads(host.file(f"{RELEASES}/.deploy.lock/owner.json").content_string)
         os.killpg(deploy.pid, signal.SIGINT)
-        out, _ = deploy.communicate(timeout=120)
+        out, _ = deploy.communicate(timeout=300)  # a hang guard (see above)
     finally:
         if deploy.poll() is None:
             os.killpg(deploy.pid, signal.SIGKILL)
