@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,9 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--build-dir", type=Path, default=Path("out/firmware-build"), help="objects kept between builds"
     )
+    b.add_argument(
+        "--define",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a C define for the sketch, e.g. ROVER_FIRMWARE_VERSION='\"2.1.0\"' (repeatable)",
+    )
     args = parser.parse_args(argv)
+    defines: dict[str, str] = {}
+    for item in args.define:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            print(f"fleet_firmware: --define {item!r}: not NAME=VALUE with a C identifier", file=sys.stderr)
+            return 2
+        defines[name] = value
     try:
-        out = build(args.board, args.out, build_dir=args.build_dir.resolve())
+        out = build(args.board, args.out, build_dir=args.build_dir.resolve(), defines=defines)
     except (BuildError, FirmwareError) as exc:
         print(f"fleet_firmware: {exc}", file=sys.stderr)
         return 2

@@ -157,18 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--engine", help="quantized engine")
     check.add_argument("--output", type=Path, help="also write the JSON here (atomically)")
 
-    firmware = sub.add_parser("firmware", help="the Arduino's firmware: identify it, or flash a release's")
+    firmware = sub.add_parser(
+        "firmware", help="the Arduino's firmware: identify it, check a release's, or flash it"
+    )
     fw_sub = firmware.add_subparsers(dest="firmware_command", required=True)
     identify = fw_sub.add_parser("identify", help="ping the firmware (resets the board); JSON")
+    fw_check = fw_sub.add_parser(
+        "check", help="check a firmware directory against this runtime and a board (no board touched); JSON"
+    )
     flash = fw_sub.add_parser(
         "flash", help="flash a firmware directory with avrdude unless the board runs it; JSON + exit status"
     )
     for p in (identify, flash):
+        p.add_argument(
+            "--config",
+            type=Path,
+            help="a runtime.toml: its serial.port and serial.baudrate (over --port, --baud)",
+        )
         p.add_argument("--port", default="/dev/rover-arduino", help="the Arduino's serial device")
         p.add_argument("--baud", type=int, default=115200, help="the firmware's line speed (serial.baudrate)")
+    for p in (identify, fw_check, flash):
         p.add_argument("--output", type=Path, help="also write the JSON here (atomically)")
-    flash.add_argument("--firmware", type=Path, required=True, help="directory: rover_car.hex, firmware.json")
-    flash.add_argument("--board", required=True, help="the car's board: " + ", ".join(sorted(_boards())))
+    for p in (fw_check, flash):
+        p.add_argument("--firmware", type=Path, required=True, help="directory: rover_car.hex, firmware.json")
+        p.add_argument(
+            "--board",
+            help="the car's board (default: the one the firmware is built for): "
+            + ", ".join(sorted(_boards())),
+        )
     flash.add_argument("--attempts", type=int, default=2, help="avrdude runs before giving up")
     flash.add_argument("--force", action="store_true", help="flash even if the board runs this version")
     flash.add_argument("--avrdude", default="avrdude", help="the avrdude program")
@@ -196,34 +212,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_firmware(args: argparse.Namespace) -> int:
-    """identify: the firmware's answer ({"answer": null} when nothing answers; exit 1). flash: the result of
-    rover_runtime.firmware.flash (exit 1 if it failed); what is refused before the board is touched is one
+    """identify: the firmware's answer ({"answer": null} when nothing answers; exit 1). check: the image as
+    this runtime and the board would take it (exit 2 naming why not). flash: the result of
+    rover_runtime.firmware.flash (exit 1 if it failed). What is refused before the board is touched is one
     line on stderr and exit 2, also written to --output as {"ok": false, "refused": ...}."""
     from rover_runtime import firmware  # noqa: PLC0415
     from rover_runtime.metrics import write_json_atomic  # noqa: PLC0415
 
     _setup_logging("INFO", stream=sys.stderr)
     report: dict[str, Any]
-    if args.firmware_command == "identify":
-        answer = firmware.describe(firmware.identify(args.port, args.baud))
-        report, status = {"port": args.port, "answer": answer}, EXIT_OK if answer else EXIT_FAILED
-    else:
-        if args.attempts < 1:
-            print(f"rover-runtime: --attempts must be >= 1, got {args.attempts}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        try:
+    port = getattr(args, "port", "")
+    try:
+        if getattr(args, "config", None) is not None:
+            serial_settings = load_config(args.config).serial
+            port, args.baud = serial_settings.port, serial_settings.baudrate
+        if args.firmware_command == "identify":
+            answer = firmware.describe(firmware.identify(port, args.baud))
+            report, status = {"port": port, "answer": answer}, EXIT_OK if answer else EXIT_FAILED
+        elif args.firmware_command == "check":
+            image = firmware.check_for_runtime(args.firmware, args.board)
+            report, status = {"ok": True, **image.to_json()}, EXIT_OK
+        else:
+            if args.attempts < 1:
+                raise firmware.FirmwareError(f"--attempts must be >= 1, got {args.attempts}")
             result = firmware.flash(
-                args.port, args.board, args.firmware, baud=args.baud, attempts=args.attempts,
+                port, args.board, args.firmware, baud=args.baud, attempts=args.attempts,
                 force=args.force, avrdude=args.avrdude,
             )  # fmt: skip
-        except firmware.FirmwareError as exc:
-            print(f"rover-runtime: firmware refused, the board untouched: {exc}", file=sys.stderr)
-            if args.output is not None:
-                write_json_atomic(args.output, {"ok": False, "refused": str(exc), "port": args.port})
-            return EXIT_BAD_INPUT
-        report, status = result.to_json(), EXIT_OK if result.ok else EXIT_FAILED
-        if not result.ok:
-            print(f"rover-runtime: flash failed: {result.error}", file=sys.stderr)
+            report, status = result.to_json(), EXIT_OK if result.ok else EXIT_FAILED
+            if not result.ok:
+                print(f"rover-runtime: flash failed: {result.error}", file=sys.stderr)
+    except (ConfigError, firmware.FirmwareError) as exc:
+        print(f"rover-runtime: firmware refused, the board untouched: {exc}", file=sys.stderr)
+        if args.output is not None:
+            write_json_atomic(args.output, {"ok": False, "refused": str(exc), "port": port})
+        return EXIT_BAD_INPUT
     if args.output is not None:
         write_json_atomic(args.output, report)
     print(json.dumps(report, indent=2))

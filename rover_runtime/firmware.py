@@ -71,6 +71,9 @@ class FirmwareImage:
     sha256: str
     program_bytes: int  # one past the highest address the image writes
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "hex_path": str(self.hex_path)}
+
 
 def board_named(name: str) -> Board:
     try:
@@ -165,6 +168,19 @@ def check_image_for_board(image: FirmwareImage, board: Board) -> None:
         )
 
 
+def check_for_runtime(directory: Path, board_name: str | None = None) -> FirmwareImage:
+    """The image in `directory` as a car would flash it with this runtime: a whole image below the boot
+    section of `board_name` (default: the board it is built for) that speaks this runtime's protocol."""
+    image = load_image(directory)
+    check_image_for_board(image, board_named(board_name or image.board))
+    if image.protocol != protocol.PROTOCOL_VERSION:
+        raise FirmwareError(
+            f"firmware {image.version} speaks protocol {image.protocol}, this runtime protocol "
+            f"{protocol.PROTOCOL_VERSION}: the car would not drive"
+        )
+    return image
+
+
 def port_users(port: Path) -> list[int]:
     """Processes (other than this one) that have `port`'s device open, from /proc."""
     try:
@@ -255,7 +271,7 @@ def _run_avrdude(command: list[str]) -> tuple[bool, list[str]]:
 
 def flash(
     port: str,
-    board_name: str,
+    board_name: str | None,
     firmware_dir: Path,
     *,
     baud: int = 115200,
@@ -263,15 +279,14 @@ def flash(
     force: bool = False,
     avrdude: str = "avrdude",
 ) -> FlashResult:
-    """Flashes the firmware in `firmware_dir` onto the board at `port` unless it already runs it (`force`:
-    anyway). Raises FirmwareError for what is refused before the board is touched; a flash that fails is
-    retried up to `attempts` times and reported in the result (ok False, the error's first line)."""
+    """Flashes the firmware in `firmware_dir` onto the board at `port` (`board_name`, default the board the
+    image is built for) unless it already runs it (`force`: anyway). Raises FirmwareError for what is
+    refused before the board is touched; a flash that fails is retried up to `attempts` times and reported
+    in the result (ok False, the error's first line)."""
     started = time.monotonic()
-    board = board_named(board_name)
     image = load_image(firmware_dir)
+    board = board_named(board_name or image.board)
     check_image_for_board(image, board)
-    if shutil.which(avrdude) is None:
-        raise FirmwareError(f"{avrdude} not found: apt-get install avrdude")
     if not Path(port).exists():
         raise FirmwareError(f"{port} does not exist: no Arduino on this car (is it plugged in?)")
     users = port_users(Path(port))
@@ -290,6 +305,11 @@ def flash(
         result.seconds = round(time.monotonic() - started, 2)
         log.info("%s already runs %s %s: not flashed", port, HEX_NAME, image.version)
         return result
+    if shutil.which(avrdude) is None:  # needed only now: a board that runs the image needs no flash
+        raise FirmwareError(
+            f"{avrdude} not found: apt-get install avrdude (the board answers {_said(result.before)}, "
+            f"the release has {image.version})"
+        )
     command = avrdude_command(avrdude, board, port, image.hex_path)
     for attempt in range(1, attempts + 1):
         result.attempts = attempt

@@ -247,6 +247,14 @@ def test_thermal_fact_is_recorded(host: Any, settings: dict[str, Any]) -> None:
     assert reading["temp_c"] <= reading["limit_c"]
 
 
+def test_avrdude_can_flash_the_arduino(host: Any) -> None:
+    """avrdude (role rover_base) knows the Arduino's MCU and its bootloader's programmer, for the release's
+    firmware step (role rover_firmware)."""
+    assert host.package("avrdude").is_installed
+    parts = host.run("avrdude -c arduino -p '?'")  # lists the parts it knows (on stderr), exit 1
+    assert "m328p" in parts.stdout + parts.stderr, parts.stderr[-500:]
+
+
 def test_time_sync_is_on(host: Any) -> None:
     timesyncd = host.service("systemd-timesyncd.service")
     assert timesyncd.is_enabled

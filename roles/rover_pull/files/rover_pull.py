@@ -359,6 +359,8 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         "preflight_min_ansible_core_version": "2.19",
         # The simulated car's firmware status lives on the controller: not visible from the car.
         "rover_health_firmware_status_file": "",
+        # A publication carries no firmware yet (docs/pull.md): the board keeps what a push deploy flashed.
+        "rover_firmware_manage": False,
         "rover_pull_publication": channel["id"],
         # The deploy lock is this agent's while it runs: stale at once if the agent dies (or the car reboots).
         "rover_release_lock_pid": os.getpid(),
