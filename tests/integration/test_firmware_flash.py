@@ -327,3 +327,36 @@ def test_a_bootloader_that_runs_past_the_flash_is_refused(builds: Path, tmp_path
     assert "outside the boot section 0x7e00..0x7fff" in run.stderr
     assert not (tmp_path / "flash.bin").exists()
     assert not (tmp_path / "tty").exists()
+
+
+@pytest.mark.parametrize(
+    ("image_board", "new", "car_board", "refusal"),
+    [
+        ("uno", False, None, None),
+        ("uno", False, "nano", "built for the board 'uno', the car has 'nano'"),
+        ("nano_old_bootloader", False, "nano_old_bootloader", None),
+        ("uno", True, "uno", "speaks protocol 3, this runtime protocol 2: the car would not drive"),
+    ],
+)
+def test_check_takes_only_firmware_the_car_would_drive_with(
+    images: Callable[[str, bool], Path],
+    image_board: str,
+    new: bool,
+    car_board: str | None,
+    refusal: str | None,
+) -> None:
+    """`rover-runtime firmware check` (what a deploy runs on the controller and, with the release's own
+    runtime, on the car): the image for the car's board (default: the one it is built for) that speaks this
+    runtime's protocol, else exit 2 with one line; --output holds the same."""
+    image = images(image_board, new)
+    run = firmware("check", "--firmware", str(image), *(["--board", car_board] if car_board else []))
+    if refusal is None:
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report["ok"] is True
+        assert report["board"] == image_board
+        assert report["sha256"] == json.loads((image / MANIFEST_NAME).read_text())["sha256"]
+    else:
+        assert run.returncode == 2, run.stdout
+        assert refusal in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
