@@ -155,7 +155,6 @@ def up(config: FleetConfig) -> FleetState:
     """Boots the fleet and writes its inventory; on any failure stops whatever it had started."""
     if os.geteuid() != 0:
         raise SimFleetError("simfleet up needs root (systemd-nspawn, bind mounts, binfmt_misc)")
-    ensure_inotify_instances(config.hosts)
     existing = load_state(config.name)
     if existing is not None:
         raise SimFleetError(
@@ -173,6 +172,8 @@ def up(config: FleetConfig) -> FleetState:
             if release in QEMU_MINIMUM:
                 what = f"--arch {config.arch} --release {release}"
                 require_qemu(config.arch, QEMU_MINIMUM[release], what)
+    # Only once the fleet's settings hold: a refused `up` changes nothing on the machine.
+    ensure_inotify_instances(config.hosts)
     images: dict[str, Path] = {}
     build_seconds = 0.0
     for release in dict.fromkeys(config.releases):
