@@ -7,6 +7,7 @@ The directory is what a release carries and the car flashes (rover_runtime.firmw
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -17,7 +18,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rover_runtime.firmware import HEX_NAME, MANIFEST_NAME, board_named, check_image_for_board, load_image
+from rover_runtime.firmware import (
+    HEX_NAME,
+    MANIFEST_NAME,
+    Board,
+    board_named,
+    check_image_for_board,
+    load_image,
+)
 
 FIRMWARE_SRC = Path(__file__).resolve().parent.parent / "firmware"
 HEADER = FIRMWARE_SRC / "rover_car" / "rover_protocol.h"
@@ -48,12 +56,22 @@ def sketch_version(header_text: str, defines: dict[str, str] | None = None) -> S
 
 
 def build(board_name: str, out: Path, *, build_dir: Path, defines: dict[str, str] | None = None) -> Path:
-    """Builds the sketch for `board_name` into the firmware directory `out` (replaced whole, atomically);
-    `build_dir` keeps the objects between builds. Returns `out`."""
+    """Builds the sketch for `board_name` into the firmware directory `out` (replaced whole, atomically,
+    and left as it is when it already holds this build); `build_dir` keeps the objects between builds.
+    Builds sharing `build_dir` take turns (two deploys of one controller at once). Returns `out`."""
     board = board_named(board_name)
     if shutil.which("avr-gcc") is None:
         raise BuildError("avr-gcc not found: apt-get install gcc-avr avr-libc binutils-avr arduino-core-avr")
     version = sketch_version(HEADER.read_text(), defines)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with (build_dir / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(board, version, out, build_dir, defines)
+
+
+def _build_locked(
+    board: Board, version: SketchVersion, out: Path, build_dir: Path, defines: dict[str, str] | None
+) -> Path:
     # Through make to the shell: quoted, so a C string's quotes reach the compiler.
     flags = " ".join(shlex.quote(f"-D{name}={value}") for name, value in sorted((defines or {}).items()))
     # make does not see a change of flags: each set of defines builds in its own directory.
@@ -76,11 +94,14 @@ def build(board_name: str, out: Path, *, build_dir: Path, defines: dict[str, str
         "sha256": hashlib.sha256(hex_bytes).hexdigest(),
         "bytes": len(hex_bytes),
     }
+    manifest_text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    if _holds(out, manifest_text, hex_bytes):
+        return out  # a deploy may be reading it: an unchanged build leaves it alone
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (staging / HEX_NAME).write_bytes(hex_bytes)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (staging / MANIFEST_NAME).write_text(manifest_text)
         check_image_for_board(load_image(staging), board)  # what the car will check, before it ships
         staging.chmod(0o755)
         if out.exists():
@@ -89,3 +110,12 @@ def build(board_name: str, out: Path, *, build_dir: Path, defines: dict[str, str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _holds(out: Path, manifest_text: str, hex_bytes: bytes) -> bool:
+    try:
+        return (out / MANIFEST_NAME).read_text() == manifest_text and (
+            out / HEX_NAME
+        ).read_bytes() == hex_bytes
+    except OSError:
+        return False

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,25 @@ def test_check_takes_only_firmware_the_car_would_drive_with(
         assert run.returncode == 2, run.stdout
         assert refusal in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def _build_uno(out: Path, build_dir: Path) -> str:
+    return str(build("uno", out, build_dir=build_dir))
+
+
+def test_builds_at_once_into_one_directory_take_turns_and_leave_an_unchanged_build_alone(
+    builds: Path, tmp_path: Path
+) -> None:
+    """Two deploys of one controller (CI's fleet stage and its emulated car, an operator's two terminals)
+    build the same firmware at once: they take turns on the build directory, and a build that is already
+    there is left as it is, so a deploy copying it never finds it missing or half-replaced."""
+    out = tmp_path / "uno"
+    _build_uno(out, builds / "build")
+    first = {p.name: p.stat().st_ino for p in out.iterdir()}
+    with ProcessPoolExecutor(4) as pool:
+        done = list(pool.map(_build_uno, [out] * 8, [builds / "build"] * 8))
+    assert done == [str(out)] * 8
+    assert {p.name: p.stat().st_ino for p in out.iterdir()} == first  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["sha256"] == hashlib.sha256((out / HEX_NAME).read_bytes()).hexdigest()
