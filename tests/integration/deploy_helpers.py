@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,8 @@ def new_signing_key(target: Path) -> Path:
 # Every car of the session's fleet in one batch (deploy.yml's default is a canary, 25 %, then the rest: one
 # health gate after another). For the fixtures that only need a release running; the batches have their tests.
 ONE_BATCH = ("-e", json.dumps({"rover_deploy_serial": ["100%"]}))
+# A simulated car drives all the time (its policy commands throttle): changing its release needs force.
+FORCE = ("-e", "rover_deploy_force=true")
 
 
 def provision_and_deploy(request: Any, tmp_path_factory: Any, *deploy_args: str) -> Path:
@@ -275,3 +278,16 @@ def provision_and_deploy(request: Any, tmp_path_factory: Any, *deploy_args: str)
     )
     assert run.rc == 0, run.report()
     return inventory
+
+
+def wait_running(host: Any, release: str, timeout: float = 60) -> dict[str, Any]:
+    """Metrics of the runtime once its process reports `release` and is healthy."""
+    deadline = time.monotonic() + timeout
+    m: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if host.file("/run/rover/metrics.json").exists:
+            m = metrics(host)
+            if (m.get("release") or {}).get("id") == release and m["healthy"]:
+                return m
+        time.sleep(1)
+    raise AssertionError(f"not running {release} within {timeout} s: {m.get('release')}\n{journal(host)}")

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from deploy_helpers import (
+    FORCE,
     ONE_BATCH,
     RELEASES,
     REPO,
@@ -44,6 +45,7 @@ from deploy_helpers import (
     run_playbook,
     sign_manifest,
     signing_key,
+    wait_running,
 )
 from quantize_helpers import tiny_bundle
 
@@ -56,8 +58,6 @@ pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 CARS = ("car1", "car2")
 ALL_CARS = ("car1", "car2", "car3")
-# A simulated car drives all the time (its policy commands throttle): changing its release needs force.
-FORCE = ("-e", "rover_deploy_force=true")
 
 
 @pytest.fixture(scope="module")
@@ -98,19 +98,6 @@ def deployed(fleet: Path, bundles: dict[str, Path]) -> Path:
     run = run_playbook(fleet, "deploy.yml", *ONE_BATCH, "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.report()
     return fleet
-
-
-def _wait_running(host: Any, release: str, timeout: float = 60) -> dict[str, Any]:
-    """Metrics of the runtime once its process reports `release` and is healthy."""
-    deadline = time.monotonic() + timeout
-    m: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        if host.file("/run/rover/metrics.json").exists:
-            m = metrics(host)
-            if (m.get("release") or {}).get("id") == release and m["healthy"]:
-                return m
-        time.sleep(1)
-    raise AssertionError(f"not running {release} within {timeout} s: {m.get('release')}\n{journal(host)}")
 
 
 def _deploy_car1(inventory: Path, bundle: Path, *args: str) -> PlaybookRun:
@@ -321,14 +308,14 @@ def test_config_only_change_is_a_gated_release(deployed: Path, bundles: dict[str
     assert second != first
     assert "0 bundle bytes sent" in _recap_line(run, "car1")  # the model was on the car already
     assert "gated: loop at" in _recap_line(run, "car1")
-    m = _wait_running(host, second)
+    m = wait_running(host, second)
     assert m["loop"]["rate_hz_target"] == 25.0
     assert releases(host)[second]["state"] == "good"
     # Back to the old config: the old release again (same bundle, runtime and config = same id), not rebuilt.
     run = _deploy_car1(deployed, bundles["a"])
     assert run.rc == 0, run.report()
     assert current_release(host) == first
-    assert _wait_running(host, first)["loop"]["rate_hz_target"] == 30.0
+    assert wait_running(host, first)["loop"]["rate_hz_target"] == 30.0
 
 
 def test_a_two_camera_wheel_speed_bundle_drives_a_simulated_car(
@@ -347,7 +334,7 @@ def test_a_two_camera_wheel_speed_bundle_drives_a_simulated_car(
     run = _deploy_car1(deployed, bundle)
     assert run.rc == 0, run.report()
     second = current_release(host)
-    m = _wait_running(host, second)
+    m = wait_running(host, second)
     assert set(m["cameras"]) == {"front", "rear"}
     assert m["state"]["names"] == ["steer", "throttle", "speed_mps"]
     assert m["state"]["sources"] == ["steering", "throttle", "wheel_speed_mps"]
@@ -373,7 +360,7 @@ def test_an_executorch_bundle_drives_a_simulated_car_without_torch(
     bundle = tiny_bundle(tiny_policy, demo_dataset, "static-executorch")
     run = _deploy_car1(deployed, bundle)
     assert run.rc == 0, run.report()
-    m = _wait_running(host, current_release(host))
+    m = wait_running(host, current_release(host))
     assert (m["bundle"]["backend"], m["bundle"]["mode"]) == ("executorch", "static")
     assert m["bundle"]["content_hash"] == content_hash(bundle)
     deadline = time.monotonic() + 30
@@ -442,7 +429,7 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     assert "the manifest says [1, 9, 2]" in line, line
     # The canary is back on the last good release and serving it; the failed release is recorded as bad.
     assert current_release(canary) == good
-    _wait_running(canary, good)
+    wait_running(canary, good)
     bad = [r for r, info in releases(canary).items() if info["bundle"] == content_hash(bundles["gate-fails"])]
     assert len(bad) == 1
     assert releases(canary)[bad[0]]["state"] == "bad"
@@ -470,7 +457,7 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     run = run_playbook(deployed, "rollback.yml", *FORCE, "--limit", "car1")
     assert run.rc == 0, run.report()
     assert current_release(canary) == good
-    _wait_running(canary, good)
+    wait_running(canary, good)
     # Forward again to b by name.
     run = run_playbook(
         deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={b_release[:8]}"
@@ -530,7 +517,7 @@ def test_broken_runtime_is_rolled_back_with_its_release(
     assert "broken runtime release (test)" in run.text, run.report()  # from the journal
     assert f"rolled back to release {good}, which is running" in run.text
     assert current_release(host) == good
-    _wait_running(host, good)
+    wait_running(host, good)
     environ = host.check_output(f"tr '\\0' '\\n' < /proc/{metrics(host)['pid']}/environ")
     assert f"PYTHONPATH={RELEASES}/releases/{good}/lib" in environ.splitlines()
 
@@ -565,7 +552,7 @@ def test_three_cars_in_one_batch_one_failing(
     assert line.startswith("FAILED"), line
     assert "/dev/ttyNOPE does not exist: no Arduino on this car" in line, line
     assert current_release(car(deployed, "car2")) == before
-    _wait_running(car(deployed, "car2"), before)
+    wait_running(car(deployed, "car2"), before)
 
 
 def _results(run: PlaybookRun, task: str) -> list[str]:
@@ -640,7 +627,7 @@ def test_car_interrupted_after_its_switch_is_gated_by_the_rerun(
     run = _deploy_car1(deployed, bundles["a"])
     assert run.rc == 0, run.report()
     assert "restarted and gated" in _recap_line(run, "car1"), _recap_line(run, "car1")
-    _wait_running(host, switched)
+    wait_running(host, switched)
     assert releases(host)[switched]["state"] == "good"
 
 
@@ -753,7 +740,7 @@ def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, 
     assert releases(host)[current_release(host)]["state"] == "bad"
     run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.report()
-    _wait_running(host, current_release(host))
+    wait_running(host, current_release(host))
 
 
 def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: dict[str, Path]) -> None:
@@ -986,7 +973,7 @@ def test_ctrl_c_after_the_switch_then_the_same_deploy_converges(
     switched = current_release(host)
     assert switched != good
     assert releases(host)[switched]["state"] == "good"
-    _wait_running(host, switched)
+    wait_running(host, switched)
     assert leftovers(host) == []
 
 
@@ -1021,7 +1008,7 @@ def test_a_controller_without_proc_deploys_and_never_takes_over_a_live_runs_lock
     assert run.rc == 0, run.report()
     switched = current_release(host)
     assert releases(host)[switched]["state"] == "good"
-    _wait_running(host, switched)
+    wait_running(host, switched)
 
 
 def test_a_power_cut_during_the_soak_boots_the_last_good_release(
@@ -1041,7 +1028,7 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     assert deploy.returncode != 0, out[-3000:]
     power_on(fleet, "car1")
     host = car(deployed, "car1")
-    _wait_running(host, good, timeout=120)
+    wait_running(host, good, timeout=120)
     assert current_release(host) == good
     state = releases(host)[trial]
     assert state["state"] == "interrupted", state
@@ -1054,7 +1041,7 @@ def test_a_power_cut_during_the_soak_boots_the_last_good_release(
     assert "it was taken before the car last booted" in run.text, run.report()
     assert current_release(host) == trial
     assert releases(host)[trial]["state"] == "good"
-    _wait_running(host, trial)
+    wait_running(host, trial)
     assert leftovers(host) == []
 
 
@@ -1083,7 +1070,7 @@ def test_a_car_whose_releases_all_failed_stays_stopped_after_a_reboot(
     assert releases(host)[bad]["state"] == "bad"
     run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
     assert run.rc == 0, run.report()
-    _wait_running(host, current_release(host))
+    wait_running(host, current_release(host))
 
 
 def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
@@ -1107,7 +1094,7 @@ def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
     assert current_release(host) == good
     assert releases(host)[trial]["state"] == "bad"
     assert "the unit restarted during the soak" in releases(host)[trial]["reason"]
-    _wait_running(host, good)
+    wait_running(host, good)
 
 
 def test_a_car_at_85_degrees_fails_its_gate_naming_the_temperature(
@@ -1127,7 +1114,7 @@ def test_a_car_at_85_degrees_fails_its_gate_naming_the_temperature(
     line = _recap_line(run, "car1")
     assert "thermal: the SoC is at 85.0 °C, above the 80 °C limit" in line, line
     assert current_release(host) == good, line
-    _wait_running(host, good)
+    wait_running(host, good)
 
 
 def test_a_car_that_drove_moments_ago_is_skipped(

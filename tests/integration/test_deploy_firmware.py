@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from deploy_helpers import (
+    FORCE,
     RELEASES,
     PlaybookRun,
     car,
@@ -24,12 +24,12 @@ from deploy_helpers import (
     fleet_inventory,
     leftovers,
     make_bundle,
-    metrics,
     new_signing_key,
     releases,
     run_playbook,
     sign_manifest,
     signing_key,
+    wait_running,
 )
 
 from fleet_firmware.build import build
@@ -37,7 +37,6 @@ from rover_runtime.firmware_sim import FIRMWARE_VERSION
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
-FORCE = ("-e", "rover_deploy_force=true")
 NEXT_VERSION = '"9.9.9"'  # a version the simulated board never answers with
 
 
@@ -68,18 +67,6 @@ def defines(**values: str) -> tuple[str, str]:
 
 def flash_result(host: Any) -> dict[str, Any]:
     return dict(json.loads(host.file("/run/rover-firmware.json").content_string))
-
-
-def running(host: Any, release: str) -> bool:
-    m = metrics(host)
-    return (m.get("release") or {}).get("id") == release and bool(m.get("healthy"))
-
-
-def wait_running(host: Any, release: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not (host.file("/run/rover/metrics.json").exists and running(host, release)):
-        assert time.monotonic() < deadline, f"car1 is not running {release}"
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from deploy_helpers import (
+    FORCE,
     RELEASES,
     REPO,
     make_bundle,
@@ -44,7 +45,6 @@ pytestmark = pytest.mark.vm
 
 FLEET = "pytest-vm"
 BASE_PORT = 2391
-FORCE = ("-e", "rover_deploy_force=true")  # the car drives all the time: past the driving guard
 VENV = "/opt/rover/venv"
 INCOMPLETE = f"{VENV}/rover-install.incomplete"  # role rover_python: an install that has not finished
 
