@@ -114,8 +114,7 @@ def _build_locked(
 
 def _holds(out: Path, manifest_text: str, hex_bytes: bytes) -> bool:
     try:
-        return (out / MANIFEST_NAME).read_text() == manifest_text and (
-            out / HEX_NAME
-        ).read_bytes() == hex_bytes
+        same_manifest = (out / MANIFEST_NAME).read_text() == manifest_text
+        return same_manifest and (out / HEX_NAME).read_bytes() == hex_bytes
     except OSError:
         return False
