@@ -3,6 +3,10 @@
 The directory is what a release carries and the car flashes (rover_runtime.firmware): `rover_car.hex` and
 `firmware.json` (board, MCU, version, protocol, sha256, bytes). The version and protocol are the sketch's own
 (`firmware/rover_car/rover_protocol.h`), or those a test builds in with `defines`.
+
+A build with settings of its own (`defines` other than the version and protocol: a car's pins, receiver,
+sensors) answers its version with build metadata naming them, `2.0.0+<8 hex digits>`: a board that runs
+the same version built with other settings is told apart by the deploy, which flashes it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rover_runtime.firmware import (
 
 FIRMWARE_SRC = Path(__file__).resolve().parent.parent / "firmware"
 HEADER = FIRMWARE_SRC / "rover_car" / "rover_protocol.h"
+VERSION_DEFINES = ("ROVER_FIRMWARE_VERSION", "ROVER_PROTOCOL_VERSION")
 # avrdude's part name -> avr-gcc's -mmcu
 GCC_MCU = {"m328p": "atmega328p"}
 
@@ -63,6 +68,11 @@ def build(board_name: str, out: Path, *, build_dir: Path, defines: dict[str, str
     if shutil.which("avr-gcc") is None:
         raise BuildError("avr-gcc not found: apt-get install gcc-avr avr-libc binutils-avr arduino-core-avr")
     version = sketch_version(HEADER.read_text(), defines)
+    settings = {name: value for name, value in (defines or {}).items() if name not in VERSION_DEFINES}
+    if settings:
+        tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        version = SketchVersion(f"{version.version}+{tag}", version.protocol)
+        defines = {**settings, **(defines or {}), "ROVER_FIRMWARE_VERSION": json.dumps(version.version)}
     build_dir.mkdir(parents=True, exist_ok=True)
     with (build_dir / ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -12,15 +12,24 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from simfleet.errors import SimFleetError
+from simfleet.processes import Proc, is_alive, spawn
+from simfleet.serial_link import DIALOUT_GID
 
 FIRMWARE_SRC = Path(__file__).resolve().parent.parent / "firmware"
 ARDUINO_BOOTLOADERS = Path("/usr/share/arduino/hardware/arduino/avr/bootloaders")
 START_TIMEOUT_S = 10.0
+
+
+# What a simulated car's sketch is built with: no RC receiver is wired to the board's pins (a bench setup:
+# the Pi's commands drive). The fleet's inventory gives the deploy the same (rover_firmware_defines), so the
+# sketch on a new board is the one a deploy builds.
+CAR_DEFINES = {"RC_RECEIVER": "0"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,43 @@ def bootloader_hex(name: str, build_dir: Path) -> Path:
     raise SimFleetError(f"unknown bootloader {name!r}: one of {', '.join(BOOTLOADERS)}")
 
 
+def board_command(
+    build_dir: Path, flash: Path, link: Path, bootloader: str, program: Path | None = None
+) -> list[str]:
+    """simavr_board's command line; a new board (no `flash` file yet) gets `bootloader` and, when given,
+    `program` (an Intel hex: the sketch flashed before the board was fitted)."""
+    if bootloader not in BOOTLOADERS:
+        raise SimFleetError(f"unknown bootloader {bootloader!r}: one of {', '.join(BOOTLOADERS)}")
+    command = [str(build_dir / "simavr_board"), "--flash", str(flash), "--link", str(link)]
+    if not flash.exists():
+        command += [
+            "--bootloader", str(bootloader_hex(bootloader, build_dir)),
+            "--boot-address", hex(BOOTLOADERS[bootloader].boot_address),
+        ]  # fmt: skip
+        if program is not None:
+            command += ["--program", str(program)]
+    return command
+
+
+def start_board_process(
+    build_dir: Path, flash: Path, link: Path, log_file: Path, *, bootloader: str, program: Path | None
+) -> tuple[Proc, str]:
+    """A simulated board in the background (the fleet's processes), its port's pty made root:dialout 0660
+    as the car's udev rule would make a real Arduino's tty; returns it and the pty (/dev/pts/N)."""
+    link.unlink(missing_ok=True)
+    proc = spawn(board_command(build_dir, flash, link, bootloader, program), log_file, what=f"board {link}")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not link.exists():
+        if not is_alive(proc) or time.monotonic() > deadline:
+            tail = log_file.read_text(errors="replace").strip()[-400:] if log_file.exists() else ""
+            raise SimFleetError(f"the simulated board did not start: {tail or f'see {log_file}'}")
+        time.sleep(0.05)
+    pty = link.resolve()
+    os.chown(pty, -1, DIALOUT_GID)
+    pty.chmod(0o660)
+    return proc, str(pty)
+
+
 class SimBoard:
     """A running board: `with SimBoard(build_dir, flash, link) as board:` (a new board with `bootloader` when
     `flash` does not exist). `board.port` is the serial device's symlink; stopping saves the flash."""
@@ -68,12 +114,7 @@ class SimBoard:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        command = [str(self.build_dir / "simavr_board"), "--flash", str(self.flash), "--link", str(self.port)]
-        if not self.flash.exists():
-            command += [
-                "--bootloader", str(bootloader_hex(self.bootloader.name, self.build_dir)),
-                "--boot-address", hex(self.bootloader.boot_address),
-            ]  # fmt: skip
+        command = board_command(self.build_dir, self.flash, self.port, self.bootloader.name)
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         assert self.proc.stdout is not None

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from simfleet.errors import SimFleetError
 from simfleet.fleet import (
+    ARDUINOS,
     DEVICES,
     KINDS,
     FleetConfig,
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     p_up.add_argument("--base-port", type=int, default=2221, help="sshd port of car1; car N gets base+N-1")
     p_up.add_argument("--inventory", type=Path, default=Path("inventory/sim/hosts.yml"))
 
+    p_up.add_argument(
+        "--arduino",
+        default="sim",
+        choices=ARDUINOS,
+        help="each car's Arduino: sim (default, fast: the firmware simulator) or board (the compiled "
+        "sketch on a simulated Uno with Optiboot, which deploys flash with avrdude; container cars)",
+    )
     p_up.add_argument(
         "--transmitter",
         action="store_true",
@@ -161,6 +169,7 @@ def run(argv: list[str]) -> int:
             releases=tuple(r for group in args.release or [[DEFAULT_RELEASE]] for r in group),
             transmitter=args.transmitter,
             kind=args.kind,
+            arduino=args.arduino,
         )
         state = up(config)
         boots = ", ".join(f"{h.name} {h.release} {h.boot_seconds} s" for h in state.hosts)

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet_firmware.build import BuildError, build
+from rover_runtime.firmware import HEX_NAME
 from simfleet.binfmt import ensure_emulation, require_qemu
+from simfleet.board import CAR_DEFINES, build_board, start_board_process
 from simfleet.errors import SimFleetError
 from simfleet.host import boot, generate_key, log_tail, prepare_root, wait_for_ssh, write_identity
 from simfleet.host_root import remove_tree
 from simfleet.image import DEFAULT_RELEASE, RELEASES, ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
-from simfleet.paths import fleet_dir
+from simfleet.paths import fleet_dir, rover_cache
 from simfleet.pi_tools import ThermalReading, thermal_files, write_thermal
 from simfleet.processes import Proc, child_processes, is_alive, kill_now, send_sigterm, stop_all
 from simfleet.serial_link import start_firmware_sim, start_pty_pair
@@ -52,6 +55,10 @@ MAX_HOSTS = 64
 BOOT_TIMEOUT = {"amd64": 90.0, "arm64": 300.0}
 POWEROFF_GRACE = {"amd64": 30.0, "arm64": 90.0}
 KINDS = ("nspawn", "vm")
+# Each car's Arduino: "sim", the firmware simulator in Python (fast; an RC receiver with --transmitter), or
+# "board", the compiled sketch on a simulated ATmega328P behind Optiboot (simfleet.board), which avrdude on
+# the car flashes for real.
+ARDUINOS = ("sim", "board")
 # A VM car under TCG emulation (measured: sshd after 30-40 s on 2 shared cores; more while others boot).
 VM_BOOT_TIMEOUT = 240.0
 VM_POWEROFF_GRACE = 90.0
@@ -81,10 +88,22 @@ class FleetConfig:
     transmitter: bool = False
     # "nspawn" (containers, the default: fast) or "vm" (QEMU virtual machines with their own kernel).
     kind: str = "nspawn"
+    arduino: str = "sim"  # one of ARDUINOS
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise SimFleetError(f"--kind {self.kind!r}: choose {' or '.join(KINDS)}")
+        if self.arduino not in ARDUINOS:
+            raise SimFleetError(f"--arduino {self.arduino!r}: choose {' or '.join(ARDUINOS)}")
+        if self.arduino == "board" and self.kind != "nspawn":
+            raise SimFleetError(
+                "--arduino board runs on container cars only: a VM's USB serial (QEMU's usb-serial on a "
+                "pty) carries no DTR, so nothing would reset the board into its bootloader for avrdude"
+            )
+        if self.arduino == "board" and self.transmitter:
+            raise SimFleetError(
+                "--arduino board has no RC receiver wired to its pins: --transmitter needs --arduino sim"
+            )
         if self.kind == "vm" and (self.arch != "amd64" or native_arch() != "amd64"):
             raise SimFleetError(
                 f"--kind vm runs amd64 cars on an amd64 controller (this is {native_arch()}, --arch "
@@ -172,6 +191,7 @@ def up(config: FleetConfig) -> FleetState:
             if release in QEMU_MINIMUM:
                 what = f"--arch {config.arch} --release {release}"
                 require_qemu(config.arch, QEMU_MINIMUM[release], what)
+    sketch = _board_sketch() if config.arduino == "board" else None  # avr-gcc or simavr missing: one line
     # Only once the fleet's settings hold: a refused `up` changes nothing on the machine.
     ensure_inotify_instances(config.hosts)
     images: dict[str, Path] = {}
@@ -197,13 +217,14 @@ def up(config: FleetConfig) -> FleetState:
         known_hosts=str(base / "known_hosts"),
         inventory=str(config.inventory.resolve()),
         kind=config.kind,
+        arduino=config.arduino,
     )
     save_state(state)
     try:
         if config.kind == "vm":
             _start_vm_hosts(state, config, key, ports, images)
         else:
-            _start_hosts(state, config, key, ports, images)
+            _start_hosts(state, config, key, ports, images, sketch=sketch)
     except BaseException:
         log.error("fleet %s did not come up; stopping what was started", config.name)
         # A systemd still booting may not act on the halt signal yet: no long wait for a failed fleet.
@@ -213,7 +234,13 @@ def up(config: FleetConfig) -> FleetState:
 
 
 def _start_hosts(
-    state: FleetState, config: FleetConfig, key: Path, ports: list[int], images: dict[str, Path]
+    state: FleetState,
+    config: FleetConfig,
+    key: Path,
+    ports: list[int],
+    images: dict[str, Path],
+    *,
+    sketch: Path | None,
 ) -> None:
     base = fleet_dir(config.name)
     controller_key = generate_key(key, f"simfleet-{config.name}")
@@ -248,7 +275,10 @@ def _start_hosts(
             emulated=config.arch != native_arch(),
         )
         known.append(f"[127.0.0.1]:{port} {' '.join(host.host_key_pub.split()[:2])}")
-        _wire_arduino(state, host, hdir, transmitter=config.transmitter, timeout_ms=FIRMWARE_TIMEOUT_MS)
+        if sketch is not None:
+            _wire_board(state, host, hdir, sketch)
+        else:
+            _wire_arduino(state, host, hdir, transmitter=config.transmitter, timeout_ms=FIRMWARE_TIMEOUT_MS)
         host.nspawn = boot(
             Path(host.root),
             host.machine,
@@ -291,6 +321,33 @@ def _wire_arduino(
         Path(host.firmware_log),
         rc_file=Path(host.rc_file) if host.rc_file else None,
         timeout_ms=timeout_ms,
+    )
+    save_state(state)
+
+
+def _board_sketch() -> Path:
+    """Builds the simulated board and the sketch as it is for an Uno (both cached; make and the firmware
+    build leave what is current alone); returns the sketch's hex, each new board's program."""
+    firmware = rover_cache() / "firmware"
+    build_board(firmware / "board")
+    try:
+        image = build("uno", firmware / "simfleet-uno", build_dir=firmware / "build", defines=CAR_DEFINES)
+    except BuildError as err:
+        raise SimFleetError(f"--arduino board: {err}") from None
+    return image / HEX_NAME
+
+
+def _wire_board(state: FleetState, host: HostState, hdir: Path, sketch: Path) -> None:
+    """The car's Arduino: a simulated Uno (Optiboot, the sketch flashed), its flash kept in the car's
+    directory across power cycles, its port the pty bound into the container at /dev/ttyUSB0."""
+    host.arduino_flash = str(hdir / "arduino-flash.bin")
+    host.firmware, host.serial_pty = start_board_process(
+        rover_cache() / "firmware" / "board",
+        Path(host.arduino_flash),
+        Path(host.serial_host),
+        Path(host.firmware_log),
+        bootloader="optiboot",
+        program=sketch,
     )
     save_state(state)
 
@@ -589,7 +646,8 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
         ssh_ok = (
             running and check_ssh and ssh_run(target_for(state, host), ["true"], timeout=15).returncode == 0
         )
-        serial = host.socat is not None and is_alive(host.socat) and Path(host.serial_host).exists()
+        stand_in = host.firmware if host.arduino_flash else host.socat  # a board is its own port
+        serial = stand_in is not None and is_alive(stand_in) and Path(host.serial_host).exists()
         hosts.append(
             {
                 "host": host.name,
@@ -600,6 +658,8 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
                 "ssh": ssh_ok,
                 "serial": serial,
                 "firmware_sim": host.firmware is not None and is_alive(host.firmware),
+                # "sim" (the firmware simulator) or "board" (the sketch on simavr, flashed by avrdude)
+                "arduino": "board" if host.arduino_flash else "sim",
                 "transmitter": bool(host.rc_file),
                 "firmware_status": _read_firmware_status(Path(host.firmware_status)),
                 "boot_seconds": host.boot_seconds,
@@ -612,6 +672,7 @@ def status(name: str, check_ssh: bool = True) -> dict[str, Any]:
         "up": all(h["running"] for h in hosts),
         "arch": state.arch,
         "kind": state.kind,
+        "arduino": state.arduino,
         "releases": state.releases,
         "inventory": state.inventory,
         "image_build_seconds": state.image_build_seconds,

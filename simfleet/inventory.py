@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from simfleet.board import CAR_DEFINES
 from simfleet.host import SERIAL_DEVICE
 from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_FILE, THERMAL_ZONE_TEMP
 from simfleet.ssh import SshTarget
@@ -19,27 +20,42 @@ KIND_TEXT = {"nspawn": "systemd-nspawn", "vm": "QEMU virtual machines"}
 def host_vars(state: FleetState, index: int) -> dict[str, Any]:
     host = state.hosts[index]
     target = SshTarget(host.name, host.port, Path(state.key), Path(state.known_hosts))
+    return (
+        {
+            "ansible_host": "127.0.0.1",
+            "ansible_port": host.port,
+            "ansible_user": "pi",
+            "ansible_ssh_private_key_file": state.key,
+            "ansible_ssh_common_args": " ".join(target.options()),
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "simfleet_name": state.name,
+            "simfleet_machine": host.machine,
+            "simfleet_arch": state.arch,
+            "simfleet_release": host.release,
+            "simfleet_root": host.root,
+            "simfleet_serial_device": SERIAL_DEVICE,
+            "simfleet_serial_controller": host.serial_controller,
+            "simfleet_firmware_status": host.firmware_status,
+            "simfleet_firmware_log": host.firmware_log,
+            "simfleet_thermal_file": THERMAL_FILE,
+            "simfleet_thermal_zone_temp": THERMAL_ZONE_TEMP,
+            "simfleet_cpufreq_root": CPUFREQ_ROOT,
+            "simfleet_kind": state.kind,
+        }
+        | (_vm_vars(host) if state.kind == "vm" else {})
+        | (_board_vars(host) if host.arduino_flash else {})
+    )
+
+
+def _board_vars(host: HostState) -> dict[str, Any]:
+    """A car whose Arduino is a simulated Uno (up --arduino board): the deploy builds its sketch as the
+    board's was built (no receiver wired), and tests find the board's flash. No simulator status file: as on a
+    real car, the firmware's replies counted in the runtime's metrics prove the link to the health gate."""
     return {
-        "ansible_host": "127.0.0.1",
-        "ansible_port": host.port,
-        "ansible_user": "pi",
-        "ansible_ssh_private_key_file": state.key,
-        "ansible_ssh_common_args": " ".join(target.options()),
-        "ansible_python_interpreter": "/usr/bin/python3",
-        "simfleet_name": state.name,
-        "simfleet_machine": host.machine,
-        "simfleet_arch": state.arch,
-        "simfleet_release": host.release,
-        "simfleet_root": host.root,
-        "simfleet_serial_device": SERIAL_DEVICE,
-        "simfleet_serial_controller": host.serial_controller,
-        "simfleet_firmware_status": host.firmware_status,
-        "simfleet_firmware_log": host.firmware_log,
-        "simfleet_thermal_file": THERMAL_FILE,
-        "simfleet_thermal_zone_temp": THERMAL_ZONE_TEMP,
-        "simfleet_cpufreq_root": CPUFREQ_ROOT,
-        "simfleet_kind": state.kind,
-    } | (_vm_vars(host) if state.kind == "vm" else {})
+        "rover_firmware_defines": dict(CAR_DEFINES),
+        "simfleet_arduino_flash": host.arduino_flash,
+        "simfleet_firmware_status": "",
+    }
 
 
 def _vm_vars(host: HostState) -> dict[str, Any]:

@@ -47,6 +47,8 @@ class HostState:
     console_log: str = ""
     accelerator: str = ""
     usb_serial: str = ""
+    # A car whose Arduino is a simulated board (fleet arduino "board"): its flash file; "" = the simulator.
+    arduino_flash: str = ""
 
 
 @dataclass
@@ -64,6 +66,7 @@ class FleetState:
     hosts: list[HostState] = field(default_factory=list)
     # "nspawn": containers sharing the controller's kernel; "vm": QEMU virtual machines with their own.
     kind: str = "nspawn"
+    arduino: str = "sim"  # "sim" or "board" (simfleet.fleet.ARDUINOS)
 
     def host(self, name: str) -> HostState:
         for host in self.hosts:

@@ -47,11 +47,13 @@ def running_fleet(
     inventory: Path | None = None,
     releases: str | Sequence[str] = (DEFAULT_RELEASE,),
     kind: str = "nspawn",
+    arduino: str = "sim",
 ) -> Iterator[FleetState]:
     """Boots a fleet (after stopping leftovers of the same name from an interrupted run) and stops it at
     the end. The inventory defaults to `$ROVER_CACHE/fleets/<name>/hosts.yml`, outside the repo.
     `releases` ("trixie", or ("trixie", "bookworm") for a mixed fleet) go to car1, car2, ... in turn;
-    `kind` "vm" makes them virtual machines."""
+    `kind` "vm" makes them virtual machines; `arduino` "board" gives each a simulated Uno that runs the
+    sketch (simfleet.board)."""
     with fleet_lock(name):
         down(name)
         config = FleetConfig(
@@ -62,6 +64,7 @@ def running_fleet(
             inventory=inventory or fleet_dir(name) / "hosts.yml",
             releases=(releases,) if isinstance(releases, str) else tuple(releases),
             kind=kind,
+            arduino=arduino,
         )
         state = up(config)
         try:

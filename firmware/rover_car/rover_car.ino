@@ -16,21 +16,53 @@
 // resolution, 50 Hz.
 
 // ---- configuration ----
+// Each setting can be given at build time instead (fleet_firmware build --define NAME=VALUE; the deploy's
+// rover_firmware_defines), e.g. RC_RECEIVER=0 for a car without a receiver.
+#ifndef STEERING_PIN
 #define STEERING_PIN 9
+#endif
+#ifndef THROTTLE_PIN
 #define THROTTLE_PIN 10
+#endif
+#ifndef SERIAL_BAUD
 #define SERIAL_BAUD 115200
+#endif
+#ifndef FAILSAFE_TIMEOUT_MS
 #define FAILSAFE_TIMEOUT_MS 250
+#endif
+#ifndef TELEMETRY_INTERVAL_MS
 #define TELEMETRY_INTERVAL_MS 100
+#endif
+#ifndef HALF_RANGE_US
 #define HALF_RANGE_US 500        // pulse offset for a full +-1000 command
+#endif
+#ifndef STEER_MIN_US
 #define STEER_MIN_US 1000        // the firmware's own limits, applied after the runtime's clamping
+#endif
+#ifndef STEER_MAX_US
 #define STEER_MAX_US 2000
+#endif
+#ifndef THROTTLE_MIN_US
 #define THROTTLE_MIN_US 1000
+#endif
+#ifndef THROTTLE_MAX_US
 #define THROTTLE_MAX_US 2000
+#endif
+#ifndef RC_RECEIVER
 #define RC_RECEIVER 1            // 0: no receiver fitted, the Pi's commands drive (a bench setup)
+#endif
+#ifndef RC_TIMEOUT_MS
 #define RC_TIMEOUT_MS 100        // a receiver channel without a valid pulse this long has lost its signal
+#endif
+#ifndef WHEEL_MM_PER_PULSE_X100
 #define WHEEL_MM_PER_PULSE_X100 0  // wheel travel per hall pulse in 1/100 mm (0: no wheel sensor)
+#endif
+#ifndef WHEEL_WINDOW_MS
 #define WHEEL_WINDOW_MS 100      // wheel speed is pulses counted over this window
+#endif
+#ifndef BATTERY_MV_FULL_SCALE
 #define BATTERY_MV_FULL_SCALE 0  // battery millivolts at an ADC reading of 1023 (0: not measured)
+#endif
 // #define ROVER_USE_TIMER1      // force the built-in Timer1 driver even when <Servo.h> exists
 
 #include "rover_protocol.h"

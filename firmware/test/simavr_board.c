@@ -1,13 +1,15 @@
 // A simulated Arduino board (simavr, ATmega328P at 16 MHz) with its bootloader, on a serial port: what a car's
 // Uno or Nano is to avrdude and to the runtime. Build: gcc -O2 -I/usr/include/simavr simavr_board.c -lsimavr -lutil
 //
-// Usage: simavr_board --flash FILE --link PATH [--bootloader HEX --boot-address ADDR]
+// Usage: simavr_board --flash FILE --link PATH [--bootloader HEX --boot-address ADDR [--program HEX]]
 //   --flash FILE     the MCU's flash (32768 bytes), kept across runs as a board keeps its program: read at start,
 //                    written (a temporary file, fsync, rename) whenever the program changed it. When FILE does
 //                    not exist, the board is a new one: erased flash with --bootloader's image written at ADDR.
 //   --bootloader HEX the bootloader (Intel hex); it must lie inside the boot section [ADDR, end of flash).
 //   --boot-address   where the reset vector points (BOOTRST fuse programmed): 0x7e00 for Optiboot (256 words),
 //                    0x7800 for the old Nano's ATmegaBOOT (1024 words). Kept in FILE's sidecar FILE.boot.
+//   --program HEX    a new board's program (Intel hex, below the boot section): the sketch someone flashed
+//                    before the board was fitted to the car. Without it a new board holds only its bootloader.
 //   --link PATH      a symlink to the serial port's device (a pty), replaced atomically.
 // Prints "ready <pty>" on stdout once the port exists; diagnostics go to stderr. SIGTERM or SIGINT: the flash is
 // saved and the board stops (exit 0).
@@ -132,17 +134,23 @@ static void save_flash(const char* path) {
   memcpy(saved, avr->flash, FLASH_SIZE);
 }
 
-static void load_bootloader(const char* hex, unsigned boot) {
+// Writes an Intel hex image into the flash; every byte must lie in [low, high): `what` names the image and
+// the range in the error.
+static void load_hex(const char* hex, uint32_t low, uint32_t high, const char* what, const char* range) {
   ihex_chunk_p chunks = NULL;
   int n = read_ihex_chunks(hex, &chunks);
-  if (n <= 0) die("cannot read the bootloader %s (Intel hex)", hex);
+  if (n <= 0) {
+    char which[200];
+    snprintf(which, sizeof which, "%s %s", what, hex);
+    die("cannot read the %s (Intel hex)", which);
+  }
   for (int i = 0; i < n; i++) {
     uint32_t start = chunks[i].baseaddr, end = chunks[i].baseaddr + chunks[i].size;
-    if (start < boot || end > FLASH_SIZE) {
-      char where[160];
-      snprintf(where, sizeof where, "%s: bytes 0x%04x..0x%04x lie outside the boot section 0x%04x..0x7fff",
-               hex, start, end - 1, boot);
-      die("the bootloader does not fit: %s", where);
+    if (start < low || end > high) {
+      char where[300];
+      snprintf(where, sizeof where, "the %s does not fit: %s: bytes 0x%04x..0x%04x lie outside the %s 0x%04x..0x%04x",
+               what, hex, start, end - 1, range, low, high - 1);
+      die("%s", where);
     }
     memcpy(avr->flash + start, chunks[i].data, chunks[i].size);
   }
@@ -150,7 +158,7 @@ static void load_bootloader(const char* hex, unsigned boot) {
 }
 
 // The flash and the boot address: from FILE (and FILE.boot) when the board exists, else a new board.
-static unsigned load_flash(const char* path, const char* hex, const char* boot_arg) {
+static unsigned load_flash(const char* path, const char* hex, const char* boot_arg, const char* program) {
   char boot_path[4096];
   snprintf(boot_path, sizeof boot_path, "%s.boot", path);
   int fd = open(path, O_RDONLY);
@@ -170,7 +178,8 @@ static unsigned load_flash(const char* path, const char* hex, const char* boot_a
   unsigned long boot = strtoul(boot_arg, &end, 0);
   if (!end || *end || boot >= FLASH_SIZE || boot % 256) die("--boot-address %s: not a boot section start", boot_arg);
   memset(avr->flash, 0xFF, FLASH_SIZE);
-  load_bootloader(hex, (unsigned)boot);
+  load_hex(hex, (uint32_t)boot, FLASH_SIZE, "bootloader", "boot section");
+  if (program) load_hex(program, 0, (uint32_t)boot, "program", "application section");
   FILE* b = fopen(boot_path, "w");
   if (!b || fprintf(b, "0x%04lx\n", boot) < 0 || fclose(b) != 0) die("cannot write %s", boot_path);
   memset(saved, 0xFF, FLASH_SIZE);  // differs from the flash: saved at once
@@ -184,16 +193,18 @@ static void external_reset(void) {
 }
 
 int main(int argc, char** argv) {
-  const char *flash = NULL, *link_path = NULL, *hex = NULL, *boot_arg = NULL;
+  const char *flash = NULL, *link_path = NULL, *hex = NULL, *boot_arg = NULL, *program = NULL;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--flash")) flash = argv[i + 1];
     else if (!strcmp(argv[i], "--link")) link_path = argv[i + 1];
     else if (!strcmp(argv[i], "--bootloader")) hex = argv[i + 1];
     else if (!strcmp(argv[i], "--boot-address")) boot_arg = argv[i + 1];
+    else if (!strcmp(argv[i], "--program")) program = argv[i + 1];
     else die("unknown option %s", argv[i]);
   }
   if (argc % 2 == 0 || !flash || !link_path) {
-    fprintf(stderr, "usage: simavr_board --flash FILE --link PATH [--bootloader HEX --boot-address ADDR]\n");
+    fprintf(stderr,
+            "usage: simavr_board --flash FILE --link PATH [--bootloader HEX --boot-address ADDR [--program HEX]]\n");
     return 2;
   }
   avr = avr_make_mcu_by_name("atmega328p");
@@ -201,7 +212,7 @@ int main(int argc, char** argv) {
   avr_init(avr);
   avr->frequency = MHZ;
   avr->log = LOG_WARNING;
-  unsigned boot = load_flash(flash, hex, boot_arg);
+  unsigned boot = load_flash(flash, hex, boot_arg, program);
   avr->codeend = avr->flashend;
   avr->reset_pc = boot;  // BOOTRST programmed
   avr_reset(avr);

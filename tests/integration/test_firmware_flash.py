@@ -383,3 +383,28 @@ def test_builds_at_once_into_one_directory_take_turns_and_leave_an_unchanged_bui
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["sha256"] == hashlib.sha256((out / HEX_NAME).read_bytes()).hexdigest()
+
+
+def test_a_build_with_settings_of_its_own_answers_a_version_that_names_them(builds: Path) -> None:
+    """A car's wiring (its defines) is part of the version the board answers, so a deploy tells a board
+    flashed with other settings apart and flashes it: the same settings give the same version and image, other
+    settings another, and the version defines alone keep the plain version."""
+
+    def version(name: str, **defines: str) -> tuple[str, str]:
+        out = build("uno", builds / "settings" / name, build_dir=builds / "build", defines=defines)
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        return str(manifest["version"]), str(manifest["sha256"])
+
+    plain, plain_sha = version("plain")
+    no_receiver, no_receiver_sha = version("no-receiver", RC_RECEIVER="0")
+    again, again_sha = version("again", RC_RECEIVER="0")
+    other, _ = version("other", RC_RECEIVER="0", FAILSAFE_TIMEOUT_MS="300")
+    bumped, _ = version("bumped", RC_RECEIVER="0", ROVER_FIRMWARE_VERSION='"2.1.0"')
+    assert plain == "2.0.0"
+    assert no_receiver.startswith("2.0.0+"), no_receiver
+    assert (again, again_sha) == (no_receiver, no_receiver_sha)
+    assert no_receiver_sha != plain_sha
+    assert other.startswith("2.0.0+"), other
+    assert other != no_receiver
+    assert bumped == "2.1.0" + no_receiver[len("2.0.0") :]
+    assert version("protocol-only", ROVER_PROTOCOL_VERSION="2")[0] == "2.0.0"

@@ -76,6 +76,9 @@ def read_status(host: HostState) -> dict[str, object]:
         ({"hosts": 1, "releases": ("trixie", "bookworm")}, r"2 releases for 1 host\(s\): at most 1"),
         ({"kind": "lxc"}, r"--kind 'lxc': choose nspawn or vm"),
         ({"kind": "vm", "arch": "arm64"}, r"--kind vm runs amd64 cars on an amd64 controller"),
+        ({"arduino": "uno"}, r"--arduino 'uno': choose sim or board"),
+        ({"arduino": "board", "kind": "vm"}, r"--arduino board runs on container cars only"),
+        ({"arduino": "board", "transmitter": True}, r"--transmitter needs --arduino sim"),
     ],
 )
 def test_config_rejects_bad_options(kwargs: dict[str, Any], message: str) -> None:
