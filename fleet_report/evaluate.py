@@ -46,7 +46,7 @@ def evaluate(result: HostResult, limits: Limits) -> HostVerdict:
     checks = (
         Check("latency mean", result.latency_mean_ms, limits.max_latency_mean_ms, "<", "ms"),
         Check("latency p95", result.latency_p95_ms, limits.max_latency_p95_ms, "<", "ms"),
-        Check("control rate", result.control_rate_hz, limits.min_control_rate_hz, ">=", "Hz"),
+        Check("achievable rate", result.control_rate_hz, limits.min_control_rate_hz, ">=", "Hz"),
         Check("model size", result.model_mb, limits.max_model_mb, "<", "MB"),
         Check("memory", result.memory_mb, limits.max_memory_mb, "<", "MB"),
         Check("CPU", result.cpu_percent, limits.max_cpu_percent, "<", "%"),

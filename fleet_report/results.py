@@ -21,13 +21,16 @@ class HostResult:
     backend: str | None
     mode: str | None
     content_hash: str | None
+    release: str | None  # the release the car drove during the benchmark (None: not measured driving)
+    firmware: str | None  # the version its Arduino answered then, e.g. "2.0.0+127a292a"
     latency_mean_ms: float
     latency_p50_ms: float
     latency_p95_ms: float
     latency_p99_ms: float
     latency_max_ms: float
     fps: float
-    control_rate_hz: float | None
+    control_rate_hz: float | None  # achievable: 1000 / p99 of the policy flat out
+    loop_rate_hz: float | None  # achieved by the whole loop while driving at its set rate
     memory_mb: float
     cpu_percent: float  # of all the car's cores (the raw process figure divided by cpu_count)
     cpu_count: int
@@ -60,6 +63,14 @@ def _number(data: dict[str, Any], dotted: str, where: str, *, optional: bool = F
     return float(value)
 
 
+def _text(data: dict[str, Any], dotted: str, where: str) -> str | None:
+    """An optional short string (a release id, a version): anything else a car sends is refused."""
+    value = _get(data, dotted, where, optional=True)
+    if value is not None and not (isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable()):
+        raise ResultError(f"{where}: key '{dotted}' must be a short printable string, got {value!r:.80}")
+    return value
+
+
 def parse_result(host: str, data: Any, where: str) -> HostResult:
     if not isinstance(data, dict):
         raise ResultError(f"{where}: must be a JSON object")
@@ -86,6 +97,8 @@ def parse_result(host: str, data: Any, where: str) -> HostResult:
         backend=_get(data, "backend", where, optional=True),
         mode=_get(data, "mode", where, optional=True),
         content_hash=_get(data, "content_hash", where, optional=True),
+        release=_text(data, "driving.release", where),
+        firmware=_text(data, "driving.firmware_version", where),
         latency_mean_ms=num("latency_ms.mean"),
         latency_p50_ms=num("latency_ms.p50"),
         latency_p95_ms=num("latency_ms.p95"),
@@ -93,6 +106,7 @@ def parse_result(host: str, data: Any, where: str) -> HostResult:
         latency_max_ms=num("latency_ms.max"),
         fps=num("throughput_fps"),
         control_rate_hz=_number(data, "achievable_control_rate_hz", where, optional=True),
+        loop_rate_hz=_number(data, "driving.rate_hz_achieved", where, optional=True),
         memory_mb=num("peak_rss_mb"),
         cpu_percent=num("cpu_percent") / max(cpu_count, 1),
         cpu_count=cpu_count,

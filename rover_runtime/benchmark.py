@@ -123,6 +123,9 @@ def measure_driving(
         "inference": snapshot["inference"],
         "cameras": snapshot.get("cameras", {}),
         "serial_firmware": snapshot["serial"]["firmware"],
+        # What the car drove with: the fleet report's release and firmware columns.
+        "firmware_version": snapshot["serial"]["firmware_version"],
+        "release": (snapshot.get("release") or {}).get("id"),
     }
 
 

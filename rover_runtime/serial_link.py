@@ -92,6 +92,7 @@ class SerialStats:
     # confirmed everything up to then. Its age is how stale the firmware's confirmation is.
     last_ack_monotonic: float | None = None
     firmware: str | None = None  # the identified firmware, e.g. "rover_car 2.0.0 (protocol 2; receiver)"
+    firmware_version: str | None = None  # its version alone, e.g. "2.0.0" or "2.0.0+127a292a"
     unsent_commands: int = 0  # commands that could not be written (port closed, write failed or timed out)
 
 
@@ -273,6 +274,7 @@ class SerialLink:
         self._firmware = None  # a replugged board may carry other firmware: identify it again
         self._sent_at.clear()
         self._stats.firmware = None
+        self._stats.firmware_version = None
         self._last_ping = -math.inf
         self._connected_at = time.monotonic()
         self._status_failsafe = False
@@ -376,6 +378,7 @@ class SerialLink:
             if self._firmware is None:
                 self._firmware = message
                 self._stats.firmware = message.describe()
+                self._stats.firmware_version = message.version
                 log.info("firmware on %s: %s", self.config.port, message.describe())
                 if message.protocol != protocol.PROTOCOL_VERSION:
                     log.error(

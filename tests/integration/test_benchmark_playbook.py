@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import car, journal, metrics, provision_and_deploy, run_playbook
+from deploy_helpers import car, current_release, journal, metrics, provision_and_deploy, run_playbook
+
+from rover_runtime.firmware_sim import FIRMWARE_VERSION
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -71,6 +73,10 @@ def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Pa
         assert data["driving"]["live"] is False
         assert data["driving"]["failsafe"]["active"] is False, data["driving"]["failsafe"]
         assert data["driving"]["rate_hz_achieved"] > 20
+        # The release and the firmware it drove with, in its row: the simulated Arduino's version.
+        assert data["driving"]["release"] == current_release(host)
+        assert data["driving"]["firmware_version"] == FIRMWARE_VERSION
+        assert f"| {current_release(host)} | {FIRMWARE_VERSION} |" in row
         assert f"{data['cpu_percent'] / data['cpu_count']:.1f}" in row
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["hosts"]) == fleet_cars(inventory)

@@ -293,10 +293,11 @@ def test_faults_name_why_the_link_cannot_be_trusted(arduino: FakeArduino, link_p
     assert fault.startswith("serial: the firmware has not identified itself")
     pings = arduino.heard(protocol.Ping)
     assert pings, "the link asks the firmware who it is after connecting"
-    arduino.say(protocol.Version(pings[-1].seq, 2, "rover_car", "2.0.0", 0))
+    arduino.say(protocol.Version(pings[-1].seq, 2, "rover_car", "2.0.0+127a292a", 0))
     _settle(link)
     assert link.firmware is not None
     assert link.firmware.protocol == 2
+    assert link.stats.firmware_version == "2.0.0+127a292a"  # what the metrics and the fleet report show
 
     def ack_a_command(flags: int = 0) -> None:
         assert link.send_command(0.1, 0.0) is not None

@@ -124,6 +124,54 @@ def test_bad_result_names_file_and_key(
     assert not (run / "report.md").exists()
 
 
+DRIVING = {"rate_hz_achieved": 29.87, "release": "b3d19d845494edb9", "firmware_version": "2.0.0+127a292a"}
+
+
+def test_each_row_names_the_release_and_firmware_the_car_drove_with(
+    tmp_path: Path, bench_json: dict[str, Any]
+) -> None:
+    """The release and the Arduino's version the car drove with during its benchmark, and its loop rate
+    while driving beside the achievable rate (n/a for a car measured without driving)."""
+    run = _write_run(
+        tmp_path,
+        {
+            "car-a": _car(bench_json, "pi-alpha", 20.0, 25.0, driving=DRIVING),
+            "car-b": _car(bench_json, "b", 20.0, 25.0),
+        },
+    )
+    assert main(["--run-dir", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| host"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    rows = {
+        line.split("|")[1].strip(): dict(
+            zip(cells, (c.strip() for c in line.strip("|").split("|")), strict=True)
+        )
+        for line in md.splitlines()
+        if line.startswith("| car-")
+    }
+    assert rows["car-a"]["release"] == "b3d19d845494edb9"
+    assert rows["car-a"]["firmware"] == "2.0.0+127a292a"
+    assert rows["car-a"]["loop rate while driving (Hz)"] == "29.9"
+    assert rows["car-a"]["achievable rate (Hz)"] == "36.4"
+    assert (rows["car-b"]["release"], rows["car-b"]["firmware"]) == ("n/a", "n/a")
+    assert "b3d19d845494edb9" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "bad", [{"nested": "dict"}, 12, "", "x" * 65, "line\nbreak", ["list"]], ids=lambda v: repr(v)[:12]
+)
+@pytest.mark.parametrize("key", ["release", "firmware_version"])
+def test_a_release_or_firmware_that_is_not_a_short_string_is_refused(
+    tmp_path: Path, bench_json: dict[str, Any], key: str, bad: object
+) -> None:
+    data = _car(bench_json, "h", 10.0, 12.0, driving={**DRIVING, key: bad})
+    with pytest.raises(
+        ResultError, match=rf"car\.json: key 'driving\.{key}' must be a short printable string"
+    ):
+        load_run(_write_run(tmp_path, {"car": data}))
+
+
 def test_empty_or_missing_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--run-dir", str(tmp_path / "nope")]) == 2
     (tmp_path / "empty").mkdir()
