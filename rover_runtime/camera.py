@@ -1,10 +1,11 @@
 """Camera capture: a thread that keeps only the newest frame and the time it was captured.
 
-Sources: an OpenCV V4L2 device (index or path, resolution, fps, FOURCC), a video file (paced at its frame
-rate, looping), or a synthetic moving pattern for tests and benchmarks (which can be told to stop or to
-raise). A frame's timestamp is its capture time: the driver's buffer timestamp for a V4L2 device (the
-kernel's CLOCK_MONOTONIC, the clock of `time.monotonic()`), so a frame that sat in the driver's queue looks
-as old as it is; the dequeue time only when the driver gives none.
+Sources: an OpenCV V4L2 device (index or path, resolution, fps, FOURCC), a libcamera camera (the Pi's camera
+module: rover_runtime.libcamera_source), a video file (paced at its frame rate, looping), or a synthetic
+moving pattern for tests and benchmarks (which can be told to stop or to raise). A frame's timestamp is its
+capture time: the driver's buffer timestamp for a V4L2 device (the kernel's CLOCK_MONOTONIC, the clock of
+`time.monotonic()`), so a frame that sat in the driver's queue looks as old as it is; the dequeue time only
+when the driver gives none.
 
 The capture thread survives everything: a source that fails to open, raises, or stops delivering frames is
 closed and reopened with a backoff (`retry_interval_s`, doubling up to 8x, reset by the next good frame),
@@ -214,6 +215,10 @@ def make_source(config: CameraConfig, device: str | None = None) -> FrameSource:
         config = dataclasses.replace(config, file=device)
     elif device is not None:
         config = dataclasses.replace(config, device=device)
+    if config.source == "libcamera":
+        from rover_runtime.libcamera_source import LibcameraSource  # noqa: PLC0415 - needs python3-libcamera
+
+        return LibcameraSource(config)
     return OpenCvSource(config)
 
 

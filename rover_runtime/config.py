@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 CONTROL_MODES = ("auto", "chunk", "ensemble")
-CAMERA_SOURCES = ("device", "file", "synthetic")
+CAMERA_SOURCES = ("device", "libcamera", "file", "synthetic")
 ENGINES = ("auto", "qnnpack", "x86", "fbgemm", "onednn")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A command at least every 200 ms: the firmware's own failsafe fires after 250 ms without one.
