@@ -398,8 +398,9 @@ def test_the_benchmark_and_collect_playbooks_run_on_the_vm_car(
 # libcamera's virtual camera (its `virtual` pipeline handler: a moving test pattern, frame buffers from the
 # kernel's dma-buf heap or udmabuf, which the VM's Debian kernel has and a container car's host may not).
 # Debian's libcamera 0.4 builds the handler in but ships no configuration: the test writes one. Small and
-# slow: under TCG the pattern is drawn and converted instruction by instruction (at 640x480 and 30 fps the car
-# was too starved to pass its gate: inference p95 1.27 s, the loop at 4.2 Hz, frames up to 3.5 s old).
+# slow: under TCG the pattern is drawn and converted instruction by instruction (at 640x480 and 30 fps, with a
+# test run beside it, the car was too starved to pass its gate: inference p95 1.27 s, the loop at 4.2 Hz,
+# frames up to 3.5 s old; at 320x240 it passed).
 VIRTUAL_CAMERA = """%YAML 1.1
 ---
 "Virtual0":
