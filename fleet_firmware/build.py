@@ -72,7 +72,7 @@ def build(board_name: str, out: Path, *, build_dir: Path, defines: dict[str, str
     if settings:
         tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         version = SketchVersion(f"{version.version}+{tag}", version.protocol)
-        defines = {**settings, **(defines or {}), "ROVER_FIRMWARE_VERSION": json.dumps(version.version)}
+        defines = {**(defines or {}), "ROVER_FIRMWARE_VERSION": json.dumps(version.version)}
     build_dir.mkdir(parents=True, exist_ok=True)
     with (build_dir / ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

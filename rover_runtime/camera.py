@@ -65,6 +65,17 @@ class Captured:
     captured_at: float | None = None  # time.monotonic() clock
 
 
+MAX_PLAUSIBLE_AGE_S = 10.0
+
+
+def plausible(stamp: float | None, now: float) -> float | None:
+    """A driver's capture time (monotonic clock), or None when it is in the future or 10 s old or more."""
+    if stamp is None:
+        return None
+    age = now - stamp
+    return stamp if 0.0 <= age < MAX_PLAUSIBLE_AGE_S else None
+
+
 class FrameSource(Protocol):
     name: str
     period_s: float  # the frame period the source is set to
@@ -197,8 +208,7 @@ class OpenCvSource:
         stamp_ms = self._capture.get(cv2.CAP_PROP_POS_MSEC)
         if not stamp_ms or stamp_ms <= 0:
             return None
-        age = time.monotonic() - stamp_ms / 1000.0
-        return stamp_ms / 1000.0 if 0.0 <= age < 10.0 else None
+        return plausible(stamp_ms / 1000.0, time.monotonic())
 
     def close(self) -> None:
         if self._capture is not None:

@@ -3,8 +3,8 @@ connector, which only libcamera can read there, and any other camera libcamera s
 
 It uses libcamera's own Python bindings (`import libcamera`: Debian's and Raspberry Pi OS's
 `python3-libcamera`, what Picamera2 is built on), so the runtime needs no Picamera2. `camera.device` picks the
-camera: its index among libcamera's cameras ("0") or its libcamera id (`cam --list`). Frames are asked for in
-libcamera's `RGB888` format, whose bytes are B, G, R: OpenCV's order, as the V4L2 source delivers them.
+camera: its index among libcamera's cameras ("0") or its libcamera id (`cam --list`). Frames come as BGR, as
+from the V4L2 source: RGB888 where the camera gives it (bytes B, G, R), else converted (PIXEL_FORMATS).
 
 Timestamps, as for the V4L2 source, are capture times on the `time.monotonic()` clock: the request's
 `SensorTimestamp` (the start of the exposure, on CLOCK_BOOTTIME, converted), else the buffer's timestamp, when
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from rover_runtime.camera import CameraError, Captured
+from rover_runtime.camera import CameraError, Captured, plausible
 from rover_runtime.config import CameraConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # camera: NV12), converted to BGR with OpenCV.
 PIXEL_FORMATS = ("RGB888", "YUV420", "NV12", "YUYV", "MJPEG")
 BUFFERS = 4
-MAX_PLAUSIBLE_AGE_S = 10.0
 INSTALL_HINT = (
     "libcamera's Python bindings are not installed: apt-get install python3-libcamera (Raspberry Pi OS: "
     "from its archive; Debian: trixie, or bookworm-backports), and give the runtime's venv the system's "
@@ -86,14 +85,6 @@ def _import_libcamera() -> Any:
 def _boottime_offset() -> float:
     """CLOCK_BOOTTIME minus CLOCK_MONOTONIC (time spent suspended; 0 on a car that never sleeps)."""
     return time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
-
-
-def plausible(stamp: float | None, now: float) -> float | None:
-    """A capture time on the monotonic clock, or None when it is in the future or over 10 s old."""
-    if stamp is None:
-        return None
-    age = now - stamp
-    return stamp if 0.0 <= age < MAX_PLAUSIBLE_AGE_S else None
 
 
 class LibcameraSource:

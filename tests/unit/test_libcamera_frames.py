@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from rover_runtime.camera import CameraError, make_source
+from rover_runtime.camera import CameraError, make_source, plausible
 from rover_runtime.config import load_config
-from rover_runtime.libcamera_source import PIXEL_FORMATS, LibcameraSource, plausible, to_bgr
+from rover_runtime.libcamera_source import PIXEL_FORMATS, LibcameraSource, to_bgr
 
 RNG = np.random.default_rng(20261206)
 # (width, height, row padding in bytes): generated, even sizes (4:2:0 needs them), paddings 0..63
