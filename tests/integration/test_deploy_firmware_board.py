@@ -72,6 +72,11 @@ def flash_result(host: Any) -> dict[str, Any]:
     return dict(json.loads(host.file("/run/rover-firmware.json").content_string))
 
 
+def firmware_fact(host: Any) -> dict[str, Any]:
+    """The car's lasting record of its board (ansible_local.rover_firmware in later fact gatherings)."""
+    return dict(json.loads(host.file("/etc/ansible/facts.d/rover_firmware.fact").content_string))
+
+
 def board_flash(state: FleetState) -> str:
     """The sha256 of the simulated board's whole flash (bootloader and program)."""
     return hashlib.sha256(Path(state.hosts[0].arduino_flash).read_bytes()).hexdigest()
@@ -142,6 +147,8 @@ def test_an_upgrade_is_flashed_through_the_bootloader_and_drives(inventory: Path
     version = release_version(host, upgraded)
     assert version.startswith("2.0.1+"), version
     assert flash_result(host)["after"]["version"] == version
+    fact = firmware_fact(host)
+    assert (fact["ok"], fact["release"], fact["version"], fact["error"]) == (True, upgraded, version, ""), fact
     drives_on(host, upgraded, version)
 
 
@@ -175,6 +182,8 @@ def test_a_firmware_that_never_answers_is_flashed_back_and_rolled_back(
     assert result["before"] is None, result  # the bad firmware answered nothing
     # The good release's program byte for byte (pages past it may keep the bad one's tail), Optiboot intact.
     assert program_on_board(board_fleet, host, upgraded) == good_program
+    fact = firmware_fact(host)
+    assert (fact["ok"], fact["release"], fact["version"]) == (True, upgraded, release_version(host, upgraded)), fact
     drives_on(host, upgraded, release_version(host, upgraded))
 
 
@@ -190,4 +199,6 @@ def test_rollback_to_an_older_release_flashes_its_firmware(
     result = flash_result(host)
     assert result["flashed"] is True, result
     assert result["before"]["version"] == release_version(host, upgraded), result
+    fact = firmware_fact(host)
+    assert (fact["release"], fact["version"]) == (first, release_version(host, first)), fact
     drives_on(host, first, release_version(host, first))
