@@ -15,7 +15,7 @@ export ANSIBLE_CACHE_PLUGIN_CONNECTION := $(ROVER_CACHE)/ansible-facts
 export PATH := $(VENV)/bin:$(PATH)
 OUT ?= out
 
-.PHONY: setup demo test lint unit molecule collection firmware fleet-up fleet-down fleet-status
+.PHONY: setup demo test lint unit molecule collection firmware fleet-up fleet-down fleet-status monitor-up monitor-down
 setup:
 	@scripts/bootstrap.sh
 
@@ -52,3 +52,11 @@ fleet-down:
 	$(PY) -m simfleet down --name $(FLEET)
 fleet-status:
 	$(PY) -m simfleet status --name $(FLEET)
+
+# The fleet's monitor (docs/monitoring.md): Prometheus for the inventory's cars, on this controller (or the
+# inventory's monitor host); a managed process where there is no systemd. `make demo` starts it.
+INVENTORY ?= inventory/sim/hosts.yml
+monitor-up: setup
+	ansible-playbook playbooks/monitor.yml -i $(INVENTORY)
+monitor-down:
+	ansible-playbook playbooks/monitor.yml -i $(INVENTORY) -e rover_monitor_state=stopped

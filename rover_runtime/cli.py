@@ -348,8 +348,13 @@ def run_runtime(config: RuntimeConfig, max_cycles: int | None = None) -> int:
     vehicle = build_vehicle(config, policy, link, plan=plan, notifier=notifier)
     holder.append(vehicle)
     metrics = (
-        MetricsWriter(Path(config.metrics.path), vehicle.snapshot, config.metrics.interval_s)
-        if config.metrics.path
+        MetricsWriter(
+            Path(config.metrics.path) if config.metrics.path else None,
+            vehicle.snapshot,
+            config.metrics.interval_s,
+            textfile=Path(config.metrics.textfile) if config.metrics.textfile else None,
+        )
+        if config.metrics.path or config.metrics.textfile
         else None
     )
     try:

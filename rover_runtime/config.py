@@ -101,6 +101,7 @@ class PolicyConfig:
 class MetricsConfig:
     path: str
     interval_s: float
+    textfile: str
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,11 @@ def _check_ranges(c: RuntimeConfig) -> None:
     _not_negative("policy.stub_latency_ms", c.policy.stub_latency_ms)
     _positive("policy.stub_chunk_size", c.policy.stub_chunk_size)
     _positive("metrics.interval_s", c.metrics.interval_s)
+    if c.metrics.textfile and not c.metrics.textfile.endswith(".prom"):
+        raise ConfigError(
+            f"config metrics.textfile: {c.metrics.textfile!r} must end in .prom "
+            "(node_exporter's textfile collector reads only *.prom files)"
+        )
     _choice("logging.level", c.logging.level, LOG_LEVELS)
     if c.record.enabled and not c.record.directory:
         raise ConfigError("config record.directory: must name a directory when record.enabled = true")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rover_runtime.prometheus import exposition
 from rover_runtime.thermal import read_thermal
 
 log = logging.getLogger(__name__)
@@ -58,16 +59,19 @@ def fsync_directory(directory: Path) -> None:
 
 
 class MetricsWriter:
-    """Calls `snapshot()` every `interval_s`, adds thermal state and the achieved loop rate, writes `path`."""
+    """Calls `snapshot()` every `interval_s`, adds thermal state and the achieved loop rate, writes `path`
+    (JSON) and `textfile` (Prometheus exposition, for node_exporter's textfile collector), each when given."""
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         snapshot: Callable[[], dict[str, Any]],
         interval_s: float = 1.0,
         read_thermal_state: Callable[[], Any] = read_thermal,
+        textfile: Path | None = None,
     ) -> None:
         self.path = path
+        self.textfile = textfile
         self.snapshot = snapshot
         self.interval_s = interval_s
         self.read_thermal_state = read_thermal_state
@@ -75,13 +79,14 @@ class MetricsWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._previous: tuple[float, int] | None = None
-        self._failed = False
+        self._failed: set[Path] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
         self._thread.start()
 
-    def write_now(self) -> None:
+    def write_now(self, *, running: bool = True) -> None:
+        """One snapshot written; `running` False for the last one, when the runtime stops."""
         data = self.snapshot()
         now = time.monotonic()
         cycles = int(data.get("loop", {}).get("cycles", 0))
@@ -90,15 +95,29 @@ class MetricsWriter:
             data.setdefault("loop", {})["rate_hz_achieved"] = round(rate, 3)
         self._previous = (now, cycles)
         data["thermal"] = self.read_thermal_state().to_dict()
+        written = [
+            self._write(self.path, lambda target: write_json_atomic(target, data)),
+            self._write(
+                self.textfile,
+                lambda target: write_bytes_atomic(target, exposition(data, running=running).encode("utf-8")),
+            ),
+        ]
+        if any(written):
+            self.writes += 1
+
+    def _write(self, target: Path | None, write: Callable[[Path], None]) -> bool:
+        """Writes one file; a failure is logged once per file until it succeeds again."""
+        if target is None:
+            return False
         try:
-            write_json_atomic(self.path, data)
+            write(target)
         except OSError as exc:
-            if not self._failed:
-                log.warning("metrics file %s cannot be written: %s", self.path, exc)
-            self._failed = True
-            return
-        self._failed = False
-        self.writes += 1
+            if target not in self._failed:
+                log.warning("metrics file %s cannot be written: %s", target, exc)
+            self._failed.add(target)
+            return False
+        self._failed.discard(target)
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -114,6 +133,6 @@ class MetricsWriter:
             self._thread = None
         if final:
             try:
-                self.write_now()
+                self.write_now(running=False)
             except Exception:
                 log.exception("final metrics snapshot failed")

@@ -80,6 +80,7 @@ class RecorderStats:
     steps_dropped: int = 0  # the writer was behind: the loop did not wait
     frames_missing: int = 0  # a camera had no fresh frame at that step
     bytes_finished: int = 0  # on disk now, finished episodes
+    episodes_on_disk: int = 0  # finished episodes on disk now (not collected yet)
     current_episode: str | None = None
     last_error: str | None = None
 
@@ -245,6 +246,7 @@ class Recorder:
         finished = finished_episodes(self.episodes_dir)
         sizes = {path: tree_bytes(path) for path in finished}
         total = sum(sizes.values())
+        kept = len(finished)
         for path in finished:  # oldest first
             over_budget = total > self.settings.max_bytes
             low_space = self._free_bytes(self.settings.directory) < self.settings.min_free_bytes
@@ -252,11 +254,13 @@ class Recorder:
                 break
             shutil.rmtree(path, ignore_errors=True)
             total -= sizes[path]
+            kept -= 1
             with self._lock:
                 self.stats.episodes_deleted += 1
             log.warning("recorder: deleted the oldest episode %s (budget)", path.name)
         with self._lock:
             self.stats.bytes_finished = total
+            self.stats.episodes_on_disk = kept
 
     def _recover_all(self) -> None:
         for partial in sorted(self.episodes_dir.glob(f"*{PARTIAL}")):

@@ -39,6 +39,8 @@ apt_packages=(
   g++-aarch64-linux-gnu
   # FFmpeg 5.1's libraries, which lerobot's video decoder (torchcodec) loads
   libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
+  # the fleet's monitor (playbooks/monitor.yml: prometheus, promtool) and the exporter the tests run
+  prometheus prometheus-node-exporter
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -49,6 +51,16 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts both at once where systemd runs: this controller's own metrics are not the fleet's, and
+  # Prometheus is started by playbooks/monitor.yml with the fleet's configuration.
+  if [[ -d /run/systemd/system ]]; then
+    for unit in prometheus-node-exporter prometheus; do
+      if [[ " ${missing[*]} " == *" $unit "* ]]; then
+        systemctl disable --now "$unit.service" >/dev/null 2>&1 || true
+        echo "==> $unit installed and left stopped (playbooks/monitor.yml starts Prometheus for the fleet)"
+      fi
+    done
+  fi
 fi
 
 # QEMU: qemu-user for the emulated arm64 car, which needs >= 8 (systemd 257 spawns its services in a way

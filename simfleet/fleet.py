@@ -25,6 +25,7 @@ from simfleet.image import DEFAULT_RELEASE, RELEASES, ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir, rover_cache
 from simfleet.pi_tools import ThermalReading, thermal_files, write_thermal
+from simfleet.ports import METRICS_PORT_OFFSET, highest_base_port
 from simfleet.processes import Proc, child_processes, is_alive, kill_now, send_sigterm, stop_all
 from simfleet.serial_link import start_firmware_sim, start_pty_pair
 from simfleet.ssh import SshTarget, ssh_run
@@ -115,8 +116,11 @@ class FleetConfig:
             raise SimFleetError(f"--hosts {self.hosts}: must be 1..{MAX_HOSTS}")
         if self.arch not in BOOT_TIMEOUT:
             raise SimFleetError(f"--arch {self.arch!r}: choose amd64 or arm64")
-        if not 1024 <= self.base_port <= 65535 - self.hosts:
-            raise SimFleetError(f"--base-port {self.base_port}: must be 1024..{65535 - self.hosts}")
+        if not 1024 <= self.base_port <= highest_base_port(self.hosts):
+            raise SimFleetError(
+                f"--base-port {self.base_port}: must be 1024..{highest_base_port(self.hosts)} "
+                f"(each car takes its ssh port and that port + {METRICS_PORT_OFFSET} for its metrics)"
+            )
         for release in self.releases:
             if release not in RELEASES:
                 raise SimFleetError(f"--release {release!r}: choose one of {', '.join(RELEASES)}")

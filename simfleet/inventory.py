@@ -10,6 +10,7 @@ import yaml
 from simfleet.board import CAR_DEFINES
 from simfleet.host import SERIAL_DEVICE
 from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_FILE, THERMAL_ZONE_TEMP
+from simfleet.ports import GUEST_METRICS_PORT, metrics_port
 from simfleet.ssh import SshTarget
 from simfleet.state import FleetState, HostState
 
@@ -41,6 +42,9 @@ def host_vars(state: FleetState, index: int) -> dict[str, Any]:
             "simfleet_thermal_zone_temp": THERMAL_ZONE_TEMP,
             "simfleet_cpufreq_root": CPUFREQ_ROOT,
             "simfleet_kind": state.kind,
+            # Cars share the controller's network: each exporter on its own loopback port.
+            "rover_node_exporter_listen_address": "127.0.0.1",
+            "rover_node_exporter_port": metrics_port(host.port),
         }
         | (_vm_vars(host) if state.kind == "vm" else {})
         | (_board_vars(host) if host.arduino_flash else {})
@@ -66,6 +70,10 @@ def _vm_vars(host: HostState) -> dict[str, Any]:
         "rover_serial_usb_product_id": "6001",
         "rover_serial_usb_serial": host.usb_serial,
         "simfleet_accelerator": host.accelerator,
+        # The guest listens on its own network; QEMU forwards the car's metrics port to it.
+        "rover_node_exporter_listen_address": "0.0.0.0",
+        "rover_node_exporter_port": GUEST_METRICS_PORT,
+        "rover_monitor_target": f"127.0.0.1:{metrics_port(host.port)}",
     }
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from simfleet.errors import SimFleetError
 from simfleet.paths import images_dir
+from simfleet.ports import GUEST_METRICS_PORT, metrics_port
 from simfleet.processes import Proc, is_alive, kill_now, spawn
 from simfleet.vm_image import SEED_LABEL, VmImage
 
@@ -152,7 +153,8 @@ def qemu_command(spec: VmSpec) -> list[str]:
         "-drive",
         f"file={spec.seed},if=virtio,format=raw,readonly=on",
         "-netdev",
-        f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.port}-:22",
+        f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.port}-:22"
+        f",hostfwd=tcp:127.0.0.1:{metrics_port(spec.port)}-:{GUEST_METRICS_PORT}",
         "-device",
         "virtio-net-pci,netdev=net0",
         "-device",

@@ -204,6 +204,7 @@ def _car(tmp_path: Path, controller: Controller, trusted_root: Path | None = Non
                 "car_key": str(car / "pull.key"),
                 "metrics_path": str(car / "metrics.json"),
                 "timeout_s": 5,
+                "textfile": str(car / "textfile" / "rover_pull.prom"),
             }
         )
     )
@@ -382,6 +383,16 @@ def test_a_server_whose_metadata_expired_is_stale_and_says_since_when(
     assert status["last_fresh_at"] == "2026-12-05T10:00:00Z"
     assert "timestamp.json is expired" in status["message"]
     assert not (config.state_dir / "objects").exists()
+    # What Prometheus sees (node_exporter's textfile collector): stale, since when, and valid exposition text.
+    exposition = config.textfile.read_text()
+    assert 'rover_pull_outcome{outcome="stale"} 1' in exposition
+    assert 'rover_pull_outcome{outcome="unreachable"} 0' in exposition
+    assert f"rover_pull_stale_since_timestamp_seconds {agent.iso_to_unix(expires):.0f}" in exposition
+    assert "rover_pull_last_fresh_timestamp_seconds 1796464800" in exposition  # 2026-12-05T10:00:00Z
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, (check.stdout, check.stderr, exposition)
     config.url = "http://127.0.0.1:9"  # nothing listens: still stale, since the same time
     assert agent.run(config) == 1
     assert (_status(config)["outcome"], _status(config)["stale_since"]) == ("stale", expires)

@@ -60,7 +60,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # The car's durable JSON writer and sha256, one stdlib file installed beside this one (the deploy's release
 # bookkeeping, plugins/module_utils/release_state.py).
-from release_state import sha256_file, write_json_atomic
+from release_state import sha256_file, write_json_atomic, write_text_atomic
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata
 from tuf.api.serialization import DeserializationError, SerializationError
@@ -97,6 +97,7 @@ class PullConfig:
     max_attempts: int
     timeout_s: float
     extra_vars: dict[str, Any]
+    textfile: Path | None = None  # rover_pull.prom for node_exporter's textfile collector (None: none)
 
     @classmethod
     def load(cls, path: Path) -> PullConfig:
@@ -120,7 +121,66 @@ class PullConfig:
             max_attempts=int(raw.get("max_attempts", 2)),
             timeout_s=float(raw.get("timeout_s", 30)),
             extra_vars=dict(raw.get("extra_vars", {})),
+            textfile=Path(raw["textfile"]) if raw.get("textfile") else None,
         )
+
+
+# Every outcome a run ends with (status.json "outcome"), exported one-hot for Prometheus.
+OUTCOMES = (
+    "applied", "up-to-date", "unreachable", "stale", "refused", "failed", "not-published", "gave-up",
+    "waiting",
+)  # fmt: skip
+# Label values written as they are: publication and release ids (hex), never free text.
+PLAIN_LABEL = re.compile(r"[A-Za-z0-9._:+-]{1,128}")
+
+
+def iso_to_unix(text: Any) -> float | None:
+    try:
+        moment = datetime.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return None
+    return moment.timestamp()
+
+
+def pull_metrics(status: dict[str, Any], state: dict[str, Any]) -> str:
+    """This run's status (and the last applied publication, from state.json) as Prometheus exposition text:
+    rover_pull_outcome (one-hot), last check, last fresh metadata, stale since, the applied publication."""
+    lines = [
+        "# HELP rover_pull_outcome how the last pull run ended: 1 for its outcome",
+        "# TYPE rover_pull_outcome gauge",
+        *(f'rover_pull_outcome{{outcome="{o}"}} {int(status.get("outcome") == o)}' for o in OUTCOMES),
+    ]
+    stale = status.get("outcome") == "stale"
+    for name, key, what in (
+        ("rover_pull_last_check_timestamp_seconds", "checked_at", "when the agent last ran"),
+        ("rover_pull_last_fresh_timestamp_seconds", "last_fresh_at", "when the car last had fresh metadata"),
+        (
+            "rover_pull_stale_since_timestamp_seconds",
+            "stale_since",
+            "since when its newest metadata is expired",
+        ),
+    ):
+        value = iso_to_unix(status.get(key)) if stale or key != "stale_since" else None
+        if value is not None:
+            lines += [f"# HELP {name} {what} (Unix time)", f"# TYPE {name} gauge", f"{name} {value:.0f}"]
+    publication, release = str(state.get("publication", "")), str(state.get("release", ""))
+    plain = PLAIN_LABEL.fullmatch(publication) and PLAIN_LABEL.fullmatch(release)
+    if state.get("outcome") == "applied" and plain:
+        lines += [
+            "# HELP rover_pull_applied_info the last publication this car applied, and its release",
+            "# TYPE rover_pull_applied_info gauge",
+            f'rover_pull_applied_info{{publication="{publication}",release="{release}"}} 1',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(config: PullConfig, status: dict[str, Any]) -> None:
+    if config.textfile is None:
+        return
+    try:
+        write_text_atomic(config.textfile, pull_metrics(status, read_json(config.state_dir / "state.json")))
+    except OSError as exc:
+        log(f"cannot write the metrics file {config.textfile}: {exc}")
 
 
 def log(message: str) -> None:
@@ -491,6 +551,7 @@ def run(config: PullConfig) -> int:
     def finish(outcome: str, message: str, code: int, **more: Any) -> int:
         status.update(outcome=outcome, message=message, **more)
         write_json_atomic(config.state_dir / "status.json", status)
+        write_metrics(config, status)
         log(f"{outcome}: {message}")
         return code
 
