@@ -24,11 +24,40 @@ find_python() {
   for c in python3.13 python3.12; do
     if command -v "$c" >/dev/null && python_ok "$c"; then command -v "$c"; return 0; fi
   done
-  for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3.13 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+  for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3.13 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
+    "$cache"/python/cpython-3.12*/bin/python3.12; do
     if [[ -x $c ]] && python_ok "$c"; then echo "$c"; return 0; fi
   done
-  echo "error: no Python >= 3.12 found (tried \$PYTHON, python3.13, python3.12 and pyenv's versions): install python3.12 or python3.13 with its venv module, or set PYTHON=/path/to/python3.12" >&2
+  # None here (a plain Debian bookworm has 3.11): install one with uv, where the network allows.
+  local why="ROVER_INSTALL_PYTHON=0"
+  if [[ ${ROVER_INSTALL_PYTHON:-1} == 1 ]]; then
+    if c=$(install_python_with_uv); then echo "$c"; return 0; fi
+    why=$c
+  fi
+  echo "error: no Python >= 3.12 found (tried \$PYTHON, python3.13, python3.12, pyenv's versions; uv: $why): install python3.12 or python3.13 with its venv module, or set PYTHON=/path/to/python3.12" >&2
   return 1
+}
+
+# CPython 3.12 installed by uv (uv itself from PyPI, in a helper venv made with this machine's python3) into
+# $ROVER_CACHE/python; prints its path, or on failure one line saying why (uv downloads CPython from the
+# python-build-standalone releases on GitHub).
+install_python_with_uv() {
+  local base helper="$cache/uv" dir="$cache/python" log found
+  base=$(command -v python3 || true)
+  if [[ -z $base ]]; then echo "no python3 to run uv with"; return 1; fi
+  echo "==> no Python >= 3.12 on this machine: installing CPython 3.12 with uv (uv from PyPI into $helper, CPython into $dir)" >&2
+  log=$(mktemp)
+  if ! { "$base" -m venv "$helper" && "$helper/bin/pip" install -q uv; } >"$log" 2>&1; then
+    echo "uv could not be installed from PyPI ($(grep -v '^\s*$' "$log" | tail -n 1))"; rm -f "$log"; return 1
+  fi
+  if ! UV_PYTHON_INSTALL_DIR="$dir" "$helper/bin/uv" python install 3.12 >"$log" 2>&1; then
+    echo "uv python install 3.12 failed ($(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-200))"; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+  found=$(ls -d "$dir"/cpython-3.12*/bin/python3.12 2>/dev/null | head -n 1)
+  if [[ -z $found ]] || ! python_ok "$found"; then echo "uv installed no working python3.12 in $dir"; return 1; fi
+  echo "==> installed $("$found" -V) with uv: $found" >&2
+  echo "$found"
 }
 
 apt_packages=(

@@ -31,7 +31,8 @@ description:
     never mistaken for this one. I(ready_url), when given, must answer HTTP 200 within I(ready_timeout)
     seconds, else the process is stopped and the failure carries the end of its log.
   - C(state=stopped) sends SIGTERM to the process group, then SIGKILL after I(stop_timeout) seconds, and
-    removes the pid file.
+    removes the pid file. C(state=reloaded) sends SIGHUP to the process (Prometheus rereads its configuration
+    and rules); nothing when it does not run.
 options:
   name:
     description: What the process is, for messages.
@@ -65,7 +66,7 @@ options:
   state:
     description: Whether the process runs.
     type: str
-    choices: [started, stopped]
+    choices: [started, stopped, reloaded]
     default: started
 author: Rover fleet team
 """
@@ -189,7 +190,7 @@ def main() -> None:
             "ready_url": {"type": "str"},
             "ready_timeout": {"type": "float", "default": 30.0},
             "stop_timeout": {"type": "float", "default": 10.0},
-            "state": {"type": "str", "choices": ["started", "stopped"], "default": "started"},
+            "state": {"type": "str", "choices": ["started", "stopped", "reloaded"], "default": "started"},
         },
         required_if=[("state", "started", ("argv", "log_file"))],
         supports_check_mode=True,
@@ -198,6 +199,15 @@ def main() -> None:
     name: str = p["name"]
     pid_file = Path(p["pid_file"])
     running = _read_pid_file(pid_file)
+
+    if p["state"] == "reloaded":
+        if running is None:
+            module.exit_json(changed=False, pid=None, started=False, msg=f"{name} does not run")
+            return
+        if not module.check_mode:
+            os.kill(int(running["pid"]), signal.SIGHUP)
+        module.exit_json(changed=True, pid=int(running["pid"]), started=False, msg=f"{name} reloaded")
+        return
 
     if p["state"] == "stopped":
         if running is None:

@@ -281,3 +281,33 @@ def test_car_trusts_the_bundle_signing_key(host: Any, settings: dict[str, Any]) 
     prefix = f'{identity} namespaces="{settings["rover_release_signature_namespace"]}" '
     assert all(line.startswith(prefix + "ssh-") for line in keys), keys
     assert host.exists("ssh-keygen")
+
+
+def test_node_exporter_runs_sandboxed_and_serves_the_cars_metrics(
+    host: Any, settings: dict[str, Any]
+) -> None:
+    """Role rover_node_exporter: Debian's exporter, enabled, on the car's address and port, sandboxed, its
+    textfile collector reading the runtime's metrics directory without errors."""
+    service = host.service("prometheus-node-exporter")
+    assert service.is_running
+    assert service.is_enabled
+    address, port = settings["rover_node_exporter_listen_address"], int(settings["rover_node_exporter_port"])
+    assert host.socket(f"tcp://{address}:{port}").is_listening
+    shown = host.check_output(
+        "systemctl show -p User -p NoNewPrivileges -p ProtectSystem -p CapabilityBoundingSet -p MemoryMax "
+        "-p PrivateDevices prometheus-node-exporter"
+    )
+    props = dict(line.split("=", 1) for line in shown.splitlines())
+    assert props["User"] == "prometheus"
+    assert (props["NoNewPrivileges"], props["ProtectSystem"], props["PrivateDevices"]) == (
+        "yes",
+        "strict",
+        "yes",
+    )
+    assert props["CapabilityBoundingSet"] == ""
+    assert int(props["MemoryMax"]) == 64 * 1024 * 1024
+    url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:{port}/metrics"
+    fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    body = host.check_output(f"python3 -c {shlex.quote(fetch)}")
+    assert "node_textfile_scrape_error 0" in body
+    assert 'node_systemd_unit_state{name="prometheus-node-exporter.service",state="active"' in body

@@ -104,6 +104,8 @@ def playbook_env(inventory: Path) -> dict[str, str]:
     # Each fleet's own fact cache: the test fleets' cars share names (car1, car2: the session's, the mixed,
     # pull and arm64 fleets, another developer's run); one fleet's cached facts must not answer for another's.
     env["ANSIBLE_CACHE_PLUGIN_CONNECTION"] = str(inventory.parent / "ansible-facts")
+    # Each fleet's own monitor files (the intended release a deploy records), never the developer's.
+    env["ROVER_MONITOR_DIR"] = str(inventory.parent / "monitor")
     return env
 
 

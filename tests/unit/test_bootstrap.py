@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -45,10 +46,38 @@ def test_python_below_312_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_no_suitable_python_anywhere_says_what_to_install(tmp_path: Path) -> None:
     empty_pyenv = tmp_path / "pyenv"
     (empty_pyenv / "versions").mkdir(parents=True)
-    done = _bootstrap(tmp_path / "cache", PATH=SYSTEM_PATH, PYENV_ROOT=str(empty_pyenv))
+    done = _bootstrap(
+        tmp_path / "cache", PATH=SYSTEM_PATH, PYENV_ROOT=str(empty_pyenv), ROVER_INSTALL_PYTHON="0"
+    )
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr
     assert "no Python >= 3.12 found" in errors[0]
+    assert "uv: ROVER_INSTALL_PYTHON=0" in errors[0]
     assert "install python3.12 or python3.13" in errors[0]
+    assert not (tmp_path / "cache" / "venv").exists()
+
+
+def _reaches(host: str, port: int = 443) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(SYSTEM_HAS_312, reason="this system's own directories hold a Python >= 3.12")
+@pytest.mark.skipif(_reaches("github.com"), reason="uv would install CPython from GitHub here (minutes)")
+def test_without_python_312_bootstrap_tries_uv_and_says_why_it_could_not(tmp_path: Path) -> None:
+    """uv itself comes from PyPI (reachable from this machine); the CPython it installs comes from GitHub's
+    python-build-standalone releases, which this machine cannot reach: one line says what was tried."""
+    empty_pyenv = tmp_path / "pyenv"
+    (empty_pyenv / "versions").mkdir(parents=True)
+    done = _bootstrap(tmp_path / "cache", PATH=SYSTEM_PATH, PYENV_ROOT=str(empty_pyenv))
+    assert done.returncode != 0
+    assert "installing CPython 3.12 with uv" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "uv: uv python install 3.12 failed (" in errors[0], errors
+    assert (tmp_path / "cache" / "uv" / "bin" / "uv").exists()  # uv itself came from PyPI
     assert not (tmp_path / "cache" / "venv").exists()

@@ -421,6 +421,8 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         "rover_health_firmware_status_file": "",
         # A publication carries no firmware yet (docs/pull.md): the board keeps what a push deploy flashed.
         "rover_firmware_manage": False,
+        # The fleet's intended release is the controller's to record (publish.yml did), not the car's.
+        "rover_deploy_sets_intended": False,
         "rover_pull_publication": channel["id"],
         # The deploy lock is this agent's while it runs: stale at once if the agent dies (or the car reboots).
         "rover_release_lock_pid": os.getpid(),
