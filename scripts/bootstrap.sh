@@ -70,6 +70,8 @@ apt_packages=(
   libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
   # the fleet's monitor (playbooks/monitor.yml: prometheus, promtool) and the exporter the tests run
   prometheus prometheus-node-exporter
+  # the browser the fleet page's tests read it with (headless)
+  chromium
 )
 missing=()
 for p in "${apt_packages[@]}"; do

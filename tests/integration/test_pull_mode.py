@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,7 @@ from deploy_helpers import (
 from fleet_keys.keys import KeyStore
 from fleet_keys.repository import Repository
 from simfleet.fleet import power_off, power_on
+from simfleet.ports import metrics_port
 from simfleet.state import FleetState
 from simfleet.testing import running_fleet
 
@@ -162,6 +164,19 @@ def _wait(pull: PullFleet, name: str, what: str, done: Any, timeout: float = CON
     raise AssertionError(f"{name}: {what} not within {timeout} s; pull status {status}\n{journal(host)}")
 
 
+def _exported(pull: PullFleet, name: str, *wanted: str, timeout: float = 10) -> str:
+    """What the car's node_exporter serves (its port on the controller: the car's ssh port + 10000), once
+    every `wanted` line is in it (the agent writes its metrics just after its status file)."""
+    port = metrics_port(int(car(pull.inventory, name).backend.get_variables()["ansible_port"]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = str(response.read().decode())
+        if all(line in text for line in wanted) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
 def _bytes_received(status: dict[str, Any]) -> int:
     """What the run that applied the publication downloaded (a later run says up-to-date and repeats it)."""
     key = "bytes_received" if status["outcome"] == "applied" else "applied_bytes_received"
@@ -192,6 +207,13 @@ def test_every_car_converges_to_the_publication(pull_fleet: PullFleet) -> None:
         ]
         assert active, releases(host)
         assert _bytes_received(status) > 0
+        # Prometheus sees the same (role rover_node_exporter, the agent's rover_pull.prom): the run's outcome
+        # and the publication it applied.
+        exported = _exported(pull_fleet, name)
+        assert any(f'rover_pull_outcome{{outcome="{o}"}} 1' in exported for o in ("applied", "up-to-date")), (
+            exported
+        )
+        assert f'rover_pull_applied_info{{publication="{publication}",' in exported, exported
 
 
 def test_a_car_that_was_off_converges_after_it_boots(pull_fleet: PullFleet) -> None:
@@ -257,6 +279,8 @@ def test_an_older_publication_put_back_on_the_server_is_refused(pull_fleet: Pull
             status = _wait(pull_fleet, name, "the old publication refused", refused, timeout=6 * PERIOD_S)
             assert "older than this car has already seen (an old publication put back)" in status["message"]
             assert current_bundle(car(pull_fleet.inventory, name)) == before[name]
+            refused_line = 'rover_pull_outcome{outcome="refused"} 1'
+            assert refused_line in _exported(pull_fleet, name, refused_line)
     finally:
         for path in (pull_fleet.publish_dir / "metadata").iterdir():
             if path not in now:

@@ -203,3 +203,25 @@ def test_a_textfile_not_ending_in_prom_is_refused_naming_the_key(tmp_path: Path)
         ConfigError, match=r"metrics\.textfile: '/run/rover-metrics/rover\.txt' must end in \.prom"
     ):
         load_config(config)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"rover_runtime_up 1\nrover_runtime_up{",  # cut halfway through a line
+        b"\x00\x00\x00\x00",  # what a power cut can leave of a file that was never fsynced
+        b"# TYPE rover_runtime_up counter\nrover_runtime_up 1\n# TYPE rover_runtime_up gauge\n",
+    ],
+)
+def test_a_broken_metrics_file_is_skipped_and_counted_and_the_others_still_served(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    """node_exporter reads every *.prom file of the directory: one that is not valid exposition text is
+    skipped and counted (node_textfile_scrape_error 1, which RoverMetricsUnreadable fires on); the pull
+    agent's file beside it is still served."""
+    (tmp_path / "rover_runtime.prom").write_bytes(garbage)
+    (tmp_path / "rover_pull.prom").write_text('rover_pull_outcome{outcome="applied"} 1\n')
+    with node_exporter(tmp_path) as url:
+        served = scrape(url)
+    assert "node_textfile_scrape_error 1" in served, served
+    assert 'rover_pull_outcome{outcome="applied"} 1' in served, served
