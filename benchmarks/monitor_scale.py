@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,15 +37,10 @@ sys.path.insert(0, str(REPO))
 from quantization.compare import host_info  # noqa: E402
 from rover_runtime.metrics import write_bytes_atomic  # noqa: E402
 from rover_runtime.prometheus import exposition  # noqa: E402
+from simfleet.testing import free_port  # noqa: E402
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def snapshot(running: bool = True) -> dict[str, Any]:

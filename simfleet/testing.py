@@ -1,9 +1,11 @@
-"""A fleet for the length of a `with` block: what test fixtures (pytest, molecule) build on."""
+"""A fleet for the length of a `with` block, and a free loopback port: what test fixtures (pytest, molecule)
+and benchmarks build on."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,13 @@ from simfleet.fleet import FleetConfig, down, up
 from simfleet.image import DEFAULT_RELEASE
 from simfleet.paths import fleet_dir
 from simfleet.state import FleetState
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (the kernel's choice, released at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from deploy_helpers import (
 
 from simfleet.fleet import power_off, power_on
 from simfleet.state import FleetState
+from simfleet.testing import free_port
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -57,12 +58,6 @@ FAST = {
 # evaluation, and the machine's load (a 2-core CI machine with other tests' fleets beside).
 ALERT_DEADLINE_S = FOR_S + 25
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Monitor:

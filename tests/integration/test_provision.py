@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -42,7 +41,7 @@ from simfleet.fleet import set_thermal
 from simfleet.host import DEFAULT_THERMAL
 from simfleet.pi_tools import ThermalReading
 from simfleet.state import FleetState
-from simfleet.testing import running_fleet
+from simfleet.testing import free_port, running_fleet
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -223,12 +222,6 @@ def test_ctrl_c_during_provisioning_leaves_no_wheelhouse_server(
     assert run.returncode != 0, out[-3000:]
     assert_no_server_outlives_its_run()
     assert not alive(info["pid"]), f"the interrupted run's server is still up: {info}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_unreachable_car_does_not_stop_the_others(

@@ -5,7 +5,6 @@ strings."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,15 +20,10 @@ from rover_runtime.config import ConfigError, load_config
 from rover_runtime.metrics import MetricsWriter
 from rover_runtime.prometheus import exposition
 from rover_runtime.thermal import ThermalState
+from simfleet.testing import free_port
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 PROMTOOL = "/usr/bin/promtool"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
