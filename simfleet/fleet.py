@@ -25,7 +25,7 @@ from simfleet.image import DEFAULT_RELEASE, RELEASES, ensure_image, native_arch
 from simfleet.inventory import remove_inventory, write_inventory
 from simfleet.paths import fleet_dir, rover_cache
 from simfleet.pi_tools import ThermalReading, thermal_files, write_thermal
-from simfleet.ports import METRICS_PORT_OFFSET, highest_base_port
+from simfleet.ports import METRICS_PORT_OFFSET, highest_base_port, metrics_port
 from simfleet.processes import Proc, child_processes, is_alive, kill_now, send_sigterm, stop_all
 from simfleet.serial_link import start_firmware_sim, start_pty_pair
 from simfleet.ssh import SshTarget, ssh_run
@@ -184,7 +184,7 @@ def up(config: FleetConfig) -> FleetState:
             f"fleet {config.name!r} is already up ({state_path(config.name)}); run down first"
         )
     ports = [config.base_port + i for i in range(config.hosts)]
-    busy = [p for p in ports if not port_free(p)]
+    busy = [p for p in [*ports, *map(metrics_port, ports)] if not port_free(p)]
     if busy:
         raise SimFleetError(f"127.0.0.1 port(s) {busy} in use (another fleet?): choose another --base-port")
     if config.kind == "vm":

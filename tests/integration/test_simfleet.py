@@ -21,12 +21,13 @@ import yaml
 from rover_runtime.protocol import Ack, Command, Telemetry, encode, parse_line
 from simfleet import binfmt, fleet
 from simfleet.errors import SimFleetError
-from simfleet.fleet import FleetConfig, set_thermal, target_for, up
+from simfleet.fleet import FleetConfig, port_free, set_thermal, target_for, up
 from simfleet.host import UNIT_DIR, units_with_credentials
 from simfleet.host_root import mounts_under
 from simfleet.image import DEFAULT_RELEASE, RELEASES
 from simfleet.paths import fleet_dir
 from simfleet.pi_tools import CPUFREQ_ROOT, THERMAL_ZONE_TEMP, ThermalReading
+from simfleet.ports import metrics_port
 from simfleet.processes import is_alive
 from simfleet.ssh import ssh_run
 from simfleet.state import FleetState, HostState, load_state
@@ -185,14 +186,17 @@ def test_vm_cars_without_a_usable_qemu_are_refused_in_one_line(
     assert not (cache / "images").exists()
 
 
-def test_up_refuses_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("which", ["ssh", "metrics"])
+def test_up_refuses_a_port_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """A car's ssh port, or its node_exporter's (ssh + 10000), already taken: refused before anything runs."""
     monkeypatch.setenv("ROVER_CACHE", str(tmp_path))
+    base = next(p for p in range(30000, 40000) if port_free(p) and port_free(metrics_port(p)))
+    taken = base if which == "ssh" else metrics_port(base)
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        busy.bind(("127.0.0.1", taken))
         busy.listen()
-        port = busy.getsockname()[1]
-        with pytest.raises(SimFleetError, match=rf"port\(s\) \[{port}\] in use"):
-            up(FleetConfig(name="pytest-busy", hosts=1, base_port=port, inventory=tmp_path / "hosts.yml"))
+        with pytest.raises(SimFleetError, match=rf"port\(s\) \[{taken}\] in use"):
+            up(FleetConfig(name="pytest-busy", hosts=1, base_port=base, inventory=tmp_path / "hosts.yml"))
     assert load_state("pytest-busy") is None
 
 
