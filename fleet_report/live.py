@@ -18,11 +18,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rover_runtime.thermal import THROTTLE_FLAGS
+
 log = logging.getLogger(__name__)
 
 # How far back "last seen" and the last known release look.
 LOOKBACK = "6h"
-THROTTLE_NOW = "under_voltage|arm_frequency_capped|throttled|soft_temperature_limit"
+# The throttle flags that hold now (bits 0-3 of get_throttled), as the runtime names them.
+THROTTLE_NOW = "|".join(name for bit, name in THROTTLE_FLAGS.items() if bit < 4)
 
 QUERIES = {
     "up": 'up{job="rovers"}',
