@@ -104,7 +104,7 @@ def snapshots(draw: st.DrawFn) -> dict[str, Any]:
     }  # fmt: skip
 
 
-# database=None: no .hypothesis directory in the clone (it would end up in the collection).
+# database=None: no example database; hypothesis may still keep a .hypothesis cache (galaxy.yml ignores it).
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(snapshots())
 def test_any_snapshot_is_valid_exposition_that_node_exporter_serves_as_written(
