@@ -45,6 +45,7 @@ CARS = {
     "car1": {"ansible_host": "127.0.0.1", "rover_node_exporter_port": 12600},
     "car2": {"ansible_host": "10.0.0.2"},
     "car3": {"rover_monitor_target": "127.0.0.1:19100"},
+    "car4": {"ansible_host": "fd00::4"},
 }
 
 
@@ -62,6 +63,7 @@ def test_every_car_of_the_inventory_is_a_target_named_for_the_car(monitor_dir: P
         {"labels": {"car": "car1"}, "targets": ["127.0.0.1:12600"]},
         {"labels": {"car": "car2"}, "targets": ["10.0.0.2:9100"]},
         {"labels": {"car": "car3"}, "targets": ["127.0.0.1:19100"]},
+        {"labels": {"car": "car4"}, "targets": ["[fd00::4]:9100"]},
     ]
     check = subprocess.run(
         [PROMTOOL, "check", "config", str(monitor_dir / "prometheus.yml")],
@@ -121,3 +123,13 @@ def test_a_car_with_a_port_that_is_not_one_is_named(tmp_path: Path) -> None:
     run = render(tmp_path, {"all": {"children": {"rovers": {"hosts": cars}}}})
     assert run.returncode != 0
     assert "car4: rover_node_exporter_port 99999 is not a port (1-65535)" in run.stdout, run.stdout[-3000:]
+
+
+def test_an_ipv6_listen_address_is_bracketed_where_prometheus_scrapes_itself(tmp_path: Path) -> None:
+    run = render(tmp_path, {"all": {"children": {"rovers": {"hosts": CARS}}}},
+                 "-e", "rover_monitor_listen_address=::1", "-e", "rover_monitor_port=19090")  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    config = yaml.safe_load((tmp_path / "monitor" / "prometheus.yml").read_text())
+    scraped = [target for job in config["scrape_configs"] for group in job.get("static_configs", [])
+               for target in group["targets"]]  # fmt: skip
+    assert "[::1]:19090" in scraped, scraped
