@@ -3,10 +3,12 @@ cars, real systemd timers, real HTTP and a real update repository (TUF: `python 
 python-tuf on the cars): playbooks/publish.yml signs a publication into it, each car's rover-pull.timer
 converges the car to it through the collection's deploy playbook. A car switched off during a publication
 catches up after it boots; a release that fails its gate is rolled back on the car and reported; an older
-publication put back on the server is refused. The tests run in order."""
+publication put back on the server is refused; a server the car cannot reach ages into `stale` once the
+metadata the car holds expires. The tests run in order."""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -35,7 +37,7 @@ from deploy_helpers import (
 )
 
 from fleet_keys.keys import KeyStore
-from fleet_keys.repository import Repository
+from fleet_keys.repository import Lifetimes, Repository
 from simfleet.fleet import power_off, power_on
 from simfleet.ports import metrics_port
 from simfleet.state import FleetState
@@ -52,7 +54,20 @@ PERIOD_S = 20
 CONVERGE_S = 420
 
 
+class UpdateServer(ThreadingHTTPServer):
+    """The update repository's HTTP server; `down` makes it answer 503 to everything (what a car sees when
+    the server is gone behind its proxy; tuf's fetcher reports it as a download error, as for no route)."""
+
+    down = False
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if isinstance(self.server, UpdateServer) and self.server.down:
+            self.send_error(503, "the update server is down")
+            return
+        super().do_GET()
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -64,6 +79,7 @@ class PullFleet:
     publish_dir: Path
     keys: Path
     bundles: dict[str, Path]
+    server: UpdateServer
     # The repository's metadata files right after each publication (what a replaying server would serve).
     published: dict[str, dict[Path, bytes]] = field(default_factory=dict)
 
@@ -82,6 +98,10 @@ class PullFleet:
         publication = str(self.payload()["id"])
         self.published[publication] = self.metadata()
         return publication
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def payload(self) -> dict[str, Any]:
         """The publication the repository's newest targets metadata names."""
@@ -109,9 +129,7 @@ def update_repository(root: Path) -> tuple[Path, Path]:
 def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
     root = tmp_path_factory.mktemp("pull")
     publish_dir, keys = update_repository(root)
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(publish_dir))
-    )
+    server = UpdateServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(publish_dir)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     bundles = {
         "a": make_bundle(root / "a", chunk_size=10),
@@ -134,7 +152,7 @@ def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
             }
             run = run_playbook(inventory, "provision.yml", "-e", json.dumps(settings), timeout=1800)
             assert run.rc == 0, run.report()
-            yield PullFleet(fleet, inventory, publish_dir, keys, bundles)
+            yield PullFleet(fleet, inventory, publish_dir, keys, bundles, server)
     finally:
         server.shutdown()
         server.server_close()
@@ -339,3 +357,44 @@ def test_a_held_lock_is_a_retry_and_one_from_before_a_boot_is_taken_over(pull_fl
     )
     state = _state(host)
     assert (state["publication"], state["outcome"], state["attempts"]) == (publication, "applied", 1), state
+
+
+def test_a_server_the_car_cannot_reach_ages_into_stale(pull_fleet: PullFleet) -> None:
+    """The server's metadata re-signed to expire in a minute (its daily refresh, shortened), fetched by car1;
+    then the server goes down: car1 says `unreachable` and stays on its release; once the metadata it holds
+    has expired it says `stale`, since that expiry, and Prometheus sees the same (rover_pull.prom)."""
+    host = car(pull_fleet.inventory, "car1")
+    before = current_bundle(host)
+    Repository(
+        pull_fleet.publish_dir, KeyStore(pull_fleet.keys), Lifetimes(timestamp=datetime.timedelta(seconds=75))
+    ).refresh()
+    refreshed = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    timestamp = json.loads((pull_fleet.publish_dir / "metadata" / "timestamp.json").read_text())
+    expires = str(timestamp["signed"]["expires"])
+    try:
+        _wait(
+            pull_fleet, "car1", "the short-lived timestamp fetched",
+            lambda h, s: s.get("outcome") == "up-to-date" and str(s.get("last_fresh_at", "")) > refreshed,
+            timeout=6 * PERIOD_S,
+        )  # fmt: skip
+        pull_fleet.server.down = True
+        status = _wait(
+            pull_fleet, "car1", "the server reported unreachable",
+            lambda h, s: s.get("outcome") == "unreachable", timeout=3 * PERIOD_S,
+        )  # fmt: skip
+        assert "cannot download the publication from" in status["message"], status
+        status = _wait(
+            pull_fleet, "car1", "unreachable aged into stale", lambda h, s: s.get("outcome") == "stale",
+            timeout=75 + 3 * PERIOD_S,
+        )  # fmt: skip
+        assert status["stale_since"] == expires, status
+        assert f"cannot reach {pull_fleet.server_url}" in status["message"], status
+        assert current_bundle(host) == before
+        stale = 'rover_pull_outcome{outcome="stale"} 1'
+        exported = _exported(pull_fleet, "car1", stale)
+        assert stale in exported, exported
+        since = datetime.datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+        assert f"rover_pull_stale_since_timestamp_seconds {since.timestamp():.0f}" in exported, exported
+    finally:
+        pull_fleet.server.down = False
+        Repository(pull_fleet.publish_dir, KeyStore(pull_fleet.keys)).refresh()
