@@ -5,12 +5,15 @@ checked by promtool before it is written), and every alert unit-tested with `pro
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from rover_runtime.thermal import THROTTLE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = "/usr/bin/promtool"
@@ -133,3 +136,13 @@ def test_an_ipv6_listen_address_is_bracketed_where_prometheus_scrapes_itself(tmp
     scraped = [target for job in config["scrape_configs"] for group in job.get("static_configs", [])
                for target in group["targets"]]  # fmt: skip
     assert "[::1]:19090" in scraped, scraped
+
+
+def test_the_throttled_alert_names_exactly_the_flags_that_mean_now(monitor_dir: Path) -> None:
+    """RoverThrottled fires on the get_throttled flags for the present (bits 0-3), not on the "has occurred"
+    ones; its expression names them, so a flag renamed in rover_runtime.thermal must be renamed there too."""
+    groups = yaml.safe_load((monitor_dir / "rules" / "rover_alerts.yml").read_text())["groups"]
+    rule = next(r for g in groups for r in g["rules"] if r.get("alert") == "RoverThrottled")
+    match = re.search(r'flag=~"([^"]+)"', rule["expr"])
+    assert match, rule["expr"]
+    assert set(match.group(1).split("|")) == {name for bit, name in THROTTLE_FLAGS.items() if bit < 4}
