@@ -116,7 +116,12 @@ def test_arm64_trixie_car_provisions_deploys_and_infers(
             yaml.safe_dump({"all": {"children": {"rovers": {"hosts": {name: EMULATED_CAR_VARS}}}}})
         )
 
-        run = run_playbook(inventory, "provision.yml", "-i", str(slow), timeout=3600)
+        # node_exporter is left out here: Debian's package is the same on every architecture and is tested on
+        # the amd64 fleet and by Molecule; under qemu-user its dpkg run costs minutes of emulated CPU beside
+        # the fleet stage (the runtime's textfile directory is then missing: it logs that once and drives).
+        run = run_playbook(
+            inventory, "provision.yml", "-i", str(slow), "--skip-tags", "rover_node_exporter", timeout=3600
+        )
         assert run.rc == 0, run.report()
         host = car(inventory, name)
         report = host.check_output(
