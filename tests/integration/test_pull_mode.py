@@ -12,6 +12,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -394,7 +395,10 @@ def test_a_server_the_car_cannot_reach_ages_into_stale(pull_fleet: PullFleet) ->
         exported = _exported(pull_fleet, "car1", stale)
         assert stale in exported, exported
         since = datetime.datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
-        assert f"rover_pull_stale_since_timestamp_seconds {since.timestamp():.0f}" in exported, exported
+        # node_exporter prints the value its own way (1.796587257e+09): compare the number.
+        value = re.search(r"^rover_pull_stale_since_timestamp_seconds (\S+)$", exported, re.MULTILINE)
+        assert value, exported
+        assert float(value.group(1)) == since.timestamp(), exported
     finally:
         pull_fleet.server.down = False
         Repository(pull_fleet.publish_dir, KeyStore(pull_fleet.keys)).refresh()
