@@ -18,14 +18,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rover_runtime.thermal import THROTTLE_FLAGS
+from rover_runtime.thermal import THROTTLE_NOW_FLAGS
 
 log = logging.getLogger(__name__)
 
 # How far back "last seen" and the last known release look.
 LOOKBACK = "6h"
 # The throttle flags that hold now (bits 0-3 of get_throttled), as the runtime names them.
-THROTTLE_NOW = "|".join(name for bit, name in THROTTLE_FLAGS.items() if bit < 4)
+THROTTLE_NOW = "|".join(THROTTLE_NOW_FLAGS.values())
 
 QUERIES = {
     "up": 'up{job="rovers"}',

@@ -26,7 +26,7 @@ from rover_runtime.config import RuntimeConfig, make_serial_link
 from rover_runtime.drive import InputError, InputPlan, describe_plan, make_cameras, plan_inputs
 from rover_runtime.parts.car import missing_features
 from rover_runtime.policy import BundlePolicy, PolicyError, load_policy
-from rover_runtime.thermal import THROTTLE_FLAGS, read_thermal
+from rover_runtime.thermal import THROTTLE_NOW_FLAGS, read_thermal
 
 CAMERA_SECONDS = 1.0
 
@@ -91,7 +91,7 @@ def run_check(
             f"the SoC is at {thermal.temperature_c:.1f} °C, above the {max_temp_c:g} °C limit"
         )
     if thermal.throttled_now and thermal.throttled is not None:
-        flags = [name for bit, name in THROTTLE_FLAGS.items() if bit < 4 and thermal.throttled & (1 << bit)]
+        flags = [name for bit, name in THROTTLE_NOW_FLAGS.items() if thermal.throttled & (1 << bit)]
         thermal_problems.append(f"throttled now ({thermal.throttled:#x}: {', '.join(flags)})")
     checks["thermal"] = {
         "ok": not thermal_problems,

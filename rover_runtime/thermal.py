@@ -24,6 +24,8 @@ THROTTLE_FLAGS = {
     18: "throttling_occurred",
     19: "soft_temperature_limit_occurred",
 }
+THROTTLE_NOW_MASK = 0xF  # bits 0-3: what holds now
+THROTTLE_NOW_FLAGS = {bit: name for bit, name in THROTTLE_FLAGS.items() if (1 << bit) & THROTTLE_NOW_MASK}
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class ThermalState:
     @property
     def throttled_now(self) -> bool | None:
         """True while under-voltage, frequency capping or throttling is active (bits 0-3)."""
-        return None if self.throttled is None else bool(self.throttled & 0xF)
+        return None if self.throttled is None else bool(self.throttled & THROTTLE_NOW_MASK)
 
     def to_dict(self) -> dict[str, object]:
         flags = None
