@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from deploy_helpers import (
     car,
     content_hash,
     current_bundle,
+    current_release,
     journal,
     make_bundle,
     releases,
@@ -226,6 +228,18 @@ def test_every_car_converges_to_the_publication(pull_fleet: PullFleet) -> None:
         ]
         assert active, releases(host)
         assert _bytes_received(status) > 0
+        # The release carries the Arduino's firmware publish.yml built for the car's board (an object of the
+        # publication), with the controller's signature of its manifest (verified on the car before the
+        # switch), and the restart onto it recorded what the board runs (flashed unless it ran it already).
+        manifest = host.file(f"{RELEASES}/current/firmware/firmware.json")
+        assert hashlib.sha256(manifest.content).hexdigest() in pull_fleet.payload()["objects"]
+        firmware = json.loads(manifest.content_string)
+        assert firmware["board"] == "uno"
+        assert host.file(f"{RELEASES}/current/firmware/firmware.json.sig").exists
+        fact = json.loads(host.file("/etc/ansible/facts.d/rover_firmware.fact").content_string)
+        assert fact["ok"] is True, fact
+        assert fact["release"] == current_release(host), fact
+        assert fact["image_sha256"] == firmware["sha256"], fact
         # Prometheus sees the same (role rover_node_exporter, the agent's rover_pull.prom): the run's outcome
         # and the publication it applied.
         exported = _exported(pull_fleet, name)

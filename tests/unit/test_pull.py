@@ -74,6 +74,11 @@ class Controller:
         return Repository(self.root, KeyStore(self.keys))
 
     def publish(self, *extra: str) -> dict[str, Any]:
+        done = self.run_publish(*extra)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    def run_publish(self, *extra: str) -> subprocess.CompletedProcess[str]:
         sig = self.root.parent / "manifest.json.sig"
         signed = subprocess.run(
             ["ssh-keygen", "-Y", "sign", "-f", str(self.signing_key), "-n", "rover-bundle"],
@@ -82,7 +87,7 @@ class Controller:
             check=True,
         )
         sig.write_bytes(signed.stdout)
-        done = subprocess.run(
+        return subprocess.run(
             [
                 sys.executable,
                 str(PUBLISH),
@@ -112,8 +117,6 @@ class Controller:
             text=True,
             check=False,
         )
-        assert done.returncode == 0, done.stderr
-        return dict(json.loads(done.stdout))
 
     @property
     def car_keys(self) -> Path:
@@ -309,6 +312,106 @@ def test_the_car_downloads_only_what_it_lacks_and_unpacks_the_release(
     extra = json.loads((work / "vars.json").read_text())
     assert extra["rover_release_sign"] is False
     assert extra["rover_runtime_service_wheel_key"] == "key-1"
+
+
+def _firmware(controller: Controller, tmp_path: Path) -> Path:
+    """A firmware directory as fleet_firmware builds it (its content is opaque to the publisher) and the
+    firmware-map naming it for car1 with the controller's signature of its manifest."""
+    directory = tmp_path / "firmware-uno"
+    directory.mkdir()
+    (directory / "rover_car.hex").write_text(":00000001FF\n")
+    (directory / "firmware.json").write_text(json.dumps({"board": "uno", "version": "2.0.0"}))
+    signature = subprocess.run(
+        ["ssh-keygen", "-Y", "sign", "-f", str(controller.signing_key), "-n", "rover-bundle"],
+        input=(directory / "firmware.json").read_bytes(),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    firmware_map = tmp_path / "firmware-map.json"
+    firmware_map.write_text(json.dumps({"car1": {"dir": str(directory), "signature": signature}}))
+    return firmware_map
+
+
+def _unpacked(controller: Controller, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """car1's work directory for the newest publication and the extra variables of its deploy."""
+    config = _car(tmp_path, controller)
+    channel = agent.open_publication(agent.fetch_publication(config))
+    objects = {
+        digest: agent.ensure_object(config, digest, size)[0] for digest, size in channel["objects"].items()
+    }
+    work = agent.prepare_work(config, channel, objects)
+    return work, json.loads((work / "vars.json").read_text())
+
+
+def test_a_cars_firmware_travels_signed_in_its_entry_and_the_deploy_flashes_it(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """The board's hex, its manifest and the controller's signature of it reach car1 byte for byte, and
+    the car's deploy manages the firmware from that directory, checked against the published runtime. A
+    publication without firmware for the car (its rover_firmware_manage false) leaves the board alone."""
+    firmware_map = _firmware(controller, tmp_path)
+    controller.publish("--firmware-map", str(firmware_map))
+    work, extra = _unpacked(controller, tmp_path)
+    spec = json.loads(firmware_map.read_text())["car1"]
+    for name in ("rover_car.hex", "firmware.json"):
+        assert (work / "firmware" / name).read_bytes() == (Path(spec["dir"]) / name).read_bytes()
+    assert (work / "firmware" / "firmware.json.sig").read_text() == spec["signature"].strip() + "\n"
+    assert extra["rover_firmware_manage"] is True
+    assert extra["rover_firmware_dir"] == str(work / "firmware")
+    assert extra["rover_firmware_controller_source"] == str(work / "lib")
+
+    controller.publish()
+    work, extra = _unpacked(controller, tmp_path)
+    assert extra["rover_firmware_manage"] is False
+    assert "rover_firmware_dir" not in extra
+    assert not (work / "firmware").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            lambda spec: {"car9": spec["car1"]},
+            "--firmware-map names car9, which is not among the cars published",
+        ),
+        (
+            lambda spec: {"car1": {**spec["car1"], "dir": "/nonexistent"}},
+            "lacks rover_car.hex, firmware.json",
+        ),
+        (lambda spec: {"car1": {**spec["car1"], "signature": "trust me"}}, "is not an ssh signature"),
+        (lambda spec: {"car1": {"dir": spec["car1"]["dir"]}}, "car1: its firmware needs a directory"),
+        (lambda spec: ["car1"], "must map each car to its firmware"),
+    ],
+)
+def test_a_bad_firmware_map_is_refused_and_nothing_is_published(
+    controller: Controller, tmp_path: Path, change: Any, error: str
+) -> None:
+    firmware_map = _firmware(controller, tmp_path)
+    firmware_map.write_text(json.dumps(change(json.loads(firmware_map.read_text()))))
+    done = controller.run_publish("--firmware-map", str(firmware_map))
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: "), done.stderr
+    assert error in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (controller.root / "publications").exists()
+    assert not (controller.root / "objects").exists()
+    assert "publication.json" not in controller.repository.targets().targets
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["rover_car.hex"],
+        {"rover_car.hex": "0" * 64, "firmware.json": "1" * 64},
+        {"rover_car.hex": "0" * 64, "firmware.json": "1" * 64, "firmware.json.sig": "2" * 64},
+        {"rover_car.hex": ["x"], "firmware.json": "1" * 64, "firmware.json.sig": "2" * 64},
+    ],
+)
+def test_a_firmware_entry_the_car_cannot_use_is_refused(tmp_path: Path, entry: Any) -> None:
+    """An entry naming other files, or objects the publication does not hold, is refused before the deploy."""
+    with pytest.raises(agent.PullError, match="firmware"):
+        agent.unpack_firmware(entry, {"f" * 64: tmp_path / "x"}, tmp_path / "firmware")
+    assert not (tmp_path / "firmware").exists()
 
 
 def test_a_publication_changed_after_signing_is_refused(controller: Controller, tmp_path: Path) -> None:

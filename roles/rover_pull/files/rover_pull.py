@@ -17,8 +17,9 @@ venv Python (/opt/rover/venv: python-tuf and ansible-core). Each run:
    each checked against the size and sha256 the signed publication names; a file that does not match is
    refused, nothing of it is used);
 4. runs the collection's deploy playbook (rover.fleet.deploy) on this car alone with a local connection:
-   the same checks, bundle signature verification, release build, switch, health gate and automatic
-   rollback as a push from the controller;
+   the same checks, bundle and firmware signature verification, release build, switch, Arduino flash, health
+   gate and automatic rollback as a push from the controller (the firmware is the one the car's entry names,
+   built and signed by publish.yml for its board; none when the entry names none);
    The attempt is recorded (fsynced) before it starts; the car's result is read from the file the deploy's
    rover_recap callback writes (ROVER_RESULTS_FILE). Another deploy holding the car's lock, or a car that
    started driving, is a wait for the next period, not a failed attempt;
@@ -399,6 +400,7 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         objects[channel["collection"]["sha256"]], collections / "ansible_collections" / "rover" / "fleet"
     )
     car = open_car_entry(config, objects[channel["cars"][config.car]].read_bytes())
+    firmware = unpack_firmware(car.get("firmware"), objects, work / "firmware")
     host_vars = dict(car.get("vars", {}))
     host_vars.update(ansible_connection="local", ansible_python_interpreter="/usr/bin/python3")
     inventory: dict[str, Any] = {"all": {"children": {}}}
@@ -419,8 +421,19 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         "preflight_min_ansible_core_version": "2.19",
         # The simulated car's firmware status lives on the controller: not visible from the car.
         "rover_health_firmware_status_file": "",
-        # A publication carries no firmware yet (docs/pull.md): the board keeps what a push deploy flashed.
-        "rover_firmware_manage": False,
+        # The Arduino's firmware for this car's board, built, checked and signed by publish.yml: checked here
+        # against the runtime it comes with (the wheel's code), its signature on the car, flashed unless the
+        # board runs it. Without one (its rover_firmware_manage is false) the board keeps what it runs.
+        "rover_firmware_manage": firmware is not None,
+        **(
+            {
+                "rover_firmware_dir": str(firmware),
+                "rover_firmware_controller_python": str(config.venv / "bin" / "python"),
+                "rover_firmware_controller_source": str(work / "lib"),
+            }
+            if firmware is not None
+            else {}
+        ),
         # The fleet's intended release is the controller's to record (publish.yml did), not the car's.
         "rover_deploy_sets_intended": False,
         "rover_pull_publication": channel["id"],
@@ -439,6 +452,27 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         f"local_tmp = {work / 'tmp'}\n"
     )
     return work
+
+
+FIRMWARE_FILES = ("rover_car.hex", "firmware.json", "firmware.json.sig")
+
+
+def unpack_firmware(entry: Any, objects: dict[str, Path], target: Path) -> Path | None:
+    """The firmware files the car's entry names (publish.py: the hex, its manifest and the controller's
+    signature of it) in `target`; None when the entry names none."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or set(entry) != set(FIRMWARE_FILES):
+        names = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise PullError(f"the car's firmware entry names {names}, not {', '.join(FIRMWARE_FILES)}")
+    for name in FIRMWARE_FILES:
+        digest = entry[name]
+        if not isinstance(digest, str) or digest not in objects:
+            raise PullError(
+                f"the car's firmware file {name} ({digest}) is not among the publication's objects"
+            )
+        link_or_copy(objects[digest], target / name)
+    return target
 
 
 def extract_collection(tarball: Path, target: Path) -> None:

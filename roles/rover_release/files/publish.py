@@ -8,7 +8,9 @@ The publication directory (served by any HTTP server; docs/pull.md) holds:
                             collection and one entry per car ({"groups": [...], "vars": {...}}: its inventory
                             entry without the connection variables), encrypted for that car alone (AES-256-GCM
                             with the car's pull key, which provisioning made and gave the car: the variables
-                            may hold secrets, and the server serves anyone)
+                            may hold secrets, and the server serves anyone); a car whose releases carry
+                            the Arduino's firmware has its board's files named in its entry (`firmware`:
+                            the hex, firmware.json and the controller's signature of it)
     metadata/, targets/     the update repository (The Update Framework, python-tuf; fleet_keys): the
                             publication JSON is its one target, `publication.json`, named with its length
                             and sha256 in targets metadata signed by the targets key, under a snapshot and a
@@ -23,11 +25,15 @@ the old publication or the new one, never a mix.
 
     publish.py --root DIR --bundle DIR --bundle-signature FILE --wheel FILE --runtime-key KEY
                --collection FILE --inventory FILE --hosts CAR,CAR --keys DIR --car-keys DIR
-               [--publisher TEXT] [--keep N]
+               [--firmware-map FILE] [--publisher TEXT] [--keep N]
 
 --keys: the update repository's key directory (fleet_keys: the online targets, snapshot and timestamp keys);
 the repository itself is created once with `python -m fleet_keys --repo DIR init`. --car-keys: <car>.key for
 each car (64 hex digits, made by role rover_pull when it provisions the car).
+
+--firmware-map: JSON {car: {"dir": DIR, "signature": TEXT}} for the cars whose releases carry firmware (role
+rover_firmware, tasks_from publish: DIR is the built firmware for the car's board, TEXT the controller's ssh
+signature of its firmware.json); a car not in it gets no firmware and its board keeps what it runs.
 
 --inventory: the output of `ansible-inventory --list` (variables as written in the inventory, not rendered:
 the car renders them, as a push would). Prints one JSON line (the publication id, its objects' bytes, the
@@ -62,6 +68,10 @@ from rover_runtime.metrics import write_json_atomic
 
 TARGET = "publication.json"
 CHUNK = 1 << 20
+# A firmware directory's files (fleet_firmware build), and the signature beside its manifest.
+FIRMWARE_FILES = ("rover_car.hex", "firmware.json")
+FIRMWARE_SIGNATURE = "firmware.json.sig"
+SSH_SIGNATURE_HEADER = "-----BEGIN SSH SIGNATURE-----"
 
 
 class PublishError(Exception):
@@ -191,6 +201,46 @@ def cars_from_inventory(inventory: dict[str, Any], hosts: list[str]) -> dict[str
     return cars
 
 
+def read_firmware_map(path: Path, cars: dict[str, dict[str, Any]]) -> dict[str, tuple[Path, str]]:
+    """Each car's firmware directory and signature from the --firmware-map file, checked before anything is
+    written: a car not published, a directory without a built firmware or a signature that is not an ssh
+    signature is refused, naming the car."""
+    try:
+        wanted = json.loads(path.read_text())
+    except ValueError as exc:
+        raise PublishError(f"--firmware-map {path} is not JSON: {exc}") from None
+    if not isinstance(wanted, dict):
+        raise PublishError(f"--firmware-map {path} must map each car to its firmware")
+    firmware: dict[str, tuple[Path, str]] = {}
+    for car, spec in sorted(wanted.items()):
+        if car not in cars:
+            raise PublishError(f"--firmware-map names {car}, which is not among the cars published (--hosts)")
+        if not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("dir"), str)
+            and isinstance(spec.get("signature"), str)
+        ):
+            raise PublishError(f"{car}: its firmware needs a directory (dir) and a signature (signature)")
+        directory = Path(spec["dir"])
+        missing = [name for name in FIRMWARE_FILES if not (directory / name).is_file()]
+        if missing:
+            raise PublishError(
+                f"{car}: firmware directory {directory} lacks {', '.join(missing)} (not a built firmware)"
+            )
+        signature = spec["signature"].strip()
+        if not signature.startswith(SSH_SIGNATURE_HEADER):
+            raise PublishError(f"{car}: the signature of {directory}/firmware.json is not an ssh signature")
+        firmware[car] = (directory, signature)
+    return firmware
+
+
+def firmware_files(directory: Path, signature: str, objects: Objects) -> dict[str, str]:
+    """A car's firmware entry: {file name: sha256}, the files added to `objects`."""
+    files = {name: objects.add_file(directory / name) for name in FIRMWARE_FILES}
+    files[FIRMWARE_SIGNATURE] = objects.add_bytes(f"{signature}\n".encode())
+    return files
+
+
 def publish(args: argparse.Namespace) -> dict[str, Any]:
     root: Path = args.root
     repository = Repository(root, KeyStore(args.keys))
@@ -205,11 +255,14 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
         raise PublishError("--hosts names no car")
     cars = cars_from_inventory(json.loads(args.inventory.read_text()), hosts)
     keys = {name: car_key(args.car_keys, name) for name in cars}  # every car's, before anything is written
+    firmware = read_firmware_map(args.firmware_map, cars) if args.firmware_map is not None else {}
     objects = Objects(root)
     bundle_entry: dict[str, str] = {}
     for path in bundle_files(args.bundle):
         bundle_entry[path.relative_to(args.bundle).as_posix()] = objects.add_file(path)
     bundle_entry["manifest.json.sig"] = objects.add_bytes(args.bundle_signature.read_bytes())
+    for name, (directory, signature) in firmware.items():
+        cars[name]["firmware"] = firmware_files(directory, signature, objects)
     content = {
         "bundle": {"files": bundle_entry},
         "runtime": {
@@ -292,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", required=True)
     parser.add_argument("--keys", type=Path, required=True)
     parser.add_argument("--car-keys", type=Path, required=True)
+    parser.add_argument("--firmware-map", type=Path)
     parser.add_argument("--publisher", default="")
     parser.add_argument("--keep", type=int, default=2)
     args = parser.parse_args(argv)
