@@ -14,13 +14,14 @@
 #      Not in the default stages (ROVER_TEST_STAGES="static python fleet molecule arm64 vm" adds it): in a
 #      cold run beside the fleet stage (after the arm64 car) the whole run took 74 min, but at a load
 #      average of 4-6 four timing-bound fleet tests failed and the VM car's gate saw a frame 0.80 s old.
-#   With the fleet stage, the arm64 car, the VM car and then molecule run beside it, in the background, one
-#   after the other: they spend much of their time waiting (soaks, timers, ssh round trips), but each emulator
-#   also keeps a core busy, and with both emulators at once beside the fleet stage (load average 5-8 on CI's
-#   2 cores) a cold run took 85 min and timing-bound fleet tests failed. Molecule (its own two cars, ports
-#   2341-2342) comes last: it is Ansible, lighter than an emulator, and the background chain ends well before
-#   the fleet stage does (CI: arm64 ~17 min + molecule ~7 min beside a ~50 min fleet stage), so it no longer
-#   adds its 7 minutes to the run. Their output is shown when they end; a failure fails the run.
+#   With the fleet stage, the static checks, the arm64 car, the VM car and then molecule run beside it, in the
+#   background, one after the other: the fleet stage spends much of its time waiting (soaks, timers, ssh round
+#   trips), but each emulator also keeps a core busy, and with both emulators at once beside the fleet stage
+#   (load average 5-8 on CI's 2 cores) a cold run took 85 min and timing-bound fleet tests failed. The static
+#   checks (3 min of one core) and Molecule (Ansible on its own two cars, ports 2341-2342) are lighter than an
+#   emulator, and the whole chain ends well before the fleet stage does (static 3 min + arm64 ~19 min +
+#   molecule ~6 min beside a ~54 min fleet stage, cold, here), so neither adds its minutes to the run. Their
+#   output is shown when they end; a failure fails the run. Without the fleet stage they run in the foreground.
 # Each pytest stage ends with its slowest tests and fixtures (--durations), to see where the time goes.
 # Set ROVER_TEST_STAGES (e.g. "static python") to run only some stages.
 set -euo pipefail
@@ -58,6 +59,12 @@ car_stages() {
   done
   trap - TERM
 }
+# static_stage: ruff, mypy, ansible-lint and the collection build; the first that fails ends it with its status.
+static_stage() {
+  stage "static checks: ruff, mypy, ansible-lint, collection build"
+  ruff check . && ruff format --check . && mypy && ansible-lint --profile production --offline -q &&
+    ansible-galaxy collection build --force --output-path out/dist  # the roles as the collection rover.fleet
+}
 # molecule_stage: molecule test; a TERM (the run stopping early) interrupts it as Ctrl-C would and destroys
 # its fleet.
 molecule_stage() {
@@ -70,12 +77,18 @@ molecule_stage() {
   wait "$child" || return
   trap - TERM
 }
-# background_stages NAME...: each emulated car's stage (car_stages), then molecule ("molecule" among NAMEs).
+# background_stages NAME...: the static checks ("static" among NAMEs), each emulated car's stage (car_stages),
+# then molecule ("molecule"); the first that fails ends it with its status.
 background_stages() {
-  local name cars=() molecule=false
+  local name cars=() static=false molecule=false
   for name in "$@"; do
-    if [[ $name == molecule ]]; then molecule=true; else cars+=("$name"); fi
+    case $name in
+      static) static=true ;;
+      molecule) molecule=true ;;
+      *) cars+=("$name") ;;
+    esac
   done
+  if $static; then static_stage || return; fi
   if ((${#cars[@]})); then car_stages "${cars[@]}" || return; fi
   if $molecule; then molecule_stage; fi
 }
@@ -99,14 +112,8 @@ wait_background() {
   fi
 }
 
-if want static; then
-  stage "static checks: ruff, mypy, ansible-lint, collection build"
-  ruff check .
-  ruff format --check .
-  mypy
-  ansible-lint --profile production --offline -q
-  # The roles as the collection rover.fleet (galaxy.yml); tests/integration/test_collection.py runs it.
-  ansible-galaxy collection build --force --output-path out/dist
+if want static && ! want fleet; then
+  static_stage
 fi
 
 if want python; then
@@ -114,8 +121,10 @@ if want python; then
   pytest -m "not fleet and not arm64 and not vm" --durations=15
 fi
 
-# What runs beside the fleet stage (or after the others, without it): the emulated cars, then molecule.
+# What runs beside the fleet stage (or after the others, without it): the static checks (with the fleet stage
+# only: without it they ran first), the emulated cars, then molecule.
 background=()
+if want static && want fleet; then background+=(static); fi
 for name in arm64 vm vm-all molecule; do
   if want "$name"; then background+=("$name"); fi
 done
