@@ -69,6 +69,8 @@ from tuf.ngclient import Updater, UpdaterConfig, Urllib3Fetcher
 
 TARGET = "publication.json"
 CHUNK = 1 << 20
+# The Arduino's firmware in a car's entry (publish.py): the hex, its manifest and the controller's signature.
+FIRMWARE_FILES = ("rover_car.hex", "firmware.json", "firmware.json.sig")
 # Upper bounds on what the repository may send (tuf refuses a longer file as it arrives): the timestamp is
 # about 500 bytes, a publication names a few objects and one small entry per car (about 200 bytes each).
 TUF_LIMITS = UpdaterConfig(
@@ -452,9 +454,6 @@ def prepare_work(config: PullConfig, channel: dict[str, Any], objects: dict[str,
         f"local_tmp = {work / 'tmp'}\n"
     )
     return work
-
-
-FIRMWARE_FILES = ("rover_car.hex", "firmware.json", "firmware.json.sig")
 
 
 def unpack_firmware(entry: Any, objects: dict[str, Path], target: Path) -> Path | None:
