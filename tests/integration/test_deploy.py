@@ -968,7 +968,7 @@ def _ctrl_c(deploy: subprocess.Popen[str]) -> str:
 
     ansible-core 2.21 forwards a Ctrl-C to its workers (each in its own session) from its signal handler,
     which misses a worker being forked at that moment (not yet alive to multiprocessing): that worker runs its
-    task to its end and ansible-playbook waits for it at exit (a CI run at load 5-8 sat > 300 s). The tests
+    task to its end and ansible-playbook waits for it at exit (a CI run sat there for > 300 s). The tests
     press Ctrl-C during a long soak, when no worker is being forked; should a run still be going 60 s later,
     they do what an operator does (Ctrl-C again: ansible-playbook has reset its handler, the second one ends
     it) and what ansible's handler meant to do (a Ctrl-C to each remaining worker's session), and warn."""
