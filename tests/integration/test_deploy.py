@@ -55,6 +55,7 @@ from rover_runtime.testing import write_tiny_bundle
 from simfleet.fleet import power_off, power_on, set_thermal
 from simfleet.host import DEFAULT_THERMAL
 from simfleet.pi_tools import ThermalReading
+from simfleet.processes import child_processes
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -937,17 +938,14 @@ def _cut_the_soak(
     return trial, out
 
 
-def _run_children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (ansible-playbook's workers: each in its own session)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
+def _signal_workers(deploy: subprocess.Popen[str], signum: int) -> list[int]:
+    """Send `signum` to the session of each of `deploy`'s workers (ansible-playbook's children, each in its
+    own session, which a signal to the run's process group never reaches); their pids."""
+    workers = [child.pid for child in child_processes(deploy.pid)]
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker, signum)
+    return workers
 
 
 def _kill_run(deploy: subprocess.Popen[str]) -> None:
@@ -955,11 +953,8 @@ def _kill_run(deploy: subprocess.Popen[str]) -> None:
     sessions (a worker left running would hold car1's deploy lock against the next test)."""
     if deploy.poll() is not None:
         return
-    workers = _run_children(deploy.pid)
+    _signal_workers(deploy, signal.SIGKILL)
     deploy.kill()
-    for worker in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker, signal.SIGKILL)
     deploy.communicate()
 
 
@@ -976,15 +971,12 @@ def _ctrl_c(deploy: subprocess.Popen[str]) -> str:
     try:
         return deploy.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
-        workers = _run_children(deploy.pid)
+        workers = _signal_workers(deploy, signal.SIGINT)
+        os.killpg(deploy.pid, signal.SIGINT)
         warnings.warn(
             f"ansible-playbook still ran 60 s after Ctrl-C: pressed again, workers {workers} interrupted",
             stacklevel=2,
         )
-        os.killpg(deploy.pid, signal.SIGINT)
-        for worker in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker, signal.SIGINT)
         return deploy.communicate(timeout=120)[0]  # a hang guard
 
 
