@@ -350,11 +350,18 @@ def restart_problems(
 
 
 def stopped_problems(state: dict[str, str], unit: str) -> list[str]:
-    """The unit's process ended during the soak (the unit is down, or waiting to restart): how it ended."""
+    """The unit's process ended during the soak (the unit is down, waiting to restart or starting again):
+    how it ended. A unit that is activating is being restarted by systemd: waiting out RestartSec
+    (auto-restart, where ExecMain* still describe the process that ended), or already starting its next
+    process (start-pre, start: a loaded car may take longer than RestartSec between two samples)."""
     if not unit_is_down(state):
         return []
     code, status = state.get("ExecMainCode", ""), state.get("ExecMainStatus", "")
-    if code in {"2", "3"} and status.isdigit():  # CLD_KILLED, CLD_DUMPED: the status is the signal
+    sub = state.get("SubState")
+    restarting = state.get("ActiveState") == "activating"
+    if restarting and sub != "auto-restart":
+        how = "ended and systemd is starting it again"  # ExecMain* now describe the next process
+    elif code in {"2", "3"} and status.isdigit():  # CLD_KILLED, CLD_DUMPED: the status is the signal
         try:
             how = f"was killed by signal {status} ({signal.Signals(int(status)).name})"
         except ValueError:
@@ -363,7 +370,7 @@ def stopped_problems(state: dict[str, str], unit: str) -> list[str]:
         how = f"exited with status {status}"
     else:
         how = "ended"
-    verb = "restarted" if state.get("SubState") == "auto-restart" else "stopped"
+    verb = "restarted" if restarting else "stopped"
     return [f"the unit {verb} during the soak: its process {how} ({unit_problems(state, unit)[0]})"]
 
 

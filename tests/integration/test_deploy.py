@@ -748,7 +748,8 @@ def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, 
 
 def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
-    run = _deploy_car1(deployed, bundles["gate-fails"])
+    # Its inferences all raise: it never becomes healthy, and the gate gives up after its start time-out.
+    run = _deploy_car1(deployed, bundles["gate-fails"], "-e", "rover_health_timeout_s=20")
     assert run.rc != 0
     bad = [r for r, info in releases(host).items() if info["state"] == "bad"]
     assert bad, releases(host)
@@ -908,7 +909,9 @@ def _deploy_car1_in_background(
 
 
 def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float = 180) -> str:
-    """The release `deploy` switched to, once its runtime runs it (its soak has begun)."""
+    """The release `deploy` switched to, once its runtime runs it and is healthy: the gate's first healthy
+    sample (within its 1 s interval, once the gate runs) begins its soak. Before that a restart is a slow
+    start the gate waits out, not a failure of the soak."""
     deadline = time.monotonic() + timeout
     while True:
         assert deploy.poll() is None, (deploy.communicate()[0] or "")[-4000:]
@@ -916,8 +919,8 @@ def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float
         trial = current_release(host)
         # (The file goes while the runtime restarts: read once, a missing file is not yet.)
         out = host.run("cat /run/rover/metrics.json") if trial != good else None
-        running = json.loads(out.stdout).get("release") or {} if out is not None and out.rc == 0 else {}
-        if running.get("id") == trial:
+        sample = json.loads(out.stdout) if out is not None and out.rc == 0 else {}
+        if (sample.get("release") or {}).get("id") == trial and sample.get("healthy"):
             return trial
         time.sleep(0.5)
 
@@ -1107,15 +1110,16 @@ def test_a_car_whose_releases_all_failed_stays_stopped_after_a_reboot(
 def test_a_runtime_killed_during_the_soak_is_rolled_back_naming_the_restart(
     deployed: Path, bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A real soak, a real kill: the runtime is killed 5 s into its soak; systemd restarts it, and the gate
-    fails the release naming the restart and rolls the car back."""
+    """A real soak, a real kill: the runtime is killed 10 s after it runs the release healthy (well into
+    the 60 s soak, which the gate begins at its next sample, a task after the restart); systemd restarts it,
+    and the gate fails the release naming the restart and rolls the car back."""
     host = car(deployed, "car1")
     assert _deploy_car1(deployed, bundles["a"]).rc == 0
     good = current_release(host)
     fresh = make_bundle(tmp_path / "killed", chunk_size=19)
-    deploy = _deploy_car1_in_background(deployed, fresh, soak_s=30)
+    deploy = _deploy_car1_in_background(deployed, fresh, soak_s=60)
     trial, out = _cut_the_soak(
-        host, good, deploy, 5, lambda: host.check_output("systemctl kill --signal=SIGKILL rover-runtime")
+        host, good, deploy, 10, lambda: host.check_output("systemctl kill --signal=SIGKILL rover-runtime")
     )
     assert deploy.returncode != 0, out[-3000:]
     line = _recap_line(PlaybookRun(deploy.returncode, out), "car1")

@@ -150,6 +150,9 @@ def pull_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PullFleet]:
                 "rover_pull_random_delay": "3s",
                 "rover_pull_force": True,  # a simulated car always drives
                 "rover_pull_timeout_s": 10,
+                # The gate-fails release never becomes healthy: its gate gives up after 30 s, not 90 s (the
+                # good ones are healthy a few seconds after their restart).
+                "rover_pull_extra_vars": {"rover_health_timeout_s": 30},
                 "rover_pull_root_metadata": str(publish_dir / "metadata" / "root.json"),
                 "rover_pull_car_keys_dir": str(keys / "cars"),  # where publish.yml reads them (keys/cars)
             }

@@ -309,6 +309,21 @@ def test_a_restart_during_the_soak(healthy: dict[str, Any]) -> None:
             "the unit restarted during the soak: its process was killed by signal 6 (SIGABRT) "
             "(rover-runtime.service is activating/auto-restart (exit status 6))",
         ),
+        # Sampled after RestartSec (a loaded car): systemd already runs the next process's ExecStartPre, or
+        # waits for its READY=1. Still a restart, and the status is the new process's, so it is not quoted.
+        *(
+            (
+                {"ActiveState": "activating", "SubState": sub, "ExecMainCode": "0", "ExecMainStatus": "0"},
+                "the unit restarted during the soak: its process ended and systemd is starting it again "
+                f"(rover-runtime.service is activating/{sub} (exit status 0))",
+            )
+            for sub in ("start-pre", "start")
+        ),
+        (
+            {"ActiveState": "deactivating", "SubState": "stop-sigterm", "ExecMainStatus": ""},
+            "the unit stopped during the soak: its process ended "
+            "(rover-runtime.service is deactivating/stop-sigterm)",
+        ),
         (
             {"ActiveState": "inactive", "SubState": "dead", "ExecMainCode": "1", "ExecMainStatus": "0"},
             "the unit stopped during the soak: its process ended "
