@@ -14,14 +14,15 @@
 #      Not in the default stages (ROVER_TEST_STAGES="static python fleet molecule arm64 vm" adds it): in a
 #      cold run beside the fleet stage (after the arm64 car) the whole run took 74 min, but at a load
 #      average of 4-6 four timing-bound fleet tests failed and the VM car's gate saw a frame 0.80 s old.
-#   With the fleet stage, the static checks, the arm64 car, the VM car and then molecule run beside it, in the
-#   background, one after the other: the fleet stage spends much of its time waiting (soaks, timers, ssh round
-#   trips), but each emulator also keeps a core busy, and with both emulators at once beside the fleet stage
-#   (load average 5-8 on CI's 2 cores) a cold run took 85 min and timing-bound fleet tests failed. The static
-#   checks (3 min of one core) and Molecule (Ansible on its own two cars, ports 2341-2342) are lighter than an
-#   emulator, and the whole chain ends well before the fleet stage does (static 3 min + arm64 ~19 min +
-#   molecule ~6 min beside a ~54 min fleet stage, cold, here), so neither adds its minutes to the run. Their
-#   output is shown when they end; a failure fails the run. Without the fleet stage they run in the foreground.
+#   With the fleet stage, everything else runs beside it, in the background, one stage after the other: the
+#   Python tests, the static checks, the arm64 car (the VM car), then molecule. The fleet stage mostly waits on
+#   its cars (soaks, timers, ssh round trips: about one of the 2 cores busy with its deploys' Ansible and the
+#   cars' loops), and the Python tests keep one core busy (95 % of one over their 15 min alone, warm); one
+#   after the other the cold run took 91 min on CI's 2 cores (python 19 min, then fleet 69 min beside the
+#   rest), over CI's 90. Each emulator keeps a core busy, so only one runs at a time: with both at once beside
+#   the fleet stage (load average 5-8) a cold run took 85 min and timing-bound fleet tests failed. Every
+#   background stage runs even when an earlier one failed (one CI run shows every failure); their output is
+#   shown when they end, and a failure fails the run. Without the fleet stage they run in the foreground.
 # Each pytest stage ends with its slowest tests and fixtures (--durations), to see where the time goes.
 # Set ROVER_TEST_STAGES (e.g. "static python") to run only some stages.
 set -euo pipefail
@@ -77,20 +78,39 @@ molecule_stage() {
   wait "$child" || return
   trap - TERM
 }
-# background_stages NAME...: the static checks ("static" among NAMEs), each emulated car's stage (car_stages),
-# then molecule ("molecule"); the first that fails ends it with its status.
+# python_stage: the tests that need no simulated fleet (each pytest in the background gets its own temporary
+# directory and no shared pytest cache: the fleet stage's pytest runs beside it).
+python_stage() {
+  local child=""
+  trap 'if [[ -n $child ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
+  stage "unit and integration tests without the simulated fleet"
+  env --default-signal=INT pytest -m "not fleet and not arm64 and not vm" --durations=15 \
+    -p no:cacheprovider --basetemp="$(mktemp -d -t rover-test-python.XXXXXX)" &
+  child=$!
+  wait "$child" || return
+  trap - TERM
+}
+# background_stages NAME...: the Python tests ("python" among NAMEs), the static checks ("static"), each
+# emulated car's stage (car_stages), then molecule ("molecule"); each runs whatever failed before it, and the
+# status is the last failure's (the names of the failed stages are printed at the end).
 background_stages() {
-  local name cars=() static=false molecule=false
+  local name cars=() python=false static=false molecule=false failed=() rc=0 status
   for name in "$@"; do
     case $name in
+      python) python=true ;;
       static) static=true ;;
       molecule) molecule=true ;;
       *) cars+=("$name") ;;
     esac
   done
-  if $static; then static_stage || return; fi
-  if ((${#cars[@]})); then car_stages "${cars[@]}" || return; fi
-  if $molecule; then molecule_stage; fi
+  if $python; then python_stage || { status=$?; rc=$status; failed+=("python (exit $status)"); }; fi
+  if $static; then static_stage || { status=$?; rc=$status; failed+=("static (exit $status)"); }; fi
+  if ((${#cars[@]})); then
+    car_stages "${cars[@]}" || { status=$?; rc=$status; failed+=("${cars[*]} (exit $status)"); }
+  fi
+  if $molecule; then molecule_stage || { status=$?; rc=$status; failed+=("molecule (exit $status)"); }; fi
+  if ((${#failed[@]})); then stage "FAILED in the background: ${failed[*]}"; fi
+  return "$rc"
 }
 # start_background NAME...: background_stages NAME... in the background, its output to a log.
 start_background() {
@@ -99,46 +119,48 @@ start_background() {
   background_stages "$@" >"$bg_log" 2>&1 &
   bg_pid=$!
 }
-# wait_background: its output, and its exit status as the run's if it failed.
+# wait_background: its output; bg_rc is its exit status.
+bg_rc=0
 wait_background() {
-  local rc=0
   stage "waiting for the background stages (since the fleet stage)"
-  wait "$bg_pid" || rc=$?
+  wait "$bg_pid" || bg_rc=$?
   bg_pid=""
   cat "$bg_log"
-  if ((rc != 0)); then
-    stage "background stages FAILED (exit $rc; log above: $bg_log)"
-    exit "$rc"
-  fi
 }
 
-if want static && ! want fleet; then
-  static_stage
+if want fleet; then
+  # Everything else beside the fleet stage, in the background (see the top).
+  background=()
+  for name in python static arm64 vm vm-all molecule; do
+    if want "$name"; then background+=("$name"); fi
+  done
+  if ((${#background[@]})); then
+    start_background "${background[@]}"
+  fi
+else
+  if want static; then static_stage; fi
+  if want python; then python_stage; fi
+  cars=()
+  for name in arm64 vm vm-all; do
+    if want "$name"; then cars+=("$name"); fi
+  done
+  if ((${#cars[@]})); then car_stages "${cars[@]}"; fi
+  if want molecule; then molecule_stage; fi
 fi
-
-if want python; then
-  stage "unit and integration tests without the simulated fleet"
-  pytest -m "not fleet and not arm64 and not vm" --durations=15
-fi
-
-# What runs beside the fleet stage (or after the others, without it): the static checks (with the fleet stage
-# only: without it they ran first), the emulated cars, then molecule.
-background=()
-if want static && want fleet; then background+=(static); fi
-for name in arm64 vm vm-all molecule; do
-  if want "$name"; then background+=("$name"); fi
-done
-if want fleet && ((${#background[@]})); then
-  start_background "${background[@]}"
-fi
+fleet_rc=0
 if want fleet; then
   stage "simulated amd64 fleet: simfleet, provision, deploy, rollback, benchmark, testinfra"
-  pytest -m "fleet and not arm64" --durations=40
+  # A failure here still waits for the background stages: one run shows every failure.
+  pytest -m "fleet and not arm64" --durations=40 || fleet_rc=$?
+  if ((fleet_rc != 0)); then stage "fleet stage FAILED (exit $fleet_rc)"; fi
 fi
 
 if [[ -n $bg_pid ]]; then
   wait_background
-elif ((${#background[@]})); then
-  background_stages "${background[@]}"
+fi
+if ((fleet_rc != 0 || bg_rc != 0)); then
+  if ((fleet_rc != 0)); then stage "fleet stage FAILED (exit $fleet_rc; its output is above the background's)"; fi
+  if ((bg_rc != 0)); then stage "background stages FAILED (exit $bg_rc; their log is above: $bg_log)"; fi
+  exit $((fleet_rc != 0 ? fleet_rc : bg_rc))
 fi
 stage "all stages passed: $stages"
