@@ -50,7 +50,7 @@ trap stop_background EXIT
 # its fleet when interrupted); a TERM to this function interrupts the running pytest and waits for it.
 car_stages() {
   local name child=""
-  trap 'if [[ -n $child ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
+  trap 'if [[ -n ${child:-} ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
   for name in "$@"; do
     stage "$name car"
     env --default-signal=INT pytest -m "${car_marker[$name]}" --durations=10 -p no:cacheprovider \
@@ -70,7 +70,7 @@ static_stage() {
 # its fleet.
 molecule_stage() {
   local child=""
-  trap 'if [[ -n $child ]]; then kill -INT "$child" 2>/dev/null; wait "$child" || true; fi
+  trap 'if [[ -n ${child:-} ]]; then kill -INT "$child" 2>/dev/null; wait "$child" || true; fi
         molecule destroy >/dev/null 2>&1 || true; exit 130' TERM
   stage "molecule test (default scenario: create, converge, idempotence, check, verify, destroy)"
   env --default-signal=INT molecule test &
@@ -82,7 +82,7 @@ molecule_stage() {
 # directory and no shared pytest cache: the fleet stage's pytest runs beside it).
 python_stage() {
   local child=""
-  trap 'if [[ -n $child ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
+  trap 'if [[ -n ${child:-} ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
   stage "unit and integration tests without the simulated fleet"
   env --default-signal=INT pytest -m "not fleet and not arm64 and not vm" --durations=15 \
     -p no:cacheprovider --basetemp="$(mktemp -d -t rover-test-python.XXXXXX)" &
@@ -91,8 +91,8 @@ python_stage() {
   trap - TERM
 }
 # background_stages NAME...: the Python tests ("python" among NAMEs), the static checks ("static"), each
-# emulated car's stage (car_stages), then molecule ("molecule"); each runs whatever failed before it, and the
-# status is the last failure's (the names of the failed stages are printed at the end).
+# emulated car's stage (car_stages), then molecule ("molecule"). Each runs even when one before it failed; the
+# status is the last failure's, and the failed stages are named at the end.
 background_stages() {
   local name cars=() python=false static=false molecule=false failed=() rc=0 status
   for name in "$@"; do
