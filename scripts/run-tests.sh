@@ -15,8 +15,8 @@
 #      cold run beside the fleet stage (after the arm64 car) the whole run took 74 min, but at a load
 #      average of 4-6 four timing-bound fleet tests failed and the VM car's gate saw a frame 0.80 s old.
 #   With the fleet stage, everything else runs beside it, in the background, one stage after the other: the
-#   Python tests, the static checks, the arm64 car (the VM car), then molecule. The fleet stage mostly waits on
-#   its cars (soaks, timers, ssh round trips: about one of the 2 cores busy with its deploys' Ansible and the
+#   Python tests, the static checks, the arm64 car (the VM car), then molecule. The fleet stage mostly waits
+#   on its cars (soaks, timers, ssh round trips: about one of the 2 cores busy with its deploys' Ansible and the
 #   cars' loops), and the Python tests keep one core busy (95 % of one over their 15 min alone, warm); one
 #   after the other the cold run took 91 min on CI's 2 cores (python 19 min, then fleet 69 min beside the
 #   rest), over CI's 90. Each emulator keeps a core busy, so only one runs at a time: with both at once beside
@@ -159,7 +159,8 @@ if [[ -n $bg_pid ]]; then
   wait_background
 fi
 if ((fleet_rc != 0 || bg_rc != 0)); then
-  if ((fleet_rc != 0)); then stage "fleet stage FAILED (exit $fleet_rc; its output is above the background's)"; fi
+  if ((fleet_rc != 0)); then stage "fleet stage FAILED (exit $fleet_rc; its output is above the background's)"
+  fi
   if ((bg_rc != 0)); then stage "background stages FAILED (exit $bg_rc; their log is above: $bg_log)"; fi
   exit $((fleet_rc != 0 ? fleet_rc : bg_rc))
 fi
