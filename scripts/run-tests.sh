@@ -16,13 +16,15 @@
 #      average of 4-6 four timing-bound fleet tests failed and the VM car's gate saw a frame 0.80 s old.
 #   With the fleet stage, everything else runs beside it, in the background, one stage after the other: the
 #   Python tests, the static checks, the arm64 car (the VM car), then molecule. The fleet stage mostly waits
-#   on its cars (soaks, timers, ssh round trips: about one of the 2 cores busy with its deploys' Ansible and the
-#   cars' loops), and the Python tests keep one core busy (95 % of one over their 15 min alone, warm); one
-#   after the other the cold run took 91 min on CI's 2 cores (python 19 min, then fleet 69 min beside the
-#   rest), over CI's 90. Each emulator keeps a core busy, so only one runs at a time: with both at once beside
-#   the fleet stage (load average 5-8) a cold run took 85 min and timing-bound fleet tests failed. Every
-#   background stage runs even when an earlier one failed (one CI run shows every failure); their output is
-#   shown when they end, and a failure fails the run. Without the fleet stage they run in the foreground.
+#   on its cars (soaks, timers, ssh round trips: about one of the 2 cores busy with its deploys' Ansible and
+#   the cars' loops), and the Python tests keep one core busy (95 % of one over their 15 min alone, warm).
+#   One after the other, the cold run took 91 min on CI's 2 cores (python 19 min, then fleet 69 min beside
+#   the rest), over CI's 90; side by side it took 76 min (the fleet stage 74 min, the background stages 66:
+#   python 28, static 5, arm64 24.5, molecule 8; both cores 88 % busy). Each emulator keeps a core busy, so
+#   only one runs at a time: with both at once beside the fleet stage (load average 5-8) a cold run took
+#   85 min and timing-bound fleet tests failed. Every background stage runs even when an earlier one failed
+#   (one CI run shows every failure); their output is shown when they end, and a failure fails the run.
+#   Without the fleet stage they run in the foreground.
 # Each pytest stage ends with its slowest tests and fixtures (--durations), to see where the time goes.
 # Set ROVER_TEST_STAGES (e.g. "static python") to run only some stages.
 set -euo pipefail
