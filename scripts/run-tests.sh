@@ -46,21 +46,27 @@ stop_background() {
   fi
 }
 trap stop_background EXIT
-# car_stages NAME...: pytest for each emulated car's stage in turn, each with its own temporary directory and
-# no shared pytest cache (another pytest session may run beside); the first failure ends it with its status.
-# pytest starts with SIGINT at its default (a background job inherits it ignored, and pytest needs it to stop
-# its fleet when interrupted); a TERM to this function interrupts the running pytest and waits for it.
-car_stages() {
-  local name child=""
+# pytest_stage TITLE NAME MARKERS DURATIONS: one pytest session with its own temporary directory and no shared
+# pytest cache (another pytest session may run beside). pytest starts with SIGINT at its default (a background
+# job inherits it ignored, and pytest needs it to stop its fleet when interrupted); a TERM to this function
+# interrupts the running pytest and waits for it.
+pytest_stage() {
+  local child=""
   trap 'if [[ -n ${child:-} ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
-  for name in "$@"; do
-    stage "$name car"
-    env --default-signal=INT pytest -m "${car_marker[$name]}" --durations=10 -p no:cacheprovider \
-      --basetemp="$(mktemp -d -t "rover-test-$name.XXXXXX")" &
-    child=$!
-    wait "$child" || return
-  done
+  stage "$1"
+  env --default-signal=INT pytest -m "$3" --durations="$4" -p no:cacheprovider \
+    --basetemp="$(mktemp -d -t "rover-test-$2.XXXXXX")" &
+  child=$!
+  wait "$child" || return
   trap - TERM
+}
+# car_stages NAME...: each emulated car's stage in turn (pytest_stage); the first failure ends it with its
+# status.
+car_stages() {
+  local name
+  for name in "$@"; do
+    pytest_stage "$name car" "$name" "${car_marker[$name]}" 10 || return
+  done
 }
 # static_stage: ruff, mypy, ansible-lint and the collection build; the first that fails ends it with its status.
 static_stage() {
@@ -80,17 +86,10 @@ molecule_stage() {
   wait "$child" || return
   trap - TERM
 }
-# python_stage: the tests that need no simulated fleet (each pytest in the background gets its own temporary
-# directory and no shared pytest cache: the fleet stage's pytest runs beside it).
+# python_stage: the tests that need no simulated fleet (pytest_stage).
 python_stage() {
-  local child=""
-  trap 'if [[ -n ${child:-} ]]; then kill -INT "$child" 2>/dev/null; wait "$child"; fi; exit 130' TERM
-  stage "unit and integration tests without the simulated fleet"
-  env --default-signal=INT pytest -m "not fleet and not arm64 and not vm" --durations=15 \
-    -p no:cacheprovider --basetemp="$(mktemp -d -t rover-test-python.XXXXXX)" &
-  child=$!
-  wait "$child" || return
-  trap - TERM
+  pytest_stage "unit and integration tests without the simulated fleet" python \
+    "not fleet and not arm64 and not vm" 15
 }
 # background_stages NAME...: the Python tests ("python" among NAMEs), the static checks ("static"), each
 # emulated car's stage (car_stages), then molecule ("molecule"). Each runs even when one before it failed; the

@@ -223,6 +223,20 @@ def metrics(host: Any) -> dict[str, Any]:
     return dict(json.loads(host.check_output("cat /run/rover/metrics.json")))
 
 
+def metrics_if_any(host: Any) -> dict[str, Any] | None:
+    """The runtime's metrics, or None while there are none (the file goes while the runtime restarts: read
+    once, as a check that it exists and a read after it may see it go in between)."""
+    out = host.run("cat /run/rover/metrics.json")
+    return dict(json.loads(out.stdout)) if out.rc == 0 else None
+
+
+def runs_healthy(sample: dict[str, Any] | None, release: str) -> bool:
+    """Whether a metrics sample is of a process that runs `release` and is healthy."""
+    if sample is None:
+        return False
+    return (sample.get("release") or {}).get("id") == release and bool(sample.get("healthy"))
+
+
 def journal(host: Any) -> str:
     return str(host.run("journalctl -u rover-runtime --no-pager -n 40").stdout)
 
@@ -287,9 +301,10 @@ def wait_running(host: Any, release: str, timeout: float = 60) -> dict[str, Any]
     deadline = time.monotonic() + timeout
     m: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        if host.file("/run/rover/metrics.json").exists:
-            m = metrics(host)
-            if (m.get("release") or {}).get("id") == release and m["healthy"]:
+        sample = metrics_if_any(host)
+        if sample is not None:
+            m = sample
+            if runs_healthy(m, release):
                 return m
         time.sleep(1)
     raise AssertionError(f"not running {release} within {timeout} s: {m.get('release')}\n{journal(host)}")

@@ -40,11 +40,13 @@ from deploy_helpers import (
     leftovers,
     make_bundle,
     metrics,
+    metrics_if_any,
     new_signing_key,
     playbook_command,
     playbook_env,
     releases,
     run_playbook,
+    runs_healthy,
     sign_manifest,
     signing_key,
     wait_running,
@@ -917,10 +919,7 @@ def _soaking(host: Any, good: str, deploy: subprocess.Popen[str], timeout: float
         assert deploy.poll() is None, (deploy.communicate()[0] or "")[-4000:]
         assert time.monotonic() < deadline, "the deploy never reached its soak"
         trial = current_release(host)
-        # (The file goes while the runtime restarts: read once, a missing file is not yet.)
-        out = host.run("cat /run/rover/metrics.json") if trial != good else None
-        sample = json.loads(out.stdout) if out is not None and out.rc == 0 else {}
-        if (sample.get("release") or {}).get("id") == trial and sample.get("healthy"):
+        if trial != good and runs_healthy(metrics_if_any(host), trial):
             return trial
         time.sleep(0.5)
 
