@@ -74,6 +74,13 @@ class Normalize(nn.Module):
         return (x - self.sub) / self.div + self.add
 
 
+# The module of InferenceACT that turns the action head's normalized output into real units. Every static
+# INT8 model leaves it in float: quantized, the model's output is rounded to 256 steps spread over every
+# action dimension's real range at once (on the tiny test policy that alone was a quarter of ExecuTorch's
+# INT8 error: 0.47 % of the action range with it quantized, 0.35 % without; docs/quantization.md).
+FLOAT_OUTPUT_MODULE = "action_unnorm"
+
+
 class Unnormalize(nn.Module):
     """`x * mul + add`: lerobot's inverse normalization as constants."""
 

@@ -152,7 +152,8 @@ fleet_rc=0
 if want fleet; then
   stage "simulated amd64 fleet: simfleet, provision, deploy, rollback, benchmark, testinfra"
   # A failure here still waits for the background stages: one run shows every failure.
-  pytest -m "fleet and not arm64" --durations=40 || fleet_rc=$?
+  fleet_log=$(mktemp -t "rover-test-fleet.XXXXXX.log")
+  pytest -m "fleet and not arm64" --durations=40 2>&1 | tee "$fleet_log" || fleet_rc=$?
   if ((fleet_rc != 0)); then stage "fleet stage FAILED (exit $fleet_rc)"; fi
 fi
 
@@ -163,6 +164,8 @@ if ((fleet_rc != 0 || bg_rc != 0)); then
   if ((fleet_rc != 0)); then stage "fleet stage FAILED (exit $fleet_rc; its output is above the background's)"
   fi
   if ((bg_rc != 0)); then stage "background stages FAILED (exit $bg_rc; their log is above: $bg_log)"; fi
+  # The failed tests once more, last, where a log cut to its tail still shows them (pytest's short summary).
+  grep -h -E '^(FAILED|ERROR) ' ${fleet_log:+"$fleet_log"} ${bg_log:+"$bg_log"} || true
   exit $((fleet_rc != 0 ? fleet_rc : bg_rc))
 fi
 stage "all stages passed: $stages"

@@ -8,6 +8,7 @@ runtime's metrics file (docs/runtime.md, "Metrics file").
 
   health_gate.py --metrics PATH --unit NAME --expect-release ID [--expect-bundle HASH] --timeout-s S
           --soak-s S [--interval-s 1] [--min-rate-ratio 0.9] [--max-reply-age-s 2.0] [--no-serial]
+          [--journal-since 'YYYY-MM-DD HH:MM:SS[.ffffff]']
 
 Start phase: every interval until --timeout-s, the unit must be active/running and one metrics sample must
 pass every condition. Soak phase: for --soak-s every sample must pass (the first that does not fails the
@@ -23,7 +24,9 @@ written within the last 5 s.
 `run_gate` returns the report {"ok", "phase", "reason", "waited_s", "soak_s", "samples", "summary"}, the
 module's result; the script prints it as one JSON object and exits 0 healthy, 1 not healthy, 2 bad
 arguments. The reason is composed from what the runtime and systemd say (failsafe reasons, camera error,
-serial state, the unit's state and its last journal lines).
+serial state, the unit's state and its last journal lines). The runtime's faults are read from its journal
+since --journal-since (the car's local time the unit was restarted, as Ansible's command results give it:
+the faults of its first start, before the gate began, count too), else since 5 s before the gate began.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -503,7 +507,7 @@ def runtime_faults(journal_text: str, limit: int = FAULT_LINES) -> list[str]:
 def journal_faults(unit: str, since: float) -> list[str]:
     """runtime_faults of the unit's journal since the epoch time `since` ([] if it cannot be read). (Not
     filtered by priority: journald files every line the runtime writes to stdout at the stream's.)"""
-    argv = ["journalctl", "-u", unit, f"--since=@{since:.0f}", "--no-pager", "-o", "cat"]
+    argv = ["journalctl", "-u", unit, f"--since=@{math.floor(since)}", "--no-pager", "-o", "cat"]
     rc, out, _ = _run(argv)
     return runtime_faults(out) if rc == 0 else []
 
@@ -568,7 +572,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-reply-age-s", type=float, default=2.0, help="max age of the firmware's last valid reply"
     )
     parser.add_argument("--no-serial", action="store_true", help="do not judge the serial link")
+    parser.add_argument(
+        "--journal-since",
+        default="",
+        help="read the runtime's faults from its journal since this local time (when the unit was restarted: "
+        "'YYYY-MM-DD HH:MM:SS[.ffffff]'); default 5 s before the gate begins",
+    )
     return parser
+
+
+JOURNAL_SINCE_FORMATS = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S")
+
+
+def parse_local_time(text: str) -> float:
+    """The epoch time of `text`, a local time as Ansible's command results give it ("2026-12-07
+    18:25:01.123456"); ValueError naming the expected form otherwise."""
+    for form in JOURNAL_SINCE_FORMATS:
+        try:
+            return datetime.strptime(text.strip(), form).timestamp()
+        except ValueError:
+            continue
+    raise ValueError(f"must be a local time like '2026-12-07 18:25:01.123456', got {text!r}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -586,6 +610,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ArgumentError(f"--{name.replace('_', '-')} must be {relation} {minimum:g}, got {value:g}")
     if not args.expect_release.strip():
         raise ArgumentError("--expect-release must not be empty")
+    args.journal_since_epoch = None
+    if args.journal_since.strip():
+        try:
+            args.journal_since_epoch = parse_local_time(args.journal_since)
+        except ValueError as exc:
+            raise ArgumentError(f"--journal-since {exc}") from None
     return args
 
 
@@ -620,9 +650,10 @@ def run_gate(args: argparse.Namespace) -> dict[str, Any]:
         serial=not args.no_serial,
     )
     started = time.monotonic()
-    # The runtime's faults are read from its journal since the gate began (a little before: the role
-    # restarted the unit right before it).
-    since = time.time() - 5.0
+    # The runtime's faults are read from its journal since the unit's restart (--journal-since), else since
+    # a little before the gate began (the role restarts the unit right before it). Never after the gate began.
+    began = time.time()
+    since = began - 5.0 if args.journal_since_epoch is None else min(args.journal_since_epoch, began)
     deadline = started + args.timeout_s
     samples = 0
     restarts_at_start: int | None = None

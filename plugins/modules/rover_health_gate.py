@@ -63,6 +63,13 @@ options:
     description: Judge the serial link to the firmware.
     type: bool
     default: true
+  journal_since:
+    description:
+      - When the unit was (re)started, in the car's local time as a command result's C(start) gives it
+        (C(2026-12-07 18:25:01.123456)). The runtime's faults are read from its journal since then.
+      - Empty reads them since 5 s before the gate began.
+    type: str
+    default: ""
 author: Rover fleet team
 """
 
@@ -118,6 +125,7 @@ OPTIONS = {
     "interval_s": "--interval-s",
     "min_rate_ratio": "--min-rate-ratio",
     "max_reply_age_s": "--max-reply-age-s",
+    "journal_since": "--journal-since",
 }
 
 
@@ -140,6 +148,7 @@ def main() -> None:
             "min_rate_ratio": {"type": "float", "default": 0.9},
             "max_reply_age_s": {"type": "float", "default": 2.0},
             "serial": {"type": "bool", "default": True},
+            "journal_since": {"type": "str", "default": ""},
         },
         supports_check_mode=True,
     )

@@ -4,9 +4,10 @@
   for the INT8 program, run by the same runtime.
 - static: torchao's PT2E flow with executorch's `XNNPACKQuantizer` (symmetric INT8, per-channel weights,
   per-tensor activations), calibrated on the same dataset samples as the other backends, then lowered the
-  same way. Each camera gets its own copy of the image encoder first
-  (`act_inference.unshare_image_encoder`): the quantizer annotates a shared weight only at its first use, so
-  with one shared backbone every camera after the first stayed float and XNNPACK refused the program.
+  same way. The output's de-normalization to real units stays float (`act_inference.FLOAT_OUTPUT_MODULE`).
+  Each camera gets its own copy of the image encoder first (`act_inference.unshare_image_encoder`): the
+  quantizer annotates a shared weight only at its first use, so with one shared backbone every camera after
+  the first stayed float and XNNPACK refused the program.
   (The PT2E *dynamic* configuration does not lower in executorch 1.5.1, "dependency cycles", so there is no
   dynamic mode here.)
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quantization.act_inference import InferenceACT, unshare_image_encoder
+from quantization.act_inference import FLOAT_OUTPUT_MODULE, InferenceACT, unshare_image_encoder
 from quantization.backends import FLOAT_TOLERANCE, INT8_TOLERANCE, ExportJob, WrittenModel
 from quantization.errors import QuantizationError, one_line
 from rover_runtime.bundle import Delegation
@@ -86,6 +87,7 @@ def quantize_static_pt2e(
     model.eval()
     captured = _export(model, example).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer.set_filter_function(_outside_module(FLOAT_OUTPUT_MODULE))
     prepared = prepare_pt2e(captured, quantizer)
     log.info(
         "ExecuTorch PT2E static INT8 (XNNPACK, per-channel weights): calibrating on %d samples", len(samples)
@@ -96,6 +98,16 @@ def quantize_static_pt2e(
             if i % 50 == 0:
                 log.info("PT2E calibration %d/%d", i, len(samples))
     return convert_pt2e(prepared)
+
+
+def _outside_module(name: str) -> Callable[[Any], bool]:
+    """A quantizer filter: true for the graph nodes that do not run inside the submodule `name`."""
+
+    def outside(node: Any) -> bool:
+        stack = node.meta.get("nn_module_stack", {})
+        return not any(path == name or path.startswith(f"{name}.") for path, _ in stack.values())
+
+    return outside
 
 
 def lower_to_pte(model: nn.Module, example: tuple[Tensor, ...], path: Path) -> Delegation:

@@ -3,7 +3,8 @@
 - static: QDQ format, per-channel INT8 weights, calibrated on the same dataset samples as the torch backend
   (MinMax by default; Percentile / Entropy selectable). Activations are uint8 (U8S8) or int8 (S8S8), and the
   attention's activation x activation MatMuls (scores and weighted sum) are quantized or left in float: the
-  `QdqVariant`s, compared in docs/quantization.md; `DEFAULT_VARIANT` is the one chosen there.
+  `QdqVariant`s, compared in docs/quantization.md; `DEFAULT_VARIANT` is the one chosen there. The output's
+  de-normalization to real units stays float (`act_inference.FLOAT_OUTPUT_MODULE`).
 - dynamic: INT8 weights on MatMul/Gemm only (quantizing the convolutions dynamically is slower here).
 """
 
@@ -30,6 +31,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from quantization.act_inference import FLOAT_OUTPUT_MODULE
 from quantization.backends import FLOAT_TOLERANCE, INT8_TOLERANCE, ExportJob, WrittenModel
 from quantization.errors import QuantizationError
 from quantization.export import export_onnx, input_names
@@ -102,6 +104,15 @@ def activation_matmuls(model_path: Path) -> list[str]:
     ]
 
 
+def module_nodes(model_path: Path, module: str) -> list[str]:
+    """The nodes the exporter made from the submodule `module` (named `/<module>/...`); at least one."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    nodes = [node.name for node in graph.node if node.name.startswith(f"/{module}/")]
+    if not nodes:
+        raise QuantizationError(f"the exported ONNX graph has no node of the module {module!r}")
+    return nodes
+
+
 class _SampleReader:
     """onnxruntime's CalibrationDataReader protocol over prepared model inputs."""
 
@@ -151,7 +162,7 @@ def quantize_static_qdq(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".onnx-prep-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        exclude = list(exclude_nodes)
+        exclude = [*exclude_nodes, *module_nodes(prepared, FLOAT_OUTPUT_MODULE)]
         if variant.attention_matmuls == "float":
             exclude += activation_matmuls(prepared)
         log.info(

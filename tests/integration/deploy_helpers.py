@@ -296,6 +296,20 @@ def provision_and_deploy(request: Any, tmp_path_factory: Any, *deploy_args: str)
     return inventory
 
 
+def wait_driving(host: Any, timeout: float = 30) -> dict[str, Any]:
+    """Metrics of the runtime once a cycle of it drove. A loaded machine has cycles that hold the car for a
+    moment (an old frame, a late reply): `driving` is that cycle's; the deploy's guard allows for them with
+    `rover_release_driving_grace_s`, and a test waits for the car to be on the road again."""
+    deadline = time.monotonic() + timeout
+    sample: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        sample = metrics_if_any(host)
+        if sample is not None and sample.get("driving") is True:
+            return sample
+        time.sleep(0.5)
+    raise AssertionError(f"not driving within {timeout} s: {sample}\n{journal(host)}")
+
+
 def wait_running(host: Any, release: str, timeout: float = 60) -> dict[str, Any]:
     """Metrics of the runtime once its process reports `release` and is healthy."""
     deadline = time.monotonic() + timeout

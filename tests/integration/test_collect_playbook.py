@@ -79,7 +79,9 @@ def test_collect_brings_new_episodes_home_once_and_skips_a_corrupt_one(
         home2 = home(store / "car2")
         assert f"{bad}.partial" in home2  # kept for a look, never published
         assert sorted(n for n in home2 if not n.endswith(".partial")) == on_car2[1:]
-        assert f"episode {bad}.partial: steps.jsonl does not match its sha256 (corrupt)" in run.text
+        assert f"episode {bad}.partial: steps.jsonl does not match its sha256 (corrupt)" in run.text, (
+            run.report()
+        )
         for name in ("car1", "car2"):  # one rsync per car; nothing left in its staging area
             assert list((store / name / ".incoming").iterdir()) == []
         merge = json.loads((tmp_path / "merge.json").read_text())
@@ -135,8 +137,8 @@ def test_an_unreachable_car_is_reported_and_the_others_complete(recorded_fleet: 
         f"rover_collect_dataset={tmp_path / 'dataset'}",
     )
     assert run.rc == 4, run.report()  # ansible-playbook's "some hosts were unreachable"
-    assert "car9" in run.text
-    assert "unreachable" in run.text
+    assert "car9" in run.text, run.report()
+    assert "unreachable" in run.text, run.report()
     assert home(store / "car1")  # car1 completed
     assert (tmp_path / "dataset" / "meta" / "info.json").is_file()  # and the merge ran
 
@@ -186,10 +188,10 @@ def test_a_hostile_car_gets_nothing_outside_the_store_and_its_episodes_quarantin
         assert linked not in names  # never listed, never fetched
         assert f"{linked}.partial" not in names
         assert f"{outside_file}.partial" in names  # quarantined: rsync did not take the symlink
-        assert f"{outside_file}.partial: front.jpg.bin is missing" in run.text
+        assert f"{outside_file}.partial: front.jpg.bin is missing" in run.text, run.report()
         assert f"{escaping}.partial" in names
-        assert f"{escaping}.partial: ../../../../../../etc/shadow resolves to " in run.text
-        assert f"outside the episode (quarantined as {escaping}.partial)" in run.text
+        assert f"{escaping}.partial: ../../../../../../etc/shadow resolves to " in run.text, run.report()
+        assert f"outside the episode (quarantined as {escaping}.partial)" in run.text, run.report()
         assert real in names  # the good ones still come home
         for path in store.rglob("*"):
             assert not path.is_symlink(), f"{path} is a symlink"

@@ -49,6 +49,7 @@ from deploy_helpers import (
     runs_healthy,
     sign_manifest,
     signing_key,
+    wait_driving,
     wait_running,
 )
 from quantize_helpers import tiny_bundle
@@ -165,12 +166,14 @@ def test_service_sandbox_score_devices_and_restart_policy(deployed: Path, name: 
         assert entry in allow, allow
     show = host.check_output(
         "systemctl show rover-runtime -p StartLimitIntervalUSec -p Restart -p RestartUSec "
-        "-p RestrictRealtime -p LimitRTPRIO -p CapabilityBoundingSet -p PrivateNetwork"
+        "-p RestrictRealtime -p LimitRTPRIO -p CapabilityBoundingSet -p PrivateNetwork -p TimeoutStopUSec"
     )
     props = dict(line.split("=", 1) for line in show.splitlines())
     # No start rate limit: systemd keeps restarting a crashing runtime, it never stays failed for good.
     assert props["StartLimitIntervalUSec"] == "0", props
     assert props["Restart"] == "on-failure"
+    # A runtime that hangs on its way out is killed after 20 s, not systemd's default 90 s.
+    assert props["TimeoutStopUSec"] == "20s", props
     # SCHED_FIFO for the control loop stays possible.
     assert props["RestrictRealtime"] == "no"
     assert props["LimitRTPRIO"] == "20"
@@ -244,7 +247,8 @@ def test_redeploy_unchanged_changes_nothing(deployed: Path, bundles: dict[str, P
 
 def test_driving_car_is_skipped_and_reported_not_failed(deployed: Path, bundles: dict[str, Path]) -> None:
     host = car(deployed, "car1")
-    assert metrics(host)["driving"] is True
+    for name in ALL_CARS:
+        wait_driving(car(deployed, name))
     before = {name: current_release(car(deployed, name)) for name in ALL_CARS}
     run = run_playbook(deployed, "deploy.yml", "-e", f"rover_deploy_bundle={bundles['b']}")
     assert run.rc == 0, run.report()  # a skip is not a failure: the rollout went on
@@ -268,8 +272,8 @@ def test_check_mode_reports_the_switch_and_changes_nothing(deployed: Path, bundl
 def test_corrupted_bundle_is_refused_on_the_controller(deployed: Path, bundles: dict[str, Path]) -> None:
     before = current_release(car(deployed, "car1"))
     run = run_playbook(deployed, "deploy.yml", *FORCE, "-e", f"rover_deploy_bundle={bundles['corrupt']}")
-    assert run.rc != 0
-    assert "does not match its sha256 in the manifest" in run.text
+    assert run.rc != 0, run.report()
+    assert "does not match its sha256 in the manifest" in run.text, run.report()
     assert current_release(car(deployed, "car1")) == before
 
 
@@ -286,9 +290,9 @@ def test_corrupted_bundle_is_refused_on_the_car(deployed: Path, bundles: dict[st
         "-e",
         "rover_release_verify_on_controller=false",
     )
-    assert run.rc != 0
-    assert "failed verification on the car and was not activated" in run.text
-    assert "does not match its sha256" in run.text
+    assert run.rc != 0, run.report()
+    assert "failed verification on the car and was not activated" in run.text, run.report()
+    assert "does not match its sha256" in run.text, run.report()
     assert current_release(host) == before
     assert host.run(f"ls -A {RELEASES}/bundles").stdout.split() == [content_hash(bundles["a"])]
     assert leftovers(host) == []  # this run's staging directories and its lock are gone
@@ -368,11 +372,7 @@ def test_an_executorch_bundle_drives_a_simulated_car_without_torch(
     m = wait_running(host, current_release(host))
     assert (m["bundle"]["backend"], m["bundle"]["mode"]) == ("executorch", "static")
     assert m["bundle"]["content_hash"] == content_hash(bundle)
-    deadline = time.monotonic() + 30
-    while not m["driving"]:
-        assert time.monotonic() < deadline, m
-        time.sleep(1)
-        m = metrics(host)
+    wait_driving(host)
     run = _deploy_car1(deployed, bundles["a"])
     assert run.rc == 0, run.report()
     assert current_release(host) == first
@@ -385,7 +385,7 @@ def test_a_bundle_asking_for_a_state_the_car_cannot_supply_never_reaches_current
     first = current_release(host)
     bundle = write_tiny_bundle(tmp_path / "odometer", "onnx", state_names=("steer", "throttle", "odometer"))
     run = _deploy_car1(deployed, bundle)
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert (
         "the bundle asks for inputs this car's runtime.toml cannot supply: the bundle's state cannot be "
         "supplied: state 'odometer' has no source" in run.text
@@ -403,7 +403,7 @@ def test_config_the_runtime_refuses_never_reaches_the_car(deployed: Path, bundle
         "-e",
         "rover_runtime_service_rate_hz=5000",
     )
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert (
         "runtime.toml refused by the runtime of this release: config control.rate_hz: must be <= 1000"
         in run.text
@@ -425,9 +425,9 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
         "-e",
         "rover_health_timeout_s=20",
     )
-    assert run.rc != 0
-    assert "health gate FAILED" in run.text
-    assert f"rolled back to release {good}, which is running" in run.text
+    assert run.rc != 0, run.report()
+    assert "health gate FAILED" in run.text, run.report()
+    assert f"rolled back to release {good}, which is running" in run.text, run.report()
     # The reason is the runtime's own (`rover-runtime check` as the service user): the model's output
     # does not match its manifest.
     line = _recap_line(run, "car1")
@@ -452,8 +452,8 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
     run = run_playbook(
         deployed, "rollback.yml", *FORCE, "--limit", "car1", "-e", f"rover_rollback_release={bad[0]}"
     )
-    assert run.rc != 0
-    assert "not rolling back to it" in run.text
+    assert run.rc != 0, run.report()
+    assert "not rolling back to it" in run.text, run.report()
     assert current_release(canary) == good
     # A good release on top; rollback.yml then goes to the newest GOOD release before it, never the bad one.
     run = _deploy_car1(deployed, bundles["b"])
@@ -474,14 +474,14 @@ def test_failed_gate_rolls_back_to_the_last_good_release(deployed: Path, bundles
 def test_rollback_needs_a_limit_or_the_whole_fleet_named(deployed: Path) -> None:
     before = {name: current_release(car(deployed, name)) for name in ALL_CARS}
     run = run_playbook(deployed, "rollback.yml", *FORCE)
-    assert run.rc != 0
-    assert "name them with --limit" in run.text
+    assert run.rc != 0, run.report()
+    assert "name them with --limit" in run.text, run.report()
     assert {name: current_release(car(deployed, name)) for name in ALL_CARS} == before
     run = run_playbook(
         deployed, "rollback.yml", *FORCE, "--limit", "car2", "-e", "rover_rollback_release=ffffnothere"
     )
-    assert run.rc != 0
-    assert "ffffnothere" in run.text
+    assert run.rc != 0, run.report()
+    assert "ffffnothere" in run.text, run.report()
 
 
 def _broken_source(tmp_path: Path) -> Path:
@@ -518,9 +518,9 @@ def test_broken_runtime_is_rolled_back_with_its_release(
         "-e",
         "rover_health_timeout_s=20",
     )
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert "broken runtime release (test)" in run.text, run.report()  # from the journal
-    assert f"rolled back to release {good}, which is running" in run.text
+    assert f"rolled back to release {good}, which is running" in run.text, run.report()
     assert current_release(host) == good
     wait_running(host, good)
     environ = host.check_output(f"tr '\\0' '\\n' < /proc/{metrics(host)['pid']}/environ")
@@ -549,7 +549,7 @@ def test_three_cars_in_one_batch_one_failing(
         "-e",
         "rover_health_timeout_s=20",
     )
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     for name in ("car1", "car3"):
         assert _recap_line(run, name).startswith("ok: deployed release"), _recap_line(run, name)
         assert current_bundle(car(deployed, name)) == content_hash(bundles["c"])
@@ -714,7 +714,7 @@ def test_full_disk_during_the_push_leaves_the_old_release_serving(
     try:
         big = make_bundle(tmp_path / "big", chunk_size=15)
         run = _deploy_car1(deployed, big)
-        assert run.rc != 0
+        assert run.rc != 0, run.report()
         assert "No space left on device" in run.text, run.report()
         assert current_release(host) == before
         assert host.service("rover-runtime").is_running
@@ -739,8 +739,10 @@ def test_first_release_that_fails_is_stopped(deployed: Path, bundles: dict[str, 
         "-e",
         "rover_health_timeout_s=20",
     )
-    assert run.rc != 0
-    assert "no release that passed its gate to roll back to, so the service was stopped" in run.text
+    assert run.rc != 0, run.report()
+    assert "no release that passed its gate to roll back to, so the service was stopped" in run.text, (
+        run.report()
+    )
     assert not host.service("rover-runtime").is_running
     assert releases(host)[current_release(host)]["state"] == "bad"
     run = run_playbook(deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['a']}")
@@ -752,7 +754,7 @@ def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: di
     host = car(deployed, "car1")
     # Its inferences all raise: it never becomes healthy, and the gate gives up after its start time-out.
     run = _deploy_car1(deployed, bundles["gate-fails"], "-e", "rover_health_timeout_s=20")
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     bad = [r for r, info in releases(host).items() if info["state"] == "bad"]
     assert bad, releases(host)
     for bundle in ("a", "b", "c"):
@@ -767,31 +769,37 @@ def test_cleanup_keeps_good_releases_before_bad_ones(deployed: Path, bundles: di
     assert set(host.run(f"ls -A {RELEASES}/bundles").stdout.split()) == used
 
 
+def _wait_active(host: Any, timeout_s: float = 60) -> None:
+    """Until systemd says the runtime is active (the journal's tail when it is not within `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while host.run("systemctl is-active rover-runtime").stdout.strip() != "active":
+        assert time.monotonic() < deadline, journal(host)
+        time.sleep(0.2)
+
+
 def test_crash_loop_never_leaves_the_service_failed(deployed: Path) -> None:
     """More crashes in a row than the old start limit (10 per 300 s) allowed: systemd keeps restarting it.
-    A runtime drop-in shortens the back-off so the test takes seconds; it is removed afterwards."""
+    A runtime drop-in shortens the back-off so the test takes seconds; it is removed afterwards. It also
+    shortens the stop timeout (the unit's is 20 s): on this machine's cgroup v1 a simulated car's systemd has
+    no reliable "cgroup empty" event, and once in a cold run (1 kill of 12, 60 ms after a start) it waited in
+    stop-sigterm for the then default 90 s with the runtime already gone, then restarted it."""
     host = car(deployed, "car1")
     dropin = "/run/systemd/system/rover-runtime.service.d"
     host.check_output(
-        f"mkdir -p {dropin} && printf '[Service]\\nRestartSec=200ms\\nRestartSteps=0\\n' "
+        f"mkdir -p {dropin} && printf '[Service]\\nRestartSec=200ms\\nRestartSteps=0\\nTimeoutStopSec=5s\\n' "
         f"> {dropin}/fast.conf && systemctl daemon-reload && systemctl restart rover-runtime"
     )
     try:
         for _ in range(12):
-            deadline = time.monotonic() + 60
-            while host.run("systemctl is-active rover-runtime").stdout.strip() != "active":
-                assert time.monotonic() < deadline, journal(host)
-                time.sleep(0.2)
+            _wait_active(host)
             host.run("kill -KILL $(systemctl show -p MainPID --value rover-runtime)")
             time.sleep(0.3)
-        deadline = time.monotonic() + 60
-        while host.run("systemctl is-active rover-runtime").stdout.strip() != "active":
-            assert time.monotonic() < deadline, journal(host)
-            time.sleep(0.5)
+        _wait_active(host)
         assert int(host.check_output("systemctl show rover-runtime -p NRestarts --value")) >= 12
     finally:
         host.run(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart rover-runtime")
-    assert host.service("rover-runtime").is_running, journal(host)
+    # (A restart right after a stop can fail once with 219/CGROUP on cgroup v1; Restart= brings it back.)
+    _wait_active(host)
 
 
 # --- signed bundles: every new release's manifest.json.sig is checked on the car before it is published --
@@ -1089,7 +1097,7 @@ def test_a_car_whose_releases_all_failed_stays_stopped_after_a_reboot(
         deployed, "deploy.yml", "--limit", "car2", "-e", f"rover_deploy_bundle={bundles['gate-fails']}",
         "-e", "rover_health_timeout_s=20",
     )  # fmt: skip
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     bad = current_release(host)
     power_off(fleet, "car2")
     power_on(fleet, "car2")

@@ -192,7 +192,7 @@ def test_firmware_signed_with_another_key_is_refused_on_the_car(
         ).stdout  # fmt: skip
     (firmware / "firmware.json.sig").write_bytes(signature)
     run = deploy(fleet, signed, "-e", "rover_release_sign=false", "-e", f"rover_firmware_dir={firmware}")
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert "failed verification on the car and was not activated" in run.text, run.report()
     assert 'firmware.json.sig is not a good "rover-bundle" signature' in run.text, run.report()
     assert current_release(host) == good

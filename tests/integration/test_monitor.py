@@ -284,7 +284,7 @@ def test_a_port_in_use_is_named_and_the_other_is_left_alone(deployed: Path, moni
 
 def test_inventory_without_the_monitor_host_is_named(request: pytest.FixtureRequest) -> None:
     run = run_playbook(fleet_inventory(request), "monitor.yml", "-e", "rover_monitor_host=watchtower")
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert "the monitor host watchtower is not in the inventory" in run.text, run.report()
 
 

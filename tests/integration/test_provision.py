@@ -234,7 +234,7 @@ def test_unreachable_car_does_not_stop_the_others(
 ) -> None:
     ghost = {"ghost": {"ansible_host": "127.0.0.1", "ansible_port": free_port(), "ansible_user": "pi"}}
     run = provision(sim_fleet, extra=extra_inventory(tmp_path / "ghost.yml", ghost))
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     recap = run.recap()
     assert recap["ghost"]["unreachable"] == 1
     assert_ok(run, cars(sim_fleet))
@@ -248,12 +248,14 @@ def test_unsupported_architecture_is_stopped_by_preflight(
     bad, good = cars(sim_fleet)[:2]
     narrowed = {bad: {"preflight_supported_architectures": ["aarch64"]}}
     run = provision(sim_fleet, "--tags", "preflight", extra=extra_inventory(tmp_path / "arch.yml", narrowed))
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert run.recap()[bad]["failed"] == 1
     assert_ok(run, [good])
     release = next(host.release for host in sim_fleet.hosts if host.name == bad)
     narrowed_message = SUPPORTED.replace(", x86_64", "")
-    assert f"{bad}: unsupported host: Debian {release} on x86_64; {narrowed_message}" in run.text
+    assert f"{bad}: unsupported host: Debian {release} on x86_64; {narrowed_message}" in run.text, (
+        run.report()
+    )
 
 
 @contextmanager
@@ -282,10 +284,10 @@ def test_unsupported_os_is_stopped_by_preflight(first_run: PlaybookRun, sim_flee
     ubuntu_car = cars(sim_fleet)[-1]
     with pretending(Path(sim_fleet.inventory), ubuntu_car, UBUNTU_JAMMY):
         run = provision(sim_fleet, "--tags", "preflight")
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert run.recap()[ubuntu_car]["failed"] == 1
     assert_ok(run, [name for name in cars(sim_fleet) if name != ubuntu_car])
-    assert f"{ubuntu_car}: unsupported host: Ubuntu jammy on x86_64; {SUPPORTED}" in run.text
+    assert f"{ubuntu_car}: unsupported host: Ubuntu jammy on x86_64; {SUPPORTED}" in run.text, run.report()
 
 
 def test_unsupported_debian_release_gets_one_error_line_and_no_change(
@@ -296,7 +298,7 @@ def test_unsupported_debian_release_gets_one_error_line_and_no_change(
     old_car = cars(sim_fleet)[0]
     with pretending(Path(sim_fleet.inventory), old_car, DEBIAN_BULLSEYE):
         run = provision(sim_fleet)
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     recap = run.recap()
     assert recap[old_car]["failed"] == 1
     assert recap[old_car]["changed"] == 0
@@ -332,7 +334,7 @@ def test_wheelhouse_file_with_wrong_hash_is_refused(
     run = provision(
         sim_fleet, "--tags", "rover_python", "-e", f"rover_python_wheelhouse_root={tmp_path / 'wheelhouse'}"
     )
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     # One line for the whole run, before any car is touched: every car stops.
     (line,) = error_lines(run)
     assert "wheelhouse refused:" in line
@@ -356,7 +358,7 @@ def test_car_python_without_a_wheel_stops_the_run_before_any_change(
     pins = {bad: {"rover_python_requirements": ["numpy==1.22.4", "pyserial==3.5", "onnxruntime==1.32.0"]}}
     before = sorted(WHEELHOUSE_CACHE.glob("*/*"))
     run = provision(sim_fleet, extra=extra_inventory(tmp_path / "pins.yml", pins))
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert error_lines(run) == [
         f"{FAILED} {bad} (Python {python} on x86_64): wheelhouse refused: no wheel of numpy==1.22.4"
         f" for CPython {python} on manylinux_2_28_x86_64, manylinux_2_17_x86_64, "
@@ -434,7 +436,7 @@ def test_car_over_the_thermal_limit_fails_with_its_reading(
     first_run: PlaybookRun, sim_fleet: FleetState, hot_car: str
 ) -> None:
     run = provision(sim_fleet, "--tags", "rover_thermal")
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert run.recap()[hot_car]["failed"] == 1
     others = [name for name in cars(sim_fleet) if name != hot_car]
     assert_ok(run, others)
@@ -464,7 +466,7 @@ def test_wrongly_typed_inventory_variable_is_rejected(
     bad, good = cars(sim_fleet)[:2]
     typo = {bad: {"rover_thermal_max_temp_c": "very hot"}}
     run = provision(sim_fleet, "--tags", "rover_thermal", extra=extra_inventory(tmp_path / "typo.yml", typo))
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert run.recap()[bad]["failed"] == 1
     assert_ok(run, [good])
     flat = " ".join(run.stdout.split())
@@ -510,7 +512,7 @@ def test_mixed_fleet_car_without_a_wheel_stops_the_run_before_any_change(
     # A throwaway cache: the bookworm car's wheelhouse for these pins is built there too.
     root = tmp_path / "wheelhouse"
     run = provision(mixed_fleet, "-e", f"rover_python_wheelhouse_root={root}", extra=fleet_wide)
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert error_lines(run) == [
         f"{FAILED} car1 (Python 3.13 on x86_64): wheelhouse refused: no wheel of onnxruntime==1.19.2"
         " for CPython 3.13 on manylinux_2_28_x86_64, manylinux_2_17_x86_64, "
@@ -584,7 +586,7 @@ def test_mixed_fleet_deploy_refuses_a_torch_bundle_on_the_onnx_only_car(
     releases_before = releases(car(inventory, "car1"))
     # car1 (trixie) is the canary: refused, so the rollout stops before car2.
     run = run_playbook(inventory, "deploy.yml", *force, "-e", f"rover_deploy_bundle={torch_bundle}")
-    assert run.rc != 0
+    assert run.rc != 0, run.report()
     assert error_lines(run) == [
         f"{FAILED} car1: bundle {content_hash(torch_bundle)[:12]} needs torch, which this car's venv"
         " does not have (Python 3.13 on x86_64 runs onnxruntime, executorch only); deploy a bundle for one"

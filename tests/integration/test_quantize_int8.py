@@ -10,14 +10,21 @@ import pytest
 import torch
 from quantize_helpers import CALIBRATION_SAMPLES, heldout_batch, run_bundle, tiny_bundle
 
-from quantization.calibration import action_range
+from quantization.act_inference import (
+    FLOAT_OUTPUT_MODULE,
+    build_inference_model,
+    model_spec,
+    unshare_image_encoder,
+)
+from quantization.backends.executorch import quantize_static_pt2e
+from quantization.calibration import action_range, draw_calibration_set
+from quantization.policy_loading import load_policy
 from rover_runtime.bundle import open_bundle
 
-# The documented accuracy target (docs/quantization.md): INT8 within 1 % of the action range of FP32 (mean
-# absolute error). ExecuTorch's stricter 0.5 % is the trained demo policy's (0.32 % there): on this tiny
-# policy (300 steps) ExecuTorch's fully static INT8 measures 0.47-0.51 %, and more training or calibration
-# frames did not lower it (600 steps: 0.62 %; 64 and 128 frames: 0.47 %, 0.59 %), so it is held to 1 % here.
-TARGET_MAE_PCT = {"dynamic-torch": 1.0, "static-torch": 1.0, "static-onnx": 1.0, "static-executorch": 1.0}
+# The documented accuracy targets (docs/quantization.md): INT8 within 1 % of the action range of FP32 (mean
+# absolute error), ExecuTorch's within 0.5 %. On this tiny policy (300 steps) ExecuTorch's static INT8
+# measures 0.35 % (0.47-0.51 % while its output's de-normalization was quantized too).
+TARGET_MAE_PCT = {"dynamic-torch": 1.0, "static-torch": 1.0, "static-onnx": 1.0, "static-executorch": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +51,50 @@ def test_int8_bundle_stays_close_to_fp32(
     verification = open_bundle(tiny_bundle(tiny_policy, demo_dataset, name)).manifest.verification
     assert verification is not None  # quantize ran it with the car's runtime before writing it
     assert 0 < verification.mae_pct_range <= TARGET_MAE_PCT[name]
+
+
+@pytest.mark.slow
+def test_static_onnx_leaves_the_output_denormalization_float(tiny_policy: Path, demo_dataset: Path) -> None:
+    """The action head's output is brought to real units in float: no QuantizeLinear reads it."""
+    graph = onnx.load(
+        str(open_bundle(tiny_bundle(tiny_policy, demo_dataset, "static-onnx")).model_path)
+    ).graph
+    unnorm = [n for n in graph.node if n.name.startswith(f"/{FLOAT_OUTPUT_MODULE}/")]
+    produced = {out for n in unnorm for out in n.output}
+    assert [n.op_type for n in unnorm] == ["Mul", "Add"]
+    assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear" and produced & set(n.input)]
+    assert graph.output[0].name in produced
+
+
+@pytest.mark.slow
+def test_executorch_static_leaves_the_output_denormalization_float(
+    tiny_policy: Path, demo_dataset: Path
+) -> None:
+    """The same for the PT2E graph the ExecuTorch program is lowered from: its output is not dequantized
+    from INT8, and every node of the de-normalization computes in float."""
+    loaded = load_policy(tiny_policy)
+    spec = model_spec(loaded.config)
+    model = unshare_image_encoder(
+        build_inference_model(loaded.policy, loaded.preprocessor, loaded.postprocessor)
+    )
+    samples = draw_calibration_set(demo_dataset, spec, 2).inputs
+    graph = quantize_static_pt2e(model, spec.example_inputs(1), samples).graph
+    quant_ops = (
+        "quantize_per_tensor",
+        "dequantize_per_tensor",
+        "quantize_per_channel",
+        "dequantize_per_channel",
+    )
+
+    def in_unnorm(node: torch.fx.Node) -> bool:
+        return any(path == FLOAT_OUTPUT_MODULE for path, _ in node.meta.get("nn_module_stack", {}).values())
+
+    unnorm = [n for n in graph.nodes if in_unnorm(n)]
+    assert unnorm
+    for node in unnorm:
+        assert not any(op in str(user.target) for user in node.users for op in quant_ops), node
+    (result,) = next(n for n in graph.nodes if n.op == "output").args[0]
+    assert in_unnorm(result)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -519,6 +520,37 @@ def test_the_gate_reports_a_failed_unit_with_its_journal(tmp_path: Path) -> None
     assert report["phase"] == "start"
     assert report["reason"].startswith("rover-runtime.service is failed/failed (exit status 2); metrics file")
     assert report["reason"].endswith("config policy.bundle: cannot read\nbye")
+
+
+def test_the_faults_are_read_since_the_restart_given(tmp_path: Path) -> None:
+    """A runtime that faulted 20 s before the gate began (its first start, while `rover-runtime check` ran):
+    with --journal-since at the restart (the car's local time, as a command result's `start` gives it)
+    the gate names the fault; without it the journal is read from 5 s before the gate and the fault is not
+    among the runtime's last faults. A time in another form is refused, naming the form."""
+    state = tmp_path / "state"
+    write_state(state, {**UNIT, "ActiveState": "failed", "SubState": "failed", "ExecMainStatus": "1"})
+    env = fake_systemd(tmp_path / "bin", state)
+    fault_at = time.time() - 20
+    # A journal that honours --since=@EPOCH: the fault line only when the window reaches back to it.
+    (tmp_path / "bin" / "journalctl").write_text(
+        "#!/bin/sh\nfor a; do case $a in --since=@*) since=${a#--since=@};; esac; done\n"
+        f'if [ -z "$since" ] || [ "$since" -le {int(fault_at)} ]; then '
+        "echo 'ERROR rover_runtime.parts.cameras: camera front: /dev/video0: cannot open'; fi\necho bye\n"
+    )
+    restarted = datetime.fromtimestamp(fault_at - 10).strftime("%Y-%m-%d %H:%M:%S.%f")
+    args = gate_args(tmp_path / "none.json", "--timeout-s", "0")
+    with_since = json.loads(run_gate_script(*args, "--journal-since", restarted, env=env).stdout)
+    without = json.loads(run_gate_script(*args, env=env).stdout)
+    fault = "the runtime's last faults: (camera front: /dev/video0: cannot open)"
+    assert fault in with_since["reason"], with_since["reason"]
+    assert fault not in without["reason"], without["reason"]
+    for bad in ("yesterday", "07/12/2026 18:25:01", "2026-12-07T18:25:01"):
+        done = run_gate_script(*args, "--journal-since", bad, env=env)
+        assert done.returncode == 2, done.stdout
+        assert json.loads(done.stdout)["reason"] == (
+            "bad arguments: --journal-since must be a local time like '2026-12-07 18:25:01.123456', "
+            f"got {bad!r}"
+        )
 
 
 def test_the_runtimes_own_faults_come_from_its_log_lines(
