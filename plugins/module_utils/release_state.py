@@ -51,7 +51,7 @@ their few milliseconds, so two invocations never interleave (the deploy lock its
     release_state.py [--root R] publish --from REL_PATH --to REL_PATH
     release_state.py [--root R] switch --to ID
     release_state.py [--root R] mark --id ID --state good|bad [--reason TEXT]
-    release_state.py [--root R] rollback-target [--to PREFIX]
+    release_state.py [--root R] rollback-target [--to PREFIX | --leaving ID]
     release_state.py [--root R] prune --keep N --run RUN --stale-after SECONDS
     release_state.py [--root R] boot-check
 
@@ -737,11 +737,17 @@ def cmd_mark(root: Path, rid: str, state: str, reason: str) -> JSON:
         return {"changed": changed, "id": rid, "state": state, "reason": reason, "gated_at": now}
 
 
-def cmd_rollback_target(root: Path, prefix: str | None) -> JSON:
+def cmd_rollback_target(root: Path, prefix: str | None, leaving: str | None = None) -> JSON:
+    """The release to go back to: `prefix`'s, or the newest good one other than `leaving` (default: the active
+    one). A gate that failed names its release as `leaving`: by then the unit's restart may have run
+    boot-check, which moves `current` off a release marked bad onto the newest good one, and that one is
+    where the rollback goes, not the one before it."""
     releases = list_releases(root)
     current, _missing = read_current(root)
     if prefix is None:
-        target = _newest_good(releases, current)
+        if leaving is not None:
+            _check_name("release id", leaving)
+        target = _newest_good(releases, current if leaving is None else leaving)
         if target is None:
             raise Refusal(f"no good release to roll back to (releases: {_listing(releases)})")
         return {"target": target.id, "current": current}
@@ -959,7 +965,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=("good", "bad"), required=True)
     p.add_argument("--reason", default="")
     p = add("rollback-target", "the release to roll back to")
-    p.add_argument("--to", dest="prefix", default=None, help="a release id or a unique prefix of one")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--to", dest="prefix", default=None, help="a release id or a unique prefix of one")
+    which.add_argument(
+        "--leaving",
+        default=None,
+        metavar="ID",
+        help="the newest good release other than ID (one that failed its gate; default: the active one)",
+    )
     p = add("prune", "remove old releases, stale staging and orphaned bundles")
     p.add_argument("--keep", type=_at_least_one, required=True)
     p.add_argument("--run", required=True)
@@ -993,7 +1006,7 @@ def run_command(args: argparse.Namespace) -> JSON:
     if command == "mark":
         return cmd_mark(root, args.id, args.state, args.reason)
     if command == "rollback-target":
-        return cmd_rollback_target(root, args.prefix)
+        return cmd_rollback_target(root, args.prefix, args.leaving)
     if command == "prune":
         return cmd_prune(root, args.keep, args.run, args.stale_after)
     if command == "boot-check":

@@ -61,6 +61,12 @@ options:
   release:
     description: The release id (C(switch), C(mark)); for C(rollback-target), an id or a unique prefix of one.
     type: str
+  leaving:
+    description: >-
+      For C(rollback-target) without O(release): the release being left, one that failed its gate; the
+      target is the newest good release other than it (default: other than the active one, which the unit's
+      boot check may already have moved off a release marked bad).
+    type: str
   state:
     description: The health gate's verdict (C(mark)).
     type: str
@@ -129,7 +135,7 @@ ARGUMENTS: dict[str, dict[str, str | None]] = {
     "publish": {"src": "--from", "dest": "--to"},
     "switch": {"release": "--to"},
     "mark": {"release": "--id", "state": "--state", "reason": "--reason"},
-    "rollback-target": {"release": "--to"},
+    "rollback-target": {"release": "--to", "leaving": "--leaving"},
     "prune": {"keep": "--keep", "run": "--run", "stale_after": "--stale-after"},
 }
 READ_ONLY = ("status", "rollback-target")
@@ -164,12 +170,14 @@ def main() -> None:
             "src": {"type": "str"},
             "dest": {"type": "str"},
             "release": {"type": "str"},
+            "leaving": {"type": "str"},
             "state": {"type": "str", "choices": ["good", "bad"]},
             "reason": {"type": "str", "default": ""},
             "keep": {"type": "int"},
             "metrics": {"type": "path"},
             "engines_fact": {"type": "path"},
         },
+        mutually_exclusive=[("release", "leaving")],
         required_if=[
             ("command", "lock", ("run", "owner", "stale_after")),
             ("command", "unlock", ("run",)),

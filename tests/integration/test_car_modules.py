@@ -106,6 +106,8 @@ def test_a_refusal_fails_with_the_helpers_sentence(tmp_path: Path) -> None:
         ({"command": "lock", "run": "r"}, "owner"),
         ({"command": "prune", "keep": 0, "run": "r", "stale_after": 1}, "keep"),
         ({"command": "switch", "release": "../../etc"}, "release"),
+        ({"command": "rollback-target", "release": "abc", "leaving": "def"}, "mutually exclusive"),
+        ({"command": "rollback-target", "leaving": "../x"}, "release id"),
     ],
 )
 def test_bad_parameters_are_refused_before_anything_runs(

@@ -680,6 +680,42 @@ def test_a_trial_cut_by_a_reboot_is_set_aside_for_the_newest_good_release(tmp_pa
     assert not list(tmp_path.glob(".current-*"))
 
 
+@pytest.mark.parametrize("restart_first", [False, True], ids=["gate-first", "unit-restart-first"])
+def test_a_failed_gate_rolls_back_to_the_newest_good_release_whoever_moves_current_first(
+    tmp_path, capsys, boot, restart_first
+):
+    """The race CI hit twice: the gate marks the trial bad while systemd restarts the failing runtime; the
+    restart's boot-check moves `current` off the bad release onto the newest good one before the rollback
+    asks where to go. "The newest good release other than the active one" then named the one before it; the
+    gate's rollback names the release it leaves, and lands on the newest good one either way."""
+    make_release(tmp_path, "older", state="good", activated_at=1.0, gated_at=2.0)
+    make_release(tmp_path, "last", state="good", activated_at=5.0, gated_at=6.0)
+    make_release(tmp_path, "trial", created_at=2000.0)
+    call(capsys, tmp_path, "switch", "--to", "last")
+    call(capsys, tmp_path, "switch", "--to", "trial")
+    call(capsys, tmp_path, "mark", "--id", "trial", "--state", "bad", "--reason", "crash loop")
+    if restart_first:
+        rc, out = _boot_check(capsys, tmp_path)
+        assert (rc, out["current"], out["set_aside"]) == (0, "last", "trial"), out
+    rc, out = call(capsys, tmp_path, "rollback-target", "--leaving", "trial")
+    assert (rc, out["target"]) == (0, "last"), out
+    rc, out = call(capsys, tmp_path, "switch", "--to", out["target"])
+    assert (rc, out["current"], out["changed"]) == (0, "last", not restart_first), out
+    # A rollback by hand (rollback.yml, nothing named) still leaves the active release.
+    rc, out = call(capsys, tmp_path, "rollback-target")
+    assert (rc, out) == (0, {"target": "older", "current": "last"})
+
+
+def test_rollback_target_takes_either_a_release_or_the_one_it_leaves(tmp_path):
+    make_release(tmp_path, "a", state="good", activated_at=1.0)
+    proc = cli(tmp_path, "rollback-target", "--to", "a", "--leaving", "b")
+    assert proc.returncode == 2
+    assert "not allowed with argument" in proc.stderr, proc.stderr
+    proc = cli(tmp_path, "rollback-target", "--leaving", "../x")
+    assert proc.returncode == 1
+    assert "invalid release id '../x'" in json.loads(proc.stdout)["error"], proc.stdout
+
+
 def test_with_no_good_release_the_runtime_does_not_start(tmp_path, capsys, boot):
     make_release(tmp_path, "b")
     call(capsys, tmp_path, "switch", "--to", "b")
