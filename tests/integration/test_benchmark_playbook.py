@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import car, current_release, journal, metrics, provision_and_deploy, run_playbook
+from deploy_helpers import car, current_release, provision_and_deploy, run_playbook, wait_driving
 
 from rover_runtime.firmware_sim import FIRMWARE_VERSION
 
@@ -86,22 +84,12 @@ def test_benchmark_playbook_builds_a_report_from_the_cars(fleet_with_release: Pa
     car(inventory, "car2").check_output("systemctl start rover-runtime")
 
 
-def _wait_driving(host: Any, timeout: float = 60) -> None:
-    """Until the car's runtime says it is driving (its metrics file is written about once per second)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if host.file("/run/rover/metrics.json").exists and metrics(host).get("driving"):
-            return
-        time.sleep(1)
-    raise AssertionError(f"not driving within {timeout} s\n{journal(host)}")
-
-
 def test_benchmark_skips_a_driving_car_without_force(fleet_with_release: Path, tmp_path: Path) -> None:
     """Without force the driving car1 is skipped, named in the ROVER RECAP, and not failed; car2 (stopped,
     so not driving) is benchmarked, which gives the run a report (a few inferences keep it short)."""
     inventory = fleet_with_release
     driving, parked = car(inventory, "car1"), car(inventory, "car2")
-    _wait_driving(driving)
+    wait_driving(driving, timeout=60)
     parked.check_output("systemctl stop rover-runtime")
     try:
         run = run_playbook(
