@@ -8,13 +8,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pwd
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from rover_runtime.testing import write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -277,3 +282,78 @@ def test_torch_is_imported_in_the_interpreter_the_task_names() -> None:
     missing = run_module("rover_torch_engines", {}, tmp, python=bare)
     assert missing["failed"] is True
     assert missing["msg"].startswith(f"torch does not import in {bare}: "), missing
+
+
+# A stand-in for a release's rover-runtime that reports who ran it, in the check's result file: the venv's
+# rover-runtime lives under /root (0700 here), which no other user may run.
+WHOAMI_RUNTIME = """#!/bin/sh
+while [ $# -gt 0 ]; do [ "$1" = --output ] && out=$2; shift; done
+printf '{"ok": true, "checks": {"identity": {"ok": true, "uid": %s, "groups": "%s", "home": "%s"}}}' \\
+  "$(id -u)" "$(id -G)" "$HOME" > "$out"
+"""
+
+
+def _check_args(runtime: Path, config: Path, user: str) -> dict[str, Any]:
+    return {
+        "runtime": str(runtime),
+        "config": str(config),
+        "user": user,
+        "deadline_ms": 5000,
+        "max_temp_c": 200,
+    }
+
+
+def test_the_runtime_check_reports_from_its_result_file_and_names_each_failed_check(tmp_path: Path) -> None:
+    bundle = write_tiny_bundle(tmp_path / "bundle")
+    config = tmp_path / "runtime.toml"
+    config.write_text(f'[policy]\nbundle = "{bundle}"\n')
+    runtime = BIN / "rover-runtime"
+    passed = run_module("rover_runtime_check", _check_args(runtime, config, "root"), tmp_path)
+    assert not passed.get("failed"), passed
+    assert passed["ok"] is True
+    assert passed["failures"] == []
+    assert passed["report"]["checks"]["inference"]["finite"] is True
+    assert passed["report"]["checks"]["serial"]["skipped"] is True  # the running service holds the line
+
+    (bundle / "extra.bin").write_bytes(b"x")  # a bundle that no longer matches its manifest
+    failed = run_module("rover_runtime_check", _check_args(runtime, config, "root"), tmp_path)
+    assert failed["failed"] is True
+    assert failed["rc"] == 1
+    assert [f.split(":")[0] for f in failed["failures"]] == ["bundle", "inference"], failed
+    assert failed["msg"].startswith("rover-runtime check failed: bundle: "), failed["msg"]
+    assert "extra.bin is not listed in the manifest" in failed["msg"]
+
+    absent = tmp_path / "none.toml"
+    missing = run_module("rover_runtime_check", _check_args(runtime, absent, "root"), tmp_path)
+    assert missing["failed"] is True
+    assert missing["msg"] == f"config {absent} does not exist"
+    nobody = run_module("rover_runtime_check", _check_args(runtime, config, "rover-missing"), tmp_path)
+    assert nobody["msg"] == "no user 'rover-missing' on this car"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a program as another user needs root")
+def test_the_runtime_check_runs_as_the_service_user_with_its_groups(tmp_path: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix="rover-check-test."))  # pytest's tmp_path is closed to other users
+    try:
+        work.chmod(0o755)
+        runtime = work / "rover-runtime"
+        runtime.write_text(WHOAMI_RUNTIME)
+        runtime.chmod(0o755)
+        config = work / "runtime.toml"
+        config.write_text("")
+        result = run_module("rover_runtime_check", _check_args(runtime, config, "nobody"), tmp_path)
+        assert not result.get("failed"), result
+        identity = result["report"]["checks"]["identity"]
+        user = pwd.getpwnam("nobody")
+        assert identity["uid"] == user.pw_uid
+        assert sorted(map(int, identity["groups"].split())) == sorted(os.getgrouplist("nobody", user.pw_gid))
+        assert identity["home"] == "/tmp"
+        assert not list(Path("/tmp").glob("rover-check.*"))  # its private result directory is gone
+
+        runtime.chmod(0o700)  # a release the service user cannot run
+        refused = run_module("rover_runtime_check", _check_args(runtime, config, "nobody"), tmp_path)
+        assert refused["failed"] is True
+        assert refused["msg"].startswith("rover-runtime check could not start as nobody: "), refused["msg"]
+        assert "Permission denied" in refused["msg"]
+    finally:
+        shutil.rmtree(work)
