@@ -17,30 +17,28 @@ short_description: Read the runtime unit's installed state on the car
 description:
   - Reads, in one go, what a deploy compares the runtime's unit with - the installed unit file, boot-time
     driver list and release check (sha1, mode, owner, mtime), whether the unit is enabled, when its running
-    process started, the systemd version and the rover_python role's local fact (the venv's engines).
-  - A file that does not exist is null, as are a process that is not running and a fact file that is missing
-    or unreadable. Changes nothing; runs in check mode too.
+    process started, the systemd version and the rover_python role's local fact (the venv's engines) - and
+    what the unit is doing (active state, sub-state, result, main process status, restarts), which a restart
+    waits on.
+  - A file that does not exist or is not asked for is null, as are a process that is not running and a fact
+    file that is missing or unreadable. Changes nothing; runs in check mode too.
 options:
   unit:
     description: The service's name, without C(.service).
     type: str
     required: true
   unit_file:
-    description: The installed unit file.
+    description: The installed unit file; omitted, not read.
     type: path
-    required: true
   modules_load:
-    description: The unit's boot-time driver list (modules-load.d).
+    description: The unit's boot-time driver list (modules-load.d); omitted, not read.
     type: path
-    required: true
   engines_fact:
-    description: The rover_python role's local fact file.
+    description: The rover_python role's local fact file; omitted, not read.
     type: path
-    required: true
   boot_check:
-    description: The release check the unit runs before each start.
+    description: The release check the unit runs before each start; omitted, not read.
     type: path
-    required: true
 author: Rover fleet team
 """
 
@@ -53,6 +51,14 @@ EXAMPLES = r"""
     engines_fact: /etc/ansible/facts.d/rover_python.fact
     boot_check: /usr/local/lib/rover/release_state.py
   register: unit_state
+
+- name: Wait until the runtime is active
+  rover.fleet.rover_unit_state:
+    unit: rover-runtime
+  register: unit_state
+  until: unit_state.active_state == 'active'
+  retries: 10
+  delay: 2
 """
 
 RETURN = r"""
@@ -67,6 +73,26 @@ started:
 unit_file_state:
   description: systemd's UnitFileState (enabled, disabled, ...).
   type: str
+  returned: always
+active_state:
+  description: systemd's ActiveState (active, activating, failed, inactive, ...).
+  type: str
+  returned: always
+sub_state:
+  description: systemd's SubState (running, auto-restart, dead, ...).
+  type: str
+  returned: always
+result:
+  description: systemd's Result for the unit (success, exit-code, signal, watchdog, ...).
+  type: str
+  returned: always
+exec_main_status:
+  description: The exit status of the unit's last main process (0 while running or never run).
+  type: int
+  returned: always
+restarts:
+  description: How many times systemd restarted the unit (NRestarts).
+  type: int
   returned: always
 unit_file:
   description: The unit file's sha1, mode, uid, gid and mtime, or null.
@@ -87,7 +113,9 @@ engines_fact:
 """
 
 
-def file_state(path: str) -> dict[str, Any] | None:
+def file_state(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
     try:
         with open(path, "rb") as handle:  # noqa: PTH123
             data = handle.read()
@@ -103,7 +131,9 @@ def file_state(path: str) -> dict[str, Any] | None:
     }
 
 
-def read_fact(path: str) -> Any:
+def read_fact(path: str | None) -> Any:
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as handle:  # noqa: PTH123
             return json.load(handle)
@@ -115,14 +145,14 @@ def systemctl(*args: str) -> str:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=True).stdout
 
 
-def unit_state(params: dict[str, str]) -> dict[str, Any]:
+def unit_state(params: dict[str, Any]) -> dict[str, Any]:
     version = int(systemctl("--version").splitlines()[0].split()[1])
     shown = dict(
         line.split("=", 1)
         for line in systemctl(
             "show",
             f"{params['unit']}.service",
-            "--property=ExecMainStartTimestamp,UnitFileState",
+            "--property=ExecMainStartTimestamp,UnitFileState,ActiveState,SubState,Result,ExecMainStatus,NRestarts",
             "--timestamp=unix",
         ).splitlines()
         if "=" in line
@@ -132,6 +162,11 @@ def unit_state(params: dict[str, str]) -> dict[str, Any]:
         "systemd_version": version,
         "started": float(started) if started else None,
         "unit_file_state": shown.get("UnitFileState", ""),
+        "active_state": shown.get("ActiveState", ""),
+        "sub_state": shown.get("SubState", ""),
+        "result": shown.get("Result", ""),
+        "exec_main_status": int(shown.get("ExecMainStatus") or 0),
+        "restarts": int(shown.get("NRestarts") or 0),
         "unit_file": file_state(params["unit_file"]),
         "modules_load": file_state(params["modules_load"]),
         "boot_check": file_state(params["boot_check"]),
@@ -143,10 +178,10 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "unit": {"type": "str", "required": True},
-            "unit_file": {"type": "path", "required": True},
-            "modules_load": {"type": "path", "required": True},
-            "engines_fact": {"type": "path", "required": True},
-            "boot_check": {"type": "path", "required": True},
+            "unit_file": {"type": "path"},
+            "modules_load": {"type": "path"},
+            "engines_fact": {"type": "path"},
+            "boot_check": {"type": "path"},
         },
         supports_check_mode=True,
     )

@@ -802,6 +802,45 @@ def test_crash_loop_never_leaves_the_service_failed(deployed: Path) -> None:
     _wait_active(host)
 
 
+SETTLE_PLAY = """
+- name: Restart the runtime and wait for it to settle
+  hosts: car1
+  gather_facts: false
+  become: true
+  tasks:
+    - name: Restart
+      ansible.builtin.include_role:
+        name: rover_runtime_service
+        tasks_from: restart
+      vars:
+        rover_runtime_service_settle_timeout_s: 4
+"""
+
+
+def test_a_restart_that_does_not_come_up_fails_naming_the_units_state(deployed: Path, tmp_path: Path) -> None:
+    """The restart the benchmark and a rollback use waits on the unit's state as data (the module
+    rover_unit_state); a unit whose start is refused (its ExecCondition fails, as the release check refuses a
+    car with no good release) is not active, and the failure names systemd's state and result."""
+    host = car(deployed, "car1")
+    play = tmp_path / "settle.yml"
+    play.write_text(SETTLE_PLAY)
+    run = run_playbook(deployed, str(play))
+    assert run.rc == 0, run.report()
+    wait_driving(host)
+    dropin = "/run/systemd/system/rover-runtime.service.d"
+    host.check_output(
+        f"mkdir -p {dropin} && printf '[Service]\\nExecCondition=/bin/false\\n' > {dropin}/refuse.conf"
+    )
+    try:
+        run = run_playbook(deployed, str(play))
+        assert run.rc != 0, run.report()
+        assert "rover-runtime.service is not active 4 s after its (re)start" in run.text, run.report()
+        assert "ActiveState=inactive, SubState=dead, Result=exec-condition" in run.text, run.report()
+    finally:
+        host.run(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart rover-runtime")
+    wait_driving(host)
+
+
 # --- signed bundles: every new release's manifest.json.sig is checked on the car before it is published --
 
 
