@@ -21,7 +21,8 @@ short_description: Run a release's rover-runtime check as the service user and r
 description:
   - Runs O(runtime) C(check) (the bundle loads, one inference within O(deadline_ms), the SoC below
     O(max_temp_c)) as O(user) with that user's groups, as the service itself would, and reads the report from
-    the result file the check writes (C(--output)) into a private directory removed afterwards.
+    the result file the check writes (C(--output)) into a private directory in C(/tmp) (whatever C(TMPDIR)
+    says: the caller's may be closed to that user) removed afterwards.
   - Fails when a check fails, its message naming each failed check in the runtime's words
     (C(rover-runtime check failed: bundle: ...; inference: ...)), or when the check cannot run (its exit
     status and error output). The report is returned either way.
@@ -95,6 +96,9 @@ stderr:
 """
 
 
+SHARED_TMP = "/tmp"  # a private mkdtemp directory in it is handed to the service user
+
+
 def failures_of(report: dict[str, Any]) -> list[str]:
     """`name: error` for each check that did not pass, in the report's order."""
     checks = report.get("checks", {})
@@ -138,7 +142,9 @@ def run_check(params: dict[str, Any]) -> dict[str, Any]:
     for what in ("runtime", "config"):
         if not Path(params[what]).is_file():
             raise CheckError(f"{what} {params[what]} does not exist")
-    work = Path(tempfile.mkdtemp(prefix="rover-check."))
+    # In /tmp, not $TMPDIR: the caller's temporary directory may be closed to the service user (the pull
+    # agent's is in its own 0700 state directory); this one is private to it (0700, its owner).
+    work = Path(tempfile.mkdtemp(prefix="rover-check.", dir=SHARED_TMP))
     try:
         os.chown(work, entry.pw_uid, entry.pw_gid)
         result = work / "check.json"

@@ -332,8 +332,14 @@ def test_the_runtime_check_reports_from_its_result_file_and_names_each_failed_ch
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a program as another user needs root")
-def test_the_runtime_check_runs_as_the_service_user_with_its_groups(tmp_path: Path) -> None:
+def test_the_runtime_check_runs_as_the_service_user_with_its_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="rover-check-test."))  # pytest's tmp_path is closed to other users
+    # The caller's TMPDIR closed to the service user, as the pull agent's is (its 0700 state directory).
+    closed = tmp_path / "agent-tmp"
+    closed.mkdir(mode=0o700)
+    monkeypatch.setenv("TMPDIR", str(closed))
     try:
         work.chmod(0o755)
         runtime = work / "rover-runtime"
@@ -349,6 +355,7 @@ def test_the_runtime_check_runs_as_the_service_user_with_its_groups(tmp_path: Pa
         assert sorted(map(int, identity["groups"].split())) == sorted(os.getgrouplist("nobody", user.pw_gid))
         assert identity["home"] == "/tmp"
         assert not list(Path("/tmp").glob("rover-check.*"))  # its private result directory is gone
+        assert not list(closed.glob("rover-check.*"))
 
         runtime.chmod(0o700)  # a release the service user cannot run
         refused = run_module("rover_runtime_check", _check_args(runtime, config, "nobody"), tmp_path)
