@@ -109,10 +109,10 @@ def failures_of(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def run_as(user: str, argv: list[str], timeout_s: float) -> tuple[int, str]:
-    """Run `argv` as `user` (its uid, gid and supplementary groups, HOME=/tmp, in /): exit status, stderr."""
-    entry = pwd.getpwnam(user)
-    groups = os.getgrouplist(user, entry.pw_gid)
+def run_as(entry: pwd.struct_passwd, argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run `argv` as the user `entry` (its uid, gid and supplementary groups, HOME=/tmp, in /): exit status,
+    stderr."""
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
     done = subprocess.run(
         argv,
@@ -154,7 +154,7 @@ def run_check(params: dict[str, Any]) -> dict[str, Any]:
             "--output", str(result), *([] if params["serial"] else ["--skip-serial"]),
         ]  # fmt: skip
         try:
-            rc, stderr = run_as(user, argv, params["timeout_s"])
+            rc, stderr = run_as(entry, argv, params["timeout_s"])
         except subprocess.TimeoutExpired:
             raise CheckError(f"rover-runtime check did not finish within {params['timeout_s']:g} s") from None
         except OSError as exc:  # not executable by the user (a release it cannot read), not a program
